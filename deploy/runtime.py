@@ -1,0 +1,66 @@
+"""Where a running kextless keeps its sockets, config and logs.
+
+One directory per instance (per network namespace), entered only by its owner, so the control
+socket is not open to every local process. Every process derives its endpoints from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT_ENV = "KEXTLESS_RUN_ROOT"
+
+
+def default_root() -> Path:
+    """`$KEXTLESS_RUN_ROOT`, else /run/kextless for root, else $XDG_RUNTIME_DIR/kextless."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    if os.geteuid() == 0:
+        return Path("/run/kextless")
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kextless-{os.geteuid()}"
+    return Path(xdg) / "kextless"
+
+
+@dataclass(frozen=True)
+class RuntimeDir:
+    path: Path
+
+    @classmethod
+    def for_instance(cls, netns: str | None = None, root: Path | None = None) -> RuntimeDir:
+        base = root or default_root()
+        return cls(base / (f"netns-{netns}" if netns else "host"))
+
+    def create(self) -> RuntimeDir:
+        """Make the directory (and parents) with mode 0700, tightening it if it exists."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
+        return self
+
+    @property
+    def kext_endpoint(self) -> str:
+        """The one endpoint Portmaster-style clients talk to (the broker's ROUTER)."""
+        return f"ipc://{self.path / 'kext.sock'}"
+
+    @property
+    def actors_endpoint(self) -> str:
+        """The broker's internal ROUTER that actors connect their DEALERs to."""
+        return f"ipc://{self.path / 'actors.sock'}"
+
+    @property
+    def ale_endpoint(self) -> str:
+        """The ALE actor's ROUTER that capture connects to (the hot path)."""
+        return f"ipc://{self.path / 'ale.sock'}"
+
+    @property
+    def supervisor_conf(self) -> Path:
+        return self.path / "supervisord.conf"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.path / "supervisor.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "logs"

@@ -1,0 +1,164 @@
+"""The actors' message contract: every message kextless processes send each other.
+
+One tagged msgspec union, encoded as msgpack arrays (small, and ~1 us per message). Bump
+CONTRACT_VERSION on any incompatible change; actors announce it in Hello and the broker refuses
+a mismatch loudly instead of misreading fields. Addresses are raw network-order bytes, exactly
+as on the kext wire, so codecs never re-parse text.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from protocol.enums import CommandType, Direction, InfoType, Severity, Verdict
+
+CONTRACT_VERSION = 1
+
+
+class Flow(msgspec.Struct, frozen=True, array_like=True):
+    """A connection's direction-agnostic key: local side is this host's side."""
+
+    protocol: int
+    local_ip: bytes
+    local_port: int
+    remote_ip: bytes
+    remote_port: int
+
+    @property
+    def is_v6(self) -> bool:
+        return len(self.local_ip) == 16
+
+
+class _Msg(msgspec.Struct, tag=True, tag_field="msg", array_like=True, frozen=True):
+    pass
+
+
+# ---- every actor <-> broker -------------------------------------------------------------------
+
+
+class Hello(_Msg):
+    """First message an actor sends the broker (and again after a reconnect)."""
+
+    actor: str
+    pid: int
+    contract: int
+    owns: tuple[CommandType, ...] = ()
+
+
+class Health(_Msg):
+    """Periodic liveness and counters; the broker shows them in its status."""
+
+    actor: str
+    pid: int
+    counters: dict[str, float]
+
+
+class Log(_Msg):
+    """A line for the kext's log ring; Portmaster fetches it with GetLogs."""
+
+    severity: Severity
+    line: str
+
+
+class Emit(_Msg):
+    """Queue an encoded info for Portmaster. `id` is the pending id of connection infos."""
+
+    kind: InfoType
+    info: bytes
+    id: int = 0
+
+
+class EmitRefused(_Msg):
+    """Broker -> emitter: the queue could not take this connection info (apply the default)."""
+
+    id: int
+    reason: str
+
+
+class Command(_Msg):
+    """Broker -> owning actor: one validated kext command, still in kext wire format."""
+
+    type: CommandType
+    raw: bytes
+    received_ns: int
+
+
+# ---- capture <-> ale --------------------------------------------------------------------------
+
+
+class PacketHeld(_Msg):
+    """Capture -> ALE: a packet is held and needs a decision (payload = whole IP packet)."""
+
+    seq: int
+    flow: Flow
+    direction: Direction
+    packet: bytes
+    seen_ns: int
+    process_id: int = 0
+
+
+class Decision(_Msg):
+    """ALE -> capture: what to do with held packets `seqs`, and the verdict they got."""
+
+    seqs: tuple[int, ...]
+    verdict: Verdict
+
+
+class CacheSet(_Msg):
+    """ALE -> capture: the connection now has this verdict (also sent for Update commands)."""
+
+    flow: Flow
+    verdict: Verdict
+
+
+class CacheClear(_Msg):
+    """ALE -> capture: forget every verdict; every live connection is asked again."""
+
+
+class CaptureReady(_Msg):
+    """Capture -> ALE at start: capture holds nothing from a previous life; resync caches."""
+
+    pid: int
+
+
+# ---- lifecycle / bandwidth ----------------------------------------------------------------------
+
+
+class ConnectionEnded(_Msg):
+    flow: Flow
+    direction: Direction
+    process_id: int
+    ended_ns: int
+
+
+class BandwidthDelta(_Msg):
+    flow: Flow
+    transmitted: int
+    received: int
+
+
+Message = (
+    Hello
+    | Health
+    | Log
+    | Emit
+    | EmitRefused
+    | Command
+    | PacketHeld
+    | Decision
+    | CacheSet
+    | CacheClear
+    | CaptureReady
+    | ConnectionEnded
+    | BandwidthDelta
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+encode = _encoder.encode
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message; raises msgspec.ValidationError / DecodeError on garbage."""
+    return _decoder.decode(data)
