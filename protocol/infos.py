@@ -9,6 +9,7 @@ with its port.
 from __future__ import annotations
 
 import struct
+from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
 
@@ -46,11 +47,15 @@ def _pack(s: struct.Struct, kind: str, *values: object) -> bytes:
 
 
 class LogLine(msgspec.Struct, frozen=True):
-    severity: Severity
+    #: A Severity when known; any other u8 passes through as a plain int (see _u8_enum).
+    severity: int
     line: str
     TYPE: ClassVar[InfoType] = InfoType.LOG_LINE
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         text = self.line.encode("utf-8")
         if not text:
             raise ProtocolError("LogLine text must not be empty (Portmaster rejects it)")
@@ -60,17 +65,21 @@ class LogLine(msgspec.Struct, frozen=True):
 class ConnectionIpv4(msgspec.Struct, frozen=True):
     id: int
     process_id: int
-    direction: Direction
+    #: Direction / PayloadLayer when known; other u8 values pass through as plain ints.
+    direction: int
     protocol: int
     local_ip: bytes
     remote_ip: bytes
     local_port: int
     remote_port: int
-    payload_layer: PayloadLayer
+    payload_layer: int
     payload: bytes
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_IPV4
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         _check_addr("local_ip", self.local_ip, 4)
         _check_addr("remote_ip", self.remote_ip, 4)
         n = len(self.payload)
@@ -86,17 +95,21 @@ class ConnectionIpv4(msgspec.Struct, frozen=True):
 class ConnectionIpv6(msgspec.Struct, frozen=True):
     id: int
     process_id: int
-    direction: Direction
+    #: Direction / PayloadLayer when known; other u8 values pass through as plain ints.
+    direction: int
     protocol: int
     local_ip: bytes
     remote_ip: bytes
     local_port: int
     remote_port: int
-    payload_layer: PayloadLayer
+    payload_layer: int
     payload: bytes
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_IPV6
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         _check_addr("local_ip", self.local_ip, 16)
         _check_addr("remote_ip", self.remote_ip, 16)
         n = len(self.payload)
@@ -111,7 +124,8 @@ class ConnectionIpv6(msgspec.Struct, frozen=True):
 
 class ConnectionEndEventV4(msgspec.Struct, frozen=True):
     process_id: int
-    direction: Direction
+    #: A Direction when known; other u8 values pass through as plain ints.
+    direction: int
     protocol: int
     local_ip: bytes
     remote_ip: bytes
@@ -120,6 +134,9 @@ class ConnectionEndEventV4(msgspec.Struct, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_END_EVENT_V4
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         _check_addr("local_ip", self.local_ip, 4)
         _check_addr("remote_ip", self.remote_ip, 4)
         return _pack(HEADER, "ConnectionEndEventV4", 3, 22) + _pack(
@@ -129,7 +146,8 @@ class ConnectionEndEventV4(msgspec.Struct, frozen=True):
 
 class ConnectionEndEventV6(msgspec.Struct, frozen=True):
     process_id: int
-    direction: Direction
+    #: A Direction when known; other u8 values pass through as plain ints.
+    direction: int
     protocol: int
     local_ip: bytes
     remote_ip: bytes
@@ -138,6 +156,9 @@ class ConnectionEndEventV6(msgspec.Struct, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_END_EVENT_V6
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         _check_addr("local_ip", self.local_ip, 16)
         _check_addr("remote_ip", self.remote_ip, 16)
         return _pack(HEADER, "ConnectionEndEventV6", 4, 46) + _pack(
@@ -160,6 +181,9 @@ class BandwidthStatsV4(msgspec.Struct, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.BANDWIDTH_STATS_V4
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         return _encode_bandwidth(5, self.protocol, self.values, _BW_V4, 4)
 
 
@@ -169,6 +193,9 @@ class BandwidthStatsV6(msgspec.Struct, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.BANDWIDTH_STATS_V6
 
     def encode(self) -> bytes:
+        return encode_info(self)
+
+    def _encode(self) -> bytes:
         return _encode_bandwidth(6, self.protocol, self.values, _BW_V6, 16)
 
 
@@ -201,18 +228,24 @@ Info = (
 def encode_info(info: Info) -> bytes:
     """The record's wire bytes, header included. Raises ProtocolError on out-of-range fields."""
     try:
-        return info.encode()
+        return info._encode()
     except ProtocolError:
         raise
     except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode {type(info).__name__}: {exc}") from None
 
 
-def _enum(cls: type, value: int, field: str, kind: str):  # type: ignore[no-untyped-def]
+def _u8_enum(cls: type[IntEnum], value: int) -> int:
+    """The enum member when the value is known, else the raw byte.
+
+    Portmaster's RecvInfo reads direction, payload_layer and severity as plain bytes and never
+    rejects a value (the kext's own protocol test stream uses direction 3 and payload_layer 7),
+    so a dissector that shows what Portmaster would see must not reject them either.
+    """
     try:
         return cls(value)
     except ValueError:
-        raise ProtocolError(f"{kind}: unknown {field} value {value}") from None
+        return value
 
 
 def _decode_connection(body: bytes, s: struct.Struct, cls: type, kind: str) -> Info:
@@ -223,17 +256,15 @@ def _decode_connection(body: bytes, s: struct.Struct, cls: type, kind: str) -> I
         raise ProtocolError(
             f"{kind}: payload_len {n} does not match body length {len(body)} "
             f"(expected {s.size + n})")
-    return cls(id_, pid, _enum(Direction, direction, "direction", kind), proto, local, remote,
-               lport, rport, _enum(PayloadLayer, layer, "payload_layer", kind),
-               bytes(body[s.size:]))
+    return cls(id_, pid, _u8_enum(Direction, direction), proto, local, remote, lport, rport,
+               _u8_enum(PayloadLayer, layer), bytes(body[s.size:]))
 
 
 def _decode_end(body: bytes, s: struct.Struct, cls: type, kind: str) -> Info:
     if len(body) != s.size:
         raise ProtocolError(f"{kind}: body is {len(body)} bytes, expected {s.size}")
     pid, direction, proto, local, remote, lport, rport = s.unpack(body)
-    return cls(pid, _enum(Direction, direction, "direction", kind), proto, local, remote,
-               lport, rport)
+    return cls(pid, _u8_enum(Direction, direction), proto, local, remote, lport, rport)
 
 
 def _decode_bandwidth(body: bytes, entry: struct.Struct, cls: type, kind: str) -> Info:
@@ -251,8 +282,10 @@ def _decode_bandwidth(body: bytes, entry: struct.Struct, cls: type, kind: str) -
 def _decode_log(body: bytes) -> Info:
     if len(body) < 1:
         raise ProtocolError("LogLine: empty body, expected a severity byte")
-    return LogLine(_enum(Severity, body[0], "severity", "LogLine"),
-                   bytes(body[1:]).decode("utf-8", errors="replace"))
+    if len(body) == 1:
+        # Portmaster fails to read a zero-length text (portmaster-client §1.5).
+        raise ProtocolError("LogLine: no text after the severity byte")
+    return LogLine(_u8_enum(Severity, body[0]), bytes(body[1:]).decode("utf-8", errors="replace"))
 
 
 def decode_info_body(info_type: int, body: bytes) -> Info:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from protocol.enums import InfoType
 from protocol.errors import ProtocolError
 from protocol.infos import HEADER, HEADER_SIZE, Info, decode_info_body
 
@@ -35,6 +36,7 @@ class InfoStreamDecoder:
         self._buf = bytearray()
         self._base = 0  # stream offset of self._buf[0]
         self._skip = 0  # bytes of an oversized body still to discard
+        self._skip_offset = 0  # stream offset of the record being discarded
         self._max_body = max_body
         self.finished = False
 
@@ -66,11 +68,12 @@ class InfoStreamDecoder:
                 break
             if length > self._max_body:
                 out.append(DecodeError(
-                    f"info type {info_type}: body of {length} bytes exceeds the "
+                    f"{InfoType(info_type).kext_name}: body of {length} bytes exceeds the "
                     f"{self._max_body}-byte limit; skipped", offset))
                 available = end - pos - HEADER_SIZE
                 take = min(available, length)
                 self._skip = length - take
+                self._skip_offset = offset
                 pos += HEADER_SIZE + take
                 continue
             if end - pos - HEADER_SIZE < length:
@@ -92,14 +95,17 @@ class InfoStreamDecoder:
         if not self.finished and (self._buf or self._skip):
             have = len(self._buf)
             if self._skip:
-                msg = f"stream ended {self._skip} bytes before the end of a skipped record"
+                errors.append(DecodeError(
+                    f"stream ended {self._skip} bytes before the end of a skipped record",
+                    self._skip_offset))
             elif have < HEADER_SIZE:
-                msg = f"truncated header: stream ended after {have} of 5 header bytes"
+                errors.append(DecodeError(
+                    f"truncated header: stream ended after {have} of 5 header bytes", self._base))
             else:
                 info_type, length = HEADER.unpack_from(self._buf)
-                msg = (f"truncated record of type {info_type}: stream ended after "
-                       f"{have - HEADER_SIZE} of {length} body bytes")
-            errors.append(DecodeError(msg, self._base))
+                errors.append(DecodeError(
+                    f"truncated {InfoType(info_type).kext_name}: stream ended after "
+                    f"{have - HEADER_SIZE} of {length} body bytes", self._base))
         self._buf.clear()
         self._skip = 0
         self.finished = True
