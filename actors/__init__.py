@@ -1,0 +1,1 @@
+"""The actors: separate processes that intercept, decide, account and track connections."""

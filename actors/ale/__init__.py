@@ -1,0 +1,1 @@
+"""ALE: the decision state machine (connection cache, pending ids, verdicts)."""

@@ -1,0 +1,48 @@
+"""`kextless run ale`: the decision actor in the foreground (what supervisord runs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actors.ale.core import AleConfig, AleCore
+from actors.ale.shell import AleShell
+from deploy import logs
+from deploy.runtime import RuntimeDir
+from protocol.enums import Verdict
+
+_VERDICTS = {v.kext_name: v for v in Verdict}
+
+
+def _verdict(name: str) -> Verdict:
+    if name in _VERDICTS:
+        return _VERDICTS[name]
+    raise argparse.ArgumentTypeError(f"unknown verdict {name!r}; one of {', '.join(_VERDICTS)}")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be > 0 and <= 3600 seconds")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kextless run ale", description=__doc__)
+    p.add_argument("--run-dir", type=Path, help="runtime directory (default: the host instance)")
+    p.add_argument("--capture-endpoint", help="where capture connects (default: RUN/ale.sock)")
+    p.add_argument("--actors-endpoint", help="the broker's actor endpoint (default: RUN)")
+    p.add_argument("--verdict-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="held packets older than this get the default verdict (default 10)")
+    p.add_argument("--default-verdict", type=_verdict, default=Verdict.BLOCK, metavar="NAME",
+                   help="verdict for timed-out or refused packets (default Block)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    run = RuntimeDir(args.run_dir).create() if args.run_dir else RuntimeDir.for_instance().create()
+    logs.setup("ale", args.log_level)
+    config = AleConfig(verdict_timeout_ns=int(args.verdict_timeout * 1e9),
+                       default_verdict=args.default_verdict)
+    shell = AleShell(AleCore(config), args.capture_endpoint or run.ale_endpoint,
+                     args.actors_endpoint or run.actors_endpoint)
+    shell.run()
+    return 0
