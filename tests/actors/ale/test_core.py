@@ -7,8 +7,8 @@ import pytest
 from actors.ale.core import AleConfig, AleCore
 from protocol import messages as m
 from protocol.commands import (
-    ClearCacheCommand,
     CleanEndedConnectionsCommand,
+    ClearCacheCommand,
     GetLogsCommand,
     ShutdownCommand,
     UpdateV4Command,

@@ -1,0 +1,1 @@
+"""A small built-in decision maker: a kext client that answers verdicts from a rules file."""
