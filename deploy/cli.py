@@ -16,6 +16,7 @@ _ACTORS: dict[str, str] = {
     "broker": "broker.main",
     "ale": "actors.ale.main",
     "capture": "actors.capture.main",
+    "policy": "actors.policy.main",
 }
 
 _USAGE = """usage: kextless <command> [args]

@@ -1,0 +1,116 @@
+"""`kextless run policy`: the built-in decision maker, a Portmaster-style client of the broker.
+
+It does what Portmaster's kext handler does, with a rules file instead of a firewall: open the
+device, check the version, answer every connection info with one verdict, fetch logs every
+second and clean ended connections every 30 s. `kextless up --no-policy` leaves it out so an
+external client can answer instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from actors.policy.rules import Policy, RulesError, load
+from broker.client import KextClient, KextError
+from deploy import logs
+from deploy.runtime import RuntimeDir
+from protocol.enums import Severity
+from protocol.infos import ConnectionIpv4, ConnectionIpv6, LogLine
+
+log = logging.getLogger("policy")
+
+_LOG_LEVELS = {Severity.DEBUG: logging.DEBUG, Severity.INFO: logging.INFO,
+               Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR,
+               Severity.CRITICAL: logging.CRITICAL}
+
+
+def _describe(info: ConnectionIpv4 | ConnectionIpv6) -> str:
+    arrow = "->" if info.direction == 0 else "<-"
+    local = ipaddress.ip_address(info.local_ip)
+    remote = ipaddress.ip_address(info.remote_ip)
+    return (f"id={info.id} pid={info.process_id} proto={info.protocol} "
+            f"{local}:{info.local_port} {arrow} {remote}:{info.remote_port}")
+
+
+class PolicyRunner:
+    def __init__(self, endpoint: str, policy: Policy) -> None:
+        self.endpoint = endpoint
+        self.policy = policy
+        self.stopping = threading.Event()
+
+    def _tickers(self, client: KextClient, session_over: threading.Event) -> None:
+        next_clean = time.monotonic() + 30
+        while not (self.stopping.is_set() or session_over.wait(1.0)):
+            try:
+                client.get_logs()
+                if time.monotonic() >= next_clean:
+                    client.clean_ended_connections()
+                    next_clean = time.monotonic() + 30
+            except KextError as exc:
+                log.warning("ticker command failed: %s", exc)
+
+    def _session(self) -> None:
+        with KextClient(self.endpoint) as client:
+            version = client.version()
+            log.info("session open at %s, kext interface %s", self.endpoint,
+                     ".".join(map(str, version)))
+            session_over = threading.Event()
+            ticker = threading.Thread(target=self._tickers, args=(client, session_over),
+                                      daemon=True)
+            ticker.start()
+            try:
+                for info in client.infos():
+                    if self.stopping.is_set():
+                        break
+                    if isinstance(info, ConnectionIpv4 | ConnectionIpv6):
+                        verdict = self.policy.decide(info)
+                        client.send_verdict(info.id, verdict)
+                        log.info("%s verdict=%s", _describe(info), verdict.kext_name)
+                    elif isinstance(info, LogLine):
+                        level = _LOG_LEVELS.get(info.severity)
+                        if level is not None:
+                            log.log(level, "kext: %s", info.line)
+            finally:
+                session_over.set()
+                ticker.join(timeout=2)
+
+    def run(self) -> None:
+        backoff = 0.2
+        while not self.stopping.is_set():
+            try:
+                self._session()
+                backoff = 0.2
+                if not self.stopping.is_set():
+                    log.info("session ended (shutdown); reopening")
+            except KextError as exc:
+                log.warning("broker said: %s; retrying in %.1fs", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kextless run policy", description=__doc__)
+    p.add_argument("--run-dir", type=Path, help="runtime directory (default: the host instance)")
+    p.add_argument("--endpoint", help="the broker's client endpoint (default: RUN/kext.sock)")
+    p.add_argument("--rules", type=Path, help="TOML rules file (default: accept everything)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logs.setup("policy", args.log_level)
+    try:
+        policy = load(args.rules) if args.rules else Policy()
+    except RulesError as exc:
+        log.error("%s", exc)
+        return 2
+    run = RuntimeDir(args.run_dir) if args.run_dir else RuntimeDir.for_instance()
+    runner = PolicyRunner(args.endpoint or run.kext_endpoint, policy)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: runner.stopping.set())
+    log.info("%d rule(s), default %s", len(policy.rules), policy.default.kext_name)
+    runner.run()
+    return 0
