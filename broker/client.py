@@ -1,0 +1,287 @@
+"""KextClient: Portmaster's kextinterface, over the broker's ZeroMQ wire (docs/broker-wire.md).
+
+Thread safety: one reader plus any number of writers. A blocked read must never hold up a verdict
+write, so the client uses three kinds of DEALER socket, never sharing one between threads:
+* the control socket (open/close/version/stats), behind a lock; it owns the session;
+* the reader socket, used by `read`/`recv_info`, behind its own lock;
+* one writer socket per writing thread (created on first use), so writes run in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from broker import wire
+from protocol.commands import (
+    CleanEndedConnectionsCommand,
+    ClearCacheCommand,
+    GetBandwidthStatsCommand,
+    GetLogsCommand,
+    PrintMemoryStatsCommand,
+    ShutdownCommand,
+    UpdateV4Command,
+    UpdateV6Command,
+    VerdictCommand,
+    encode_command,
+)
+from protocol.enums import Verdict
+from protocol.infos import Info
+from protocol.stream import DecodeError, InfoStreamDecoder
+
+#: Portmaster's read chunk is 1024 bytes; bigger reads cost the same round trip and carry more.
+DEFAULT_READ_SIZE = 64 * 1024
+
+
+class KextError(Exception):
+    """The broker answered X, or rejected a command; `str(exc)` is its message."""
+
+    def __init__(self, message: str, status: wire.Status | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KextEOF(KextError, EOFError):
+    """The session ended (Shutdown, close, or the broker stopping): no more infos will come."""
+
+
+class KextTimeout(KextError, TimeoutError):
+    """A read's timeout passed with nothing queued (nothing was consumed), or the broker did
+    not answer a request in time."""
+
+
+class KextClient:
+    """A session on the broker's device. Use as a context manager: `with KextClient(ep) as k:`."""
+
+    def __init__(self, endpoint: str, *, request_timeout: float = 5.0,
+                 read_size: int = DEFAULT_READ_SIZE, context: zmq.Context | None = None,
+                 curve_server_key: bytes | None = None,
+                 curve_keypair: tuple[bytes, bytes] | None = None) -> None:
+        """`curve_server_key` (z85 public key) and `curve_keypair` (public, secret) are needed
+        only for a tcp:// broker with CURVE."""
+        self.endpoint = endpoint
+        self.request_timeout = request_timeout
+        self.read_size = read_size
+        self._ctx = context or zmq.Context.instance()
+        self._curve = (curve_server_key, curve_keypair) if curve_server_key else None
+        self._control_lock = threading.Lock()
+        self._reader_lock = threading.Lock()
+        self._sockets_lock = threading.Lock()
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._control: zmq.Socket | None = None
+        self._reader: zmq.Socket | None = None
+        self._decoder = InfoStreamDecoder()
+        self._pending: deque[Info | DecodeError] = deque()
+        self._eof = False
+        self._closed = True
+
+    # ---- sockets -------------------------------------------------------------------------------
+
+    def _socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            server_key, (public, secret) = self._curve
+            sock.curve_serverkey = server_key
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        sock.connect(self.endpoint)
+        with self._sockets_lock:
+            self._sockets.append(sock)
+        return sock
+
+    def _forget(self, sock: zmq.Socket) -> None:
+        """A socket whose request timed out may still get the late reply: never reuse it."""
+        with self._sockets_lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+        sock.close(0)
+
+    def _request(self, sock: zmq.Socket, frames: list[bytes],
+                 timeout: float | None) -> list[bytes]:
+        sock.send_multipart(frames)
+        if timeout is None:
+            while not sock.poll(500):
+                if self._closed:
+                    raise KextEOF("client closed while waiting")
+        elif not sock.poll(int(timeout * 1000)):
+            raise KextTimeout(f"no reply to {frames[0].decode()} within {timeout} s from "
+                              f"{self.endpoint}")
+        reply = sock.recv_multipart()
+        if reply[0] == wire.ERROR:
+            raise KextError(reply[1].decode("utf-8", "replace") if len(reply) > 1 else "error")
+        return reply
+
+    def _control_request(self, frames: list[bytes]) -> list[bytes]:
+        with self._control_lock:
+            if self._control is None:
+                self._control = self._socket()
+            try:
+                return self._request(self._control, frames, self.request_timeout)
+            except KextTimeout:
+                self._forget(self._control)
+                self._control = None
+                raise
+
+    # ---- session -------------------------------------------------------------------------------
+
+    def open(self) -> KextClient:
+        """Open the session (CreateFile). KextError("device busy ...") if another client has it."""
+        self._closed = False
+        self._eof = False
+        self._decoder = InfoStreamDecoder()
+        self._pending.clear()
+        try:
+            self._control_request([wire.OPEN])
+        except BaseException:
+            self.close_sockets()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Close the session (CloseHandle). A waiting read ends with KextEOF."""
+        if self._closed:
+            return
+        try:
+            self._control_request([wire.CLOSE])
+        except KextError:
+            pass  # already closed broker-side (e.g. the broker restarted): nothing to undo
+        finally:
+            self.close_sockets()
+
+    def close_sockets(self) -> None:
+        self._closed = True
+        with self._sockets_lock:
+            socks, self._sockets = self._sockets, []
+        with self._control_lock:
+            self._control = None
+        for s in socks:
+            s.close(0)
+
+    def __enter__(self) -> KextClient:
+        return self.open()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def version(self) -> bytes:
+        """The 4 version bytes [major, minor, revision, build]; Portmaster needs major >= 2."""
+        reply = self._control_request([wire.VERSION])
+        return reply[1]
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's live counters (queue, sessions, infos, commands, verdict latency)."""
+        return json.loads(self._control_request([wire.STATS])[1])
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def read(self, max_bytes: int = DEFAULT_READ_SIZE, timeout: float | None = None) -> bytes:
+        """One kext read: blocks until data (never empty). KextEOF after Shutdown/close,
+        KextTimeout when `timeout` seconds pass with nothing queued (nothing consumed)."""
+        frames = [wire.READ, wire.U32.pack(max_bytes)]
+        if timeout is not None:
+            frames.append(wire.U32.pack(max(1, round(timeout * 1000))))
+        with self._reader_lock:
+            if self._closed:
+                raise KextEOF("client is closed")
+            if self._reader is None:
+                self._reader = self._socket()
+            sock = self._reader
+            wait = None if timeout is None else timeout + self.request_timeout
+            try:
+                reply = self._request(sock, frames, wait)
+            except KextTimeout:
+                self._forget(sock)
+                self._reader = None
+                raise
+        op = reply[0]
+        if op == wire.READ:
+            return reply[1]
+        if op == wire.EOF:
+            raise KextEOF("end of file: the session ended")
+        if op == wire.TIMEOUT:
+            raise KextTimeout(f"nothing to read within {timeout} s")
+        raise KextError(f"unexpected reply {op!r} to R")
+
+    def recv_info(self, timeout: float | None = None) -> Info | DecodeError:
+        """The next info (or a DecodeError for a record that could not be decoded, which
+        Portmaster logs and skips). Raises KextEOF at the end of the stream."""
+        while not self._pending:
+            if self._eof:
+                raise KextEOF("end of file: the session ended")
+            try:
+                data = self.read(self.read_size, timeout)
+            except KextEOF:
+                self._eof = True
+                self._pending.extend(self._decoder.close())
+                continue
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.popleft()
+
+    def infos(self, timeout: float | None = None) -> Iterator[Info | DecodeError]:
+        """Every info until the session ends; the iteration then stops cleanly."""
+        while True:
+            try:
+                yield self.recv_info(timeout)
+            except KextEOF:
+                return
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def write(self, command: bytes) -> None:
+        """Send one command in kext wire format; KextError if the broker rejects it."""
+        sock = getattr(self._local, "sock", None)
+        if sock is None or sock.closed:
+            if self._closed:
+                raise KextError("client is closed")
+            sock = self._local.sock = self._socket()
+        try:
+            reply = self._request(sock, [wire.WRITE, command], self.request_timeout)
+        except KextTimeout:
+            self._forget(sock)
+            self._local.sock = None
+            raise
+        status = reply[1]
+        if status[0] != wire.Status.OK:
+            raise KextError(status[1:].decode("utf-8", "replace"), wire.Status(status[0]))
+
+    def send_verdict(self, id_: int, verdict: Verdict) -> None:
+        self.write(encode_command(VerdictCommand(id_, verdict)))
+
+    def send_update_v4(self, protocol: int, local_address: bytes, local_port: int,
+                       remote_address: bytes, remote_port: int, verdict: Verdict) -> None:
+        self.write(encode_command(UpdateV4Command(protocol, local_address, local_port,
+                                                  remote_address, remote_port, verdict)))
+
+    def send_update_v6(self, protocol: int, local_address: bytes, local_port: int,
+                       remote_address: bytes, remote_port: int, verdict: Verdict) -> None:
+        self.write(encode_command(UpdateV6Command(protocol, local_address, local_port,
+                                                  remote_address, remote_port, verdict)))
+
+    def clear_cache(self) -> None:
+        self.write(encode_command(ClearCacheCommand()))
+
+    def get_logs(self) -> None:
+        """Ask for the buffered log lines; they arrive as LogLine infos on the read stream."""
+        self.write(encode_command(GetLogsCommand()))
+
+    def get_bandwidth_stats(self) -> None:
+        self.write(encode_command(GetBandwidthStatsCommand()))
+
+    def clean_ended_connections(self) -> None:
+        self.write(encode_command(CleanEndedConnectionsCommand()))
+
+    def print_memory_stats(self) -> None:
+        self.write(encode_command(PrintMemoryStatsCommand()))
+
+    def shutdown(self) -> None:
+        """End the session: the waiting read gets EOF and pending verdicts become blocks."""
+        self.write(encode_command(ShutdownCommand()))
