@@ -103,6 +103,7 @@ class UpOptions:
     run_root: Path | None = None
     curve_server_secret: Path | None = None
     curve_clients: Path | None = None
+    policy_rules: Path | None = None
     timeout: float = UP_TIMEOUT
 
     @property
@@ -130,7 +131,7 @@ def validate(opts: UpOptions) -> Endpoint:
         if os.geteuid() != 0:
             raise UsageError("--netns needs root (`ip netns exec` and eBPF)")
     run = opts.run_dir
-    if any(c in str(run.path) for c in '"\n\r\t') or re.search(r"\s[;#]", str(run.path)):
+    if any(c in str(run.path) for c in '"%\n\r\t') or re.search(r"\s[;#]", str(run.path)):
         raise UsageError(f"--run-root {str(opts.run_root)!r}: unusable characters in the path")
     for sock in (run.supervisor_socket, run.path / "kext.sock"):
         if len(str(sock).encode()) > _SOCKET_PATH_MAX:
@@ -148,6 +149,10 @@ def validate(opts: UpOptions) -> Endpoint:
         raise UsageError(f"--curve-server-secret {opts.curve_server_secret}: no such file")
     if opts.curve_clients is not None and not opts.curve_clients.is_dir():
         raise UsageError(f"--curve-clients {opts.curve_clients}: no such directory")
+    if opts.policy_rules is not None and not opts.policy:
+        raise UsageError("--policy-rules makes no sense with --no-policy")
+    if opts.policy_rules is not None and not opts.policy_rules.is_file():
+        raise UsageError(f"--policy-rules {opts.policy_rules}: no such file")
     if not opts.timeout > 0:
         raise UsageError("--timeout must be positive")
     return endpoint
@@ -194,11 +199,20 @@ def _capture_args(_opts: UpOptions, endpoint: Endpoint) -> list[str]:
     return ["--exclude-port", str(endpoint.port)] if endpoint.scheme == "tcp" else []
 
 
+def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
+    # A custom ipc endpoint is where the broker listens; tcp needs CURVE, which policy lacks,
+    # so it keeps its default (the run dir's kext.sock).
+    args = ["--endpoint", endpoint.url] if opts.endpoint and endpoint.scheme == "ipc" else []
+    if opts.policy_rules is not None:
+        args += ["--rules", str(opts.policy_rules)]
+    return args
+
+
 ACTORS: tuple[ActorSpec, ...] = (
     ActorSpec("broker", 100, extra_args=_broker_args),
     ActorSpec("ale", 200),
     ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
-    ActorSpec("policy", 900, enabled=lambda opts: opts.policy),
+    ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
 )
 
 
@@ -256,6 +270,9 @@ def load_template() -> str:
 def render_config(run: RuntimeDir, programs: Sequence[Program], env: dict[str, str],
                   identifier: str = "kextless") -> str:
     """The supervisord.conf text for this instance (one [program:x] section per program)."""
+    if "%" in str(run.path):
+        # supervisord expands log paths twice, so no escaping of '%' survives in them.
+        raise UsageError(f"run directory {str(run.path)!r}: '%' is not supported in the path")
     head, marker, block = load_template().partition(_PROGRAM_MARKER)
     if not marker:
         raise DeployError(f"supervisord.conf.template lacks the {_PROGRAM_MARKER!r} marker")
@@ -754,10 +771,21 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"  {p['name']:<10} {p['state']:<9} {pid}{uptime}")
     if report["broker"] is not None:
         lines.append("broker counters:")
-        lines += [f"  {k}: {v}" for k, v in sorted(report["broker"].items())]
+        lines += [f"  {k}: {v}" for k, v in _flatten(report["broker"])]
     else:
         lines.append(f"broker: DOWN ({report['broker_error']})")
     return "\n".join(lines)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested counters as dotted keys (`queue.depth: 3`), in the broker's own order."""
+    flat: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat += _flatten(value, f"{prefix}{key}.")
+        else:
+            flat.append((f"{prefix}{key}", value))
+    return flat
 
 
 def _hms(seconds: float) -> str:
@@ -789,6 +817,8 @@ def _parser(name: str) -> argparse.ArgumentParser:
                        help="broker's CURVE secret certificate (required for tcp)")
         p.add_argument("--curve-clients", metavar="DIR", type=Path,
                        help="directory of authorized client public certificates (tcp)")
+        p.add_argument("--policy-rules", metavar="FILE", type=Path,
+                       help="TOML rules for the built-in policy (default: accept everything)")
         p.add_argument("--timeout", type=float, default=UP_TIMEOUT,
                        help=f"seconds to wait for every program to run (default {UP_TIMEOUT:g})")
     if name == "status":
@@ -811,7 +841,8 @@ def main(name: str, argv: list[str]) -> int:
         if name == "up":
             opts = UpOptions(netns=args.netns, policy=args.policy, endpoint=args.endpoint,
                              run_root=args.run_root, curve_server_secret=args.curve_server_secret,
-                             curve_clients=args.curve_clients, timeout=args.timeout)
+                             curve_clients=args.curve_clients, policy_rules=args.policy_rules,
+                             timeout=args.timeout)
             up(opts)
             return 0
         if name == "down":

@@ -1,0 +1,240 @@
+"""The supervisord config `kextless up` renders, and the bad input it refuses (no root needed).
+
+The rendered file is checked twice: with configparser (it is a valid ini file) and with
+supervisor's own loader (supervisord would accept it and run exactly these argvs).
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from supervisor.datatypes import RestartUnconditionally
+from supervisor.options import ServerOptions
+
+from deploy import supervise
+from deploy.supervise import (
+    ACTORS,
+    ActorSpec,
+    Program,
+    UpOptions,
+    UsageError,
+    format_status,
+    parse_endpoint,
+    program_env,
+    programs_for,
+    render_config,
+)
+
+
+def _render(opts: UpOptions, programs: list[Program] | None = None) -> str:
+    progs = programs if programs is not None else programs_for(opts)
+    return render_config(opts.run_dir, progs, program_env(opts, opts.client_endpoint()))
+
+
+def _supervisor_view(tmp_path: Path, text: str) -> ServerOptions:
+    """Load the text the way supervisord does (expansions, quoting, section checks)."""
+    ini = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=True)
+    ini.read_string(text)
+    for key in ("directory", "childlogdir"):  # `up` creates these before starting supervisord
+        Path(ini["supervisord"][key].replace("%%", "%")).mkdir(parents=True, exist_ok=True)
+    conf = tmp_path / "check.conf"
+    conf.write_text(text)
+    opts = ServerOptions()
+    opts.realize(args=["-c", str(conf)])
+    return opts
+
+
+def _argvs(tmp_path: Path, text: str) -> dict[str, list[str]]:
+    opts = _supervisor_view(tmp_path, text)
+    return {g.name: shlex.split(g.process_configs[0].command) for g in opts.process_group_configs}
+
+
+def _tail(argv: list[str], name: str) -> list[str]:
+    """The part of an argv after `kextless`: 'run NAME ...'."""
+    i = argv.index("run")
+    assert argv[i + 1] == name
+    return argv[i:]
+
+
+def test_default_config_parses_and_runs_every_actor_in_order(tmp_path: Path) -> None:
+    opts = UpOptions(run_root=tmp_path)
+    text = _render(opts)
+    ini = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=True)
+    ini.read_string(text)
+    run = str(opts.run_dir.path)
+    assert ini["unix_http_server"]["file"] == f"{run}/supervisor.sock"
+    assert ini["unix_http_server"]["chmod"] == "0700"
+    assert ini["supervisord"]["pidfile"] == f"{run}/supervisord.pid"
+    assert ini["supervisord"]["nodaemon"] == "false"
+    assert "rpcinterface:supervisor" in ini
+
+    sup = _supervisor_view(tmp_path, text)
+    groups = sorted(sup.process_group_configs, key=lambda g: g.priority)
+    assert [g.name for g in groups] == ["broker", "ale", "capture", "policy"]
+    for g in groups:
+        pc = g.process_configs[0]
+        assert pc.autorestart is RestartUnconditionally
+        assert pc.startsecs == 1
+        assert pc.stopsignal == 15
+        assert pc.stopwaitsecs >= 5
+        assert pc.redirect_stderr is True
+        assert pc.stdout_logfile == f"{run}/logs/{g.name}.log"
+        assert pc.environment["KEXTLESS_RUN_DIR"] == run
+        argv = shlex.split(pc.command)
+        assert _tail(argv, g.name) == ["run", g.name, "--run-dir", run]
+        assert Path(argv[0]).is_absolute()  # works from a venv without PATH
+
+
+def test_netns_wraps_only_capture_in_ip_netns_exec(tmp_path: Path) -> None:
+    opts = UpOptions(netns="klt-x", run_root=tmp_path)
+    argvs = _argvs(tmp_path, _render(opts))
+    run = str(tmp_path / "netns-klt-x")
+    assert argvs["capture"][1:4] == ["netns", "exec", "klt-x"]
+    assert Path(argvs["capture"][0]).name == "ip"
+    assert _tail(argvs["capture"], "capture") == ["run", "capture", "--run-dir", run]
+    for name in ("broker", "ale", "policy"):
+        assert "netns" not in argvs[name], name
+        assert _tail(argvs[name], name) == ["run", name, "--run-dir", run]
+
+
+def test_no_policy_leaves_the_decision_maker_out(tmp_path: Path) -> None:
+    opts = UpOptions(netns="n1", policy=False, run_root=tmp_path)
+    assert sorted(_argvs(tmp_path, _render(opts))) == ["ale", "broker", "capture"]
+
+
+def test_tcp_endpoint_passes_curve_to_broker_and_excludes_the_port_from_capture(
+        tmp_path: Path) -> None:
+    secret, clients = tmp_path / "server.key_secret", tmp_path / "clients"
+    opts = UpOptions(netns="n1", endpoint="tcp://127.0.0.1:7717", run_root=tmp_path,
+                     curve_server_secret=secret, curve_clients=clients)
+    argvs = _argvs(tmp_path, _render(opts))
+    run = str(tmp_path / "netns-n1")
+    assert _tail(argvs["broker"], "broker") == [
+        "run", "broker", "--run-dir", run, "--endpoint", "tcp://127.0.0.1:7717",
+        "--curve-server-secret", str(secret), "--curve-clients", str(clients)]
+    assert _tail(argvs["capture"], "capture") == [
+        "run", "capture", "--run-dir", run, "--exclude-port", "7717"]
+    assert "--exclude-port" not in argvs["ale"]
+
+
+def test_custom_ipc_endpoint_reaches_broker_and_policy_not_capture(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    opts = UpOptions(endpoint="ipc:///tmp/klt-elsewhere.sock", run_root=tmp_path,
+                     policy_rules=rules)
+    argvs = _argvs(tmp_path, _render(opts))
+    assert argvs["broker"][-2:] == ["--endpoint", "ipc:///tmp/klt-elsewhere.sock"]
+    assert argvs["policy"][-4:] == ["--endpoint", "ipc:///tmp/klt-elsewhere.sock",
+                                    "--rules", str(rules)]
+    assert "--endpoint" not in argvs["capture"] and "--exclude-port" not in argvs["capture"]
+
+
+def test_spaces_and_quotes_in_paths_survive_supervisor_parsing(tmp_path: Path) -> None:
+    root = tmp_path / "odd 100 dir's"
+    opts = UpOptions(netns="n1", run_root=root)
+    argvs = _argvs(tmp_path, _render(opts))
+    assert _tail(argvs["ale"], "ale") == ["run", "ale", "--run-dir", str(root / "netns-n1")]
+    sup = _supervisor_view(tmp_path, _render(opts))
+    assert sup.pidfile == str(root / "netns-n1" / "supervisord.pid")
+
+
+def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
+    actors = (*ACTORS, ActorSpec("bandwidth", 350, in_netns=True),
+              ActorSpec("lifecycle", 360, enabled=lambda o: o.netns is None))
+    opts = UpOptions(netns="n1", run_root=tmp_path)
+    progs = programs_for(opts, actors)
+    assert [p.name for p in sorted(progs, key=lambda p: p.priority)] == [
+        "broker", "ale", "capture", "bandwidth", "policy"]
+    argvs = _argvs(tmp_path, _render(opts, progs))
+    assert argvs["bandwidth"][1:4] == ["netns", "exec", "n1"]
+
+
+def test_values_supervisord_would_mangle_are_refused(tmp_path: Path) -> None:
+    opts = UpOptions(run_root=tmp_path)
+    bad = [Program("a", ("/bin/true", "x ;comment"), 1)]
+    with pytest.raises(UsageError, match="inline comments"):
+        _render(opts, bad)
+    with pytest.raises(UsageError, match="unique"):
+        _render(opts, [Program("a", ("/bin/true",), 1), Program("a", ("/bin/true",), 2)])
+    with pytest.raises(UsageError, match="not usable"):
+        _render(opts, [Program("a b", ("/bin/true",), 1)])
+
+
+def test_percent_in_the_run_dir_is_refused(tmp_path: Path) -> None:
+    # supervisord expands logfile paths twice, so no escaping of '%' is reliable there.
+    with pytest.raises(UsageError, match="%"):
+        _render(UpOptions(run_root=tmp_path / "100%(here)s"))
+
+
+def test_endpoint_parsing() -> None:
+    assert parse_endpoint("tcp://*:5555").connect_url == "tcp://127.0.0.1:5555"
+    assert parse_endpoint("tcp://[::1]:5555").port == 5555
+    assert parse_endpoint("ipc:///run/x.sock").path == Path("/run/x.sock")
+    for bad, why in (("tcp://host", "fixed port"), ("tcp://host:*", "fixed port"),
+                     ("tcp://:80", "fixed port"), ("tcp://h:70000", "fixed port"),
+                     ("ipc://rel.sock", "absolute"), ("inproc://x", "only ipc"),
+                     ("ipc:///" + "x" * 200, "longer")):
+        with pytest.raises(UsageError, match=why):
+            parse_endpoint(bad)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--netns", "../etc"], "not a valid namespace name"),
+    (["--netns", "klt-surely-missing-ns-4711"], "no such network namespace"),
+    (["--endpoint", "tcp://127.0.0.1:7000"], "needs CURVE"),
+    (["--endpoint", "udp://1.2.3.4:5"], "only ipc"),
+    (["--curve-clients", "/tmp"], "only apply to a tcp"),
+    (["--endpoint", "tcp://127.0.0.1:7000", "--curve-server-secret", "/nonexistent/k",
+      "--curve-clients", "/tmp"], "no such file"),
+    (["--no-policy", "--policy-rules", "/etc/hostname"], "--no-policy"),
+    (["--policy-rules", "/nonexistent.toml"], "no such file"),
+    (["--timeout", "0"], "positive"),
+])
+def test_up_refuses_bad_input_with_one_clear_line(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = supervise.main("up", [*argv, "--run-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert err.startswith("kextless up: error:")
+    assert not (tmp_path / "host").exists() and not any(tmp_path.iterdir())
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert supervise.main("down", ["--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_down_and_status_with_nothing_running(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert supervise.main("down", ["--run-root", str(tmp_path)]) == 0
+    assert "not running" in capsys.readouterr().out
+    assert supervise.main("status", ["--run-root", str(tmp_path), "--json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["running"] is False and report["programs"] == []
+
+
+def test_status_text_flattens_broker_counters() -> None:
+    report = {"netns": "n1", "run_dir": "/r", "running": True, "endpoint": "ipc:///r/kext.sock",
+              "programs": [{"name": "broker", "state": "RUNNING", "pid": 42, "uptime_s": 3725,
+                            "description": ""},
+                           {"name": "ale", "state": "BACKOFF", "pid": None, "uptime_s": None,
+                            "description": ""}],
+              "broker": {"pid": 42, "queue": {"depth": 3, "bytes": 10}, "actors": {}},
+              "broker_error": None}
+    text = format_status(report).splitlines()
+    assert text[1].split() == ["broker", "RUNNING", "pid", "42", "uptime", "1:02:05"]
+    assert text[2].split() == ["ale", "BACKOFF", "-"]
+    assert "  queue.depth: 3" in text and "  queue.bytes: 10" in text and "  actors: {}" in text
+    report["broker"], report["broker_error"] = None, "no answer"
+    assert format_status(report).splitlines()[-1] == "broker: DOWN (no answer)"
+
+
+def test_command_uses_this_interpreter() -> None:
+    cmd = supervise.kextless_command()
+    assert Path(cmd[0]).parent == Path(sys.executable).parent
