@@ -285,3 +285,11 @@ def test_help_exits_0() -> None:
     result = kextless("decode", "--help")
     assert result.returncode == 0
     assert b"--infos" in result.stdout and b"--commands" in result.stdout
+
+
+def test_readme_example_output_is_what_the_tool_prints() -> None:
+    readme = (REPO / "README.md").read_text().splitlines()
+    start = readme.index("$ kextless decode --infos tests/data/sample-infos.bin") + 1
+    shown = readme[start:readme.index("", start)]
+    result = kextless("decode", "--infos", "tests/data/sample-infos.bin")
+    assert result.stdout.decode().splitlines() == shown
