@@ -143,6 +143,10 @@ def validate(opts: UpOptions) -> Endpoint:
         raise UsageError(
             f"--endpoint {endpoint.url}: a tcp endpoint needs CURVE "
             "(--curve-server-secret FILE and --curve-clients DIR); the broker refuses plain tcp")
+    if endpoint.scheme == "tcp" and opts.policy:
+        raise UsageError(
+            f"--endpoint {endpoint.url}: the built-in policy has no CURVE client options yet, "
+            "so it could not reach a tcp endpoint; add --no-policy and answer from your client")
     if endpoint.scheme == "ipc" and curve != (None, None):
         raise UsageError("--curve-* options only apply to a tcp:// endpoint")
     if opts.curve_server_secret is not None and not opts.curve_server_secret.is_file():
@@ -365,15 +369,32 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
+def _names_instance(cmdline: bytes, run: RuntimeDir) -> bool:
+    """Every process `up` starts has the run dir (or, for supervisord, its config) as one whole
+    argument; a user's `tail -f RUN/logs/x.log` does not, so it is never mistaken for ours."""
+    args = cmdline.split(b"\0")
+    return str(run.path).encode() in args or str(run.supervisor_conf).encode() in args
+
+
 def pid_is_ours(pid: int, run: RuntimeDir) -> bool:
-    """Guards against PID reuse: every process we start names the run directory in its argv."""
+    """Guards against PID reuse: is this live process one that `up` started for `run`?"""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    here = str(run.path).encode()
-    ours = here + b"\0" in cmdline or here + b"/" in cmdline
-    return ours and pid_alive(pid)
+    return _names_instance(cmdline, run) and pid_alive(pid)
+
+
+def instance_processes(run: RuntimeDir) -> list[int]:
+    """Live processes of this instance, found by argv: also those restarted after `up`
+    recorded their PIDs, which matters once supervisord itself is gone."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if _names_instance((entry / "cmdline").read_bytes(), run):
+                    found.append(int(entry.name))
+    return [p for p in found if pid_alive(p)]
 
 
 def wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
@@ -487,6 +508,10 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
     endpoint = validate(opts)
     run = opts.run_dir
     progs = list(programs) if programs is not None else programs_for(opts)
+    for prog in progs:
+        if str(run.path) not in prog.argv:
+            raise UsageError(f"program {prog.name}: its argv must name the run dir {run.path} "
+                             "(that is how `down` finds it again if supervisord is gone)")
     if supervisord_alive(run):
         raise DeployError(
             f"kextless is already running for {_instance_name(opts.netns)} ({run.path}); "
@@ -551,10 +576,7 @@ class DownReport:
 
 
 def _stale_processes(run: RuntimeDir) -> list[int]:
-    inst = read_instance(run) or {}
-    pids = [int(p.get("pid") or 0) for p in (inst.get("programs") or {}).values()]
-    pids.append(int(inst.get("supervisord_pid") or 0))
-    return [p for p in pids if p > 0 and pid_is_ours(p, run)]
+    return instance_processes(run) if run.path.is_dir() else []
 
 
 def _remove_state(run: RuntimeDir, inst: dict[str, Any] | None) -> list[str]:
@@ -626,18 +648,19 @@ def _teardown(run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None,
         report.was_running = True
         if wait_gone([sup_pid], stopwait):
             report.problems.append(f"supervisord pid {sup_pid} did not exit in {stopwait} s")
-    for name, pid in pids.items():
-        if not pid:
-            continue
-        if pid_is_ours(pid, run):
-            report.was_running = True
-            report.problems.append(f"program {name} pid {pid} outlived supervisord; killed")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if wait_gone([pid], 5):
-                report.problems.append(f"program {name} pid {pid} survives SIGKILL")
-        else:
-            report.stopped.append(f"{name} (pid {pid})")
+    names = {pid: name for name, pid in pids.items() if pid}
+    argvs = {n: p.get("argv") or [] for n, p in (inst.get("programs") or {}).items()}
+    left = instance_processes(run) if run.path.is_dir() else []
+    for pid in left:
+        report.was_running = True
+        name = names.get(pid) or _program_of(pid, argvs)
+        what = f"program {name}" if name else f"process ({shlex.join(_argv(pid))[:200]})"
+        report.problems.append(f"{what} pid {pid} outlived supervisord; killed")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in wait_gone(left, 5):
+        report.problems.append(f"pid {pid} survives SIGKILL")
+    report.stopped += [f"{name} (pid {pid})" for pid, name in names.items() if pid not in left]
     report.problems += _remove_state(run, inst)
     if check_filters and netns is not None and (NETNS_DIR / netns).exists():
         try:
@@ -647,6 +670,26 @@ def _teardown(run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None,
         else:
             report.problems += [f"divert filter left in netns {netns}: {f}" for f in left]
     return report
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def _program_of(pid: int, argvs: dict[str, list[str]]) -> str | None:
+    """Which program a process is, when supervisord restarted it under a PID we never saw.
+    Its argv and the configured one end alike: `ip netns exec NS` has exec'd away, or a
+    script's interpreter was put in front."""
+    argv = _argv(pid)
+    for name, configured in argvs.items():
+        k = min(len(argv), len(configured))
+        if k and argv[-k:] == configured[-k:]:
+            return name
+    return None
 
 
 def _read_pidfile(run: RuntimeDir) -> int:
