@@ -242,6 +242,10 @@ class BrokerServer:
             peer = msg[0].bytes
             frames = [f.bytes for f in msg[1:]]
             if frames and frames[0] in (wire.OPEN, wire.READ):
+                # libzmq queues a connection's DISCONNECTED event before closing its fd, so
+                # every event about an earlier owner of this fd number is visible now: handle
+                # them first, or a reused fd would end this peer's new session.
+                self._drain_monitor()
                 with contextlib.suppress(zmq.ZMQError):
                     self._fds[peer] = msg[1].get(_SRCFD)
             try:
