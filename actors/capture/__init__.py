@@ -1,0 +1,1 @@
+"""The capture actor: owns the namespace's divert handle, holds packets, enforces verdicts."""

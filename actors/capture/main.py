@@ -1,0 +1,80 @@
+"""`kextless run capture`: the capture process of one network namespace.
+
+Run it inside the namespace it guards (`ip netns exec NAME kextless run capture ...`); its
+divert handle sees only that namespace. Packets still held by a previous capture process died
+with it (the library drops them); CaptureReady makes the ALE resend every known verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from collections.abc import Callable
+
+from actors.capture.core import CaptureCore, Config
+from actors.capture.shell import CaptureShell, ShellConfig, install_signals
+from deploy import logs
+from deploy.runtime import RuntimeDir
+
+
+def _addr(version: int) -> Callable[[str], bytes]:
+    def parse(text: str) -> bytes:
+        ip = ipaddress.ip_address(text)
+        if ip.version != version:
+            raise argparse.ArgumentTypeError(f"{text} is not an IPv{version} address")
+        return ip.packed
+
+    return parse
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return port
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kextless run capture", description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", help="runtime directory (default: the host instance's)")
+    ap.add_argument("--ale-endpoint", help="the ALE's ROUTER (default: <run-dir>/ale.sock)")
+    ap.add_argument("--priority", type=int, default=0, help="divert handle priority")
+    ap.add_argument("--exclude-port", type=_port, action="append", default=[],
+                    help="never divert TCP/UDP with this port on either side (repeatable): "
+                         "the system's own tcp:// control endpoint")
+    ap.add_argument("--nameserver-v4", type=_addr(4), default=bytes([127, 0, 0, 1]))
+    ap.add_argument("--nameserver-v6", type=_addr(6), default=b"\0" * 15 + b"\x01")
+    ap.add_argument("--nameserver-port", type=_port, default=53)
+    ap.add_argument("--tunnel-port", type=_port, default=717)
+    ap.add_argument("--split-tunnel-port", type=_port, default=719)
+    ap.add_argument("--ring-bytes", type=int, default=0,
+                    help="eBPF ring buffer per handle (a full ring passes packets unexamined)")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.setup("capture", args.log_level.upper())
+    if args.ale_endpoint:
+        endpoint = args.ale_endpoint
+    else:
+        from pathlib import Path
+
+        run_dir = RuntimeDir(Path(args.run_dir)) if args.run_dir else RuntimeDir.for_instance()
+        endpoint = run_dir.ale_endpoint
+    excl = frozenset(args.exclude_port)
+    core = CaptureCore(Config(
+        exclude_ports=excl,
+        nameserver_v4=args.nameserver_v4,
+        nameserver_v6=args.nameserver_v6,
+        nameserver_port=args.nameserver_port,
+        tunnel_port=args.tunnel_port,
+        split_tunnel_port=args.split_tunnel_port,
+    ))
+    shell = CaptureShell(core, ShellConfig(endpoint, args.priority, excl, args.ring_bytes))
+    install_signals(shell)
+    logging.getLogger("capture").info("capture starting: ALE %s, priority %d, excluded ports %s",
+                                      endpoint, args.priority, sorted(excl) or "none")
+    return shell.run()

@@ -1,0 +1,170 @@
+"""Tiny real applications for capture tests, run inside test namespaces.
+
+Each client prints one JSON line with what the application saw: "ok" (data flowed),
+"refused" (ECONNREFUSED / RST at once), "reset", "timeout", plus the elapsed seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from tests.netns import NetnsPair
+
+#: TCP + UDP echo server on all addresses (v4 and v6); "bulk" streams are swallowed.
+ECHO_SERVER = r"""
+import socket, sys, threading
+port = int(sys.argv[1]); host = sys.argv[2] if len(sys.argv) > 2 else "::"
+fam = socket.AF_INET if "." in host else socket.AF_INET6
+def tcp():
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((host, port)); s.listen(512)
+    def serve(c):
+        with c:
+            try:
+                c.sendall(b"hello from " + repr(c.getsockname()[:2]).encode()
+                          + b" to " + repr(c.getpeername()[:2]).encode())
+                while True:
+                    data = c.recv(1 << 20)
+                    if not data:
+                        return
+            except OSError:
+                return
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+def udp():
+    u = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    u.bind((host, port))
+    while True:
+        data, addr = u.recvfrom(65536)
+        u.sendto(b"echo " + repr(addr[:2]).encode() + b" " + data, addr)
+threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+TCP_CLIENT = r"""
+import errno, json, socket, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(timeout)
+t = time.monotonic(); out = {}
+try:
+    s.connect((host, port))
+    out["local"] = list(s.getsockname()[:2]); out["peer"] = list(s.getpeername()[:2])
+    data = s.recv(1000)
+    out["data"] = data.decode(errors="replace")
+    out["result"] = "ok" if data else "closed"
+except ConnectionRefusedError:
+    out["result"] = "refused"
+except ConnectionResetError:
+    out["result"] = "reset"
+except (socket.timeout, TimeoutError):
+    out["result"] = "timeout"
+except OSError as e:
+    out["result"] = errno.errorcode.get(e.errno, str(e))
+out["elapsed"] = time.monotonic() - t
+print(json.dumps(out))
+"""
+
+UDP_CLIENT = r"""
+import errno, json, socket, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+count = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout)
+t = time.monotonic(); out = {"replies": []}
+try:
+    s.connect((host, port))
+    out["local"] = list(s.getsockname()[:2])
+    for i in range(count):
+        s.send(b"ping%d" % i)
+        data, peer = s.recvfrom(2000)
+        out["replies"].append(data.decode(errors="replace")); out["peer"] = list(peer[:2])
+    out["result"] = "ok"
+except ConnectionRefusedError:
+    out["result"] = "refused"
+except (socket.timeout, TimeoutError):
+    out["result"] = "timeout"
+except OSError as e:
+    out["result"] = errno.errorcode.get(e.errno, str(e))
+out["elapsed"] = time.monotonic() - t
+print(json.dumps(out))
+"""
+
+#: Stream bytes for `secs` seconds; report progress times so a mid-stream block is measurable.
+BULK_CLIENT = r"""
+import errno, json, socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(5)
+s.connect((host, port)); s.recv(1000)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+buf = b"bulk" + b"x" * 65532
+t0 = time.monotonic(); sent = 0; last_ok = t0; out = {"local": list(s.getsockname()[:2])}
+print(json.dumps({"started": out["local"]}), flush=True)
+s.settimeout(0.05)
+try:
+    while time.monotonic() - t0 < secs:
+        try:
+            sent += s.send(buf); last_ok = time.monotonic()
+        except (socket.timeout, TimeoutError):
+            continue
+    out["result"] = "finished"
+except OSError as e:
+    out["result"] = errno.errorcode.get(e.errno, str(e))
+out["sent"] = sent; out["elapsed"] = time.monotonic() - t0
+out["last_ok_at"] = last_ok - t0; out["error_at"] = time.monotonic() - t0
+print(json.dumps(out), flush=True)
+"""
+
+#: A resolver-like UDP server and a TCP server on one address (e.g. 127.0.0.1:53 / :717).
+LOCAL_SERVICE = r"""
+import socket, sys, threading
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+u = socket.socket(fam, socket.SOCK_DGRAM); u.bind((host, port))
+t = socket.socket(fam, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((host, port)); t.listen(64)
+def udp():
+    while True:
+        data, addr = u.recvfrom(2000)
+        u.sendto(b"local-service saw " + repr(addr[:2]).encode(), addr)
+def tcp():
+    while True:
+        c, addr = t.accept()
+        c.sendall(b"local-service saw " + repr(addr[:2]).encode()); c.close()
+threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def start(pair: NetnsPair, ns: str, code: str, *args: object) -> subprocess.Popen[bytes]:
+    """Start a server program in `ns` and wait for its "ready" line."""
+    proc = pair.popen(ns, [sys.executable, "-c", code, *map(str, args)])
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if b"ready" not in line:
+        raise RuntimeError(f"server failed: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    return proc
+
+
+def run(pair: NetnsPair, ns: str, code: str, *args: object, timeout: float = 15) -> dict[str, Any]:
+    """Run a client program in `ns` and return its JSON report."""
+    r = pair.run_py(ns, code + "\n", timeout=timeout) if not args else pair.run(
+        ns, [sys.executable, "-c", code, *map(str, args)], timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"client printed nothing: rc={r.returncode} {r.stderr[-2000:]}")
+    return json.loads(lines[-1])

@@ -1,0 +1,80 @@
+"""A running capture process inside a test namespace, with a test ALE peer answering it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol.enums import Verdict
+from protocol.messages import PacketHeld
+from tests.actors.capture.ale_peer import AlePeer
+from tests.netns import NetnsPair
+
+KEXTLESS = str(Path(sys.executable).with_name("kextless"))
+
+
+@dataclass
+class CaptureEnv:
+    pair: NetnsPair
+    ale: AlePeer
+    proc: subprocess.Popen[bytes]
+    #: Verdict returned by the ALE peer per PacketHeld; tests replace it.
+    policy: list = field(default_factory=list)
+
+    def log(self) -> str:
+        """The capture's stderr so far (only after stop())."""
+        return self._log
+
+    _log: str = ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stderr is not None and not self._log:
+            self._log = self.proc.stderr.read().decode(errors="replace")
+        return self.proc.returncode
+
+
+@contextmanager
+def capture_env(policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str, ...] = (),
+                ns_side: str = "a") -> Iterator[CaptureEnv]:
+    """Namespaces a <-> b; capture (with `extra_args`) guards `ns_side`; ALE peer answers.
+
+    `policy`: a Verdict for every PacketHeld, or a callable PacketHeld -> Verdict | None.
+    """
+    with tempfile.TemporaryDirectory(prefix="klt-cap-") as tmp, NetnsPair() as pair:
+        endpoint = f"ipc://{tmp}/ale.sock"
+        holder: list = [policy]
+
+        def answer(msg: PacketHeld) -> Verdict | None:
+            p = holder[0]
+            return p(msg) if callable(p) else p
+
+        with AlePeer(endpoint, answer) as ale:
+            ns = pair.a if ns_side == "a" else pair.b
+            proc = pair.popen(ns, [KEXTLESS, "run", "capture", "--ale-endpoint", endpoint,
+                                   "--log-level", os.environ.get("KLT_CAPTURE_LOG", "INFO"),
+                                   *extra_args], stdout=subprocess.DEVNULL)
+            env = CaptureEnv(pair, ale, proc, holder)
+            try:
+                if not ale.ready.wait(10):
+                    env.stop()
+                    raise RuntimeError(f"capture never became ready:\n{env.log()}")
+                yield env
+            finally:
+                rc = env.stop()
+                if os.environ.get("KLT_SHOW_CAPTURE_LOG"):
+                    print(env.log(), file=sys.stderr)
+                assert rc == 0, f"capture exited {rc}:\n{env.log()[-4000:]}"
