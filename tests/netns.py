@@ -33,9 +33,9 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
 
 
-def netns_exec(ns: str, argv: Sequence[str]) -> list[str]:
-    """The argv that runs `argv` inside namespace `ns`."""
-    return ["ip", "netns", "exec", ns, *argv]
+def netns_exec(ns: str, argv: Sequence[object]) -> list[str]:
+    """The argv that runs `argv` (items str()-ed) inside namespace `ns`."""
+    return ["ip", "netns", "exec", ns, *map(str, argv)]
 
 
 class NetnsPair:
@@ -105,7 +105,7 @@ class NetnsPair:
         dev = dev or ("va" if ns == self.a else "vb")
         _ip("-n", ns, "-6", "addr", "add", f"{addr}/128", "dev", dev, "nodad")
 
-    def run(self, ns: str, argv: Sequence[str], timeout: float = 10.0,
+    def run(self, ns: str, argv: Sequence[object], timeout: float = 10.0,
             check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run `argv` in `ns` to completion (killed after `timeout` seconds)."""
         return subprocess.run(netns_exec(ns, argv), capture_output=True, text=True,
@@ -116,7 +116,7 @@ class NetnsPair:
         """Run a Python snippet with this interpreter in `ns`."""
         return self.run(ns, [sys.executable, "-c", code], timeout=timeout, check=check)
 
-    def popen(self, ns: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    def popen(self, ns: str, argv: Sequence[object], **kwargs: object) -> subprocess.Popen[bytes]:
         """Start a background process in `ns`; it is killed when the pair closes."""
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)

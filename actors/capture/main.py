@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup("capture", args.log_level.upper())
+    # pydivert logs every open/close with the whole filter; our own lines say it shorter.
+    logging.getLogger("pydivert").setLevel(logging.WARNING)
     if args.ale_endpoint:
         endpoint = args.ale_endpoint
     else:

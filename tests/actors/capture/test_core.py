@@ -1,0 +1,365 @@
+"""The capture core's verdict rules, driven with crafted packets and ALE messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.capture import packets as pk
+from actors.capture.core import (
+    CaptureCore,
+    Config,
+    Drop,
+    Inject,
+    Pass,
+    Reroute,
+    SetFilter,
+    ToAle,
+)
+from protocol.enums import Direction, Verdict
+from protocol.messages import (
+    CacheClear,
+    CacheSet,
+    CaptureReady,
+    Decision,
+    Flow,
+    Hello,
+    PacketHeld,
+)
+from tests.actors.capture import crafted as c
+from tests.actors.capture.crafted import a
+
+L4, R4 = "10.0.0.1", "10.0.0.2"
+L6, R6 = "fd00::1", "fd00::2"
+NOW = 1_000_000_000
+
+
+class Tok:
+    """Stands in for the shell's captured packet."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Tok({self.name})"
+
+
+def feed(core: CaptureCore, raw: bytes, outbound: bool = True, loopback: bool = False,
+         now: int = NOW, name: str = "p") -> tuple[Tok, list]:
+    t = Tok(name)
+    return t, core.on_packet(t, raw, outbound, loopback, now)
+
+
+def asked(acts: list) -> list[PacketHeld]:
+    return [x.msg for x in acts if isinstance(x, ToAle) and isinstance(x.msg, PacketHeld)]
+
+
+def syn_out(sport: int = 40000, dport: int = 80, seq: int = 1000) -> bytes:
+    return c.v4(L4, R4, c.tcp(sport, dport, c.SYN, seq=seq))
+
+
+def tcp_flow(lport: int = 40000, rport: int = 80) -> Flow:
+    return Flow(6, a(L4), lport, a(R4), rport)
+
+
+def accept_connection(core: CaptureCore, verdict: Verdict = Verdict.PERMANENT_ACCEPT) -> Flow:
+    _, acts = feed(core, syn_out())
+    (held,) = asked(acts)
+    core.on_message(CacheSet(held.flow, verdict), NOW)
+    out = core.on_message(Decision((held.seq,), verdict), NOW)
+    for x in out:
+        if isinstance(x, SetFilter):
+            out += core.filter_active(x.generation, x.ports)
+    return held.flow
+
+
+def test_start_announces_capture_ready() -> None:
+    assert CaptureCore().start(42) == [ToAle(CaptureReady(42))]
+
+
+def test_miss_asks_with_a_direction_agnostic_flow() -> None:
+    core = CaptureCore()
+    _t, acts = feed(core, syn_out())
+    (held,) = asked(acts)
+    assert (held.seq, held.direction, held.flow) == (1, Direction.OUTBOUND, tcp_flow())
+    assert held.packet == syn_out() and held.seen_ns == NOW and held.process_id == 0
+    raw_in = c.v4(R4, L4, c.tcp(80, 40001, c.SYN))
+    _, acts = feed(core, raw_in, outbound=False)
+    (held2,) = asked(acts)
+    assert held2.seq == 2 and held2.direction == Direction.INBOUND
+    assert held2.flow == Flow(6, a(L4), 40001, a(R4), 80)  # local side is still ours
+
+
+def test_permanent_accept_releases_and_passes_later_packets_without_asking() -> None:
+    core = CaptureCore()
+    t, acts = feed(core, syn_out())
+    (held,) = asked(acts)
+    core.on_message(CacheSet(held.flow, Verdict.PERMANENT_ACCEPT), NOW)
+    assert core.on_message(Decision((held.seq,), Verdict.PERMANENT_ACCEPT), NOW) == [Pass(t)]
+    t2, acts = feed(core, syn_out())  # a later SYN (retransmit) hits the cache
+    assert acts == [Pass(t2)]
+    t3, acts = feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False)
+    assert acts == [Pass(t3)]
+
+
+def test_decision_alone_also_caches_the_verdict() -> None:
+    core = CaptureCore()
+    _, acts = feed(core, c.v4(L4, R4, c.udp(5000, 9999)))
+    (held,) = asked(acts)
+    core.on_message(Decision((held.seq,), Verdict.PERMANENT_ACCEPT), NOW)
+    t, acts = feed(core, c.v4(L4, R4, c.udp(5000, 9999, b"second")))
+    assert acts == [Pass(t)]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_block_resets_tcp_to_the_local_app(v6: bool) -> None:
+    core = CaptureCore()
+    raw = (c.v6(L6, R6, c.tcp(40000, 80, c.SYN, seq=9)) if v6
+           else c.v4(L4, R4, c.tcp(40000, 80, c.SYN, seq=9)))
+    t, acts = feed(core, raw)
+    (held,) = asked(acts)
+    out = core.on_message(Decision((held.seq,), Verdict.PERMANENT_BLOCK), NOW)
+    assert out[0] == Drop(t)
+    inj = out[1]
+    assert isinstance(inj, Inject) and inj.inbound and inj.like is t
+    q = pk.parse(inj.raw)
+    assert q is not None and q.flags == c.RST | c.ACK and q.ack == 10 and q.dport == 40000
+    assert c.l4_checksum_ok(inj.raw)
+
+
+def test_inbound_block_resets_the_remote() -> None:
+    core = CaptureCore()
+    _t, acts = feed(core, c.v4(R4, L4, c.tcp(5555, 22, c.SYN)), outbound=False)
+    (held,) = asked(acts)
+    out = core.on_message(Decision((held.seq,), Verdict.BLOCK), NOW)
+    inj = out[1]
+    assert isinstance(inj, Inject) and not inj.inbound
+    q = pk.parse(inj.raw)
+    assert q is not None and (q.src, q.dst, q.dport) == (a(L4), a(R4), 5555)
+
+
+@pytest.mark.parametrize("verdict", [Verdict.UNDETERMINABLE, Verdict.FAILED, Verdict.BLOCK,
+                                     Verdict.PERMANENT_BLOCK])
+def test_udp_block_answers_port_unreachable(verdict: Verdict) -> None:
+    core = CaptureCore()
+    raw = c.v4(L4, R4, c.udp(5000, 53))
+    t, acts = feed(core, raw)
+    (held,) = asked(acts)
+    drop, inj = core.on_message(Decision((held.seq,), verdict), NOW)
+    assert drop == Drop(t) and isinstance(inj, Inject) and inj.inbound
+    assert inj.raw[20:22] == bytes([3, 3]) and inj.raw[28:48] == raw[:20]
+
+
+@pytest.mark.parametrize("verdict", [Verdict.DROP, Verdict.PERMANENT_DROP, Verdict.UNDECIDED])
+def test_drop_verdicts_are_silent(verdict: Verdict) -> None:
+    core = CaptureCore()
+    t, acts = feed(core, c.v4(L4, R4, c.udp(5000, 53)))
+    (held,) = asked(acts)
+    assert core.on_message(Decision((held.seq,), verdict), NOW) == [Drop(t)]
+
+
+def test_permanent_block_and_drop_are_enforced_locally() -> None:
+    core = CaptureCore()
+    f_block = Flow(17, a(L4), 5000, a(R4), 53)
+    f_drop = Flow(17, a(L4), 5001, a(R4), 53)
+    core.on_message(CacheSet(f_block, Verdict.PERMANENT_BLOCK), NOW)
+    core.on_message(CacheSet(f_drop, Verdict.PERMANENT_DROP), NOW)
+    t, acts = feed(core, c.v4(L4, R4, c.udp(5000, 53)))
+    assert acts[0] == Drop(t) and isinstance(acts[1], Inject)
+    t, acts = feed(core, c.v4(L4, R4, c.udp(5001, 53)))
+    assert acts == [Drop(t)]
+    assert core.counters["asked"] == 0
+
+
+def test_icmp_block_is_a_silent_drop_and_icmp_is_never_cached() -> None:
+    core = CaptureCore()
+    t, acts = feed(core, c.v4(L4, R4, c.icmp_echo()))
+    (held,) = asked(acts)
+    assert held.flow == Flow(1, a(L4), 0, a(R4), 0)
+    assert core.on_message(Decision((held.seq,), Verdict.PERMANENT_BLOCK), NOW) == [Drop(t)]
+    core.on_message(CacheSet(held.flow, Verdict.PERMANENT_ACCEPT), NOW)
+    _, acts = feed(core, c.v4(L4, R4, c.icmp_echo(seq=2)))
+    assert len(asked(acts)) == 1  # every ICMP packet is a request
+
+
+def test_ipv6_neighbour_discovery_is_never_held() -> None:
+    core = CaptureCore()
+    ns = (58, bytes([135, 0, 0, 0]) + b"\0" * 20)
+    t, acts = feed(core, c.v6(L6, "ff02::1:ff00:2", ns))
+    assert acts == [Pass(t)]
+
+
+def test_temporary_verdict_asks_for_every_packet_and_diverts_the_connection() -> None:
+    core = CaptureCore()
+    t, acts = feed(core, syn_out())
+    (held,) = asked(acts)
+    out = core.on_message(CacheSet(held.flow, Verdict.ACCEPT), NOW)
+    assert out == [SetFilter(1, frozenset({40000}))]
+    # The SYN must not leave before the SYN-ACK is sure to be diverted.
+    assert core.on_message(Decision((held.seq,), Verdict.ACCEPT), NOW) == []
+    assert core.filter_active(1, frozenset({40000})) == [Pass(t)]
+    seqs = set()
+    for i, (raw, out_) in enumerate([
+        (c.v4(R4, L4, c.tcp(80, 40000, c.SYN | c.ACK)), False),
+        (c.v4(L4, R4, c.tcp(40000, 80, c.ACK, seq=1001)), True),
+        (c.v4(L4, R4, c.tcp(40000, 80, c.ACK | c.PSH, seq=1001, payload=b"GET")), True),
+    ]):
+        _, acts = feed(core, raw, outbound=out_, name=f"p{i}")
+        (h,) = asked(acts)
+        seqs.add(h.seq)
+    assert len(seqs) == 3 and held.seq not in seqs
+
+
+def test_retransmitted_syn_is_held_without_a_new_request() -> None:
+    core = CaptureCore()
+    t1, acts = feed(core, syn_out(seq=5))
+    (held,) = asked(acts)
+    t2, acts = feed(core, syn_out(seq=5), now=NOW + 1_000_000_000)
+    assert acts == [] and core.counters["retransmits_held"] == 1
+    _t3, acts = feed(core, syn_out(seq=6))  # a different SYN is a new request
+    assert len(asked(acts)) == 1
+    out = core.on_message(Decision((held.seq,), Verdict.PERMANENT_ACCEPT), NOW)
+    assert out == [Pass(t1), Pass(t2)]
+
+
+def test_cache_clear_reasks_live_connections_on_their_next_packet() -> None:
+    core = CaptureCore()
+    flow = accept_connection(core)
+    data = c.v4(L4, R4, c.tcp(40000, 80, c.ACK, seq=2000, payload=b"x"))
+    t, acts = feed(core, data)
+    assert acts == [Pass(t)]  # (only diverted because of port grouping; cache hit)
+    out = core.on_message(CacheClear(), NOW)
+    assert out == [SetFilter(1, frozenset({40000}))]  # live connection: divert it again
+    _, acts = feed(core, data)
+    (h,) = asked(acts)
+    assert h.flow == flow
+    out = core.on_message(CacheSet(flow, Verdict.PERMANENT_ACCEPT), NOW)
+    assert out == [SetFilter(2, frozenset())]  # answered for good: back to fast path
+
+
+def test_update_to_block_diverts_and_resets_a_live_connection() -> None:
+    core = CaptureCore()
+    flow = accept_connection(core)
+    out = core.on_message(CacheSet(flow, Verdict.PERMANENT_BLOCK), NOW)
+    assert out == [SetFilter(1, frozenset({40000}))]
+    raw = c.v4(R4, L4, c.tcp(80, 40000, c.ACK, seq=1, ack=1001, payload=b"d" * 100))
+    t, acts = feed(core, raw, outbound=False)
+    assert acts[0] == Drop(t) and isinstance(acts[1], Inject) and not acts[1].inbound
+
+
+def test_blocked_connection_attempt_needs_no_filter_change() -> None:
+    core = CaptureCore()
+    _, acts = feed(core, syn_out())
+    (held,) = asked(acts)
+    assert core.on_message(CacheSet(held.flow, Verdict.PERMANENT_BLOCK), NOW) == []
+
+
+def test_too_many_ports_fall_back_to_all_tcp() -> None:
+    core = CaptureCore(Config(max_filter_ports=2))
+    filters = []
+    for port in (1, 2, 3):
+        filters += core.on_message(CacheSet(tcp_flow(port), Verdict.ACCEPT), NOW)
+    assert filters == [SetFilter(1, frozenset({1})), SetFilter(2, frozenset({1, 2})),
+                       SetFilter(3, None)]
+
+
+def test_redirect_nameserver_rewrites_query_and_reply() -> None:
+    core = CaptureCore()
+    query = c.v4(L4, "10.0.0.99", c.udp(40000, 53, b"dns?"))
+    t, acts = feed(core, query)
+    (held,) = asked(acts)
+    (r,) = core.on_message(Decision((held.seq,), Verdict.REDIRECT_NAME_SERVER), NOW)
+    assert isinstance(r, Reroute) and r.token is t and r.loopback
+    q = pk.parse(r.raw)
+    assert q is not None
+    assert (q.src, q.sport, q.dst, q.dport) == (a(L4), 40000, a("127.0.0.1"), 53)
+    assert c.l4_checksum_ok(r.raw)
+    # The local resolver answers the app's own address (seen on lo, as outbound).
+    reply = c.v4("127.0.0.1", L4, c.udp(53, 40000, b"answer"))
+    _t2, acts = feed(core, reply, outbound=True, loopback=True)
+    (r2,) = acts
+    assert isinstance(r2, Reroute) and r2.loopback
+    q2 = pk.parse(r2.raw)
+    assert q2 is not None
+    assert (q2.src, q2.sport, q2.dst, q2.dport) == (a("10.0.0.99"), 53, a(L4), 40000)
+    assert c.l4_checksum_ok(r2.raw)
+    # Later queries of the connection are redirected without asking.
+    _t3, acts = feed(core, query)
+    assert isinstance(acts[0], Reroute) and core.counters["asked"] == 1
+
+
+def test_redirect_tunnel_targets_the_own_address_and_configured_port() -> None:
+    core = CaptureCore(Config(tunnel_port=7171))
+    _t, acts = feed(core, c.v6(L6, "fd00::99", c.tcp(40000, 443, c.SYN)))
+    (held,) = asked(acts)
+    core.on_message(CacheSet(held.flow, Verdict.REDIRECT_TUNNEL), NOW)
+    core.filter_active(1, frozenset({40000}))
+    (r,) = core.on_message(Decision((held.seq,), Verdict.REDIRECT_TUNNEL), NOW)
+    assert isinstance(r, Reroute)
+    q = pk.parse(r.raw)
+    assert q is not None and (q.dst, q.dport, q.src) == (a(L6), 7171, a(L6))
+    # The tunnel's own reply traffic (own address on both sides) is not asked about.
+    back = c.v6(L6, L6, c.tcp(7171, 40000, c.SYN | c.ACK))
+    _, acts = feed(core, back, loopback=True)
+    assert isinstance(acts[0], Reroute)
+    q = pk.parse(acts[0].raw)
+    assert q is not None and (q.src, q.sport) == (a("fd00::99"), 443)
+
+
+def test_excluded_ports_are_never_held() -> None:
+    core = CaptureCore(Config(exclude_ports=frozenset({5555})))
+    t, acts = feed(core, c.v4(L4, R4, c.tcp(40000, 5555, c.SYN)))
+    assert acts == [Pass(t)]
+
+
+def test_unparseable_is_dropped_and_fragments_pass() -> None:
+    core = CaptureCore()
+    t, acts = feed(core, b"\x45\x00garbage")
+    assert acts == [Drop(t)] and core.counters["unparseable"] == 1
+    t, acts = feed(core, c.v4(L4, R4, c.udp(1, 2), frag_offset=100))
+    assert acts == [Pass(t)]
+
+
+def test_end_of_an_unknown_connection_passes_unasked() -> None:
+    core = CaptureCore()
+    t, acts = feed(core, c.v4(L4, R4, c.tcp(40000, 80, c.FIN | c.ACK)))
+    assert acts == [Pass(t)]
+
+
+def test_loopback_packets_match_either_orientation() -> None:
+    core = CaptureCore()
+    flow = Flow(17, a("127.0.0.1"), 5000, a("127.0.0.1"), 6000)
+    core.on_message(CacheSet(flow, Verdict.PERMANENT_ACCEPT), NOW)
+    t, acts = feed(core, c.v4("127.0.0.1", "127.0.0.1", c.udp(6000, 5000)), loopback=True)
+    assert acts == [Pass(t)]
+
+
+def test_unknown_and_foreign_messages_are_ignored() -> None:
+    core = CaptureCore()
+    assert core.on_message(Decision((99,), Verdict.ACCEPT), NOW) == []
+    assert core.on_message(Hello("x", 1, 1), NOW) == []
+    assert core.counters["unknown_seq"] == 1
+
+
+def test_held_packets_expire_fail_closed() -> None:
+    core = CaptureCore(Config(hold_ttl_ns=5_000_000_000))
+    t, _acts = feed(core, syn_out())
+    assert core.tick(NOW + 4_000_000_000) == []
+    assert Drop(t) in core.tick(NOW + 6_000_000_000)
+    assert core.held == {}
+
+
+def test_new_syn_after_the_connection_ended_is_asked_again() -> None:
+    core = CaptureCore()
+    accept_connection(core)
+    feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.RST)), outbound=False)
+    _, acts = feed(core, syn_out(seq=999999))
+    assert len(asked(acts)) == 1
+
+
+def test_ended_connections_are_forgotten_after_the_grace_period() -> None:
+    core = CaptureCore(Config(ended_grace_ns=1_000_000_000))
+    flow = accept_connection(core, Verdict.ACCEPT)
+    assert flow in core.per_packet
+    feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False)
+    out = core.tick(NOW + 3_000_000_000)
+    assert flow not in core.cache and SetFilter(2, frozenset()) in out
