@@ -64,6 +64,25 @@ _OK = bytes((wire.Status.OK,))
 _CMD_NAMES = {t: t.kext_name for t in CommandType}
 
 
+class _RawEmit(msgspec.Struct, tag="Emit", tag_field="msg", array_like=True, frozen=True):
+    """protocol.messages.Emit as the broker decodes it: `kind` stays an int (checked against
+    the record's own type byte), which saves building an enum per info on the hot path."""
+
+    kind: int
+    info: bytes
+    id: int = 0
+
+
+_decode_emit = msgspec.msgpack.Decoder(_RawEmit).decode
+#: How an encoded Emit starts after its array header: the msgpack string "Emit".
+_EMIT_TAG = b"\xa4Emit"
+_MAX_INFO_TYPE = max(InfoType)
+# The mirror must stay byte-compatible with the contract's Emit; fail at import, not on the wire.
+if (_RawEmit.__struct_fields__ != Emit.__struct_fields__
+        or encode(Emit(InfoType.LOG_LINE, b"", 1))[1:6] != _EMIT_TAG):
+    raise ImportError("broker.core._RawEmit no longer mirrors protocol.messages.Emit")
+
+
 class SessionState(Enum):
     NONE = "none"
     OPEN = "open"
@@ -241,8 +260,12 @@ class BrokerCore:
             at = self._delivered_at
             for i in ids:
                 at[i] = now_ns
-            while len(at) > LATENCY_TRACKED_IDS:
-                del at[next(iter(at))]
+            if len(at) > LATENCY_TRACKED_IDS:
+                # Forget the oldest half in one go: ids Portmaster never answered (or answered
+                # after a Shutdown) must not grow this map, and trimming one by one from the
+                # front of a dict is quadratic.
+                keep = list(at.items())[len(at) // 2:]
+                self._delivered_at = dict(keep)
 
     def service(self, now_ns: int) -> None:
         """Answer the parked read if data arrived or its timeout passed."""
@@ -370,14 +393,15 @@ class BrokerCore:
             info = self.actors[actor] = ActorInfo(actor.decode("utf-8", "replace"))
         info.last_seen_ns = now_ns
         pushed = False
+        info.messages += len(frames)
         for frame in frames:
-            info.messages += 1
             try:
-                msg = decode(frame)
+                # The hot path (Emit) skips building an InfoType enum per info.
+                msg = _decode_emit(frame) if frame[1:6] == _EMIT_TAG else decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._garbage(info, f"undecodable message: {exc}")
                 continue
-            if type(msg) is Emit:
+            if type(msg) is _RawEmit:
                 pushed |= self._emit(actor, info, msg)
             elif type(msg) is Log:
                 self.ring.add(msg.severity, msg.line)
@@ -395,13 +419,13 @@ class BrokerCore:
         self.actor_garbage += 1
         self.events.append(f"actor {info.name}: dropped {why}")
 
-    def _emit(self, actor: bytes, info: ActorInfo, msg: Emit) -> bool:
+    def _emit(self, actor: bytes, info: ActorInfo, msg: _RawEmit) -> bool:
         record = msg.info
         if len(record) < HEADER_SIZE:
             self._garbage(info, f"Emit of {len(record)} bytes, shorter than an info header")
             return False
         kind, length = HEADER.unpack_from(record)
-        if kind != msg.kind or length != len(record) - HEADER_SIZE:
+        if kind != msg.kind or kind > _MAX_INFO_TYPE or length != len(record) - HEADER_SIZE:
             self._garbage(info, f"Emit whose record (type {kind}, length {length}, "
                                 f"{len(record)} bytes) does not match kind {msg.kind}")
             return False
