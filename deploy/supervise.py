@@ -24,7 +24,6 @@ import time
 import xmlrpc.client
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +103,11 @@ class UpOptions:
     curve_server_secret: Path | None = None
     curve_clients: Path | None = None
     policy_rules: Path | None = None
+    verdict_timeout: float | None = None
+    default_verdict: str | None = None
+    #: (actor, argument) pairs appended to that actor's command line, for options `up` does
+    #: not name itself (e.g. capture's redirect ports).
+    actor_args: tuple[tuple[str, str], ...] = ()
     timeout: float = UP_TIMEOUT
 
     @property
@@ -159,6 +163,20 @@ def validate(opts: UpOptions) -> Endpoint:
         raise UsageError(f"--policy-rules {opts.policy_rules}: no such file")
     if not opts.timeout > 0:
         raise UsageError("--timeout must be positive")
+    if opts.verdict_timeout is not None and not 0 < opts.verdict_timeout <= 3600:
+        raise UsageError("--verdict-timeout must be > 0 and <= 3600 seconds")
+    if opts.default_verdict is not None:
+        from protocol.enums import Verdict
+
+        names = [v.kext_name for v in Verdict]
+        if opts.default_verdict not in names:
+            raise UsageError(f"--default-verdict {opts.default_verdict!r}: one of "
+                             f"{', '.join(names)}")
+    enabled = {a.name for a in ACTORS if a.enabled(opts)}
+    for actor, _arg in opts.actor_args:
+        if actor not in enabled:
+            raise UsageError(f"--actor-arg {actor}=...: no such actor in this instance "
+                             f"(running: {', '.join(sorted(enabled))})")
     return endpoint
 
 
@@ -198,6 +216,15 @@ def _broker_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
     return args
 
 
+def _ale_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
+    args = []
+    if opts.verdict_timeout is not None:
+        args += ["--verdict-timeout", f"{opts.verdict_timeout:g}"]
+    if opts.default_verdict is not None:
+        args += ["--default-verdict", opts.default_verdict]
+    return args
+
+
 def _capture_args(_opts: UpOptions, endpoint: Endpoint) -> list[str]:
     # The control channel must never wait on a verdict (issue 4, point 4).
     return ["--exclude-port", str(endpoint.port)] if endpoint.scheme == "tcp" else []
@@ -214,7 +241,7 @@ def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
 
 ACTORS: tuple[ActorSpec, ...] = (
     ActorSpec("broker", 100, extra_args=_broker_args),
-    ActorSpec("ale", 200),
+    ActorSpec("ale", 200, extra_args=_ale_args),
     ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
     ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
 )
@@ -241,7 +268,8 @@ def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[
         if not actor.enabled(opts):
             continue
         argv = [*kextless_command(), "run", actor.name, "--run-dir", run_dir,
-                *actor.extra_args(opts, endpoint)]
+                *actor.extra_args(opts, endpoint),
+                *(arg for name, arg in opts.actor_args if name == actor.name)]
         if actor.in_netns and opts.netns is not None:
             argv = [ip_command(), "netns", "exec", opts.netns, *argv]
         programs.append(Program(actor.name, tuple(argv), actor.priority))
@@ -267,8 +295,16 @@ def _env_value(env: dict[str, str]) -> str:
     return ",".join(f'{k}="{v}"' for k, v in env.items())
 
 
+TEMPLATE = Path(__file__).with_name("supervisord.conf.template")
+
+
 def load_template() -> str:
-    return resources.files("deploy").joinpath("supervisord.conf.template").read_text()
+    """Read beside this module: importlib.resources fails when the editable install's finder
+    turns `deploy` into a namespace package (seen when run from outside the checkout)."""
+    try:
+        return TEMPLATE.read_text()
+    except OSError as e:
+        raise DeployError(f"cannot read the supervisord template {TEMPLATE}: {e}") from None
 
 
 def render_config(run: RuntimeDir, programs: Sequence[Program], env: dict[str, str],
@@ -573,6 +609,9 @@ class DownReport:
     was_running: bool = False
     stopped: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Programs that ignored SIGTERM for stopwaitsecs and were killed (a bug in that program:
+    #: a killed capture cannot detach its divert filters).
+    killed: list[str] = field(default_factory=list)
 
 
 def _stale_processes(run: RuntimeDir) -> list[int]:
@@ -624,6 +663,8 @@ def _teardown(run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None,
     pids = {n: int(p.get("pid") or 0) for n, p in (inst.get("programs") or {}).items()}
     sup_pid = int(inst.get("supervisord_pid") or 0)
     stopwait = STOPWAITSECS * max(1, len(pids)) + 10
+    log = run.path / SUPERVISORD_LOG
+    log_start = log.stat().st_size if log.exists() else 0
     if supervisord_alive(run):
         report.was_running = True
         proxy = rpc(run)
@@ -661,6 +702,7 @@ def _teardown(run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None,
     for pid in wait_gone(left, 5):
         report.problems.append(f"pid {pid} survives SIGKILL")
     report.stopped += [f"{name} (pid {pid})" for pid, name in names.items() if pid not in left]
+    report.killed = _sigkilled_since(log, log_start)
     report.problems += _remove_state(run, inst)
     if check_filters and netns is not None and (NETNS_DIR / netns).exists():
         try:
@@ -670,6 +712,18 @@ def _teardown(run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None,
         else:
             report.problems += [f"divert filter left in netns {netns}: {f}" for f in left]
     return report
+
+
+def _sigkilled_since(log: Path, offset: int) -> list[str]:
+    """Programs supervisord had to SIGKILL while stopping, from its own log."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [f"{m[1]} (pid {m[2]})" for m in re.finditer(r"killing '([^']+)' \((\d+)\) with SIGKILL",
+                                                         text)]
 
 
 def _argv(pid: int) -> list[str]:
@@ -712,6 +766,8 @@ def down(netns: str | None = None, run_root: Path | None = None,
     else:
         out(f"kextless stopped for {_instance_name(netns)}: "
             + (", ".join(report.stopped) or "no programs were running"))
+    for name in report.killed:
+        out(f"WARNING: {name} ignored SIGTERM for its stopwaitsecs and was SIGKILLed")
     for problem in report.problems:
         out(f"LEFTOVER: {problem}")
     return report
@@ -839,6 +895,13 @@ def _hms(seconds: float) -> str:
 # ---- command line -------------------------------------------------------------------------------
 
 
+def _actor_arg(text: str) -> tuple[str, str]:
+    actor, sep, arg = text.partition("=")
+    if not sep or not actor or not arg:
+        raise argparse.ArgumentTypeError(f"expected ACTOR=ARG, got {text!r}")
+    return actor, arg
+
+
 def _parser(name: str) -> argparse.ArgumentParser:
     descriptions = {
         "up": "Start broker, ALE, capture (and policy) under supervisord; returns once all run.",
@@ -862,6 +925,13 @@ def _parser(name: str) -> argparse.ArgumentParser:
                        help="directory of authorized client public certificates (tcp)")
         p.add_argument("--policy-rules", metavar="FILE", type=Path,
                        help="TOML rules for the built-in policy (default: accept everything)")
+        p.add_argument("--verdict-timeout", type=float, metavar="SECONDS",
+                       help="ALE: how long a held packet waits for a verdict (default 10)")
+        p.add_argument("--default-verdict", metavar="NAME",
+                       help="ALE: the verdict a timed-out packet gets (default Block)")
+        p.add_argument("--actor-arg", metavar="ACTOR=ARG", action="append", default=[],
+                       type=_actor_arg, help="append ARG to ACTOR's command line (repeatable), "
+                       "e.g. capture=--tunnel-port=7717")
         p.add_argument("--timeout", type=float, default=UP_TIMEOUT,
                        help=f"seconds to wait for every program to run (default {UP_TIMEOUT:g})")
     if name == "status":
@@ -885,7 +955,9 @@ def main(name: str, argv: list[str]) -> int:
             opts = UpOptions(netns=args.netns, policy=args.policy, endpoint=args.endpoint,
                              run_root=args.run_root, curve_server_secret=args.curve_server_secret,
                              curve_clients=args.curve_clients, policy_rules=args.policy_rules,
-                             timeout=args.timeout)
+                             verdict_timeout=args.verdict_timeout,
+                             default_verdict=args.default_verdict,
+                             actor_args=tuple(args.actor_arg), timeout=args.timeout)
             up(opts)
             return 0
         if name == "down":
@@ -897,6 +969,9 @@ def main(name: str, argv: list[str]) -> int:
         print(f"kextless {name}: error: {e}", file=sys.stderr)
         return 2
     except DeployError as e:
+        print(f"kextless {name}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. an unwritable --run-root
         print(f"kextless {name}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

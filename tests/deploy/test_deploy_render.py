@@ -142,6 +142,17 @@ def test_spaces_and_quotes_in_paths_survive_supervisor_parsing(tmp_path: Path) -
     assert sup.pidfile == str(root / "netns-n1" / "supervisord.pid")
 
 
+def test_ale_options_and_actor_args_reach_their_actor_only(tmp_path: Path) -> None:
+    opts = UpOptions(netns="n1", run_root=tmp_path, verdict_timeout=3, default_verdict="Drop",
+                     actor_args=(("capture", "--tunnel-port=7717"), ("ale", "--log-level"),
+                                 ("ale", "DEBUG")))
+    argvs = _argvs(tmp_path, _render(opts))
+    assert argvs["ale"][-6:] == ["--verdict-timeout", "3", "--default-verdict", "Drop",
+                                 "--log-level", "DEBUG"]
+    assert argvs["capture"][-1] == "--tunnel-port=7717"
+    assert "--verdict-timeout" not in argvs["capture"] + argvs["broker"] + argvs["policy"]
+
+
 def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
     actors = (*ACTORS, ActorSpec("bandwidth", 350, in_netns=True),
               ActorSpec("lifecycle", 360, enabled=lambda o: o.netns is None))
@@ -185,14 +196,20 @@ def test_endpoint_parsing() -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--netns", "../etc"], "not a valid namespace name"),
     (["--netns", "klt-surely-missing-ns-4711"], "no such network namespace"),
-    (["--endpoint", "tcp://127.0.0.1:7000"], "needs CURVE"),
+    (["--no-policy", "--endpoint", "tcp://127.0.0.1:7000"], "needs CURVE"),
+    (["--endpoint", "tcp://127.0.0.1:7000", "--curve-server-secret", "/etc/hostname",
+      "--curve-clients", "/tmp"], "--no-policy"),
     (["--endpoint", "udp://1.2.3.4:5"], "only ipc"),
     (["--curve-clients", "/tmp"], "only apply to a tcp"),
-    (["--endpoint", "tcp://127.0.0.1:7000", "--curve-server-secret", "/nonexistent/k",
+    (["--no-policy", "--endpoint", "tcp://127.0.0.1:7000", "--curve-server-secret", "/no/k",
       "--curve-clients", "/tmp"], "no such file"),
     (["--no-policy", "--policy-rules", "/etc/hostname"], "--no-policy"),
     (["--policy-rules", "/nonexistent.toml"], "no such file"),
     (["--timeout", "0"], "positive"),
+    (["--verdict-timeout", "-1"], "verdict-timeout"),
+    (["--default-verdict", "Maybe"], "PermanentAccept"),
+    (["--no-policy", "--actor-arg", "policy=--x"], "no such actor"),
+    (["--actor-arg", "capture"], "ACTOR=ARG"),
 ])
 def test_up_refuses_bad_input_with_one_clear_line(
         argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,7 +218,7 @@ def test_up_refuses_bad_input_with_one_clear_line(
     assert code == 2
     assert message in err
     assert "Traceback" not in err
-    assert err.startswith("kextless up: error:")
+    assert "kextless up: error: " in err and message in err.splitlines()[-1]
     assert not (tmp_path / "host").exists() and not any(tmp_path.iterdir())
 
 
