@@ -387,23 +387,48 @@ class BrokerCore:
     # ---- actor side ----------------------------------------------------------------------------
 
     def actor_message(self, actor: bytes, frames: list[bytes], now_ns: int) -> None:
-        """One multipart message from an actor DEALER; every frame is one contract message."""
+        """One multipart message from an actor DEALER; every frame is one contract message.
+
+        Emit is the hot path (hundreds of thousands per second), so it is decoded with the
+        int-kind mirror and pushed inline; everything else goes through the contract decoder.
+        """
         info = self.actors.get(actor)
         if info is None:
             info = self.actors[actor] = ActorInfo(actor.decode("utf-8", "replace"))
         info.last_seen_ns = now_ns
-        pushed = False
         info.messages += len(frames)
+        pushed = False
+        push = self.queue.push
+        unpack = HEADER.unpack_from
+        queued = PushResult.QUEUED
         for frame in frames:
+            if frame[1:6] == _EMIT_TAG:
+                try:
+                    emit = _decode_emit(frame)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self._garbage(info, f"undecodable Emit: {exc}")
+                    continue
+                record = emit.info
+                n = len(record)
+                if n >= HEADER_SIZE:
+                    kind, length = unpack(record)
+                    if kind == emit.kind and kind <= _MAX_INFO_TYPE and length == n - HEADER_SIZE:
+                        result = push(kind, record, emit.id)
+                        if result is queued:
+                            pushed = True
+                        else:
+                            pushed |= self._push_outcome(actor, result, emit.id)
+                        continue
+                self._garbage(info, f"Emit of kind {emit.kind} whose record ({n} bytes, "
+                                    f"header {bytes(record[:HEADER_SIZE]).hex()}) does not "
+                                    "match it")
+                continue
             try:
-                # The hot path (Emit) skips building an InfoType enum per info.
-                msg = _decode_emit(frame) if frame[1:6] == _EMIT_TAG else decode(frame)
+                msg = decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._garbage(info, f"undecodable message: {exc}")
                 continue
-            if type(msg) is _RawEmit:
-                pushed |= self._emit(actor, info, msg)
-            elif type(msg) is Log:
+            if type(msg) is Log:
                 self.ring.add(msg.severity, msg.line)
             elif type(msg) is Health:
                 info.counters = msg.counters
@@ -419,30 +444,20 @@ class BrokerCore:
         self.actor_garbage += 1
         self.events.append(f"actor {info.name}: dropped {why}")
 
-    def _emit(self, actor: bytes, info: ActorInfo, msg: _RawEmit) -> bool:
-        record = msg.info
-        if len(record) < HEADER_SIZE:
-            self._garbage(info, f"Emit of {len(record)} bytes, shorter than an info header")
-            return False
-        kind, length = HEADER.unpack_from(record)
-        if kind != msg.kind or kind > _MAX_INFO_TYPE or length != len(record) - HEADER_SIZE:
-            self._garbage(info, f"Emit whose record (type {kind}, length {length}, "
-                                f"{len(record)} bytes) does not match kind {msg.kind}")
-            return False
-        return self._push(actor, kind, record, msg.id)
-
     def _push(self, actor: bytes | None, kind: int, record: bytes, id_: int) -> bool:
+        result = self.queue.push(kind, record, id_)
+        return result is PushResult.QUEUED or self._push_outcome(actor, result, id_)
+
+    def _push_outcome(self, actor: bytes | None, result: PushResult, id_: int) -> bool:
+        """Apply the overflow policy's side effects; True if the info was queued."""
         q = self.queue
-        result = q.push(kind, record, id_)
-        if result is PushResult.QUEUED:
-            return True
-        episodes = q.overflow_episodes
         if result is PushResult.REFUSED:
             if actor is not None:
                 self.to_actors.append([actor, encode(EmitRefused(
                     id_, f"queue full ({q.bytes} of {q.max_bytes} bytes held by connection "
                          "infos)"))])
             return False
+        episodes = q.overflow_episodes
         if q.overflowing and episodes != self._warned_episode:
             self._warned_episode = episodes
             self.log(Severity.WARNING,

@@ -190,6 +190,7 @@ class IOQueue:
             if free <= PACK_MIN_FREE:
                 return b"".join(parts)
         first = lo is None
+        delivered = self.delivered
         while first or free > PACK_MIN_FREE:
             first = False
             if prio:
@@ -208,7 +209,10 @@ class IOQueue:
             if n <= free:
                 parts.append(rec)
                 free -= n
-                self._finished(item, ids)
+                kind = item[0]
+                delivered[kind] += 1
+                if kind in _CONNECTION_TYPES:
+                    ids.append(item[2])
             else:
                 parts.append(rec[:free])
                 self._leftover = item
