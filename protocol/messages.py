@@ -4,6 +4,11 @@ One tagged msgspec union, encoded as msgpack arrays (small, and ~1 us per messag
 CONTRACT_VERSION on any incompatible change; actors announce it in Hello and the broker refuses
 a mismatch loudly instead of misreading fields. Addresses are raw network-order bytes, exactly
 as on the kext wire, so codecs never re-parse text.
+
+Framing: every ZeroMQ frame holds exactly one encoded message. A sender may put several messages
+in one multipart message (e.g. a batch of Emits to the broker); the receiver handles the frames
+in order, as if they had come one by one. Batching is how an emitter reaches the broker's
+streaming rate (docs/broker-wire.md §9).
 """
 
 from __future__ import annotations
