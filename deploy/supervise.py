@@ -550,13 +550,13 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
                              "(that is how `down` finds it again if supervisord is gone)")
     if supervisord_alive(run):
         raise DeployError(
-            f"kextless is already running for {_instance_name(opts.netns)} ({run.path}); "
-            f"run `kextless down{_netns_flag(opts.netns)}` first")
+            f"already running for {_instance_name(opts.netns)} ({run.path}); "
+            f"run `kextless down{_flags(opts)}` first")
     leftovers = _stale_processes(run)
     if leftovers:
         raise DeployError(
             f"processes of a previous instance are still alive: {leftovers}; "
-            f"run `kextless down{_netns_flag(opts.netns)}` first")
+            f"run `kextless down{_flags(opts)}` first")
     _remove_state(run, read_instance(run))
     run.create()
     run.log_dir.mkdir(mode=0o700, exist_ok=True)
@@ -569,7 +569,8 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
         "netns": opts.netns, "run_dir": str(run.path), "endpoint": endpoint.url,
         "connect": endpoint.connect_url,
         "curve_server_secret": str(opts.curve_server_secret or "") or None,
-        "programs": {p.name: {"argv": list(p.argv), "pid": 0} for p in progs},
+        "programs": {p.name: {"argv": list(p.argv), "priority": p.priority, "pid": 0}
+                     for p in sorted(progs, key=lambda p: p.priority)},
         "supervisord_pid": 0, "started": time.time(),
     }
     write_instance(run, instance)
@@ -595,8 +596,11 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
     return result
 
 
-def _netns_flag(netns: str | None) -> str:
-    return f" --netns {netns}" if netns else ""
+def _flags(opts: UpOptions) -> str:
+    """The --netns/--run-root part of a command we suggest, so it hits this instance."""
+    flags = [*(["--netns", opts.netns] if opts.netns else []),
+             *(["--run-root", str(opts.run_root)] if opts.run_root else [])]
+    return " " + shlex.join(flags) if flags else ""
 
 
 # ---- down ---------------------------------------------------------------------------------------
@@ -844,6 +848,8 @@ def status(netns: str | None = None, run_root: Path | None = None,
     except (OSError, xmlrpc.client.Error, http.client.HTTPException) as e:
         report["broker_error"] = f"supervisord stopped answering: {e}"
         return 1, report
+    order = list(inst.get("programs") or {})  # start order, as `up` wrote it
+    infos.sort(key=lambda i: order.index(i["name"]) if i["name"] in order else len(order))
     for info in infos:
         up_s = max(0, info["now"] - info["start"]) if info["statename"] == "RUNNING" else None
         report["programs"].append({"name": info["name"], "state": info["statename"],
