@@ -558,6 +558,11 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
             f"processes of a previous instance are still alive: {leftovers}; "
             f"run `kextless down{_flags(opts)}` first")
     _remove_state(run, read_instance(run))
+    if opts.netns is not None:
+        # Orphans of a killed capture still run on every packet; say so before adding ours.
+        with contextlib.suppress(DeployError, OSError, subprocess.SubprocessError):
+            for line in divert_filters(opts.netns):
+                out(f"WARNING: divert filter already attached in netns {opts.netns}: {line}")
     run.create()
     run.log_dir.mkdir(mode=0o700, exist_ok=True)
     conf = render_config(run, progs, program_env(opts, endpoint),

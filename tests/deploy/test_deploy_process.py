@@ -252,6 +252,11 @@ def test_down_reports_divert_filters_left_in_the_namespace(
     out = capsys.readouterr().out
     assert f"LEFTOVER: divert filter left in netns {ns}: lo ingress" in out
     assert f"LEFTOVER: divert filter left in netns {ns}: lo egress" in out
+    # ...and the next up warns before adding its own.
+    lines: list[str] = []
+    supervise.up(opts, [sleeper(opts.run_dir, ns)], out=lines.append)
+    assert [x for x in lines if x.startswith("WARNING")] == [
+        f"WARNING: divert filter already attached in netns {ns}: {f}" for f in left]
 
 
 def _actors_missing() -> list[str]:
