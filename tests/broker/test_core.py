@@ -1,0 +1,359 @@
+"""The session/command core driven directly: no sockets, time passed in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from broker_testlib import bandwidth, conn, log
+
+import broker.core as core_mod
+from broker import wire
+from broker.core import BrokerCore, SessionState
+from broker.logring import RING_SLOTS, LogRing, clean_line
+from protocol.commands import decode_command
+from protocol.enums import CommandType, InfoType, Severity, Verdict
+from protocol.infos import Info, LogLine
+from protocol.messages import (
+    CONTRACT_VERSION,
+    Command,
+    Emit,
+    EmitRefused,
+    Health,
+    Hello,
+    Log,
+    decode,
+    encode,
+)
+from protocol.stream import InfoStreamDecoder
+
+OWNER = b"\x00owner"
+OTHER = b"\x00other"
+ALE = b"ale"
+ALE_OWNS = (CommandType.VERDICT, CommandType.SHUTDOWN, CommandType.CLEAN_ENDED_CONNECTIONS)
+
+
+def verdict(id_: int, v: int = 2) -> bytes:
+    return b"\x01" + id_.to_bytes(8, "little") + bytes([v])
+
+
+class Harness:
+    def __init__(self, queue_bytes: int = 1 << 20) -> None:
+        self.core = BrokerCore(queue_bytes)
+        self.now = 1_000_000_000
+
+    def client(self, peer: bytes, *frames: bytes) -> list[list[bytes]]:
+        self.core.client_message(peer, list(frames), self.now)
+        return self.take()
+
+    def take(self) -> list[list[bytes]]:
+        out, self.core.to_clients = self.core.to_clients, []
+        return out
+
+    def actor_out(self) -> list[tuple[bytes, object]]:
+        out, self.core.to_actors = self.core.to_actors, []
+        return [(m[0], decode(m[1])) for m in out]
+
+    def hello(self, actor: bytes, owns: tuple[CommandType, ...]) -> None:
+        self.actor(actor, Hello(actor.decode(), 1, CONTRACT_VERSION, owns))
+
+    def actor(self, actor: bytes, *msgs: object) -> None:
+        self.core.actor_message(actor, [encode(m) for m in msgs], self.now)
+
+    def emit(self, *infos: Info, actor: bytes = ALE) -> None:
+        self.actor(actor, *(Emit(i.TYPE, i.encode(), getattr(i, "id", 0)) for i in infos))
+
+    def write(self, peer: bytes, raw: bytes) -> bytes:
+        (reply,) = self.client(peer, wire.WRITE, raw)
+        assert reply[:2] == [peer, wire.WRITE]
+        return reply[2]
+
+    def read_all(self, peer: bytes, size: int = 65536) -> list[Info]:
+        dec = InfoStreamDecoder()
+        out: list[Info] = []
+        while True:
+            reply = self.client(peer, wire.READ, wire.U32.pack(size), wire.U32.pack(10))
+            if not reply:  # parked
+                self.now += 20_000_000
+                self.core.service(self.now)
+                (reply,) = self.take()
+                assert reply == [peer, wire.TIMEOUT]
+                return out
+            assert reply[0][1] == wire.READ, reply
+            out.extend(dec.feed(reply[0][2]))
+
+    def logs(self, peer: bytes = OWNER) -> list[LogLine]:
+        assert self.write(peer, b"\x05") == b"\x00"
+        return [i for i in self.read_all(peer) if isinstance(i, LogLine)]
+
+
+@pytest.fixture
+def h() -> Harness:
+    h = Harness()
+    h.hello(ALE, ALE_OWNS)
+    assert h.client(OWNER, wire.OPEN) == [[OWNER, wire.OPEN]]
+    return h
+
+
+# ---- log ring ----------------------------------------------------------------------------------
+
+
+def test_log_ring_keeps_the_newest_1024_and_marks_the_overflow() -> None:
+    ring = LogRing()
+    for n in range(RING_SLOTS + 6):
+        ring.add(Severity.ERROR, f"f.rs:{n} line {n}")
+    records = ring.flush()
+    assert len(records) == RING_SLOTS + 1
+    dec = InfoStreamDecoder()
+    lines = dec.feed(b"".join(records))
+    assert lines[0].severity == Severity.WARNING
+    assert "log ring overflowed: 6 older lines were lost" in lines[0].line
+    assert [ln.line for ln in lines[1:]] == [f"f.rs:{n} line {n}" for n in range(6, 1030)]
+    assert ring.flush() == []  # flushed lines are gone, the marker too
+    ring.add(Severity.INFO, "x.rs:1 again")
+    assert len(ring.flush()) == 1
+
+
+def test_log_lines_are_single_nonempty_lines() -> None:
+    assert clean_line("a\nb\r\nc") == "a b  c"
+    assert clean_line("   ") == "(empty log line)"
+    assert len(clean_line("x" * 5000)) == 1000
+
+
+def test_actor_log_lines_reach_getlogs(h: Harness) -> None:
+    h.actor(ALE, Log(Severity.WARNING, "ale.py:10 slow decision"))
+    assert h.logs() == [LogLine(Severity.WARNING, "ale.py:10 slow decision")]
+
+
+def test_print_memory_stats_logs_an_info_line(h: Harness) -> None:
+    h.emit(conn(1))
+    assert h.write(OWNER, b"\x07") == b"\x00"
+    h.read_all(OWNER)
+    (line,) = h.logs()
+    assert line.severity == Severity.INFO
+    assert line.line.startswith("broker/core.py:")
+    assert "memory: rss " in line.line
+    assert "queue 1 infos / 40 of 1048576 bytes (priority 1, bulk 0" in line.line
+
+
+# ---- sessions ----------------------------------------------------------------------------------
+
+
+def test_busy_and_owner_rules(h: Harness) -> None:
+    assert h.client(OTHER, wire.OPEN)[0][1] == wire.ERROR
+    assert h.client(OTHER, wire.CLOSE)[0][2].startswith(b"not the session owner")
+    # Other sockets of the client read and write like threads sharing the handle.
+    assert h.write(OTHER, b"\x05") == b"\x00"
+    assert h.client(OWNER, wire.CLOSE) == [[OWNER, wire.CLOSE]]
+    assert h.core.state is SessionState.NONE
+    assert h.client(OTHER, wire.OPEN) == [[OTHER, wire.OPEN]]
+
+
+def test_parked_read_times_out_without_consuming(h: Harness) -> None:
+    assert h.client(OWNER, wire.READ, wire.U32.pack(100), wire.U32.pack(50)) == []
+    assert h.core.next_deadline_ns == h.now + 50_000_000
+    h.core.service(h.now + 49_000_000)
+    assert h.take() == []
+    h.core.service(h.now + 50_000_000)
+    assert h.take() == [[OWNER, wire.TIMEOUT]]
+    assert h.core.parked is None
+    assert h.core.reads["timeouts"] == 1
+
+
+def test_a_second_read_while_one_waits_is_refused(h: Harness) -> None:
+    assert h.client(OWNER, wire.READ, wire.U32.pack(100)) == []
+    reply = h.client(OTHER, wire.READ, wire.U32.pack(100))
+    assert reply[0][1] == wire.ERROR and b"already waiting" in reply[0][2]
+
+
+def test_emit_answers_the_parked_read(h: Harness) -> None:
+    assert h.client(OWNER, wire.READ, wire.U32.pack(1000)) == []
+    assert h.core.next_deadline_ns is None  # waits forever
+    h.emit(conn(1), conn(2))
+    assert h.take() == [[OWNER, wire.READ, conn(1).encode() + conn(2).encode()]]
+
+
+def test_shutdown_discards_and_ends_the_session(h: Harness) -> None:
+    h.emit(conn(1), log("q.rs:1 queued"))
+    h.emit(bandwidth(3), actor=b"bandwidth")
+    assert len(h.client(OWNER, wire.READ, wire.U32.pack(10))[0][2]) == 10  # a partial info
+    assert h.write(OWNER, b"\x00") == b"\x00"
+    assert h.core.state is SessionState.SHUT
+    assert h.actor_out() == [(ALE, Command(CommandType.SHUTDOWN, b"\x00", h.now))]
+    q = h.core.queue
+    assert q.bytes == 0 and q.leftover_bytes == 0
+    assert [q.discarded[t] for t in (InfoType.CONNECTION_IPV4, InfoType.LOG_LINE,
+                                     InfoType.BANDWIDTH_STATS_V4)] == [1, 1, 1]
+    assert h.client(OWNER, wire.READ, wire.U32.pack(10)) == [[OWNER, wire.EOF]]
+    assert h.write(OWNER, verdict(1)) == b"\x00"  # tolerated, still routed
+    h.emit(conn(2))  # held for the next session
+    assert h.client(OTHER, wire.OPEN)[0][1] == wire.ERROR  # still the owner's until C
+    assert h.client(OWNER, wire.CLOSE) == [[OWNER, wire.CLOSE]]
+    assert h.client(OTHER, wire.OPEN) == [[OTHER, wire.OPEN]]
+    assert h.read_all(OTHER) == [conn(2)]
+
+
+def test_shutdown_eof_reaches_the_parked_reader(h: Harness) -> None:
+    h.client(OTHER, wire.READ, wire.U32.pack(1000))
+    h.core.client_message(OWNER, [wire.WRITE, b"\x00"], h.now)
+    assert h.take() == [[OTHER, wire.EOF], [OWNER, wire.WRITE, b"\x00"]]
+
+
+def test_owner_reopen_after_shutdown_starts_fresh(h: Harness) -> None:
+    h.write(OWNER, b"\x00")
+    assert h.client(OWNER, wire.OPEN) == [[OWNER, wire.OPEN]]
+    assert h.core.state is SessionState.OPEN
+    assert h.core.sessions["opened"] == 2
+
+
+def test_close_rewinds_a_partial_info(h: Harness) -> None:
+    big = conn(1, payload=300)
+    h.emit(big)
+    assert h.client(OWNER, wire.READ, wire.U32.pack(50))[0][2] == big.encode()[:50]
+    h.client(OWNER, wire.CLOSE)
+    h.client(OTHER, wire.OPEN)
+    assert h.read_all(OTHER, 64) == [big]
+
+
+def test_vanished_owner_and_reader(h: Harness) -> None:
+    h.client(OWNER, wire.READ, wire.U32.pack(100))
+    h.core.peer_gone(OWNER)
+    assert h.take() == []  # nobody to answer
+    assert h.core.parked is None and h.core.state is SessionState.NONE
+    assert h.core.sessions["owner_disconnects"] == 1
+    assert h.client(OTHER, wire.OPEN) == [[OTHER, wire.OPEN]]
+
+
+def test_undeliverable_read_reply_is_put_back(h: Harness) -> None:
+    h.emit(conn(1, payload=100), conn(2))
+    first = h.client(OWNER, wire.READ, wire.U32.pack(60))[0][2]
+    second = h.client(OWNER, wire.READ, wire.U32.pack(4096))[0][2]
+    h.core.read_undeliverable(OWNER)
+    again = h.client(OWNER, wire.READ, wire.U32.pack(4096))[0][2]
+    assert again == second
+    assert InfoStreamDecoder().feed(first + again) == [conn(1, payload=100), conn(2)]
+
+
+def test_stop_answers_a_parked_read_with_eof(h: Harness) -> None:
+    h.client(OWNER, wire.READ, wire.U32.pack(100))
+    h.core.stop()
+    assert h.take() == [[OWNER, wire.EOF]]
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def test_routing_by_ownership_and_unowned_commands(h: Harness) -> None:
+    h.hello(b"lifecycle", (CommandType.CLEAN_ENDED_CONNECTIONS,))
+    assert h.write(OWNER, verdict(9, Verdict.PERMANENT_ACCEPT)) == b"\x00"
+    assert h.write(OWNER, b"\x08") == b"\x00"
+    out = h.actor_out()
+    assert [(a, m.type) for a, m in out] == [
+        (ALE, CommandType.VERDICT), (ALE, CommandType.CLEAN_ENDED_CONNECTIONS),
+        (b"lifecycle", CommandType.CLEAN_ENDED_CONNECTIONS)]
+    assert decode_command(out[0][1].raw).verdict == Verdict.PERMANENT_ACCEPT
+    status = h.write(OWNER, b"\x02\x06" + bytes(12) + b"\x02")
+    assert status == b"\x02no actor handles UpdateV4"
+    assert h.write(OWNER, b"\x06") == b"\x00"  # GetBandwidthStats with no bandwidth actor
+    assert h.actor_out() == []
+    counts = h.core.commands
+    assert counts["UpdateV4"] == {"ok": 0, "malformed": 0, "unhandled": 1}
+    assert counts["Verdict"]["ok"] == 1
+
+
+def test_actor_gone_drops_its_ownership(h: Harness) -> None:
+    h.core.actor_gone(ALE)
+    assert h.write(OWNER, verdict(1))[0] == wire.Status.UNHANDLED
+    assert h.write(OWNER, b"\x00") == b"\x00"  # Shutdown always works
+
+
+def test_hello_with_another_contract_or_broker_commands_claims_nothing() -> None:
+    h = Harness()
+    h.actor(ALE, Hello("ale", 1, CONTRACT_VERSION + 1, (CommandType.VERDICT,)))
+    assert h.core.owners == {}
+    h.hello(b"greedy", (CommandType.GET_LOGS, CommandType.PRINT_MEMORY_STATS,
+                        CommandType.CLEAR_CACHE))
+    assert h.core.owners == {CommandType.CLEAR_CACHE: (b"greedy",)}
+    assert h.core.actor_garbage == 1
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x01", b"\x09", b"\x00\x00", verdict(1, 12)])
+def test_malformed_commands_change_nothing_and_log_an_error(h: Harness, raw: bytes) -> None:
+    status = h.write(OWNER, raw)
+    assert status[0] == wire.Status.MALFORMED and len(status) > 1
+    assert h.actor_out() == []
+    assert h.core.state is SessionState.OPEN
+    (line,) = h.logs()
+    assert line.severity == Severity.ERROR
+    assert line.line.endswith(status[1:].decode())
+
+
+# ---- queue policy and counters -------------------------------------------------------------------
+
+
+def test_refused_connection_info_goes_back_to_its_emitter() -> None:
+    h = Harness(queue_bytes=100)
+    h.emit(conn(1), conn(2), conn(3))  # 40 bytes each
+    out = h.actor_out()
+    assert [(a, type(m), m.id) for a, m in out] == [(ALE, EmitRefused, 3)]
+
+
+def test_one_warning_per_overflow_episode(h: Harness) -> None:
+    h.core.queue.max_bytes = 2000
+    for _ in range(3):
+        h.emit(*(bandwidth(10) for _ in range(20)), actor=b"bandwidth")  # 290 B each
+    assert h.core.queue.overflow_episodes == 1
+    infos = h.read_all(OWNER)
+    assert sum(isinstance(i, type(bandwidth(1))) for i in infos) == 6
+    h.emit(*(bandwidth(10) for _ in range(20)), actor=b"bandwidth")
+    h.read_all(OWNER)
+    warnings = [ln for ln in h.logs() if ln.severity == Severity.WARNING]
+    assert len(warnings) == 2 and all("info queue full" in w.line for w in warnings)
+    assert h.core.queue.dropped[InfoType.BANDWIDTH_STATS_V4] == (60 - 6) + (20 - 6)
+
+
+def test_bad_emits_and_foreign_messages_are_dropped(h: Harness) -> None:
+    good = conn(1).encode()
+    h.core.actor_message(ALE, [
+        b"\x94\xa4Emit\x01",  # truncated
+        encode(Emit(InfoType.LOG_LINE, good, 1)),  # kind does not match the record
+        encode(Emit(InfoType.CONNECTION_IPV4, good[:-1], 1)),  # length does not match
+        encode(Emit(InfoType.CONNECTION_IPV4, b"\x01\x00", 1)),  # shorter than a header
+        encode(EmitRefused(1, "x")),
+        b"",
+        encode(Emit(InfoType.CONNECTION_IPV4, good, 1)),
+    ], h.now)
+    assert h.core.actor_garbage == 6
+    assert h.read_all(OWNER) == [conn(1)]
+    assert any("does not match" in e for e in h.core.events)
+
+
+def test_stats_counters_and_latency(h: Harness) -> None:
+    h.actor(ALE, Health("ale", 77, {"pending": 3, "connections": 41}))
+    h.emit(*(conn(i) for i in range(1, 5)))
+    delivered_at = h.now
+    h.read_all(OWNER)  # delivers all four at once, then waits 20 ms for more
+    for i in range(1, 5):
+        h.now += i * 10_000  # verdicts 10, 30, 60, 100 us after that wait
+        h.write(OWNER, verdict(i))
+    h.write(OWNER, verdict(99))  # never delivered: no sample
+    (reply,) = h.client(OTHER, wire.STATS)
+    s = json.loads(reply[2])
+    assert s["pending_verdicts"] == 3 and s["connections_tracked"] == 41
+    waited_us = (h.now - 100_000 - delivered_at) / 1000
+    assert s["verdict_rtt_us"] == {"samples": 4, "p50": waited_us + 60, "p90": waited_us + 100,
+                                   "p99": waited_us + 100, "max": waited_us + 100}
+    assert s["infos"]["delivered"]["ConnectionIpv4"] == 4
+    assert s["commands"]["Verdict"]["ok"] == 5
+    assert s["session"]["state"] == "open"
+    assert s["actors"]["ale"]["owns"] == ["Verdict", "Shutdown", "CleanEndedConnections"]
+
+
+def test_latency_tracking_is_bounded(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core_mod, "LATENCY_TRACKED_IDS", 100)
+    for i in range(1, 251):
+        h.emit(conn(i))
+        h.read_all(OWNER)
+    assert len(h.core._delivered_at) <= 100
+    h.write(OWNER, verdict(250))
+    assert h.core.latency_quantiles_us()["samples"] == 1
