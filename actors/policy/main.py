@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from actors.policy.rules import Policy, RulesError, load
-from broker.client import KextClient, KextError
+from broker.client import KextClient, KextEOF, KextError, KextTimeout
 from deploy import logs
 from deploy.runtime import RuntimeDir
 from protocol.enums import Severity
@@ -65,8 +65,13 @@ class PolicyRunner:
                                       daemon=True)
             ticker.start()
             try:
-                for info in client.infos():
-                    if self.stopping.is_set():
+                while not self.stopping.is_set():
+                    try:
+                        # A bounded wait, so SIGTERM is honoured promptly.
+                        info = client.recv_info(timeout=0.5)
+                    except KextTimeout:
+                        continue
+                    except KextEOF:
                         break
                     if isinstance(info, ConnectionIpv4 | ConnectionIpv6):
                         verdict = self.policy.decide(info)
@@ -78,7 +83,7 @@ class PolicyRunner:
                             log.log(level, "kext: %s", info.line)
             finally:
                 session_over.set()
-                ticker.join(timeout=2)
+                ticker.join(timeout=7)  # before the sockets close under it
 
     def run(self) -> None:
         backoff = 0.2

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.client import KextClient, KextEOF, KextError
+from broker.client import KextClient, KextEOF, KextError, KextTimeout
 from deploy.runtime import RuntimeDir
 from protocol.enums import Verdict
 from protocol.infos import ConnectionIpv4, ConnectionIpv6, Info
@@ -65,8 +65,12 @@ class Answerer:
 
     def _run(self) -> None:
         try:
-            for info in self.client.infos():
-                if self._stop.is_set():
+            while not self._stop.is_set():
+                try:
+                    info = self.client.recv_info(timeout=0.2)
+                except KextTimeout:
+                    continue
+                except KextEOF:
                     return
                 with self._cond:
                     self.infos.append(info)
@@ -81,10 +85,11 @@ class Answerer:
                 self.errors.append(repr(exc))
 
     def stop(self) -> None:
+        """Stop reading first: zmq sockets must not be closed under a thread using them."""
         self._stop.set()
-        self.client.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.client.close()
 
     def connections(self, pred: Callable[[Conn], bool] = lambda i: True) -> list[Conn]:
         with self._cond:
