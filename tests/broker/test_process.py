@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import threading
@@ -530,3 +531,34 @@ def test_tcp_with_curve_serves_authorized_clients_only(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_client_errors_are_typed(broker: Broker) -> None:
+    with KextClient(broker.endpoint) as k:
+        other = KextClient(broker.endpoint)
+        with pytest.raises(KextError, match="device busy"):
+            other.open()
+        assert k.version() == bytes([2, 1, 0, 0])
+    with pytest.raises(KextError, match="client is closed"):
+        KextClient(broker.endpoint).write(b"\x05")  # never opened: refused locally
+
+
+def test_default_endpoint_lives_in_the_run_dir(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rt" / "host"
+    proc = subprocess.Popen([*KEXTLESS, "run", "broker", "--run-dir", str(run_dir)],
+                            stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        sock = run_dir / "kext.sock"
+        deadline = time.monotonic() + 10
+        while not (sock.exists() and (run_dir / "actors.sock").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert KextClient(f"ipc://{sock}").version() == bytes([2, 1, 0, 0])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert b"stopped" in err
+    assert not (run_dir / "kext.sock").exists()
