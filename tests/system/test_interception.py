@@ -30,7 +30,9 @@ _PORTS = itertools.count(21000)
 def pair() -> Iterator[NetnsPair]:
     with NetnsPair("s") as p:
         p.extra_v4(p.b, f"10.231.{p.subnet}.99")
-        p.extra_v6(p.b, f"fd31:0:0:{p.subnet:x}::99")
+        # Deprecated (preferred_lft 0), so b never picks it as a source address for replies.
+        subprocess.run(["ip", "-n", p.b, "-6", "addr", "add", f"fd31:0:0:{p.subnet:x}::99/128",
+                        "dev", "vb", "nodad", "preferred_lft", "0"], check=True, timeout=10)
         yield p
 
 
@@ -50,6 +52,7 @@ def answerer(system: System) -> Iterator[Answerer]:
         yield a
     finally:
         a.stop()
+        print(system.logs())  # shown by pytest only when the test failed
         assert not a.errors, a.errors
 
 
@@ -115,8 +118,7 @@ def test_inbound_tcp_permanent_accept(pair, answerer, port, v6) -> None:
     assert out["outcome"] == "ok", out
     (info,) = answerer.connections(flow_of(port, 6))
     check_info(info, direction=Direction.INBOUND, proto=6, local=target,
-               remote=pair.ip6_b if v6 else pair.ip4_b, local_port=port,
-               remote_port=out["local_port"])
+               remote=out["local_ip"], local_port=port, remote_port=out["local_port"])
 
 
 @pytest.mark.parametrize("verdict", [Verdict.PERMANENT_BLOCK, Verdict.BLOCK,

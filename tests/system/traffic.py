@@ -61,7 +61,7 @@ fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(timeout)
 t = time.monotonic(); out = {}
 try:
-    s.connect((host, port)); out["local_port"] = s.getsockname()[1]
+    s.connect((host, port)); out["local_ip"], out["local_port"] = s.getsockname()[:2]
     s.sendall(b"ping"); data = s.recv(100)
     out["outcome"] = "ok" if data == b"ping" else "closed"
 except ConnectionRefusedError: out["outcome"] = "refused"
@@ -77,7 +77,8 @@ import json, socket, sys, time
 host, port, timeout, count = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout)
-s.connect((host, port)); out = {"local_port": s.getsockname()[1], "replies": 0}
+s.connect((host, port))
+out = {"local_ip": s.getsockname()[0], "local_port": s.getsockname()[1], "replies": 0}
 t = time.monotonic()
 try:
     for i in range(count):
