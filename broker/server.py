@@ -39,7 +39,6 @@ _CLIENT_BATCH = 64
 _NB = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
-_RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 
 
@@ -147,6 +146,9 @@ class BrokerServer:
         client.setsockopt(zmq.LINGER, 500)
         client.setsockopt(zmq.SNDHWM, 10000)
         client.setsockopt(zmq.RCVHWM, 10000)
+        # Requests are tiny (the largest command is 39 bytes): a peer sending a huge frame is
+        # disconnected by libzmq instead of making the broker buffer it.
+        client.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         if self.curve is not None:
             self._auth = ThreadAuthenticator(ctx)
             self._auth.start()
@@ -161,6 +163,7 @@ class BrokerServer:
         actors.setsockopt(zmq.LINGER, 500)
         actors.setsockopt(zmq.SNDHWM, 100000)
         actors.setsockopt(zmq.RCVHWM, 100000)
+        actors.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)  # one info (a bandwidth table)
         self._client = client
         self._actors = actors
         self._bind(client, self.endpoint)
@@ -241,9 +244,11 @@ class BrokerServer:
         for _ in range(_ACTOR_BATCH):
             if not ready(_EVENTS) & _POLLIN:
                 break
-            frames = [recv(_NB)]
-            while ready(_RCVMORE):
-                frames.append(recv(_NB))
+            # Frame.more is a plain C call; getsockopt(RCVMORE) builds an enum per frame.
+            msg = [recv(_NB, copy=False)]
+            while msg[-1].more:
+                msg.append(recv(_NB, copy=False))
+            frames = [f.bytes for f in msg]
             try:
                 core.actor_message(frames[0], frames[1:], clock())
             except Exception:  # a bug must not take the firewall's control channel down

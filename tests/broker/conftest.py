@@ -21,7 +21,9 @@ from protocol.enums import CommandType
 from protocol.infos import Info
 from protocol.messages import CONTRACT_VERSION, Emit, Hello, Message, decode, encode
 
-KEXTLESS = [sys.executable, "-m", "deploy.cli"]
+# The installed `kextless` entry point (what the supervisor runs), else the same dispatcher.
+_ENTRY = Path(sys.executable).parent / "kextless"
+KEXTLESS = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "deploy.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -562,3 +562,13 @@ def test_default_endpoint_lives_in_the_run_dir(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert b"stopped" in err
     assert not (run_dir / "kext.sock").exists()
+
+
+def test_an_oversized_request_frame_drops_only_that_peer(broker: Broker) -> None:
+    big = broker.dealer()
+    big.send_multipart([wire.WRITE, bytes(1024 * 1024)])
+    assert not big.poll(300)  # libzmq disconnected it: MAXMSGSIZE
+    big.close(0)
+    s = broker.dealer()
+    assert broker.request(s, wire.VERSION)[0] == wire.VERSION
+    s.close(0)
