@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
@@ -56,6 +57,16 @@ class KextTimeout(KextError, TimeoutError):
     not answer a request in time."""
 
 
+class _Sock:
+    """A DEALER and the lock that makes it single-threaded (zmq sockets are not thread-safe)."""
+
+    __slots__ = ("lock", "sock")
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+
 class KextClient:
     """A session on the broker's device. Use as a context manager: `with KextClient(ep) as k:`."""
 
@@ -74,9 +85,9 @@ class KextClient:
         self._reader_lock = threading.Lock()
         self._sockets_lock = threading.Lock()
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
-        self._control: zmq.Socket | None = None
-        self._reader: zmq.Socket | None = None
+        self._sockets: list[_Sock] = []
+        self._control: _Sock | None = None
+        self._reader: _Sock | None = None
         self._decoder = InfoStreamDecoder()
         self._pending: deque[Info | DecodeError] = deque()
         self._eof = False
@@ -84,7 +95,7 @@ class KextClient:
 
     # ---- sockets -------------------------------------------------------------------------------
 
-    def _socket(self) -> zmq.Socket:
+    def _socket(self) -> _Sock:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self._curve is not None:
@@ -93,42 +104,48 @@ class KextClient:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
         sock.connect(self.endpoint)
+        s = _Sock(sock)
         with self._sockets_lock:
-            self._sockets.append(sock)
-        return sock
+            self._sockets.append(s)
+        return s
 
-    def _forget(self, sock: zmq.Socket) -> None:
-        """A socket whose request timed out may still get the late reply: never reuse it."""
+    def _forget(self, s: _Sock) -> None:
+        """A socket whose request timed out may still get the late reply: never reuse it.
+        Called with s.lock held."""
         with self._sockets_lock:
-            if sock in self._sockets:
-                self._sockets.remove(sock)
-        sock.close(0)
+            if s in self._sockets:
+                self._sockets.remove(s)
+        s.sock.close(0)
 
-    def _request(self, sock: zmq.Socket, frames: list[bytes],
-                 timeout: float | None) -> list[bytes]:
-        sock.send_multipart(frames)
-        if timeout is None:
-            while not sock.poll(500):
+    def _request(self, s: _Sock, frames: list[bytes], timeout: float | None) -> list[bytes]:
+        """One request and its reply on `s`, under its lock. Waits in short slices so that a
+        close() from another thread ends the wait within half a second."""
+        with s.lock:
+            sock = s.sock
+            if sock.closed:
+                raise KextEOF("client is closed")
+            sock.send_multipart(frames)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if sock.poll(max(0, int(left * 1000))):
+                    break
                 if self._closed:
                     raise KextEOF("client closed while waiting")
-        elif not sock.poll(int(timeout * 1000)):
-            raise KextTimeout(f"no reply to {frames[0].decode()} within {timeout} s from "
-                              f"{self.endpoint}")
-        reply = sock.recv_multipart()
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._forget(s)
+                    raise KextTimeout(f"no reply to {frames[0].decode()} within {timeout} s "
+                                      f"from {self.endpoint}")
+            reply = sock.recv_multipart()
         if reply[0] == wire.ERROR:
             raise KextError(reply[1].decode("utf-8", "replace") if len(reply) > 1 else "error")
         return reply
 
     def _control_request(self, frames: list[bytes]) -> list[bytes]:
         with self._control_lock:
-            if self._control is None:
+            if self._control is None or self._control.sock.closed:
                 self._control = self._socket()
-            try:
-                return self._request(self._control, frames, self.request_timeout)
-            except KextTimeout:
-                self._forget(self._control)
-                self._control = None
-                raise
+            return self._request(self._control, frames, self.request_timeout)
 
     # ---- session -------------------------------------------------------------------------------
 
@@ -157,13 +174,16 @@ class KextClient:
             self.close_sockets()
 
     def close_sockets(self) -> None:
+        """Close every socket once no thread is using it (waits are cut short by _closed)."""
         self._closed = True
         with self._sockets_lock:
             socks, self._sockets = self._sockets, []
-        with self._control_lock:
-            self._control = None
         for s in socks:
-            s.close(0)
+            if s.lock.acquire(timeout=2.0):
+                try:
+                    s.sock.close(0)
+                finally:
+                    s.lock.release()
 
     def __enter__(self) -> KextClient:
         return self.open()
@@ -192,16 +212,10 @@ class KextClient:
         with self._reader_lock:
             if self._closed:
                 raise KextEOF("client is closed")
-            if self._reader is None:
+            if self._reader is None or self._reader.sock.closed:
                 self._reader = self._socket()
-            sock = self._reader
             wait = None if timeout is None else timeout + self.request_timeout
-            try:
-                reply = self._request(sock, frames, wait)
-            except KextTimeout:
-                self._forget(sock)
-                self._reader = None
-                raise
+            reply = self._request(self._reader, frames, wait)
         op = reply[0]
         if op == wire.READ:
             return reply[1]
@@ -238,17 +252,12 @@ class KextClient:
 
     def write(self, command: bytes) -> None:
         """Send one command in kext wire format; KextError if the broker rejects it."""
-        sock = getattr(self._local, "sock", None)
-        if sock is None or sock.closed:
-            if self._closed:
-                raise KextError("client is closed")
-            sock = self._local.sock = self._socket()
-        try:
-            reply = self._request(sock, [wire.WRITE, command], self.request_timeout)
-        except KextTimeout:
-            self._forget(sock)
-            self._local.sock = None
-            raise
+        if self._closed:
+            raise KextError("client is closed")
+        s = getattr(self._local, "sock", None)
+        if s is None or s.sock.closed:
+            s = self._local.sock = self._socket()
+        reply = self._request(s, [wire.WRITE, command], self.request_timeout)
         status = reply[1]
         if status[0] != wire.Status.OK:
             raise KextError(status[1:].decode("utf-8", "replace"), wire.Status(status[0]))

@@ -572,3 +572,32 @@ def test_an_oversized_request_frame_drops_only_that_peer(broker: Broker) -> None
     s = broker.dealer()
     assert broker.request(s, wire.VERSION)[0] == wire.VERSION
     s.close(0)
+
+
+def test_close_from_another_thread_ends_a_blocked_infos_loop(broker: Broker) -> None:
+    ale = FakeActor(broker, "ale", ALE_OWNS)
+    k = KextClient(broker.endpoint).open()
+    got: list[object] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        got.extend(k.infos())  # must end cleanly, not raise
+        done.set()
+
+    rt = threading.Thread(target=reader)
+    rt.start()
+    ale.emit(conn(1))
+    wait_for(lambda: stats(broker)["session"]["reader_waiting"])
+    k.close()
+    assert done.wait(5)
+    assert got == [conn(1)]
+    assert stats(broker)["session"]["state"] == "none"
+    ale.close()
+
+
+def test_no_broker_is_a_timeout_not_a_hang(tmp_path: Path) -> None:
+    k = KextClient(f"ipc://{tmp_path}/nobody.sock", request_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(KextTimeout, match="no reply to O"):
+        k.open()
+    assert time.monotonic() - t0 < 2
