@@ -1,8 +1,22 @@
-"""Encoded infos of every kind and size for the broker tests (real codecs, no canned bytes)."""
+"""Broker test helpers: encoded infos of every kind (real codecs, no canned bytes), a real
+`kextless run broker` process, and a real actor peer."""
 
 from __future__ import annotations
 
-from protocol.enums import Direction, InfoType, PayloadLayer, Severity
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from broker import wire
+from protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Severity
 from protocol.infos import (
     BandwidthEntry,
     BandwidthStatsV4,
@@ -11,6 +25,7 @@ from protocol.infos import (
     Info,
     LogLine,
 )
+from protocol.messages import CONTRACT_VERSION, Emit, Hello, Message, decode, encode
 
 
 def conn(id_: int, payload: int = 0) -> ConnectionIpv4:
@@ -36,3 +51,120 @@ def end(pid: int) -> ConnectionEndEventV4:
 
 def kind(info: Info) -> InfoType:
     return info.TYPE
+
+
+# The installed `kextless` entry point (what the supervisor runs), else the same dispatcher.
+_ENTRY = Path(sys.executable).parent / "kextless"
+KEXTLESS = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "deploy.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Broker:
+    proc: subprocess.Popen[bytes]
+    dir: Path
+    endpoint: str
+    actors_endpoint: str
+    ctx: zmq.Context = field(default_factory=zmq.Context.instance)
+
+    @property
+    def sock_path(self) -> Path:
+        return Path(self.endpoint[len("ipc://"):])
+
+    def dealer(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        return s
+
+    def request(self, sock: zmq.Socket, *frames: bytes, timeout: float = 5.0) -> list[bytes]:
+        sock.send_multipart(list(frames))
+        assert sock.poll(int(timeout * 1000)), f"no reply to {frames!r}"
+        return sock.recv_multipart()
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stderr_text(self) -> str:
+        return (self.dir / "broker.log").read_text()
+
+
+def start_broker(extra: list[str] | None = None, tmp: Path | None = None) -> Broker:
+    d = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp")) if tmp is None else tmp
+    endpoint = f"ipc://{d}/run/kext.sock"
+    log = open(d / "broker.log", "wb")  # noqa: SIM115 - the process owns it until it exits
+    proc = subprocess.Popen([*KEXTLESS, "run", "broker", "--endpoint", endpoint, *(extra or [])],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    b = Broker(proc, d, endpoint, f"ipc://{d}/run/actors.sock")
+    deadline = time.monotonic() + 10
+    probe = b.dealer()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"broker exited {proc.returncode}: {b.stderr_text()}")
+            probe.send(wire.VERSION)
+            if probe.poll(200):
+                probe.recv_multipart()
+                break
+            assert time.monotonic() < deadline, "broker did not answer V within 10 s"
+            probe.close(0)
+            probe = b.dealer()
+    finally:
+        probe.close(0)
+    return b
+
+
+def stop_broker(b: Broker) -> int:
+    if b.proc.poll() is None:
+        b.proc.send_signal(signal.SIGTERM)
+        try:
+            b.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            b.proc.kill()  # only the PID this fixture started
+            b.proc.wait(5)
+    return b.proc.returncode
+
+
+class FakeActor:
+    """A real actor peer: a DEALER named like the actor, speaking protocol.messages."""
+
+    def __init__(self, b: Broker, name: str, owns: tuple[CommandType, ...] = ()) -> None:
+        self.name = name
+        self.sock = b.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, name.encode())
+        self.sock.connect(b.actors_endpoint)
+        self.send(Hello(name, os.getpid(), CONTRACT_VERSION, owns))
+        # Hello is processed once the broker lists us; wait for that (bounded).
+        s = b.dealer()
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                stats = json.loads(b.request(s, wire.STATS)[1])
+                if name in stats["actors"] and (not owns or stats["actors"][name]["owns"]):
+                    break
+                assert time.monotonic() < deadline, "broker never registered the actor"
+                time.sleep(0.01)
+        finally:
+            s.close(0)
+
+    def send(self, *msgs: Message) -> None:
+        self.sock.send_multipart([encode(m) for m in msgs])
+
+    def emit(self, *infos: Info) -> None:
+        self.send(*(Emit(i.TYPE, i.encode(), getattr(i, "id", 0)) for i in infos))
+
+    def recv(self, timeout: float = 5.0) -> Message:
+        assert self.sock.poll(int(timeout * 1000)), f"{self.name}: nothing received"
+        frames = self.sock.recv_multipart()
+        assert len(frames) == 1
+        return decode(frames[0])
+
+    def nothing(self, timeout: float = 0.2) -> bool:
+        return not self.sock.poll(int(timeout * 1000))
+
+    def close(self) -> None:
+        self.sock.close(0)

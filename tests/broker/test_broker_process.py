@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from broker_testlib import bandwidth, conn, log
-from conftest import KEXTLESS, REPO, Broker, FakeActor, start_broker, stop_broker
+from broker_testlib import (
+    KEXTLESS,
+    REPO,
+    Broker,
+    FakeActor,
+    bandwidth,
+    conn,
+    log,
+    start_broker,
+    stop_broker,
+)
 
 from broker import wire
 from broker.client import KextClient, KextEOF, KextError, KextTimeout

@@ -7,7 +7,7 @@ import random
 import time
 
 import zmq
-from conftest import Broker, FakeActor, start_broker, stop_broker
+from broker_testlib import Broker, FakeActor, start_broker, stop_broker
 
 from broker import wire
 
