@@ -273,6 +273,9 @@ class CaptureCore:
             self._retrans[key] = seq
         c["asked"] += 1
         direction = Direction.OUTBOUND if outbound else Direction.INBOUND
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("held %d: %s %s, %d bytes %s", seq, direction.name.lower(), _fmt(flow),
+                      len(data), data[:64].hex())
         return [ToAle(PacketHeld(seq, flow, direction, data, now_ns))]
 
     # ---- enforcing verdicts -----------------------------------------------------------------

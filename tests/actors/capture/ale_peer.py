@@ -37,6 +37,8 @@ class AlePeer:
         self.held: list[PacketHeld] = []
         self.ready = threading.Event()
         self._out: queue.Queue[bytes] = queue.Queue()
+        #: time.time() at which each queued message actually left (same order as sent).
+        self.sent_at: list[float] = []
         self._ident: bytes | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -56,6 +58,10 @@ class AlePeer:
     def send(self, msg: Message) -> None:
         """Queue a message for the capture (sent from the peer's own thread)."""
         self._out.put(encode(msg))
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue arbitrary bytes (garbage tests)."""
+        self._out.put(data)
 
     def held_matching(self, pred: Callable[[PacketHeld], bool]) -> list[PacketHeld]:
         with self._lock:
@@ -79,7 +85,7 @@ class AlePeer:
         poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if poller.poll(10):
+                if poller.poll(2):
                     while True:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -93,6 +99,7 @@ class AlePeer:
                     except queue.Empty:
                         break
                     sock.send_multipart([self._ident, data])
+                    self.sent_at.append(time.time())
         finally:
             sock.close(0)
             ctx.term()

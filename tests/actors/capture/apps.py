@@ -29,10 +29,14 @@ def tcp():
             try:
                 c.sendall(b"hello from " + repr(c.getsockname()[:2]).encode()
                           + b" to " + repr(c.getpeername()[:2]).encode())
+                bulk = False
                 while True:
                     data = c.recv(1 << 20)
                     if not data:
                         return
+                    bulk = bulk or data.startswith(b"bulk")
+                    if not bulk:
+                        c.sendall(b"echo " + data)
             except OSError:
                 return
     while True:
@@ -123,8 +127,57 @@ try:
 except OSError as e:
     out["result"] = errno.errorcode.get(e.errno, str(e))
 out["sent"] = sent; out["elapsed"] = time.monotonic() - t0
-out["last_ok_at"] = last_ok - t0; out["error_at"] = time.monotonic() - t0
+out["last_ok_at"] = last_ok - t0; out["error_wall"] = time.time()
 print(json.dumps(out), flush=True)
+"""
+
+#: Connect, say "connected", then for each stdin line send it and print the answer (JSON).
+INTERACTIVE_TCP = r"""
+import errno, json, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(3)
+s.connect((host, port)); s.recv(1000)
+print(json.dumps({"connected": list(s.getsockname()[:2])}), flush=True)
+for line in sys.stdin:
+    try:
+        s.sendall(line.strip().encode()); out = {"result": "ok", "data": s.recv(1000).decode()}
+    except (socket.timeout, TimeoutError):
+        out = {"result": "timeout"}
+    except OSError as e:
+        out = {"result": errno.errorcode.get(e.errno, str(e))}
+    print(json.dumps(out), flush=True)
+"""
+
+#: Raw-socket ICMP(v6) echo: send `count` requests, report how many replies came back.
+PING = r"""
+import json, socket, struct, sys, time
+host, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+v6 = ":" in host
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                  socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+s.settimeout(timeout)
+def csum(b):
+    b += b"\0" * (len(b) % 2); n = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while n >> 16: n = (n & 0xFFFF) + (n >> 16)
+    return ~n & 0xFFFF
+replies = 0
+for i in range(count):
+    body = struct.pack("!HH", 4242, i) + b"kextless"
+    hdr = struct.pack("!BBH", 128 if v6 else 8, 0, 0)
+    pkt = hdr + body if v6 else struct.pack("!BBH", 8, 0, csum(hdr + body)) + body
+    s.sendto(pkt, (host, 0))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            data = s.recv(2000)
+        except (socket.timeout, TimeoutError):
+            break
+        icmp = data if v6 else data[(data[0] & 15) * 4:]
+        if icmp[0] == (129 if v6 else 0) and icmp[4:8] == struct.pack("!HH", 4242, i):
+            replies += 1
+            break
+print(json.dumps({"replies": replies, "sent": count}))
 """
 
 #: A resolver-like UDP server and a TCP server on one address (e.g. 127.0.0.1:53 / :717).
@@ -168,3 +221,4 @@ def run(pair: NetnsPair, ns: str, code: str, *args: object, timeout: float = 15)
     if not lines:
         raise RuntimeError(f"client printed nothing: rc={r.returncode} {r.stderr[-2000:]}")
     return json.loads(lines[-1])
+

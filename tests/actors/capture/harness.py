@@ -28,6 +28,15 @@ class CaptureEnv:
     #: Verdict returned by the ALE peer per PacketHeld; tests replace it.
     policy: list = field(default_factory=list)
 
+    def set_policy(self, policy: object) -> None:
+        """A Verdict for every later PacketHeld, or a callable PacketHeld -> Verdict | None."""
+        self.policy[0] = policy
+
+    def held_for(self, port: int) -> list[PacketHeld]:
+        """Requests the ALE peer got for connections with this port on either side."""
+        return self.ale.held_matching(
+            lambda m: port in (m.flow.local_port, m.flow.remote_port))
+
     def log(self) -> str:
         """The capture's stderr so far (only after stop())."""
         return self._log

@@ -39,6 +39,9 @@ def test_base_filter_selects_openers_ends_udp_and_other_protocols() -> None:
     assert matches(f, c.v6("fd00::1", "fd00::2", c.icmp_echo(v6=True)))
     nd = (58, bytes([135, 0, 0, 0]) + b"\0" * 20)
     assert not matches(f, c.v6("fd00::1", "ff02::1:ff00:2", nd))
+    gre = (47, b"\0" * 8)
+    assert matches(f, c.v4(L, R, gre))
+    assert not matches(f, c.v6("fd00::1", "fd00::2", gre))  # see filters.BASE: ARP misparse
 
 
 def test_per_packet_ports_select_both_directions_and_exclusions_win() -> None:
