@@ -51,6 +51,11 @@ LATENCY_TRACKED_IDS = 65536
 #: Latency samples kept for the quantiles.
 LATENCY_SAMPLES = 8192
 
+#: Distinct actor identities remembered (see BrokerCore._new_actor).
+MAX_ACTORS = 64
+#: Dropped messages logged per actor before only every 1000th is.
+GARBAGE_LOGGED = 20
+
 #: Commands that no actor may claim: the broker answers them itself.
 BROKER_COMMANDS = frozenset({CommandType.GET_LOGS, CommandType.PRINT_MEMORY_STATS})
 #: Commands that succeed with nothing to do when no actor owns them: with no bandwidth or
@@ -96,6 +101,7 @@ class ActorInfo(msgspec.Struct):
     counters: dict[str, float] = {}
     last_seen_ns: int = 0
     messages: int = 0
+    garbage: int = 0
 
 
 class ParkedRead(msgspec.Struct):
@@ -394,7 +400,7 @@ class BrokerCore:
         """
         info = self.actors.get(actor)
         if info is None:
-            info = self.actors[actor] = ActorInfo(actor.decode("utf-8", "replace"))
+            info = self._new_actor(actor)
         info.last_seen_ns = now_ns
         info.messages += len(frames)
         pushed = False
@@ -440,9 +446,28 @@ class BrokerCore:
         if pushed and self.parked is not None:
             self.service(now_ns)
 
+    def _new_actor(self, actor: bytes) -> ActorInfo:
+        """Register a sender. Any local process of our user can connect, so the table is
+        bounded: past MAX_ACTORS the least recently seen sender (preferring ones that own no
+        command) is forgotten."""
+        actors = self.actors
+        if len(actors) >= MAX_ACTORS:
+            victim = min(actors, key=lambda k: (bool(actors[k].owns), actors[k].last_seen_ns))
+            gone = actors.pop(victim)
+            if gone.owns:
+                self._rebuild_owners()
+            self.events.append(f"actor table full: forgot {gone.name}")
+        info = actors[actor] = ActorInfo(actor.decode("utf-8", "replace")[:64])
+        return info
+
     def _garbage(self, info: ActorInfo, why: str) -> None:
+        """Count and log a dropped actor message; the log is thinned out so a babbling peer
+        cannot flood stderr."""
         self.actor_garbage += 1
-        self.events.append(f"actor {info.name}: dropped {why}")
+        info.garbage += 1
+        n = info.garbage
+        if n <= GARBAGE_LOGGED or n % 1000 == 0:
+            self.events.append(f"actor {info.name}: dropped {why[:300]} ({n} dropped so far)")
 
     def _push(self, actor: bytes | None, kind: int, record: bytes, id_: int) -> bool:
         result = self.queue.push(kind, record, id_)
@@ -534,7 +559,7 @@ class BrokerCore:
             "verdict_rtt_us": self.latency_quantiles_us(),
             "log_ring": {"lines": len(self.ring), "overwritten": self.ring.total_overwritten},
             "actors": {a.name: {"pid": a.pid, "owns": [t.kext_name for t in a.owns],
-                                "messages": a.messages,
+                                "messages": a.messages, "dropped": a.garbage,
                                 "last_seen_s_ago": round((now_ns - a.last_seen_ns) / 1e9, 3)}
                        for a in self.actors.values()},
             "rss_kib": _rss_kib(),

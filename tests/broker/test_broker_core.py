@@ -357,3 +357,24 @@ def test_latency_tracking_is_bounded(h: Harness, monkeypatch: pytest.MonkeyPatch
     assert len(h.core._delivered_at) <= 100
     h.write(OWNER, verdict(250))
     assert h.core.latency_quantiles_us()["samples"] == 1
+
+
+def test_actor_table_is_bounded_and_keeps_owners(h: Harness,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core_mod, "MAX_ACTORS", 4)
+    for n in range(10):
+        h.now += 1
+        h.actor(f"anon{n}".encode(), Log(Severity.INFO, "x.py:1 hi"))
+    assert len(h.core.actors) == 4
+    assert ALE in h.core.actors  # owns commands: kept while anonymous peers come and go
+    assert h.write(OWNER, verdict(1)) == b"\x00"
+
+
+def test_garbage_logging_is_thinned_out(h: Harness) -> None:
+    h.core.events.clear()
+    for _ in range(2000):
+        h.core.actor_message(b"babbler", [b"\xc1"], h.now)
+    assert h.core.actor_garbage == 2000
+    lines = [e for e in h.core.events if "babbler" in e]
+    assert len(lines) == core_mod.GARBAGE_LOGGED + 2  # the first 20, then #1000 and #2000
+    assert lines[-1].endswith("(2000 dropped so far)")
