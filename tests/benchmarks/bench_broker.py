@@ -6,6 +6,8 @@ Starts a real `kextless run broker` on ipc:// in a private temp dir, plus helper
 (this script with --role): an actor that emits connection infos as fast as it can, an actor
 that drains the Commands it owns, and raw zmq peers for the baselines. Prints one JSON object.
 Targets (issue 3): >= 300,000 infos/s to one client reading 64 KiB; Verdict W p50 < 150 us.
+The producer batches 64 Emits per multipart message (docs/broker-wire.md §9).
+Set BENCH_PROFILE=/tmp/broker.prof to profile the broker process.
 """
 
 from __future__ import annotations
@@ -305,7 +307,9 @@ def main() -> int:
     os.chmod(tmp, 0o700)
     endpoint = f"ipc://{tmp}/kext.sock"
     actors = f"ipc://{tmp}/actors.sock"
-    prof = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get("BENCH_PROFILE") else []
+    # BENCH_PROFILE=FILE runs the broker under cProfile (stats written on its clean stop).
+    profile = os.environ.get("BENCH_PROFILE")
+    prof = ["-m", "cProfile", "-o", profile] if profile else []
     broker = subprocess.Popen([sys.executable, *prof, "-m", "deploy.cli", "run", "broker",
                                "--endpoint", endpoint, "--actors-endpoint", actors,
                                "--queue-bytes", str(512 * 1024 * 1024), "--log-level",
