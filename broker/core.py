@@ -38,6 +38,7 @@ from protocol.messages import (
     Command,
     Emit,
     EmitRefused,
+    Emits,
     Health,
     Hello,
     Log,
@@ -78,14 +79,26 @@ class _RawEmit(msgspec.Struct, tag="Emit", tag_field="msg", array_like=True, fro
     id: int = 0
 
 
+class _RawEmits(msgspec.Struct, tag="Emits", tag_field="msg", array_like=True, frozen=True):
+    """protocol.messages.Emits as the broker decodes it."""
+
+    emits: list[_RawEmit]
+
+
 _decode_emit = msgspec.msgpack.Decoder(_RawEmit).decode
-#: How an encoded Emit starts after its array header: the msgpack string "Emit".
+_decode_emits = msgspec.msgpack.Decoder(_RawEmits).decode
+#: How an encoded Emit / Emits starts after its array header: the msgpack string of its tag.
 _EMIT_TAG = b"\xa4Emit"
+_EMITS_TAG = b"\xa5Emits"
 _MAX_INFO_TYPE = max(InfoType)
-# The mirror must stay byte-compatible with the contract's Emit; fail at import, not on the wire.
+# The mirrors must stay byte-compatible with the contract; fail at import, not on the wire.
+_sample = Emit(InfoType.LOG_LINE, b"", 1)
 if (_RawEmit.__struct_fields__ != Emit.__struct_fields__
-        or encode(Emit(InfoType.LOG_LINE, b"", 1))[1:6] != _EMIT_TAG):
-    raise ImportError("broker.core._RawEmit no longer mirrors protocol.messages.Emit")
+        or _RawEmits.__struct_fields__ != Emits.__struct_fields__
+        or encode(_sample)[1:6] != _EMIT_TAG
+        or encode(Emits((_sample,)))[1:7] != _EMITS_TAG
+        or _decode_emits(encode(Emits((_sample,)))).emits[0].id != 1):
+    raise ImportError("broker.core's Emit mirrors no longer match protocol.messages")
 
 
 class SessionState(Enum):
@@ -395,8 +408,9 @@ class BrokerCore:
     def actor_message(self, actor: bytes, frames: list[bytes], now_ns: int) -> None:
         """One multipart message from an actor DEALER; every frame is one contract message.
 
-        Emit is the hot path (hundreds of thousands per second), so it is decoded with the
-        int-kind mirror and pushed inline; everything else goes through the contract decoder.
+        Emit/Emits are the hot path (hundreds of thousands of infos per second), so they are
+        decoded with int-kind mirrors and pushed in one loop; everything else goes through the
+        contract decoder.
         """
         info = self.actors.get(actor)
         if info is None:
@@ -404,30 +418,23 @@ class BrokerCore:
         info.last_seen_ns = now_ns
         info.messages += len(frames)
         pushed = False
-        push = self.queue.push
-        unpack = HEADER.unpack_from
-        queued = PushResult.QUEUED
         for frame in frames:
-            if frame[1:6] == _EMIT_TAG:
+            head = frame[1:7]
+            if head == _EMITS_TAG:
+                try:
+                    emits = _decode_emits(frame).emits
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self._garbage(info, f"undecodable Emits: {exc}")
+                    continue
+                pushed |= self._push_emits(actor, info, emits)
+                continue
+            if head[:5] == _EMIT_TAG:
                 try:
                     emit = _decode_emit(frame)
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     self._garbage(info, f"undecodable Emit: {exc}")
                     continue
-                record = emit.info
-                n = len(record)
-                if n >= HEADER_SIZE:
-                    kind, length = unpack(record)
-                    if kind == emit.kind and kind <= _MAX_INFO_TYPE and length == n - HEADER_SIZE:
-                        result = push(kind, record, emit.id)
-                        if result is queued:
-                            pushed = True
-                        else:
-                            pushed |= self._push_outcome(actor, result, emit.id)
-                        continue
-                self._garbage(info, f"Emit of kind {emit.kind} whose record ({n} bytes, "
-                                    f"header {bytes(record[:HEADER_SIZE]).hex()}) does not "
-                                    "match it")
+                pushed |= self._push_emits(actor, info, (emit,))
                 continue
             try:
                 msg = decode(frame)
@@ -445,6 +452,29 @@ class BrokerCore:
                 self._garbage(info, f"{type(msg).__name__} is not a message for the broker")
         if pushed and self.parked is not None:
             self.service(now_ns)
+
+    def _push_emits(self, actor: bytes, info: ActorInfo,
+                    emits: list[_RawEmit] | tuple[_RawEmit, ...]) -> bool:
+        """Queue each Emit whose record matches its kind; True if anything was queued."""
+        pushed = False
+        push = self.queue.push
+        unpack = HEADER.unpack_from
+        queued = PushResult.QUEUED
+        for emit in emits:
+            record = emit.info
+            n = len(record)
+            if n >= HEADER_SIZE:
+                kind, length = unpack(record)
+                if kind == emit.kind and kind <= _MAX_INFO_TYPE and length == n - HEADER_SIZE:
+                    result = push(kind, record, emit.id)
+                    if result is queued:
+                        pushed = True
+                    else:
+                        pushed |= self._push_outcome(actor, result, emit.id)
+                    continue
+            self._garbage(info, f"Emit of kind {emit.kind} whose record ({n} bytes, header "
+                                f"{bytes(record[:HEADER_SIZE]).hex()}) does not match it")
+        return pushed
 
     def _new_actor(self, actor: bytes) -> ActorInfo:
         """Register a sender. Any local process of our user can connect, so the table is

@@ -6,9 +6,9 @@ a mismatch loudly instead of misreading fields. Addresses are raw network-order 
 as on the kext wire, so codecs never re-parse text.
 
 Framing: every ZeroMQ frame holds exactly one encoded message. A sender may put several messages
-in one multipart message (e.g. a batch of Emits to the broker); the receiver handles the frames
-in order, as if they had come one by one. Batching is how an emitter reaches the broker's
-streaming rate (docs/broker-wire.md §9).
+in one multipart message; the receiver handles the frames in order, as if they had come one by
+one. For the broker's streaming rate an emitter batches infos in one `Emits` message (one frame,
+one decode), see docs/broker-wire.md §9.
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ class Emit(_Msg):
     kind: InfoType
     info: bytes
     id: int = 0
+
+
+class Emits(_Msg):
+    """Several Emits in one message, queued in order: one frame and one decode for a batch."""
+
+    emits: tuple[Emit, ...]
 
 
 class EmitRefused(_Msg):
@@ -147,6 +153,7 @@ Message = (
     | Health
     | Log
     | Emit
+    | Emits
     | EmitRefused
     | Command
     | PacketHeld

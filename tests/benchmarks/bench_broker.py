@@ -6,7 +6,7 @@ Starts a real `kextless run broker` on ipc:// in a private temp dir, plus helper
 (this script with --role): an actor that emits connection infos as fast as it can, an actor
 that drains the Commands it owns, and raw zmq peers for the baselines. Prints one JSON object.
 Targets (issue 3): >= 300,000 infos/s to one client reading 64 KiB; Verdict W p50 < 150 us.
-The producer batches 64 Emits per multipart message (docs/broker-wire.md §9).
+The producer batches 64 infos per Emits message (docs/broker-wire.md §9).
 Set BENCH_PROFILE=/tmp/broker.prof to profile the broker process.
 """
 
@@ -34,10 +34,10 @@ from broker import wire  # noqa: E402
 from broker.client import KextClient, KextTimeout  # noqa: E402
 from protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Verdict  # noqa: E402
 from protocol.infos import ConnectionIpv4  # noqa: E402
-from protocol.messages import CONTRACT_VERSION, Emit, Hello, encode  # noqa: E402
+from protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, encode  # noqa: E402
 
 _HEADER = struct.Struct("<BI")
-EMIT_BATCH = 64  # Emit frames per multipart message (docs/broker-wire.md, "Actors")
+EMIT_BATCH = 64  # Emits per Emits message (docs/broker-wire.md §9)
 
 
 def _conn(i: int) -> bytes:
@@ -49,20 +49,27 @@ def _conn(i: int) -> bytes:
 # ---- helper roles (separate processes) ---------------------------------------------------------
 
 
-def role_producer(actors_endpoint: str, n: int) -> None:
-    """The 'ale' actor emitting n connection infos as fast as zmq takes them."""
+def role_producer(actors_endpoint: str, n: int, mode: str) -> None:
+    """An actor emitting n connection infos as fast as zmq takes them, 64 per message: one
+    Emits frame (mode "emits") or 64 Emit frames of one multipart message ("frames")."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, b"capture-bench")
     s.setsockopt(zmq.SNDHWM, 1000)
     s.connect(actors_endpoint)
     s.send(encode(Hello("capture-bench", os.getpid(), CONTRACT_VERSION, ())))
-    frames = [encode(Emit(InfoType.CONNECTION_IPV4, _conn(i), i)) for i in range(1, n + 1)]
+    emits = [Emit(InfoType.CONNECTION_IPV4, _conn(i), i) for i in range(1, n + 1)]
+    if mode == "emits":
+        batches = [[encode(Emits(tuple(emits[i:i + EMIT_BATCH])))]
+                   for i in range(0, n, EMIT_BATCH)]
+    else:
+        frames = [encode(e) for e in emits]
+        batches = [frames[i:i + EMIT_BATCH] for i in range(0, n, EMIT_BATCH)]
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stdin.readline()  # go
-    for i in range(0, n, EMIT_BATCH):
-        s.send_multipart(frames[i:i + EMIT_BATCH])
+    for b in batches:
+        s.send_multipart(b)
     s.close(linger=10_000)
     ctx.term()
 
@@ -216,8 +223,15 @@ class RecordCounter:
         return n
 
 
-def bench_streaming(endpoint: str, actors_endpoint: str, n: int) -> dict[str, float]:
-    prod = _spawn("producer", actors_endpoint, str(n))
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_streaming(endpoint: str, actors_endpoint: str, n: int, broker_pid: int,
+                    mode: str) -> dict[str, float]:
+    prod = _spawn("producer", actors_endpoint, str(n), mode)
     try:
         _wait_ready(prod)
         with KextClient(endpoint) as k:
@@ -225,6 +239,7 @@ def bench_streaming(endpoint: str, actors_endpoint: str, n: int) -> dict[str, fl
             prod.stdin.write("go\n")
             prod.stdin.flush()
             counter = RecordCounter()
+            cpu0 = _cpu_seconds(broker_pid)
             first = k.read(65536, timeout=10)
             t0 = time.perf_counter()
             got = counter.feed(first)
@@ -239,11 +254,13 @@ def bench_streaming(endpoint: str, actors_endpoint: str, n: int) -> dict[str, fl
                 bytes_ += len(data)
                 got += counter.feed(data)
             dt = time.perf_counter() - t0
+            cpu = _cpu_seconds(broker_pid) - cpu0
             stats = k.stats()
         delivered = stats["infos"]["delivered"]["ConnectionIpv4"]
         return {"infos": got, "seconds": round(dt, 3), "infos_per_s": round(got / dt),
                 "reads": reads, "mean_read_bytes": round(bytes_ / reads),
-                "broker_delivered": delivered,
+                "broker_cpu_us_per_info": round(cpu / got * 1e6, 2),
+                "broker_delivered_total": delivered,
                 "refused": stats["infos"]["refused"]["ConnectionIpv4"]}
     finally:
         prod.wait(30) if prod.poll() is None else None
@@ -292,7 +309,7 @@ def main() -> int:
     if args.role:
         role, *rest = args.role
         if role == "producer":
-            role_producer(rest[0], int(rest[1]))
+            role_producer(rest[0], int(rest[1]), rest[2])
         elif role == "sink":
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             role_sink(rest[0])
@@ -329,7 +346,9 @@ def main() -> int:
                 "push_pull_msgs_per_s": round(baseline_push_pull(tmp, 300_000)),
                 "dealer_router_echo": baseline_echo_rtt(tmp, args.verdicts),
             },
-            "streaming": bench_streaming(endpoint, actors, args.infos),
+            "streaming": bench_streaming(endpoint, actors, args.infos, broker.pid, "emits"),
+            "streaming_multipart_emit_frames": bench_streaming(
+                endpoint, actors, args.infos // 2, broker.pid, "frames"),
             "verdict_write": bench_verdicts(endpoint, actors, args.verdicts),
         }
         s = result["streaming"]

@@ -25,7 +25,7 @@ from protocol.infos import (
     Info,
     LogLine,
 )
-from protocol.messages import CONTRACT_VERSION, Emit, Hello, Message, decode, encode
+from protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, Message, decode, encode
 
 
 def conn(id_: int, payload: int = 0) -> ConnectionIpv4:
@@ -154,8 +154,13 @@ class FakeActor:
     def send(self, *msgs: Message) -> None:
         self.sock.send_multipart([encode(m) for m in msgs])
 
-    def emit(self, *infos: Info) -> None:
-        self.send(*(Emit(i.TYPE, i.encode(), getattr(i, "id", 0)) for i in infos))
+    def emit(self, *infos: Info, batch: bool = False) -> None:
+        """One multipart message with an Emit per frame, or one Emits message (batch)."""
+        emits = [Emit(i.TYPE, i.encode(), getattr(i, "id", 0)) for i in infos]
+        if batch:
+            self.send(Emits(tuple(emits)))
+        else:
+            self.send(*emits)
 
     def recv(self, timeout: float = 5.0) -> Message:
         assert self.sock.poll(int(timeout * 1000)), f"{self.name}: nothing received"

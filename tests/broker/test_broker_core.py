@@ -19,6 +19,7 @@ from protocol.messages import (
     Command,
     Emit,
     EmitRefused,
+    Emits,
     Health,
     Hello,
     Log,
@@ -378,3 +379,13 @@ def test_garbage_logging_is_thinned_out(h: Harness) -> None:
     lines = [e for e in h.core.events if "babbler" in e]
     assert len(lines) == core_mod.GARBAGE_LOGGED + 2  # the first 20, then #1000 and #2000
     assert lines[-1].endswith("(2000 dropped so far)")
+
+
+def test_emits_batches_queue_in_order_and_skip_bad_items(h: Harness) -> None:
+    good = [conn(i) for i in range(1, 4)]
+    bad = Emit(InfoType.LOG_LINE, conn(9).encode(), 9)  # kind does not match its record
+    batch = Emits((Emit(InfoType.CONNECTION_IPV4, good[0].encode(), 1), bad,
+                   *(Emit(InfoType.CONNECTION_IPV4, g.encode(), g.id) for g in good[1:])))
+    h.core.actor_message(ALE, [encode(batch), b"\x92\xa5Emits\x01"], h.now)
+    assert h.core.actor_garbage == 2  # the mismatched item and the truncated batch
+    assert h.read_all(OWNER) == good

@@ -197,7 +197,7 @@ def test_many_infos_split_over_small_reads_reassemble(broker: Broker) -> None:
     ale = FakeActor(broker, "ale", ALE_OWNS)
     infos = [conn(i, payload=i * 7 % 300) for i in range(1, 200)] + [bandwidth(500)]
     for i in range(0, len(infos), 50):
-        ale.emit(*infos[i:i + 50])
+        ale.emit(*infos[i:i + 50], batch=i % 100 == 0)  # Emits messages and multipart
     wait_for(lambda: stats(broker)["queue"]["depth"] == len(infos))
     with KextClient(broker.endpoint, read_size=1024) as k:
         got = [k.recv_info(timeout=2) for _ in infos]
