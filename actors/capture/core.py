@@ -98,7 +98,7 @@ class Config:
     tunnel_port: int = 717
     split_tunnel_port: int = 719
     #: Above this many per-packet local ports, divert all TCP (filters hold ~250 terms).
-    max_filter_ports: int = 100
+    max_filter_ports: int = 96
     #: A held packet nobody decides is dropped after this (the ALE's own timeout is 10 s).
     hold_ttl_ns: int = 30_000_000_000
     #: Past this many held packets new ones are dropped (fail closed, bounded memory).

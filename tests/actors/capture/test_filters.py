@@ -41,6 +41,7 @@ def test_base_filter_selects_openers_ends_udp_and_other_protocols() -> None:
     assert not matches(f, c.v6("fd00::1", "ff02::1:ff00:2", nd))
     gre = (47, b"\0" * 8)
     assert matches(f, c.v4(L, R, gre))
+    assert not matches(f, c.v4(L, R, (253, b"\0" * 8)))  # unlisted: see OTHER_PROTOCOLS
     assert not matches(f, c.v6("fd00::1", "fd00::2", gre))  # see filters.BASE: ARP misparse
 
 
