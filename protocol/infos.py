@@ -62,7 +62,9 @@ class LogLine(msgspec.Struct, frozen=True):
         return _pack(HEADER, "LogLine", 0, 1 + len(text)) + bytes((self.severity,)) + text
 
 
-class ConnectionIpv4(msgspec.Struct, frozen=True):
+class _Connection(msgspec.Struct, frozen=True):
+    """Fields shared by ConnectionIpv4/Ipv6; the subclass fixes the type and address size."""
+
     id: int
     process_id: int
     #: Direction / PayloadLayer when known; other u8 values pass through as plain ints.
@@ -74,55 +76,42 @@ class ConnectionIpv4(msgspec.Struct, frozen=True):
     remote_port: int
     payload_layer: int
     payload: bytes
+    TYPE: ClassVar[InfoType]
+    _ADDR: ClassVar[int]
+    _BODY: ClassVar[struct.Struct]
+
+    def encode(self) -> bytes:
+        return encode_info(self)  # type: ignore[arg-type]
+
+    def _encode(self) -> bytes:
+        _check_addr("local_ip", self.local_ip, self._ADDR)
+        _check_addr("remote_ip", self.remote_ip, self._ADDR)
+        kind = self.TYPE.kext_name
+        n = len(self.payload)
+        return (
+            _pack(HEADER, kind, self.TYPE, self._BODY.size + n)
+            + _pack(self._BODY, kind, self.id, self.process_id, self.direction, self.protocol,
+                    self.local_ip, self.remote_ip, self.local_port, self.remote_port,
+                    self.payload_layer, n)
+            + self.payload
+        )
+
+
+class ConnectionIpv4(_Connection, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_IPV4
-
-    def encode(self) -> bytes:
-        return encode_info(self)
-
-    def _encode(self) -> bytes:
-        _check_addr("local_ip", self.local_ip, 4)
-        _check_addr("remote_ip", self.remote_ip, 4)
-        n = len(self.payload)
-        return (
-            _pack(HEADER, "ConnectionIpv4", 1, 35 + n)
-            + _pack(_CONN_V4, "ConnectionIpv4", self.id, self.process_id, self.direction,
-                    self.protocol, self.local_ip, self.remote_ip, self.local_port,
-                    self.remote_port, self.payload_layer, n)
-            + self.payload
-        )
+    _ADDR: ClassVar[int] = 4
+    _BODY: ClassVar[struct.Struct] = _CONN_V4
 
 
-class ConnectionIpv6(msgspec.Struct, frozen=True):
-    id: int
-    process_id: int
-    #: Direction / PayloadLayer when known; other u8 values pass through as plain ints.
-    direction: int
-    protocol: int
-    local_ip: bytes
-    remote_ip: bytes
-    local_port: int
-    remote_port: int
-    payload_layer: int
-    payload: bytes
+class ConnectionIpv6(_Connection, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_IPV6
-
-    def encode(self) -> bytes:
-        return encode_info(self)
-
-    def _encode(self) -> bytes:
-        _check_addr("local_ip", self.local_ip, 16)
-        _check_addr("remote_ip", self.remote_ip, 16)
-        n = len(self.payload)
-        return (
-            _pack(HEADER, "ConnectionIpv6", 2, 59 + n)
-            + _pack(_CONN_V6, "ConnectionIpv6", self.id, self.process_id, self.direction,
-                    self.protocol, self.local_ip, self.remote_ip, self.local_port,
-                    self.remote_port, self.payload_layer, n)
-            + self.payload
-        )
+    _ADDR: ClassVar[int] = 16
+    _BODY: ClassVar[struct.Struct] = _CONN_V6
 
 
-class ConnectionEndEventV4(msgspec.Struct, frozen=True):
+class _ConnectionEnd(msgspec.Struct, frozen=True):
+    """Fields shared by ConnectionEndEventV4/V6."""
+
     process_id: int
     #: A Direction when known; other u8 values pass through as plain ints.
     direction: int
@@ -131,39 +120,32 @@ class ConnectionEndEventV4(msgspec.Struct, frozen=True):
     remote_ip: bytes
     local_port: int
     remote_port: int
+    TYPE: ClassVar[InfoType]
+    _ADDR: ClassVar[int]
+    _BODY: ClassVar[struct.Struct]
+
+    def encode(self) -> bytes:
+        return encode_info(self)  # type: ignore[arg-type]
+
+    def _encode(self) -> bytes:
+        _check_addr("local_ip", self.local_ip, self._ADDR)
+        _check_addr("remote_ip", self.remote_ip, self._ADDR)
+        kind = self.TYPE.kext_name
+        return _pack(HEADER, kind, self.TYPE, self._BODY.size) + _pack(
+            self._BODY, kind, self.process_id, self.direction, self.protocol,
+            self.local_ip, self.remote_ip, self.local_port, self.remote_port)
+
+
+class ConnectionEndEventV4(_ConnectionEnd, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_END_EVENT_V4
-
-    def encode(self) -> bytes:
-        return encode_info(self)
-
-    def _encode(self) -> bytes:
-        _check_addr("local_ip", self.local_ip, 4)
-        _check_addr("remote_ip", self.remote_ip, 4)
-        return _pack(HEADER, "ConnectionEndEventV4", 3, 22) + _pack(
-            _END_V4, "ConnectionEndEventV4", self.process_id, self.direction, self.protocol,
-            self.local_ip, self.remote_ip, self.local_port, self.remote_port)
+    _ADDR: ClassVar[int] = 4
+    _BODY: ClassVar[struct.Struct] = _END_V4
 
 
-class ConnectionEndEventV6(msgspec.Struct, frozen=True):
-    process_id: int
-    #: A Direction when known; other u8 values pass through as plain ints.
-    direction: int
-    protocol: int
-    local_ip: bytes
-    remote_ip: bytes
-    local_port: int
-    remote_port: int
+class ConnectionEndEventV6(_ConnectionEnd, frozen=True):
     TYPE: ClassVar[InfoType] = InfoType.CONNECTION_END_EVENT_V6
-
-    def encode(self) -> bytes:
-        return encode_info(self)
-
-    def _encode(self) -> bytes:
-        _check_addr("local_ip", self.local_ip, 16)
-        _check_addr("remote_ip", self.remote_ip, 16)
-        return _pack(HEADER, "ConnectionEndEventV6", 4, 46) + _pack(
-            _END_V6, "ConnectionEndEventV6", self.process_id, self.direction, self.protocol,
-            self.local_ip, self.remote_ip, self.local_port, self.remote_port)
+    _ADDR: ClassVar[int] = 16
+    _BODY: ClassVar[struct.Struct] = _END_V6
 
 
 class BandwidthEntry(msgspec.Struct, frozen=True):
