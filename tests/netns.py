@@ -74,7 +74,11 @@ class NetnsPair:
             self._created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
         # Create the veth inside `a` and move one end to `b`: the host never sees it.
-        _ip("-n", self.a, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        # Fixed MACs starting with nibble 0: libebpfdivert 0.0.5 misreads ARP frames to a MAC
+        # starting with nibble 4/6 as IP, so random MACs made ARP fail at random (see
+        # actors/capture/filters.py); tests must not depend on the dice.
+        _ip("-n", self.a, "link", "add", "va", "address", "02:6b:6c:00:00:0a", "type", "veth",
+            "peer", "name", "vb", "address", "02:6b:6c:00:00:0b")
         _ip("-n", self.a, "link", "set", "vb", "netns", self.b)
         for ns, dev, v4, v6 in ((self.a, "va", self.ip4_a, self.ip6_a),
                                 (self.b, "vb", self.ip4_b, self.ip6_b)):

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -85,6 +86,20 @@ class _Opener:
         os.close(self._wfd)
 
 
+def warn_risky_macs(sys_net: Path = Path("/sys/class/net")) -> list[str]:
+    """Warn about interfaces whose ARP replies libebpfdivert may misread as IP (filters.py)."""
+    risky = []
+    for dev in sorted(sys_net.iterdir()) if sys_net.is_dir() else []:
+        with contextlib.suppress(OSError):
+            mac = (dev / "address").read_text().strip()
+            if mac and mac[0] in "46" and mac != "00:00:00:00:00:00":
+                risky.append(dev.name)
+                log.warning("interface %s has MAC %s: libebpfdivert 0.0.5 can misread ARP "
+                            "replies to it as IP and lose them (ARP to some neighbours may "
+                            "fail); a MAC not starting with 4 or 6 avoids it", dev.name, mac)
+    return risky
+
+
 class CaptureShell:
     def __init__(self, core: CaptureCore, cfg: ShellConfig) -> None:
         self.core = core
@@ -110,6 +125,7 @@ class CaptureShell:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.connect(self.cfg.ale_endpoint)
         self.sock = sock
+        warn_risky_macs()
         first = filters.build(frozenset(), self.cfg.exclude_ports)
         self.handle = EBPFDivert(first, priority=self.cfg.priority,
                                  ring_bytes=self.cfg.ring_bytes).open()

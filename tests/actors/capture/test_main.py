@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from actors.capture.main import parser
@@ -26,3 +28,13 @@ def test_flags_parse() -> None:
 def test_bad_flags_are_refused(bad: list[str]) -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(bad)
+
+
+def test_risky_macs_are_reported(tmp_path: Path) -> None:
+    from actors.capture.shell import warn_risky_macs
+
+    for name, mac in (("lo", "00:00:00:00:00:00"), ("eth0", "66:00:00:00:00:01"),
+                      ("eth1", "02:00:00:00:00:01"), ("eth2", "4e:00:00:00:00:01")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "address").write_text(mac + "\n")
+    assert warn_risky_macs(tmp_path) == ["eth0", "eth2"]
