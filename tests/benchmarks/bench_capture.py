@@ -5,7 +5,8 @@
 
 Inside a throw-away namespace pair (client in a, sink in b, over a veth) it measures TCP bulk
 throughput and connect latency without capture, then with `kextless run capture` guarding a
-and a test ALE peer (a real ZMQ ROUTER) answering PermanentAccept at once. Bulk runs
+and a test ALE peer (a real ZMQ ROUTER) answering PermanentAccept at once; also the UDP
+request/response time, where every datagram passes through Python (cache hit). Bulk runs
 alternate baseline/capture so drift hits both. Prints one JSON object. Needs root.
 Bounded: ~40 s with the defaults (every child has a timeout).
 """
@@ -76,6 +77,27 @@ print(json.dumps({"p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat)
 """
 
 
+UDP_ECHO = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    d, a = u.recvfrom(2000); u.sendto(d, a)
+"""
+
+UDP_RTT = r"""
+import json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect((host, port))
+lat = []
+for i in range(n):
+    t = time.perf_counter(); s.send(b"x" * 64); s.recv(2000); lat.append(time.perf_counter() - t)
+lat.sort()
+print(json.dumps({"p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * .99)] * 1e3,
+                  "n": n}))
+"""
+
+
 def _json(pair: NetnsPair, code: str, *args: object, timeout: float) -> dict:
     r = pair.run(pair.a, [sys.executable, "-c", code, *args], timeout=timeout)
     if r.returncode:
@@ -94,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="klt-bench-") as tmp, NetnsPair("bench") as pair:
         sink = pair.popen(pair.b, [sys.executable, "-c", SINK, port])
         assert sink.stdout is not None and b"ready" in sink.stdout.readline()
+        echo = pair.popen(pair.b, [sys.executable, "-c", UDP_ECHO, port])
+        assert echo.stdout is not None and b"ready" in echo.stdout.readline()
         endpoint = f"ipc://{tmp}/ale.sock"
         bulk_timeout = args.bulk_seconds + 20
 
@@ -104,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         def connects() -> dict:
             return _json(pair, CONNECTS, pair.ip4_b, port, args.connects, timeout=60)
 
+        def udp_rtt() -> dict:
+            return _json(pair, UDP_RTT, pair.ip4_b, port, 2000, timeout=60)
+
         _json(pair, CONNECTS, pair.ip4_b, port, 20, timeout=20)  # warm up (ARP, caches)
         out["connect_baseline"] = connects()
+        out["udp_rtt_baseline"] = udp_rtt()
         with AlePeer(endpoint, lambda m: Verdict.PERMANENT_ACCEPT) as ale:
             cap = None
 
@@ -131,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             held_before = len(ale.held)
             out["connect_capture"] = connects()
             out["connect_capture"]["asked"] = len(ale.held) - held_before
+            held_before = len(ale.held)
+            # Every datagram goes through Python both ways: one ask, then cache hits.
+            out["udp_rtt_capture"] = udp_rtt()
+            out["udp_rtt_capture"]["asked"] = len(ale.held) - held_before
             stop_capture(cap)
     base = statistics.median(out["bulk_runs"]["baseline"])
     withc = statistics.median(out["bulk_runs"]["capture"])
@@ -139,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     out["connect_added_ms"] = {
         "p50": round(out["connect_capture"]["p50_ms"] - out["connect_baseline"]["p50_ms"], 3),
         "p99": round(out["connect_capture"]["p99_ms"] - out["connect_baseline"]["p99_ms"], 3),
+    }
+    out["udp_rtt_added_ms"] = {
+        "p50": round(out["udp_rtt_capture"]["p50_ms"] - out["udp_rtt_baseline"]["p50_ms"], 3),
+        "p99": round(out["udp_rtt_capture"]["p99_ms"] - out["udp_rtt_baseline"]["p99_ms"], 3),
     }
     print(json.dumps(out, indent=1))
     return 0

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from protocol.enums import Direction, Verdict
-from protocol.messages import CacheClear, CacheSet, Flow
+from protocol.messages import CacheClear, CacheSet, Decision, Flow
 from tests.actors.capture import apps
 from tests.actors.capture.harness import CaptureEnv, capture_env
 
@@ -123,6 +123,23 @@ def test_arp_is_never_diverted() -> None:
         assert all(m.packet[0] >> 4 in (4, 6) and m.flow.protocol == 17 for m in env.ale.held)
 
 
+def test_retransmitted_syn_waits_for_the_pending_request() -> None:
+    """A slow ALE: the SYN retransmit (~1 s) joins the pending request; one answer frees both."""
+    with capture_env(lambda m: None) as env:  # the ALE peer holds its answer back
+        _servers(env)
+        p = env.pair
+        client = p.popen(p.a, [sys.executable, "-c", apps.TCP_CLIENT, p.ip4_b, PORT_B, 5])
+        assert env.ale.wait_for(lambda: len(env.held_for(PORT_B)) == 1)
+        time.sleep(1.6)  # the kernel retransmits the SYN after 1 s
+        (req,) = env.held_for(PORT_B)
+        env.ale.send(Decision((req.seq,), Verdict.PERMANENT_ACCEPT))
+        out, _ = client.communicate(timeout=10)
+        res = json.loads(out)
+        assert res["result"] == "ok", res
+        assert res["elapsed"] > 1.5  # it really waited for the verdict
+        assert len(env.held_for(PORT_B)) == 1  # the retransmit made no second request
+
+
 def test_icmp_echo_is_asked_per_packet_and_obeyed() -> None:
     with capture_env(Verdict.PERMANENT_ACCEPT) as env:
         p = env.pair
@@ -155,6 +172,7 @@ def test_update_to_block_stops_an_accepted_bulk_transfer_within_100ms() -> None:
         stop_after = res["error_wall"] - env.ale.sent_at[n_sent]
         assert res["result"] in ("ECONNRESET", "EPIPE"), res
         assert res["sent"] > 10_000_000, res  # it was really flowing before
+        print(f"bulk stopped {stop_after * 1000:.1f} ms after the CacheSet")
         assert stop_after < 0.1, f"blocked {stop_after * 1000:.0f} ms after the CacheSet"
 
 
