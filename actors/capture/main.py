@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 from collections.abc import Callable
 
 from actors.capture.core import CaptureCore, Config
@@ -37,7 +38,8 @@ def _port(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kextless run capture", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", help="runtime directory (default: the host instance's)")
+    ap.add_argument("--run-dir", help="runtime directory (default: $KEXTLESS_RUN_DIR, else the "
+                                      "host instance's)")
     ap.add_argument("--ale-endpoint", help="the ALE's ROUTER (default: <run-dir>/ale.sock)")
     ap.add_argument("--priority", type=int, default=0, help="divert handle priority")
     ap.add_argument("--exclude-port", type=_port, action="append", default=[],
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from pathlib import Path
 
-        run_dir = RuntimeDir(Path(args.run_dir)) if args.run_dir else RuntimeDir.for_instance()
+        given = args.run_dir or os.environ.get("KEXTLESS_RUN_DIR")
+        run_dir = RuntimeDir(Path(given)) if given else RuntimeDir.for_instance()
         endpoint = run_dir.ale_endpoint
     excl = frozenset(args.exclude_port)
     core = CaptureCore(Config(

@@ -123,6 +123,21 @@ def test_arp_is_never_diverted() -> None:
         assert all(m.packet[0] >> 4 in (4, 6) and m.flow.protocol == 17 for m in env.ale.held)
 
 
+@pytest.mark.parametrize(("verdict", "expected"), [(Verdict.PERMANENT_ACCEPT, "ok"),
+                                                   (Verdict.PERMANENT_BLOCK, "refused")])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_loopback_connections_are_asked_and_obeyed(verdict: Verdict, expected: str,
+                                                    host: str) -> None:
+    with capture_env(verdict) as env:
+        p = env.pair
+        apps.start(p, p.a, apps.ECHO_SERVER, 18003, host)
+        for code in (apps.TCP_CLIENT, apps.UDP_CLIENT):
+            res = apps.run(p, p.a, code, host, 18003, 2)
+            assert res["result"] == expected, (code[:40], res)
+            assert res["elapsed"] < 0.5
+        assert {m.flow.protocol for m in env.held_for(18003)} == {6, 17}
+
+
 def test_retransmitted_syn_waits_for_the_pending_request() -> None:
     """A slow ALE: the SYN retransmit (~1 s) joins the pending request; one answer frees both."""
     with capture_env(lambda m: None) as env:  # the ALE peer holds its answer back
