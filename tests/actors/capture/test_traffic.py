@@ -47,13 +47,12 @@ def _client(env: CaptureEnv, ns: str, host: str, port: int, proto: str,
     return apps.run(env.pair, ns, code, host, port, timeout)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("verdict", "expected"), [
-    (Verdict.PERMANENT_ACCEPT, "ok"),
-    (Verdict.ACCEPT, "ok"),
-    (Verdict.PERMANENT_BLOCK, "refused"),
-    (Verdict.BLOCK, "refused"),
-    (Verdict.PERMANENT_DROP, "timeout"),
+    pytest.param(Verdict.PERMANENT_ACCEPT, "ok", id="PermanentAccept"),
+    pytest.param(Verdict.ACCEPT, "ok", id="Accept"),
+    pytest.param(Verdict.PERMANENT_BLOCK, "refused", id="PermanentBlock"),
+    pytest.param(Verdict.BLOCK, "refused", id="Block"),
+    pytest.param(Verdict.PERMANENT_DROP, "timeout", id="PermanentDrop", marks=pytest.mark.slow),
 ])
 def test_verdict_outcomes_both_directions_v4_v6_tcp_udp(verdict: Verdict, expected: str) -> None:
     with capture_env(verdict) as env:
