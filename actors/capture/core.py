@@ -105,8 +105,10 @@ class Config:
     max_held: int = 50_000
     #: Ended TCP connections (FIN/RST seen or reset by us) are forgotten after this.
     ended_grace_ns: int = 30_000_000_000
-    #: UDP "connections" have no end: forget their verdict after this long without a packet.
-    udp_idle_ns: int = 600_000_000_000
+    #: Forget a connection's verdict after this long without a packet we saw (UDP has no
+    #: end; a TCP connection can die unseen). Forgetting is safe: an unknown connection's
+    #: FIN/RST passes, its next opener or datagram is asked, and an Update re-diverts it.
+    idle_ns: int = 600_000_000_000
     max_flows: int = 200_000
 
     @property
@@ -151,7 +153,9 @@ class CaptureCore:
         #: TCP connections we let a packet through for: they may be established.
         self.live: set[Flow] = set()
         self.ended: dict[Flow, int] = {}
-        self._udp_seen: dict[Flow, int] = {}
+        self._seen: dict[Flow, int] = {}
+        #: Held requests per connection: a connection with one is an attempt in progress.
+        self._pending: dict[Flow, int] = {}
         self._redirects: dict[Flow, tuple] = {}
         self._replies: dict[tuple, _Redirect] = {}
         self._gen_requested = 0
@@ -227,8 +231,8 @@ class CaptureCore:
                     c["passed"] += 1  # end of a connection we never judged: not ours to stop
                     return [Pass(token)]
                 self.ended.setdefault(flow, now_ns)
-        elif verdict is not None:
-            self._udp_seen[flow] = now_ns
+        if verdict is not None:
+            self._seen[flow] = now_ns
         if verdict is None:
             return self._ask(token, raw, p, flow, outbound, loopback, now_ns, retrans=True)
         if verdict is Verdict.PERMANENT_ACCEPT:
@@ -269,6 +273,7 @@ class CaptureCore:
         self._next_seq += 1
         data = bytes(raw)
         self.held[seq] = Held(token, flow, p, data, outbound, loopback, now_ns, key)
+        self._pending[flow] = self._pending.get(flow, 0) + 1
         if key is not None:
             self._retrans[key] = seq
         c["asked"] += 1
@@ -370,6 +375,7 @@ class CaptureCore:
                 # The ALE also sends CacheSet; taking the verdict here too keeps later packets
                 # right whichever of the two messages arrives first.
                 out += self._on_cache_set(flow, verdict, now_ns)
+            self._unpend(flow)
             acts = self._enforce(h.token, h.raw, h.parsed, flow, verdict, h.outbound,
                                  h.loopback, now_ns)
             for token, raw, p, outbound, loopback in h.followers:
@@ -400,18 +406,19 @@ class CaptureCore:
             oldest = next(iter(self.cache))
             log.warning("flow table full: forgetting %s", _fmt(oldest))
             self._forget(oldest)
+        self._seen[flow] = now_ns
         if flow.protocol == pk.TCP:
             return self._refresh(flow)
-        self._udp_seen[flow] = now_ns
         return []
 
     def _refresh(self, flow: Flow) -> list[Action]:
         """Re-decide whether every packet of TCP `flow` must be diverted.
 
         Temporary accepts and redirects: always (each packet is asked / rewritten). Blocks and
-        drops: only once the connection may be established (a packet passed), since a refused
-        SYN's retransmits already match the base filter - this avoids a handle swap for every
-        blocked connection attempt. Connections to re-ask after CacheClear: always.
+        drops: unless it is a connection attempt we are asking about right now and never let
+        through - a refused SYN's retransmits already match the base filter, and this avoids
+        a handle swap per blocked attempt. A connection we know nothing about (e.g. resent by
+        the ALE after our restart) may be established: divert it. After CacheClear: always.
         """
         verdict = self.cache.get(flow)
         if flow in self.reask:
@@ -419,7 +426,8 @@ class CaptureCore:
         elif verdict is None or verdict is Verdict.PERMANENT_ACCEPT:
             need = False
         else:
-            need = verdict is Verdict.ACCEPT or verdict.is_redirect or flow in self.live
+            attempt = flow not in self.live and flow in self._pending
+            need = verdict is Verdict.ACCEPT or verdict.is_redirect or not attempt
         if need:
             self.per_packet.add(flow)
         else:
@@ -431,7 +439,7 @@ class CaptureCore:
         log.info("CacheClear: forgetting %d verdicts, %d live TCP connections will be re-asked",
                  len(self.cache), len(live))
         self.cache.clear()
-        self._udp_seen.clear()
+        self._seen.clear()
         self.reask.update(live)
         self.per_packet = set(live)
         return self._filter_actions()
@@ -470,6 +478,7 @@ class CaptureCore:
         ttl = self.config.hold_ttl_ns
         for seq in [s for s, h in self.held.items() if now_ns - h.seen_ns > ttl]:
             h = self.held.pop(seq)
+            self._unpend(h.flow)
             if h.retrans_key is not None and self._retrans.get(h.retrans_key) == seq:
                 del self._retrans[h.retrans_key]
             self.counters["expired"] += 1 + len(h.followers)
@@ -482,16 +491,23 @@ class CaptureCore:
             grace = self.config.ended_grace_ns
             for f in [f for f, t in self.ended.items() if now_ns - t > grace]:
                 self._forget(f)
-            idle = self.config.udp_idle_ns
-            for f in [f for f, t in self._udp_seen.items() if now_ns - t > idle]:
+            idle = self.config.idle_ns
+            for f in [f for f, t in self._seen.items() if now_ns - t > idle]:
                 self._forget(f)
             out += self._filter_actions()
         return out
 
+    def _unpend(self, flow: Flow) -> None:
+        n = self._pending.get(flow, 0) - 1
+        if n > 0:
+            self._pending[flow] = n
+        else:
+            self._pending.pop(flow, None)
+
     def _forget(self, flow: Flow) -> None:
         self.cache.pop(flow, None)
         self.ended.pop(flow, None)
-        self._udp_seen.pop(flow, None)
+        self._seen.pop(flow, None)
         self.per_packet.discard(flow)
         self.reask.discard(flow)
         self.live.discard(flow)

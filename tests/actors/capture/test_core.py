@@ -363,3 +363,27 @@ def test_ended_connections_are_forgotten_after_the_grace_period() -> None:
     feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False)
     out = core.tick(NOW + 3_000_000_000)
     assert flow not in core.cache and SetFilter(2, frozenset()) in out
+
+
+def test_block_for_an_unknown_connection_diverts_it() -> None:
+    """E.g. resent by the ALE after a capture restart: it may be established, stop it."""
+    core = CaptureCore()
+    assert core.on_message(CacheSet(tcp_flow(), Verdict.PERMANENT_BLOCK), NOW) == [
+        SetFilter(1, frozenset({40000}))]
+
+
+def test_block_decision_without_cache_set_needs_no_filter_change() -> None:
+    core = CaptureCore()
+    _t, acts = feed(core, syn_out())
+    (held,) = asked(acts)
+    out = core.on_message(Decision((held.seq,), Verdict.BLOCK), NOW)
+    assert not [a for a in out if isinstance(a, SetFilter)]
+
+
+def test_idle_connections_are_forgotten() -> None:
+    core = CaptureCore(Config(idle_ns=10_000_000_000))
+    core.on_message(CacheSet(Flow(17, a(L4), 5000, a(R4), 53), Verdict.PERMANENT_ACCEPT), NOW)
+    core.tick(NOW + 5_000_000_000)
+    assert core.cache
+    core.tick(NOW + 11_000_000_000)
+    assert not core.cache
