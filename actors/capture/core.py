@@ -105,9 +105,9 @@ class Config:
     max_held: int = 50_000
     #: Ended TCP connections (FIN/RST seen or reset by us) are forgotten after this.
     ended_grace_ns: int = 30_000_000_000
-    #: Forget a connection's verdict after this long without a packet we saw (UDP has no
-    #: end; a TCP connection can die unseen). Forgetting is safe: an unknown connection's
-    #: FIN/RST passes, its next opener or datagram is asked, and an Update re-diverts it.
+    #: Forget a verdict after this long without a packet (UDP has no end). Not for TCP
+    #: connections we let through: their established packets never reach us, so silence
+    #: means nothing; they end with the FIN/RST we do see, or by the max_flows bound.
     idle_ns: int = 600_000_000_000
     max_flows: int = 200_000
 
@@ -492,7 +492,8 @@ class CaptureCore:
             for f in [f for f, t in self.ended.items() if now_ns - t > grace]:
                 self._forget(f)
             idle = self.config.idle_ns
-            for f in [f for f, t in self._seen.items() if now_ns - t > idle]:
+            live = self.live
+            for f in [f for f, t in self._seen.items() if now_ns - t > idle and f not in live]:
                 self._forget(f)
             out += self._filter_actions()
         return out

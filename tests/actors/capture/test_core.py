@@ -387,3 +387,11 @@ def test_idle_connections_are_forgotten() -> None:
     assert core.cache
     core.tick(NOW + 11_000_000_000)
     assert not core.cache
+
+
+def test_quiet_established_tcp_is_not_forgotten() -> None:
+    core = CaptureCore(Config(idle_ns=10_000_000_000))
+    flow = accept_connection(core)
+    core.tick(NOW + 3600_000_000_000)
+    assert core.cache[flow] is Verdict.PERMANENT_ACCEPT
+    assert core.on_message(CacheClear(), NOW) == [SetFilter(1, frozenset({40000}))]
