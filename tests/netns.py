@@ -4,7 +4,7 @@ Divert handles that hold or drop packets must never touch the host's network, so
 real-traffic test runs inside namespaces it creates and always deletes (deleting a namespace
 also removes any divert program left attached to its interfaces).
 
-    with NetnsPair() as pair:              # or the `netns_pair` fixture in tests/conftest-style
+    with NetnsPair() as pair:              # fixture: `with netns_pair() as p: yield p`
         pair.a, pair.b                     # namespace names ("klt-<pid>-<n>-a" / "-b")
         pair.ip4_a, pair.ip4_b             # "10.231.N.1" / "10.231.N.2"   (/24 on the veth)
         pair.ip6_a, pair.ip6_b             # "fd31:0:0:N::1" / "...::2"  (/64, nodad)
@@ -12,9 +12,11 @@ also removes any divert program left attached to its interfaces).
         proc = pair.popen(pair.b, [sys.executable, "-c", "..."])  # long-running helper
         pair.extra_v4(pair.b, "10.231.N.99")         # more addresses "outside" host a
 
-Both namespaces have `lo` up. The subnet number N is unique per (pid, counter) so tests running
-in parallel never share addresses. Every process started through `popen` is killed (by PID)
-when the context exits.
+Both namespaces have `lo` up; the veth ends have fixed MACs (02:6b:6c:00:00:0a / 0b, see
+_setup). N is derived from (pid, counter); namespaces isolate addresses anyway, so parallel
+runs never interfere. Every process started through `popen` is killed (by PID) when the
+context exits, then the namespaces are deleted (also on failure), which also removes any
+divert program left on their interfaces.
 """
 
 from __future__ import annotations
