@@ -180,6 +180,24 @@ for i in range(count):
 print(json.dumps({"replies": replies, "sent": count}))
 """
 
+#: Open `n` TCP connections at once (non-blocking connects), report how many completed.
+MANY_CONNECTS = r"""
+import json, selectors, socket, sys, time
+host, port, n, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sel = selectors.DefaultSelector(); socks = []
+for _ in range(n):
+    s = socket.socket(); s.setblocking(False)
+    s.connect_ex((host, port)); sel.register(s, selectors.EVENT_WRITE); socks.append(s)
+ok = failed = 0; end = time.monotonic() + timeout
+while ok + failed < n and time.monotonic() < end:
+    for key, _ in sel.select(0.1):
+        err = key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        ok, failed = (ok + 1, failed) if err == 0 else (ok, failed + 1)
+        sel.unregister(key.fileobj)
+print(json.dumps({"ok": ok, "failed": failed, "n": n,
+                  "ports": sorted(s.getsockname()[1] for s in socks)}))
+"""
+
 #: A resolver-like UDP server and a TCP server on one address (e.g. 127.0.0.1:53 / :717).
 LOCAL_SERVICE = r"""
 import socket, sys, threading

@@ -93,6 +93,19 @@ def test_permanent_accept_asks_once_per_connection() -> None:
         assert sorted(by_flow.values()) == [1, 1], by_flow
 
 
+@pytest.mark.parametrize("verdict", [Verdict.PERMANENT_ACCEPT, Verdict.ACCEPT])
+def test_two_hundred_concurrent_connections_are_each_decided(verdict: Verdict) -> None:
+    """Accept (temporary) needs 200 per-packet ports: the filter falls back to all TCP."""
+    with capture_env(verdict) as env:
+        _servers(env)
+        p = env.pair
+        res = apps.run(p, p.a, apps.MANY_CONNECTS, p.ip4_b, PORT_B, 200, 10, timeout=20)
+        assert (res["ok"], res["failed"]) == (200, 0), res
+        syns = {m.flow.local_port for m in env.held_for(PORT_B)
+                if m.direction == Direction.OUTBOUND and m.packet[33] & 0x02}
+        assert syns == set(res["ports"])
+
+
 def test_temporary_accept_asks_for_every_packet() -> None:
     with capture_env(Verdict.ACCEPT) as env:
         _servers(env)
