@@ -173,6 +173,22 @@ class CaptureCore:
         """Announce ourselves; the ALE answers with CacheSet for every connection it knows."""
         return [ToAle(CaptureReady(pid))]
 
+    def next_seq(self) -> int:
+        """The seq the next held packet will get (a mark for `resync`)."""
+        return self._next_seq
+
+    def resync(self, pid: int, before_seq: int) -> list[Action]:
+        """The ALE came back (restarted): announce ourselves again and re-ask every packet
+        still held that was sent before it went away (`before_seq`), under the same seqs -
+        the ones sent while it was gone are still queued and reach it anyway."""
+        out: list[Action] = [ToAle(CaptureReady(pid))]
+        for seq, h in self.held.items():
+            if seq < before_seq:
+                direction = Direction.OUTBOUND if h.outbound else Direction.INBOUND
+                out.append(ToAle(PacketHeld(seq, h.flow, direction, h.raw, h.seen_ns)))
+        log.info("ALE reconnected: re-sent %d held packet(s)", len(out) - 1)
+        return out
+
     # ---- packets ----------------------------------------------------------------------------
 
     def on_packet(self, token: object, raw: bytes | bytearray | memoryview, outbound: bool,

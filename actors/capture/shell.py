@@ -27,6 +27,7 @@ import msgspec
 import zmq
 from pydivert import EBPFDivert, Packet
 from pydivert.consts import Direction as DivertDirection
+from zmq.utils.monitor import recv_monitor_message
 
 from actors.capture import filters
 from actors.capture.core import (
@@ -123,6 +124,8 @@ class CaptureShell:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        # Watch the connection: when the ALE restarts, re-ask what it lost (core.resync).
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.cfg.ale_endpoint)
         self.sock = sock
         warn_risky_macs()
@@ -133,7 +136,10 @@ class CaptureShell:
         self._run_actions(self.core.start(os.getpid()))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._opener.rfd, zmq.POLLIN)
+        connects = 0
+        lost_before: int | None = None
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
         next_tick = next_stats = time.monotonic()
@@ -142,6 +148,18 @@ class CaptureShell:
                 for item, _ev in poller.poll(_TICK_S * 1000):
                     if item is sock:
                         self._drain_ale()
+                    elif item is monitor:
+                        event = recv_monitor_message(monitor)["event"]
+                        if event == zmq.EVENT_DISCONNECTED:
+                            lost_before = self.core.next_seq()
+                            log.warning("ALE connection lost; held: %d", len(self.core.held))
+                        elif event == zmq.EVENT_CONNECTED:
+                            connects += 1
+                            if connects > 1:
+                                mark = self.core.next_seq() if lost_before is None else \
+                                    lost_before
+                                self._run_actions(self.core.resync(os.getpid(), mark))
+                            lost_before = None
                     elif item == self._opener.rfd:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._opener.rfd, 64)
@@ -161,6 +179,8 @@ class CaptureShell:
                     self._check_stats()
         finally:
             self._shutdown()
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(0)
             ctx.term()
         return 0

@@ -28,6 +28,15 @@ class CaptureEnv:
     #: Verdict returned by the ALE peer per PacketHeld; tests replace it.
     policy: list = field(default_factory=list)
 
+    def restart_ale(self) -> AlePeer:
+        """Stop the ALE peer and bind a fresh one (same policy) where it was: an ALE restart."""
+        old = self.ale
+        old.__exit__(None, None, None)
+        new = AlePeer(old.endpoint, old.policy).__enter__()
+        self.ale = new
+        self._peers.append(new)
+        return new
+
     def set_policy(self, policy: object) -> None:
         """A Verdict for every later PacketHeld, or a callable PacketHeld -> Verdict | None."""
         self.policy[0] = policy
@@ -42,6 +51,7 @@ class CaptureEnv:
         return self._log
 
     _log: str = ""
+    _peers: list = field(default_factory=list)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -84,6 +94,8 @@ def capture_env(policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str
                 yield env
             finally:
                 rc = env.stop()
+                for peer in env._peers:
+                    peer.__exit__(None, None, None)
                 if os.environ.get("KLT_SHOW_CAPTURE_LOG"):
                     print(env.log(), file=sys.stderr)
                 assert rc == 0, f"capture exited {rc}:\n{env.log()[-4000:]}"

@@ -395,3 +395,13 @@ def test_quiet_established_tcp_is_not_forgotten() -> None:
     core.tick(NOW + 3600_000_000_000)
     assert core.cache[flow] is Verdict.PERMANENT_ACCEPT
     assert core.on_message(CacheClear(), NOW) == [SetFilter(1, frozenset({40000}))]
+
+
+def test_resync_reasks_what_was_held_before_the_ale_went_away() -> None:
+    core = CaptureCore()
+    _, acts = feed(core, syn_out(seq=1))
+    (first,) = asked(acts)
+    mark = core.next_seq()
+    _, acts = feed(core, syn_out(sport=40001))  # sent while the ALE was away: still queued
+    out = core.resync(7, mark)
+    assert out == [ToAle(CaptureReady(7)), ToAle(first)]

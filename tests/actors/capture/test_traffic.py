@@ -167,6 +167,22 @@ def test_retransmitted_syn_waits_for_the_pending_request() -> None:
         assert len(env.held_for(PORT_B)) == 1  # the retransmit made no second request
 
 
+def test_an_ale_restart_gets_the_held_packets_again() -> None:
+    with capture_env(lambda m: None) as env:  # the first ALE dies without answering
+        _servers(env)
+        p = env.pair
+        client = p.popen(p.a, [sys.executable, "-c", apps.UDP_CLIENT, p.ip4_b, PORT_B, 5])
+        assert env.ale.wait_for(lambda: len(env.held_for(PORT_B)) == 1)
+        (lost,) = env.held_for(PORT_B)
+        env.set_policy(Verdict.PERMANENT_ACCEPT)
+        new = env.restart_ale()
+        assert new.ready.wait(5)  # CaptureReady again
+        out, _ = client.communicate(timeout=10)
+        assert json.loads(out)["result"] == "ok"
+        (again,) = [m for m in new.held if m.flow == lost.flow]
+        assert again.seq == lost.seq and again.packet == lost.packet
+
+
 def test_icmp_echo_is_asked_per_packet_and_obeyed() -> None:
     with capture_env(Verdict.PERMANENT_ACCEPT) as env:
         p = env.pair
