@@ -111,6 +111,8 @@ class CaptureShell:
         self._opener = _Opener()
         self._wanted: tuple[int, frozenset[int] | None] | None = None
         self._stats_prev: dict[str, int] = {}
+        self._connects = 0
+        self._lost_before: int | None = None
         self.errors = 0
 
     def stop(self, *_: object) -> None:
@@ -138,8 +140,6 @@ class CaptureShell:
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._opener.rfd, zmq.POLLIN)
-        connects = 0
-        lost_before: int | None = None
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
         next_tick = next_stats = time.monotonic()
@@ -149,17 +149,7 @@ class CaptureShell:
                     if item is sock:
                         self._drain_ale()
                     elif item is monitor:
-                        event = recv_monitor_message(monitor)["event"]
-                        if event == zmq.EVENT_DISCONNECTED:
-                            lost_before = self.core.next_seq()
-                            log.warning("ALE connection lost; held: %d", len(self.core.held))
-                        elif event == zmq.EVENT_CONNECTED:
-                            connects += 1
-                            if connects > 1:
-                                mark = self.core.next_seq() if lost_before is None else \
-                                    lost_before
-                                self._run_actions(self.core.resync(os.getpid(), mark))
-                            lost_before = None
+                        self._on_monitor(recv_monitor_message(monitor)["event"])
                     elif item == self._opener.rfd:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._opener.rfd, 64)
@@ -184,6 +174,19 @@ class CaptureShell:
             sock.close(0)
             ctx.term()
         return 0
+
+    def _on_monitor(self, event: int) -> None:
+        """Track the ALE connection; on a reconnect, resend what the lost peer held."""
+        if event == zmq.EVENT_DISCONNECTED:
+            self._lost_before = self.core.next_seq()
+            log.warning("ALE connection lost; %d packet(s) held", len(self.core.held))
+        elif event == zmq.EVENT_CONNECTED:
+            self._connects += 1
+            if self._connects > 1:
+                mark = self._lost_before
+                self._run_actions(self.core.resync(
+                    os.getpid(), self.core.next_seq() if mark is None else mark))
+            self._lost_before = None
 
     def _event_fd(self, h: EBPFDivert) -> int:
         return int(h._event_fd)  # the level-triggered fd pydivert's asyncio path waits on
