@@ -86,6 +86,8 @@ host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 count = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout)
+if len(sys.argv) > 5:  # raw IPv4 options (hex), e.g. NOPs: the header grows beyond 20 bytes
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes.fromhex(sys.argv[5]))
 t = time.monotonic(); out = {"replies": []}
 try:
     s.connect((host, port))

@@ -78,6 +78,20 @@ def test_verdict_outcomes_both_directions_v4_v6_tcp_udp(verdict: Verdict, expect
             assert first.packet[0] >> 4 == (6 if label.endswith("v6") else 4)
 
 
+@pytest.mark.parametrize(("verdict", "expected"), [(Verdict.PERMANENT_ACCEPT, "ok"),
+                                                   (Verdict.PERMANENT_BLOCK, "refused")])
+def test_ipv4_options_do_not_hide_the_ports(verdict: Verdict, expected: str) -> None:
+    """Kext weakness §15.11: ports were read at a fixed offset 20."""
+    with capture_env(verdict) as env:
+        _servers(env)
+        p = env.pair
+        res = apps.run(p, p.a, apps.UDP_CLIENT, p.ip4_b, PORT_B, 2, 1, "01010100")
+        assert res["result"] == expected, res
+        (held,) = env.held_for(PORT_B)
+        assert held.packet[0] == 0x46  # IHL 6: the options really were there
+        assert (held.flow.local_port, held.flow.remote_port) == (res["local"][1], PORT_B)
+
+
 def test_permanent_accept_asks_once_per_connection() -> None:
     with capture_env(Verdict.PERMANENT_ACCEPT) as env:
         _servers(env)
