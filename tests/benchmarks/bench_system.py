@@ -5,7 +5,7 @@
 Inside a throw-away namespace pair it measures, without kextless and then with
 `kextless up --netns A --no-policy` and a client answering PermanentAccept at once over the
 endpoint: TCP bulk throughput over an accepted connection, and connect latency (p50/p99) of
-new connections. Prints one JSON object with the ratios. Needs root. Bounded: ~1 minute.
+new connections. Prints one JSON object with the ratios. Needs root. Bounded: about a minute.
 """
 
 from __future__ import annotations
@@ -64,17 +64,20 @@ def measure(pair: NetnsPair, port: int, connects: int, bulk_seconds: float) -> d
     res = pair.run(pair.a, [sys.executable, "-c", CONNECTS, pair.ip4_b, str(port),
                             str(connects)], timeout=120, check=True)
     lat = json.loads(res.stdout)
-    pair.run(pair.a, [sys.executable, "-c", SEND, pair.ip4_b, str(port), str(bulk_seconds)],
-             timeout=bulk_seconds + 30, check=True)
-    bulk = json.loads(sink.stdout.readline())
+    rates = []
+    for _ in range(3):  # the median of three damps noise from the shared 2-CPU machine
+        pair.run(pair.a, [sys.executable, "-c", SEND, pair.ip4_b, str(port), str(bulk_seconds)],
+                 timeout=bulk_seconds + 30, check=True)
+        bulk = json.loads(sink.stdout.readline())
+        rates.append(bulk["bytes"] / bulk["seconds"] / 1e6)
     sink.kill()
-    return {**lat, "bulk_MBps": bulk["bytes"] / bulk["seconds"] / 1e6}
+    return {**lat, "bulk_MBps": sorted(rates)[1], "bulk_runs_MBps": rates}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--connects", type=int, default=500)
-    p.add_argument("--bulk-seconds", type=float, default=4.0)
+    p.add_argument("--bulk-seconds", type=float, default=3.0)
     args = p.parse_args()
     with NetnsPair("bench") as pair, tempfile.TemporaryDirectory() as tmp:
         baseline = measure(pair, 24001, args.connects, args.bulk_seconds)
