@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             cap = None
 
             def start_capture() -> subprocess.Popen[bytes]:
-                proc = pair.popen(pair.a, [KEXTLESS, "run", "capture", "--ale-endpoint",
-                                           endpoint, "--log-level", "WARNING"],
-                                  stdout=subprocess.DEVNULL)
+                with open(f"{tmp}/capture.log", "ab") as log:  # never a pipe nobody reads
+                    proc = pair.popen(pair.a, [KEXTLESS, "run", "capture", "--ale-endpoint",
+                                               endpoint, "--log-level", "WARNING"],
+                                      stdout=subprocess.DEVNULL, stderr=log)
                 ale.ready.clear()
                 if not ale.ready.wait(15):
                     raise RuntimeError("capture did not start")

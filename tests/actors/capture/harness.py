@@ -47,10 +47,10 @@ class CaptureEnv:
             lambda m: port in (m.flow.local_port, m.flow.remote_port))
 
     def log(self) -> str:
-        """The capture's stderr so far (only after stop())."""
-        return self._log
+        """The capture's stderr so far (a file, so a chatty DEBUG log can never block it)."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
-    _log: str = ""
+    log_path: Path | None = None
     _peers: list = field(default_factory=list)
 
     def stop(self) -> int:
@@ -61,8 +61,6 @@ class CaptureEnv:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.proc.stderr is not None and not self._log:
-            self._log = self.proc.stderr.read().decode(errors="replace")
         return self.proc.returncode
 
 
@@ -83,10 +81,12 @@ def capture_env(policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str
 
         with AlePeer(endpoint, answer) as ale:
             ns = pair.a if ns_side == "a" else pair.b
-            proc = pair.popen(ns, [KEXTLESS, "run", "capture", "--ale-endpoint", endpoint,
-                                   "--log-level", os.environ.get("KLT_CAPTURE_LOG", "INFO"),
-                                   *extra_args], stdout=subprocess.DEVNULL)
-            env = CaptureEnv(pair, ale, proc, holder)
+            log_path = Path(tmp) / "capture.log"
+            with log_path.open("wb") as log_file:
+                proc = pair.popen(ns, [KEXTLESS, "run", "capture", "--ale-endpoint", endpoint,
+                                       "--log-level", os.environ.get("KLT_CAPTURE_LOG", "INFO"),
+                                       *extra_args], stdout=subprocess.DEVNULL, stderr=log_file)
+            env = CaptureEnv(pair, ale, proc, holder, log_path=log_path)
             try:
                 if not ale.ready.wait(10):
                     env.stop()
