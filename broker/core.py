@@ -526,12 +526,15 @@ class BrokerCore:
                                 f"{CONTRACT_VERSION}: ignored until it is upgraded")
             return
         claimed = tuple(t for t in msg.owns if t not in BROKER_COMMANDS)
+        # Actors repeat Hello as a keepalive; only a change is worth a log line.
+        changed = (info.name, info.pid, info.owns) != (msg.actor, msg.pid, claimed)
         info.name = msg.actor
         info.pid = msg.pid
         info.owns = claimed
         self._rebuild_owners()
-        names = ",".join(t.kext_name for t in claimed) or "nothing"
-        self.events.append(f"actor {msg.actor} (pid {msg.pid}) connected, owns {names}")
+        if changed:
+            names = ",".join(t.kext_name for t in claimed) or "nothing"
+            self.events.append(f"actor {msg.actor} (pid {msg.pid}) connected, owns {names}")
 
     def actor_gone(self, actor: bytes) -> None:
         """A send to the actor failed: it is gone until it says Hello again."""

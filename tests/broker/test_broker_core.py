@@ -389,3 +389,12 @@ def test_emits_batches_queue_in_order_and_skip_bad_items(h: Harness) -> None:
     h.core.actor_message(ALE, [encode(batch), b"\x92\xa5Emits\x01"], h.now)
     assert h.core.actor_garbage == 2  # the mismatched item and the truncated batch
     assert h.read_all(OWNER) == good
+
+
+def test_repeated_hello_keepalive_logs_only_changes(h) -> None:  # type: ignore[no-untyped-def]
+    h.core.events.clear()  # the fixture's first Hello was logged
+    for _ in range(3):
+        h.hello(ALE, ALE_OWNS)
+    assert [e for e in h.core.events if "connected" in e] == []
+    h.hello(ALE, (CommandType.VERDICT,))  # a change of ownership is logged again
+    assert len([e for e in h.core.events if "connected" in e]) == 1
