@@ -45,6 +45,8 @@ class AleShell:
         self.broker.setsockopt(zmq.IDENTITY, b"ale")
         self.broker.connect(broker_endpoint)
         self._capture_id: bytes | None = None
+        #: Broker-bound messages of one loop pass: a burst of events leaves as one Emits.
+        self._to_broker: list[m.Message] = []
         self._running = True
         self._hello = m.encode(m.Hello("ale", os.getpid(), m.CONTRACT_VERSION, OWNED_COMMANDS))
 
@@ -52,8 +54,7 @@ class AleShell:
         self._running = False
 
     def _flush(self, out: Outbox) -> None:
-        for msg in out.to_broker:
-            self.broker.send(m.encode(msg))
+        self._to_broker += out.to_broker
         if out.to_capture:
             if self._capture_id is None:
                 log.warning("no capture connected; dropped %d message(s)", len(out.to_capture))
@@ -63,6 +64,15 @@ class AleShell:
                     self.capture.send_multipart([self._capture_id, m.encode(msg)])
                 except zmq.ZMQError as exc:  # capture gone (ROUTER_MANDATORY)
                     log.warning("capture unreachable (%s); dropped %s", exc, type(msg).__name__)
+
+    def _send_to_broker(self) -> None:
+        batch, self._to_broker = self._to_broker, []
+        emits = [msg for msg in batch if isinstance(msg, m.Emit)]
+        if len(emits) > 1:
+            self.broker.send(m.encode(m.Emits(tuple(emits))))
+            batch = [msg for msg in batch if not isinstance(msg, m.Emit)]
+        for msg in batch:
+            self.broker.send(m.encode(msg))
 
     def _on_capture(self, ident: bytes, payload: bytes) -> None:
         try:
@@ -135,6 +145,7 @@ class AleShell:
                         break
                     for frame in frames:
                         self._on_broker(frame)
+            self._send_to_broker()
             now = time.monotonic()
             if now >= next_tick:
                 self._flush(self.core.tick(time.monotonic_ns()))
@@ -144,6 +155,7 @@ class AleShell:
                 self.broker.send(self._hello)
                 self.broker.send(m.encode(m.Health("ale", os.getpid(), self.core.health())))
                 next_health = now + _HEALTH_S
+            self._send_to_broker()
         log.info("stopping: %d packet(s) still pending", len(self.core.pending))
         self.capture.close()
         self.broker.close()
