@@ -324,7 +324,8 @@ class CaptureCore:
 
     def _reject(self, token: object, raw: bytes | bytearray | memoryview, p: Parsed, flow: Flow,
                 outbound: bool, loopback: bool, now_ns: int) -> list[Action]:
-        """Block: make the sender fail at once (TCP RST, UDP port unreachable, else drop)."""
+        """Block: make the sender fail at once (TCP RST, UDP port unreachable, else drop);
+        an established TCP connection is reset at both ends."""
         self.counters["rejected"] += 1
         inbound = outbound  # the answer goes back to whoever sent the packet
         if p.protocol == pk.TCP:
@@ -332,7 +333,11 @@ class CaptureCore:
                 self.ended.setdefault(flow, now_ns)  # we are resetting it
             if p.flags & pk.TCP_RST:
                 return [Drop(token)]  # never answer a reset with a reset
-            return [Drop(token), Inject(token, bytes(pk.build_rst(p)), inbound)]
+            out: list[Action] = [Drop(token), Inject(token, bytes(pk.build_rst(p)), inbound)]
+            if p.flags & pk.TCP_ACK and not p.flags & pk.TCP_SYN:
+                # Established: reset the receiver too, so both applications fail at once.
+                out.append(Inject(token, bytes(pk.build_rst_forward(p)), not inbound))
+            return out
         if p.protocol == pk.UDP:
             return [Drop(token), Inject(token, bytes(pk.build_port_unreachable(raw, p)), inbound)]
         return [Drop(token)]

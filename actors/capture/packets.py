@@ -247,6 +247,20 @@ def build_rst(p: Parsed) -> bytearray:
     return buf
 
 
+def build_rst_forward(p: Parsed) -> bytearray:
+    """An RST continuing TCP packet `p` towards its receiver, in place of `p` itself.
+
+    It carries `p`'s sequence number, which the receiver accepts when `p` was the next
+    in-order segment (RFC 5961 wants exactly that). Used to reset both ends of an
+    established connection at once: the receiver may have nothing to send for a while (a
+    bulk sender waiting for ACKs we now drop would only notice at its retransmit timeout).
+    """
+    tcp = struct.pack("!HHIIBBHHH", p.sport, p.dport, p.seq, 0, 5 << 4, TCP_RST, 0, 0, 0)
+    buf = _ip_header(p.version, TCP, p.src, p.dst, len(tcp)) + tcp
+    fix_checksums(buf, p.version, 20 if p.version == 4 else 40, TCP)
+    return buf
+
+
 #: ICMP "port unreachable": Linux turns it into ECONNREFUSED on a connected UDP socket, the
 #: same error a closed port gives, so applications fail at once and report a refusal.
 #: ("Administratively prohibited" would surface as EHOSTUNREACH/EACCES, read as a network fault.)

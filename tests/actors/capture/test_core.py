@@ -243,7 +243,13 @@ def test_update_to_block_diverts_and_resets_a_live_connection() -> None:
     assert out == [SetFilter(1, frozenset({40000}))]
     raw = c.v4(R4, L4, c.tcp(80, 40000, c.ACK, seq=1, ack=1001, payload=b"d" * 100))
     t, acts = feed(core, raw, outbound=False)
-    assert acts[0] == Drop(t) and isinstance(acts[1], Inject) and not acts[1].inbound
+    drop, to_remote, to_local = acts
+    assert drop == Drop(t) and isinstance(to_remote, Inject) and isinstance(to_local, Inject)
+    assert not to_remote.inbound and to_local.inbound  # both ends are reset
+    r, lo = pk.parse(to_remote.raw), pk.parse(to_local.raw)
+    assert r is not None and (r.dst, r.dport, r.seq, r.flags) == (a(R4), 80, 1001, c.RST)
+    assert lo is not None and (lo.src, lo.dst, lo.dport, lo.seq) == (a(R4), a(L4), 40000, 1)
+    assert c.l4_checksum_ok(to_remote.raw) and c.l4_checksum_ok(to_local.raw)
 
 
 def test_blocked_connection_attempt_needs_no_filter_change() -> None:

@@ -151,3 +151,16 @@ def test_port_unreachable_quotes_the_datagram(v6: bool) -> None:
 def test_loopback_addresses() -> None:
     assert pk.is_loopback_addr(a("127.3.0.1")) and pk.is_loopback_addr(a("::1"))
     assert not pk.is_loopback_addr(a("10.0.0.1")) and not pk.is_loopback_addr(a("fd00::1"))
+
+
+def test_forward_rst_takes_the_place_of_the_packet() -> None:
+    raw = c.v4("10.0.0.2", "10.0.0.1", c.tcp(80, 40000, c.ACK | c.PSH, seq=777, ack=5,
+                                              payload=b"x" * 50))
+    p = pk.parse(raw)
+    assert p is not None
+    fwd = bytes(pk.build_rst_forward(p))
+    q = pk.parse(fwd)
+    assert q is not None
+    assert (q.src, q.sport, q.dst, q.dport, q.seq, q.flags) == (p.src, 80, p.dst, 40000, 777,
+                                                                c.RST)
+    assert c.l4_checksum_ok(fwd)
