@@ -91,13 +91,18 @@ def main() -> int:
                 answerer.stop()
         finally:
             system.close()
+        # A second baseline after `down` brackets the kextless run, so warm-up or drift of the
+        # shared machine does not flatter (or punish) either side.
+        after = measure(pair, 24003, args.connects, args.bulk_seconds)
+    base_bulk = max(baseline["bulk_MBps"], after["bulk_MBps"])
     result = {
-        "baseline": baseline, "kextless": kextless, "connections_decided": decided,
-        "bulk_ratio": kextless["bulk_MBps"] / baseline["bulk_MBps"],
+        "baseline": baseline, "kextless": kextless, "baseline_after": after,
+        "connections_decided": decided,
+        "bulk_ratio": kextless["bulk_MBps"] / base_bulk,
         "connect_added_p50_ms": kextless["p50_ms"] - baseline["p50_ms"],
         "connect_added_p99_ms": kextless["p99_ms"] - baseline["p99_ms"],
-        "targets": {"bulk_ratio": ">= 0.95", "connect_added_p50_ms": "<= 1",
-                    "connect_added_p99_ms": "<= 3"},
+        "targets": {"bulk_ratio": ">= 0.95 (against the better baseline)",
+                    "connect_added_p50_ms": "<= 1", "connect_added_p99_ms": "<= 3"},
     }
     print(json.dumps(result, indent=2))
     return 0
