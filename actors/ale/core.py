@@ -81,12 +81,12 @@ def _log(out: Outbox, severity: Severity, message: str) -> None:
 
 
 class AleCore:
-    def __init__(self, config: AleConfig | None = None) -> None:
+    def __init__(self, config: AleConfig | None = None, first_id: int = 1) -> None:
         self.config = config or AleConfig()
         self.connections: dict[m.Flow, Connection] = {}
         #: Insertion order is id order, so the oldest pending packet is always first.
         self.pending: dict[int, Pending] = {}
-        self.next_id = 1
+        self.next_id = first_id
         self.counters: dict[str, float] = {
             "ids_issued": 0, "verdicts": 0, "verdicts_unknown_id": 0, "updates": 0,
             "updates_unknown": 0, "timeouts": 0, "refused": 0, "clear_cache": 0,

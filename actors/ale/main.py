@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from actors.ale.core import AleConfig, AleCore
+from actors.ale.ids import IdReservation
 from actors.ale.shell import AleShell
 from deploy import logs
 from deploy.runtime import RuntimeDir
@@ -42,7 +44,14 @@ def main(argv: list[str]) -> int:
     logs.setup("ale", args.log_level)
     config = AleConfig(verdict_timeout_ns=int(args.verdict_timeout * 1e9),
                        default_verdict=args.default_verdict)
-    shell = AleShell(AleCore(config), args.capture_endpoint or run.ale_endpoint,
-                     args.actors_endpoint or run.actors_endpoint)
+    ids = IdReservation(run.path / "ale-ids")
+    try:
+        first_id = ids.first_id()
+    except (RuntimeError, OSError) as exc:
+        logging.getLogger("ale").error("%s", exc)
+        return 1
+    logging.getLogger("ale").info("issuing pending ids from %d", first_id)
+    shell = AleShell(AleCore(config, first_id), args.capture_endpoint or run.ale_endpoint,
+                     args.actors_endpoint or run.actors_endpoint, ids)
     shell.run()
     return 0

@@ -14,6 +14,7 @@ import msgspec
 import zmq
 
 from actors.ale.core import AleCore, Outbox
+from actors.ale.ids import IdReservation
 from protocol import messages as m
 from protocol.commands import decode_command
 from protocol.enums import CommandType
@@ -31,8 +32,9 @@ _HEALTH_S = 1.0
 
 class AleShell:
     def __init__(self, core: AleCore, capture_endpoint: str, broker_endpoint: str,
-                 ctx: zmq.Context | None = None) -> None:
+                 ids: IdReservation | None = None, ctx: zmq.Context | None = None) -> None:
         self.core = core
+        self.ids = ids
         self.ctx = ctx or zmq.Context.instance()
         self.capture = self.ctx.socket(zmq.ROUTER)
         self.capture.setsockopt(zmq.LINGER, 0)
@@ -83,6 +85,8 @@ class AleShell:
         now = time.monotonic_ns()
         if isinstance(msg, m.PacketHeld):
             self._capture_id = ident
+            if self.ids is not None:
+                self.ids.ensure(self.core.next_id)
             self._flush(self.core.packet_held(msg, now))
         elif isinstance(msg, m.CaptureReady):
             log.info("capture pid %d ready; replaying %d verdict(s)", msg.pid,

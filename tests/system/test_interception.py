@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -435,3 +437,34 @@ def test_status_shows_processes_and_counters(system) -> None:
     for name in ("broker", "ale", "capture"):
         assert name in text
     assert "RUNNING" in text
+
+
+def _status(system: System) -> dict:  # type: ignore[type-arg]
+    from tests.system.harness import kextless
+    res = subprocess.run([*kextless(), "status", "--netns", system.pair.a, "--run-root",
+                          str(system.run_root), "--json"], capture_output=True, text=True,
+                         timeout=30)
+    return json.loads(res.stdout)
+
+
+def test_ale_restart_never_reuses_ids(pair, system, answerer, port) -> None:
+    traffic.start_server(pair, pair.b, port)
+    assert traffic.tcp_probe(pair, pair.a, pair.ip4_b, port)["outcome"] == "ok"
+    before = max(i.id for i in answerer.connections())
+    (ale,) = [p for p in _status(system)["programs"] if p["name"] == "ale"]
+    os.kill(ale["pid"], signal.SIGKILL)  # a crash; supervisord restarts it
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        (now,) = [p for p in _status(system)["programs"] if p["name"] == "ale"]
+        if now["state"] == "RUNNING" and now["pid"] != ale["pid"]:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the ALE was not restarted")
+    p2 = next(_PORTS)
+    traffic.start_server(pair, pair.b, p2)
+    deadline = time.monotonic() + 10  # capture re-announces itself once the ALE is back
+    while traffic.tcp_probe(pair, pair.a, pair.ip4_b, p2, timeout=2)["outcome"] != "ok":
+        assert time.monotonic() < deadline, "no connection got through after the restart"
+    after = answerer.connections(flow_of(p2, 6))
+    assert after and min(i.id for i in after) > before
