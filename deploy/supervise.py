@@ -137,10 +137,13 @@ def validate(opts: UpOptions) -> Endpoint:
     run = opts.run_dir
     if any(c in str(run.path) for c in '"%\n\r\t') or re.search(r"\s[;#]", str(run.path)):
         raise UsageError(f"--run-root {str(opts.run_root)!r}: unusable characters in the path")
-    for sock in (run.supervisor_socket, run.path / "kext.sock"):
-        if len(str(sock).encode()) > _SOCKET_PATH_MAX:
+    # supervisord first binds "<socket>.<its pid>" and renames it, so leave room for that.
+    for sock, limit in ((run.supervisor_socket, _SOCKET_PATH_MAX - 8),
+                        (run.path / "kext.sock", _SOCKET_PATH_MAX)):
+        if len(str(sock).encode()) > limit:
             raise UsageError(
-                f"--run-root: socket path {str(sock)!r} is longer than {_SOCKET_PATH_MAX} bytes")
+                f"--run-root: socket path {str(sock)!r} is longer than {limit} bytes; "
+                "choose a shorter --run-root")
     endpoint = opts.client_endpoint()
     curve = (opts.curve_server_secret, opts.curve_clients)
     if endpoint.scheme == "tcp" and None in curve:

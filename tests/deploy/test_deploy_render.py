@@ -181,6 +181,14 @@ def test_percent_in_the_run_dir_is_refused(tmp_path: Path) -> None:
         _render(UpOptions(run_root=tmp_path / "100%(here)s"))
 
 
+def test_run_root_too_long_for_supervisords_socket_is_refused(tmp_path: Path) -> None:
+    # supervisord binds "<socket>.<pid>" first: a path that fits sun_path exactly still fails.
+    root = tmp_path / ("r" * (100 - len(str(tmp_path)) - len("/host/supervisor.sock")))
+    assert len(str(root / "host" / "supervisor.sock")) <= 107
+    with pytest.raises(UsageError, match="shorter --run-root"):
+        supervise.validate(UpOptions(run_root=root))
+
+
 def test_endpoint_parsing() -> None:
     assert parse_endpoint("tcp://*:5555").connect_url == "tcp://127.0.0.1:5555"
     assert parse_endpoint("tcp://[::1]:5555").port == 5555

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,7 +70,9 @@ def test_rules_decide_real_connections(policy_system: tuple[NetnsPair, Path]) ->
     assert f" -> {pair.ip4_b}:22001 verdict=PermanentBlock" in log
 
 
-def test_bad_rules_file_fails_up_with_the_reason(tmp_path: Path) -> None:
+def test_bad_rules_file_fails_up_with_the_reason() -> None:
+    # A short run root: unix socket paths are limited to 107 bytes.
+    tmp_path = Path(tempfile.mkdtemp(prefix="klp"))
     rules = tmp_path / "rules.toml"
     rules.write_text("default = 'Allow'\n")
     with NetnsPair("q") as pair:
@@ -81,3 +85,4 @@ def test_bad_rules_file_fails_up_with_the_reason(tmp_path: Path) -> None:
         finally:
             subprocess.run([*kextless(), "down", "--netns", pair.a, "--run-root",
                             str(tmp_path / "run")], capture_output=True, timeout=90)
+            shutil.rmtree(tmp_path, ignore_errors=True)
