@@ -111,13 +111,7 @@ class IOQueue:
         size = len(record)
         prio = kind in _PRIORITY_TYPES
         if self.prio_bytes + self.bulk_bytes + size <= self.max_bytes:
-            if prio:
-                self._prio.append((kind, record, id_))
-                self.prio_bytes += size
-            else:
-                self._bulk.append((kind, record, id_))
-                self.bulk_bytes += size
-            self.queued[kind] += 1
+            self._append(kind, record, id_, prio)
             return PushResult.QUEUED
         # Over budget. Only bulk infos may be evicted, and never for a bulk info that would not
         # fit even in an empty bulk FIFO.
@@ -129,14 +123,17 @@ class IOQueue:
             self._start_episode()
             return PushResult.DROPPED
         self._evict_bulk(size)
+        self._append(kind, record, id_, prio)
+        return PushResult.QUEUED_AFTER_DROP
+
+    def _append(self, kind: int, record: bytes, id_: int, prio: bool) -> None:
         if prio:
             self._prio.append((kind, record, id_))
-            self.prio_bytes += size
+            self.prio_bytes += len(record)
         else:
             self._bulk.append((kind, record, id_))
-            self.bulk_bytes += size
+            self.bulk_bytes += len(record)
         self.queued[kind] += 1
-        return PushResult.QUEUED_AFTER_DROP
 
     def _start_episode(self) -> None:
         if not self.overflowing:
