@@ -125,21 +125,28 @@ class KextClient:
             if sock.closed:
                 raise KextEOF("client is closed")
             sock.send_multipart(frames)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if sock.poll(max(0, int(left * 1000))):
-                    break
-                if self._closed:
-                    raise KextEOF("client closed while waiting")
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._forget(s)
-                    raise KextTimeout(f"no reply to {frames[0].decode()} within {timeout} s "
-                                      f"from {self.endpoint}")
+            # Most replies (every W) come within microseconds: only a slow one pays for the
+            # sliced wait below.
+            if not sock.poll(2):
+                self._wait_reply(s, frames, timeout)
             reply = sock.recv_multipart()
         if reply[0] == wire.ERROR:
             raise KextError(reply[1].decode("utf-8", "replace") if len(reply) > 1 else "error")
         return reply
+
+    def _wait_reply(self, s: _Sock, frames: list[bytes], timeout: float | None) -> None:
+        """Wait in half-second slices so a close() from another thread ends the wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if s.sock.poll(max(0, int(left * 1000))):
+                return
+            if self._closed:
+                raise KextEOF("client closed while waiting")
+            if deadline is not None and time.monotonic() >= deadline:
+                self._forget(s)
+                raise KextTimeout(f"no reply to {frames[0].decode()} within {timeout} s "
+                                  f"from {self.endpoint}")
 
     def _control_request(self, frames: list[bytes]) -> list[bytes]:
         with self._control_lock:
