@@ -70,37 +70,6 @@ _OK = bytes((wire.Status.OK,))
 _CMD_NAMES = {t: t.kext_name for t in CommandType}
 
 
-class _RawEmit(msgspec.Struct, tag="Emit", tag_field="msg", array_like=True, frozen=True):
-    """protocol.messages.Emit as the broker decodes it: `kind` stays an int (checked against
-    the record's own type byte), which saves building an enum per info on the hot path."""
-
-    kind: int
-    info: bytes
-    id: int = 0
-
-
-class _RawEmits(msgspec.Struct, tag="Emits", tag_field="msg", array_like=True, frozen=True):
-    """protocol.messages.Emits as the broker decodes it."""
-
-    emits: list[_RawEmit]
-
-
-_decode_emit = msgspec.msgpack.Decoder(_RawEmit).decode
-_decode_emits = msgspec.msgpack.Decoder(_RawEmits).decode
-#: How an encoded Emit / Emits starts after its array header: the msgpack string of its tag.
-_EMIT_TAG = b"\xa4Emit"
-_EMITS_TAG = b"\xa5Emits"
-_MAX_INFO_TYPE = max(InfoType)
-# The mirrors must stay byte-compatible with the contract; fail at import, not on the wire.
-_sample = Emit(InfoType.LOG_LINE, b"", 1)
-if (_RawEmit.__struct_fields__ != Emit.__struct_fields__
-        or _RawEmits.__struct_fields__ != Emits.__struct_fields__
-        or encode(_sample)[1:6] != _EMIT_TAG
-        or encode(Emits((_sample,)))[1:7] != _EMITS_TAG
-        or _decode_emits(encode(Emits((_sample,)))).emits[0].id != 1):
-    raise ImportError("broker.core's Emit mirrors no longer match protocol.messages")
-
-
 class SessionState(Enum):
     NONE = "none"
     OPEN = "open"
@@ -408,9 +377,8 @@ class BrokerCore:
     def actor_message(self, actor: bytes, frames: list[bytes], now_ns: int) -> None:
         """One multipart message from an actor DEALER; every frame is one contract message.
 
-        Emit/Emits are the hot path (hundreds of thousands of infos per second), so they are
-        decoded with int-kind mirrors and pushed in one loop; everything else goes through the
-        contract decoder.
+        Emit/Emits are the hot path (hundreds of thousands of infos per second): an emitter
+        batches infos in one Emits, which is one decode and one push loop here.
         """
         info = self.actors.get(actor)
         if info is None:
@@ -419,42 +387,29 @@ class BrokerCore:
         info.messages += len(frames)
         pushed = False
         for frame in frames:
-            head = frame[1:7]
-            if head == _EMITS_TAG:
-                try:
-                    emits = _decode_emits(frame).emits
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self._garbage(info, f"undecodable Emits: {exc}")
-                    continue
-                pushed |= self._push_emits(actor, info, emits)
-                continue
-            if head[:5] == _EMIT_TAG:
-                try:
-                    emit = _decode_emit(frame)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self._garbage(info, f"undecodable Emit: {exc}")
-                    continue
-                pushed |= self._push_emits(actor, info, (emit,))
-                continue
             try:
                 msg = decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._garbage(info, f"undecodable message: {exc}")
                 continue
-            if type(msg) is Log:
+            kind = type(msg)
+            if kind is Emits:
+                pushed |= self._push_emits(actor, info, msg.emits)
+            elif kind is Emit:
+                pushed |= self._push_emits(actor, info, (msg,))
+            elif kind is Log:
                 self.ring.add(msg.severity, msg.line)
-            elif type(msg) is Health:
+            elif kind is Health:
                 info.counters = msg.counters
                 info.pid = msg.pid
-            elif type(msg) is Hello:
+            elif kind is Hello:
                 self._hello(actor, info, msg)
             else:
-                self._garbage(info, f"{type(msg).__name__} is not a message for the broker")
+                self._garbage(info, f"{kind.__name__} is not a message for the broker")
         if pushed and self.parked is not None:
             self.service(now_ns)
 
-    def _push_emits(self, actor: bytes, info: ActorInfo,
-                    emits: list[_RawEmit] | tuple[_RawEmit, ...]) -> bool:
+    def _push_emits(self, actor: bytes, info: ActorInfo, emits: tuple[Emit, ...]) -> bool:
         """Queue each Emit whose record matches its kind; True if anything was queued."""
         pushed = False
         push = self.queue.push
@@ -465,7 +420,7 @@ class BrokerCore:
             n = len(record)
             if n >= HEADER_SIZE:
                 kind, length = unpack(record)
-                if kind == emit.kind and kind <= _MAX_INFO_TYPE and length == n - HEADER_SIZE:
+                if kind == emit.kind and length == n - HEADER_SIZE:
                     result = push(kind, record, emit.id)
                     if result is queued:
                         pushed = True

@@ -42,10 +42,6 @@ class PushResult(IntEnum):
     REFUSED = 3
 
 
-def is_priority(kind: int) -> bool:
-    return kind in _PRIORITY_TYPES
-
-
 class IOQueue:
     """Bounded two-class info queue with the kext's leftover slot and read packing."""
 
@@ -71,7 +67,7 @@ class IOQueue:
         #: Ids of connection infos whose last byte went out in the latest read (for latency).
         self.last_delivered_ids: list[int] = []
         # What the latest read took, so a reply that could not be sent can be put back.
-        self._undo: tuple[Item | None, int, list[Item], list[int]] | None = None
+        self._undo: tuple[Item | None, int, list[Item]] | None = None
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -166,7 +162,7 @@ class IOQueue:
         if lo is None and not prio and not bulk:
             return None
         undo_popped: list[Item] = []
-        self._undo = (lo, self._leftover_off, undo_popped, [])
+        self._undo = (lo, self._leftover_off, undo_popped)
         ids: list[int] = []
         self.last_delivered_ids = ids
         parts: list[bytes] = []
@@ -230,7 +226,7 @@ class IOQueue:
         """Put back what the latest read took (its reply could not be delivered)."""
         if self._undo is None:
             return
-        lo, off, popped, _ = self._undo
+        lo, off, popped = self._undo
         self._undo = None
         cur = self._leftover
         # Every popped item, and a finished leftover, counted as delivered unless it is the

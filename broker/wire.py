@@ -21,8 +21,6 @@ EOF = b"E"
 TIMEOUT = b"T"
 ERROR = b"X"
 
-REQUEST_OPS = frozenset({OPEN, CLOSE, READ, WRITE, VERSION, STATS})
-
 #: u32 little-endian: R's max_bytes and timeout_ms frames.
 U32 = struct.Struct("<I")
 
