@@ -28,7 +28,8 @@ import msgspec
 
 from broker import wire
 from broker.ioqueue import IOQueue, PushResult
-from broker.logring import LogRing, source_tag
+from broker.logring import LogRing
+from deploy.logs import source_tag
 from protocol.commands import VerdictCommand, decode_command
 from protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity
 from protocol.errors import ProtocolError

@@ -7,23 +7,15 @@ and order is never scrambled.
 
 from __future__ import annotations
 
-import sys
 from collections import deque
 
+from deploy.logs import source_tag
 from protocol.enums import Severity
 from protocol.infos import LogLine
 
 RING_SLOTS = 1024
 #: Longest text kept; the kext's lines are ~650 bytes at most.
 MAX_LINE = 1000
-
-
-def source_tag(depth: int = 1) -> str:
-    """`file:line` of the caller, the prefix the kext puts on every line (`src/device.rs:201`)."""
-    frame = sys._getframe(depth + 1)
-    path = frame.f_code.co_filename
-    idx = path.rfind("broker/")
-    return f"{path[idx:] if idx >= 0 else path.rsplit('/', 1)[-1]}:{frame.f_lineno}"
 
 
 def clean_line(text: str) -> str:

@@ -9,11 +9,9 @@ an end is recorded once (§15.8), and expiry uses a monotonic clock (§15.9).
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from deploy.logs import source_tag
 from protocol import messages as m
 from protocol.commands import (
     CleanEndedConnectionsCommand,
@@ -34,7 +32,6 @@ from protocol.infos import (
 
 _CACHED_PROTOCOLS = frozenset({IpProtocol.TCP, IpProtocol.UDP})
 _SECOND = 1_000_000_000
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -72,12 +69,7 @@ class Outbox:
 
 def _log(out: Outbox, severity: Severity, message: str) -> None:
     """Queue a kext-style log line, "file:line message", with the caller's location."""
-    frame = sys._getframe(1)
-    try:
-        where = Path(frame.f_code.co_filename).resolve().relative_to(_ROOT)
-    except ValueError:
-        where = Path(frame.f_code.co_filename).name
-    out.to_broker.append(m.Log(severity, f"{where}:{frame.f_lineno} {message}"))
+    out.to_broker.append(m.Log(severity, f"{source_tag(1)} {message}"))
 
 
 class AleCore:
@@ -283,6 +275,3 @@ class AleCore:
             del self.connections[flow]
         self.counters["expired"] += len(gone)
         return Outbox()
-
-    def pending_ids(self) -> Iterable[int]:
-        return self.pending.keys()

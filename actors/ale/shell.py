@@ -76,11 +76,17 @@ class AleShell:
         for msg in batch:
             self.broker.send(m.encode(msg))
 
-    def _on_capture(self, ident: bytes, payload: bytes) -> None:
+    @staticmethod
+    def _decode(payload: bytes, source: str) -> m.Message | None:
         try:
-            msg = m.decode(payload)
+            return m.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("garbage from capture dropped: %s", exc)
+            log.warning("garbage from %s dropped: %s", source, exc)
+            return None
+
+    def _on_capture(self, ident: bytes, payload: bytes) -> None:
+        msg = self._decode(payload, "capture")
+        if msg is None:
             return
         now = time.monotonic_ns()
         if isinstance(msg, m.PacketHeld):
@@ -99,10 +105,8 @@ class AleShell:
             log.warning("unexpected %s from capture dropped", type(msg).__name__)
 
     def _on_broker(self, payload: bytes) -> None:
-        try:
-            msg = m.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("garbage from broker dropped: %s", exc)
+        msg = self._decode(payload, "broker")
+        if msg is None:
             return
         now = time.monotonic_ns()
         if isinstance(msg, m.Command):
