@@ -14,9 +14,11 @@ What needs Python (kext-spec §4, §5.2, §7, §9, improved per §15):
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 
+from actors.capture import filters
 from actors.capture import packets as pk
 from actors.capture.packets import Parsed
 from protocol.enums import Direction, Verdict
@@ -98,7 +100,7 @@ class Config:
     tunnel_port: int = 717
     split_tunnel_port: int = 719
     #: Above this many per-packet local ports, divert all TCP (filters hold ~250 terms).
-    max_filter_ports: int = 96
+    max_filter_ports: int = filters.MAX_PORTS
     #: A held packet nobody decides is dropped after this (the ALE's own timeout is 10 s).
     hold_ttl_ns: int = 30_000_000_000
     #: Past this many held packets new ones are dropped (fail closed, bounded memory).
@@ -219,7 +221,9 @@ class CaptureCore:
         if excl and (p.sport in excl or p.dport in excl):
             c["passed"] += 1
             return [Pass(token)]
-        redirect = self._replies.get((proto, p.src, p.sport, p.dst, p.dport))
+        # Only build the reply key while some redirect exists (rare; this runs per packet).
+        redirect = (self._replies.get((proto, p.src, p.sport, p.dst, p.dport))
+                    if self._replies else None)
         if redirect is not None:
             # A redirect target answering the app: make it look like the host it contacted.
             c["rerouted"] += 1
@@ -253,7 +257,7 @@ class CaptureCore:
             return self._ask(token, raw, p, flow, outbound, loopback, now_ns, retrans=True)
         if verdict is Verdict.PERMANENT_ACCEPT:
             c["passed"] += 1
-            if proto == pk.TCP and flow not in self.live:
+            if proto == pk.TCP:
                 self.live.add(flow)  # may become established: an Update must divert it
             return [Pass(token)]
         if not verdict.is_permanent:
@@ -497,7 +501,12 @@ class CaptureCore:
         """Expire held packets and forgotten connections; call a few times per second."""
         out: list[Action] = []
         ttl = self.config.hold_ttl_ns
-        for seq in [s for s, h in self.held.items() if now_ns - h.seen_ns > ttl]:
+        expired = []
+        for seq, h in self.held.items():  # seq order is arrival order: stop at the first young
+            if now_ns - h.seen_ns <= ttl:
+                break
+            expired.append(seq)
+        for seq in expired:
             h = self.held.pop(seq)
             self._unpend(h.flow)
             if h.retrans_key is not None and self._retrans.get(h.retrans_key) == seq:
@@ -537,8 +546,6 @@ class CaptureCore:
 
 
 def _fmt(flow: Flow) -> str:
-    import ipaddress
-
     try:
         lip = ipaddress.ip_address(flow.local_ip)
         rip = ipaddress.ip_address(flow.remote_ip)

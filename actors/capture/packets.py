@@ -40,6 +40,8 @@ class Parsed:
     dst: bytes
     #: Offset of the transport header (after IPv4 options / IPv6 extension headers).
     l4: int
+    #: End of the IP packet within the buffer (the header's length, or the buffer for GSO).
+    end: int
     sport: int = 0
     dport: int = 0
     #: TCP flags byte (0 for other protocols).
@@ -75,7 +77,7 @@ def parse(raw: bytes | bytearray | memoryview) -> Parsed | None:
         dst = bytes(raw[16:20])
         frag_off = _H.unpack_from(raw, 6)[0] & 0x1FFF
         if frag_off:
-            return Parsed(4, proto, src, dst, ihl, fragment=True)
+            return Parsed(4, proto, src, dst, ihl, end, fragment=True)
         return _transport(4, proto, src, dst, raw, ihl, end)
     if version == 6:
         if n < 40:
@@ -92,7 +94,7 @@ def parse(raw: bytes | bytearray | memoryview) -> Parsed | None:
             nxt = raw[off]
             if proto == 44:  # fragment header, fixed 8 bytes
                 if _H.unpack_from(raw, off + 2)[0] & 0xFFF8:
-                    return Parsed(6, nxt, src, dst, off + 8, fragment=True)
+                    return Parsed(6, nxt, src, dst, off + 8, end, fragment=True)
                 hlen = 8
             elif proto == 51:  # AH: length in 4-byte units minus 2
                 hlen = (raw[off + 1] + 2) * 4
@@ -116,17 +118,17 @@ def _transport(version: int, proto: int, src: bytes, dst: bytes,
         doff = (raw[l4 + 12] >> 4) * 4
         if doff < 20 or l4 + doff > end:
             return None
-        return Parsed(version, proto, src, dst, l4, sport, dport, raw[l4 + 13], seq, ack,
+        return Parsed(version, proto, src, dst, l4, end, sport, dport, raw[l4 + 13], seq, ack,
                       end - l4 - doff)
     if proto == UDP:
         if end < l4 + 8:
             return None
         sport, dport = _HH.unpack_from(raw, l4)
-        return Parsed(version, proto, src, dst, l4, sport, dport, payload_len=end - l4 - 8)
+        return Parsed(version, proto, src, dst, l4, end, sport, dport, payload_len=end - l4 - 8)
     if proto in (ICMP, ICMPV6):
         icmp_type = raw[l4] if end > l4 else -1
-        return Parsed(version, proto, src, dst, l4, icmp_type=icmp_type)
-    return Parsed(version, proto, src, dst, l4)
+        return Parsed(version, proto, src, dst, l4, end, icmp_type=icmp_type)
+    return Parsed(version, proto, src, dst, l4, end)
 
 
 # ---- checksums --------------------------------------------------------------------------------
@@ -199,14 +201,7 @@ def rewrite(raw: bytes | bytearray | memoryview, p: Parsed, *, src: bytes | None
             dport: int | None = None) -> bytearray:
     """A copy of the TCP/UDP packet with new addresses/ports and correct checksums (redirects)."""
     buf = bytearray(raw)
-    if p.version == 4:
-        sa, da = 12, 16
-        end = _H.unpack_from(buf, 2)[0]
-        end = end if p.l4 <= end <= len(buf) else len(buf)
-    else:
-        sa, da = 8, 24
-        plen = _H.unpack_from(buf, 4)[0]
-        end = 40 + plen if plen > 0 and 40 + plen <= len(buf) else len(buf)
+    sa, da = (12, 16) if p.version == 4 else (8, 24)
     if src is not None:
         buf[sa:sa + len(src)] = src
     if dst is not None:
@@ -215,7 +210,7 @@ def rewrite(raw: bytes | bytearray | memoryview, p: Parsed, *, src: bytes | None
         buf[p.l4:p.l4 + 2] = _H.pack(sport)
     if dport is not None:
         buf[p.l4 + 2:p.l4 + 4] = _H.pack(dport)
-    fix_checksums(buf, p.version, p.l4, p.protocol, end)
+    fix_checksums(buf, p.version, p.l4, p.protocol, p.end)
     return buf
 
 

@@ -298,8 +298,6 @@ class CaptureShell:
             return
         gen, ports = self._wanted
         self._wanted = None
-        if ports is not None and len(ports) > filters.MAX_PORTS:
-            ports = None
         filt = filters.build(ports, self.cfg.exclude_ports)
         ok, pos, msg = EBPFDivert.check_filter(filt)
         if not ok:
