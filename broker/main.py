@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         endpoint, actors_endpoint = args.endpoint, args.actors_endpoint
         if args.run_dir or endpoint is None or (
                 actors_endpoint is None and not endpoint.startswith("ipc://")):
-            run_dir = RuntimeDir(args.run_dir) if args.run_dir else RuntimeDir.for_instance()
+            run_dir = RuntimeDir.from_arg(args.run_dir)
             run_dir.create()
             endpoint = endpoint or run_dir.kext_endpoint
             actors_endpoint = actors_endpoint or run_dir.actors_endpoint

@@ -32,6 +32,11 @@ class RuntimeDir:
         base = root or default_root()
         return cls(base / (f"netns-{netns}" if netns else "host"))
 
+    @classmethod
+    def from_arg(cls, run_dir: Path | None) -> RuntimeDir:
+        """An actor's `--run-dir`, or the host instance's directory when it is not given."""
+        return cls(run_dir) if run_dir else cls.for_instance()
+
     def create(self) -> RuntimeDir:
         """Make the directory (and parents) with mode 0700, tightening it if it exists."""
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)

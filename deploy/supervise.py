@@ -347,12 +347,9 @@ def render_config(run: RuntimeDir, programs: Sequence[Program], env: dict[str, s
 
 
 def program_env(opts: UpOptions, endpoint: Endpoint) -> dict[str, str]:
-    """What every program gets: unbuffered logs and the instance it belongs to."""
-    env = {"PYTHONUNBUFFERED": "1", "KEXTLESS_RUN_DIR": str(opts.run_dir.path),
-           "KEXTLESS_ENDPOINT": endpoint.url}
-    if opts.netns is not None:
-        env["KEXTLESS_NETNS"] = opts.netns
-    return env
+    """What every program gets besides its argv (which names the run dir): unbuffered logs,
+    so each event line reaches supervisord's log at once."""
+    return {"PYTHONUNBUFFERED": "1"}
 
 
 # ---- supervisord's XML-RPC ----------------------------------------------------------------------

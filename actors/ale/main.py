@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
                    help="verdict for timed-out or refused packets (default Block)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    run = RuntimeDir(args.run_dir).create() if args.run_dir else RuntimeDir.for_instance().create()
+    run = RuntimeDir.from_arg(args.run_dir).create()
     logs.setup("ale", args.log_level)
     config = AleConfig(verdict_timeout_ns=int(args.verdict_timeout * 1e9),
                        default_verdict=args.default_verdict)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 from collections.abc import Callable
+from pathlib import Path
 
 from actors.capture.core import CaptureCore, Config
 from actors.capture.shell import CaptureShell, ShellConfig, install_signals
@@ -38,8 +38,8 @@ def _port(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kextless run capture", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", help="runtime directory (default: $KEXTLESS_RUN_DIR, else the "
-                                      "host instance's)")
+    ap.add_argument("--run-dir", type=Path, help="runtime directory (default: the host "
+                                                 "instance's)")
     ap.add_argument("--ale-endpoint", help="the ALE's ROUTER (default: <run-dir>/ale.sock)")
     ap.add_argument("--priority", type=int, default=0, help="divert handle priority")
     ap.add_argument("--exclude-port", type=_port, action="append", default=[],
@@ -61,14 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup("capture", args.log_level.upper())
     # pydivert logs every open/close with the whole filter; our own lines say it shorter.
     logging.getLogger("pydivert").setLevel(logging.WARNING)
-    if args.ale_endpoint:
-        endpoint = args.ale_endpoint
-    else:
-        from pathlib import Path
-
-        given = args.run_dir or os.environ.get("KEXTLESS_RUN_DIR")
-        run_dir = RuntimeDir(Path(given)) if given else RuntimeDir.for_instance()
-        endpoint = run_dir.ale_endpoint
+    endpoint = args.ale_endpoint or RuntimeDir.from_arg(args.run_dir).ale_endpoint
     excl = frozenset(args.exclude_port)
     core = CaptureCore(Config(
         exclude_ports=excl,

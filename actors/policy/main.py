@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     except RulesError as exc:
         log.error("%s", exc)
         return 2
-    run = RuntimeDir(args.run_dir) if args.run_dir else RuntimeDir.for_instance()
+    run = RuntimeDir.from_arg(args.run_dir)
     runner = PolicyRunner(args.endpoint or run.kext_endpoint, policy)
     signal.signal(signal.SIGTERM, lambda *_: runner.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: runner.stopping.set())
