@@ -136,6 +136,26 @@ print(json.dumps({"outcome": out, "sent": sent, "last_ok": last_ok, "t0": t0}), 
 """
 
 
+#: Receives one bulk stream; prints the bytes received and the CLOCK_MONOTONIC time of the
+#: last byte once the stream stops for 1.5 s (monotonic time is shared across namespaces).
+BULK_SINK = r"""
+import json, socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port)); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(1.5); total = 0; last = time.monotonic()
+try:
+    while True:
+        n = len(c.recv(1 << 20))
+        if not n: break
+        total += n; last = time.monotonic()
+except (socket.timeout, TimeoutError, OSError): pass
+print(json.dumps({"total": total, "last": last}), flush=True)
+"""
+
+
 def start_server(pair: NetnsPair, ns: str, port: int) -> subprocess.Popen[bytes]:
     proc = pair.popen(ns, [sys.executable, "-c", SERVER, str(port)])
     assert proc.stdout is not None
