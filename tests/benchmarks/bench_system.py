@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from protocol.enums import Verdict
+from tests import apps
 from tests.netns import NetnsPair
-from tests.system import traffic
 from tests.system.harness import Answerer, System, addr
 
 SINK = r"""
@@ -81,9 +81,10 @@ def measure(pair: NetnsPair, port: int, connects: int, bulk_seconds: float) -> d
 def update_block_ms(pair: NetnsPair, answerer: Answerer, port: int) -> float:
     """ms from UpdateV4(PermanentBlock) leaving the client until the last byte of an
     established, permanently accepted bulk transfer arrives (the issue asks <= 100)."""
-    sink = pair.popen(pair.b, [sys.executable, "-c", traffic.BULK_SINK, str(port)])
+    sink = pair.popen(pair.b, [sys.executable, "-c", apps.BULK_SINK, str(port)])
     assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
-    sender = pair.popen(pair.a, [sys.executable, "-c", traffic.BULK, pair.ip4_b, str(port), "8"])
+    sender = pair.popen(pair.a, [sys.executable, "-c", apps.BULK_SENDER, pair.ip4_b, str(port),
+                                 "8"])
     assert sender.stdout is not None
     local_port = json.loads(sender.stdout.readline())["local_port"]
     time.sleep(1.0)  # established and streaming, not through Python

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from protocol.enums import Direction, PayloadLayer, Verdict
+from tests import apps
 from tests.netns import NetnsPair
-from tests.system import traffic
 from tests.system.harness import Answerer, Conn, System, addr
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -98,13 +98,13 @@ def check_info(info: Conn, *, direction: Direction, proto: int, local: str, remo
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_outbound_tcp_permanent_accept(pair, answerer, port, v6) -> None:
     server_ip = pair.ip6_b if v6 else pair.ip4_b
-    traffic.start_server(pair, pair.b, port)
-    out = traffic.tcp_probe(pair, pair.a, server_ip, port)
-    assert out["outcome"] == "ok", out
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
+    out = apps.run(pair, pair.a, apps.TCP_CLIENT, server_ip, port, 3)
+    assert out["result"] == "ok", out
     (info,) = answerer.connections(flow_of(port, 6))
     check_info(info, direction=Direction.OUTBOUND, proto=6,
                local=pair.ip6_a if v6 else pair.ip4_a, remote=server_ip,
-               local_port=out["local_port"], remote_port=port)
+               local_port=out["local"][1], remote_port=port)
     tcp = info.payload[(40 if v6 else (info.payload[0] & 15) * 4):]
     assert tcp[13] & 0x12 == 0x02  # the held packet is the SYN
     # Later packets (SYN-ACK, data, echo, FIN) never became requests.
@@ -114,40 +114,39 @@ def test_outbound_tcp_permanent_accept(pair, answerer, port, v6) -> None:
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_inbound_tcp_permanent_accept(pair, answerer, port, v6) -> None:
-    traffic.start_server(pair, pair.a, port)
+    apps.start(pair, pair.a, apps.ECHO_SERVER, port)
     target = pair.ip6_a if v6 else pair.ip4_a
-    out = traffic.tcp_probe(pair, pair.b, target, port)
-    assert out["outcome"] == "ok", out
+    out = apps.run(pair, pair.b, apps.TCP_CLIENT, target, port, 3)
+    assert out["result"] == "ok", out
     (info,) = answerer.connections(flow_of(port, 6))
     check_info(info, direction=Direction.INBOUND, proto=6, local=target,
-               remote=out["local_ip"], local_port=port, remote_port=out["local_port"])
+               remote=out["local"][0], local_port=port, remote_port=out["local"][1])
 
 
 @pytest.mark.parametrize("verdict", [Verdict.PERMANENT_BLOCK, Verdict.BLOCK,
                                      Verdict.UNDETERMINABLE, Verdict.FAILED])
 def test_tcp_block_refuses_at_once(pair, answerer, port, verdict) -> None:
-    traffic.start_server(pair, pair.b, port)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: verdict
-    out = traffic.tcp_probe(pair, pair.a, pair.ip4_b, port, timeout=3)
-    assert out["outcome"] == "refused", out
+    out = apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 3)
+    assert out["result"] == "refused", out
     assert out["elapsed"] < 1.0
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_inbound_tcp_block_refuses_the_remote_client(pair, answerer, port, v6) -> None:
-    traffic.start_server(pair, pair.a, port)
+    apps.start(pair, pair.a, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: Verdict.PERMANENT_BLOCK
-    out = traffic.tcp_probe(pair, pair.b, pair.ip6_a if v6 else pair.ip4_a, port, timeout=3)
-    assert out["outcome"] == "refused", out
+    out = apps.run(pair, pair.b, apps.TCP_CLIENT, pair.ip6_a if v6 else pair.ip4_a, port, 3)
+    assert out["result"] == "refused", out
 
 
 @pytest.mark.parametrize("verdict", [Verdict.PERMANENT_DROP, Verdict.DROP])
 def test_tcp_drop_times_out(pair, answerer, port, verdict) -> None:
-    traffic.start_server(pair, pair.b, port)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: verdict
-    out = traffic.tcp_probe(pair, pair.a, pair.ip4_b, port, timeout=1.5)
-    assert out["outcome"] == "timeout", out
-    # The SYN retransmit within the timeout was asked about again only for a temporary Drop.
+    out = apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 1.5)
+    assert out["result"] == "timeout", out
     n = len(answerer.connections(flow_of(port, 6)))
     # A temporary Drop makes the SYN retransmitted after ~1 s a new request; a permanent one
     # is enforced locally without asking again.
@@ -164,31 +163,31 @@ def test_udp_outbound_verdicts(pair, answerer, v6) -> None:
              Verdict.PERMANENT_DROP: "timeout"}
     for verdict, expected in cases.items():
         p = next(_PORTS)
-        traffic.start_server(pair, pair.b, p)
+        apps.start(pair, pair.b, apps.ECHO_SERVER, p)
         answerer.decide = lambda info, v=verdict: v
-        out = traffic.udp_probe(pair, pair.a, server, p, timeout=1.0, count=3)
-        assert out["outcome"] == expected, (verdict, out)
+        out = apps.run(pair, pair.a, apps.UDP_CLIENT, server, p, 1.0, 3)
+        assert out["result"] == expected, (verdict, out)
         infos = answerer.connections(flow_of(p, 17))
         assert len(infos) == 1, (verdict, infos)  # permanent: one request for the flow
         check_info(infos[0], direction=Direction.OUTBOUND, proto=17,
                    local=pair.ip6_a if v6 else pair.ip4_a, remote=server,
-                   local_port=out["local_port"], remote_port=p)
+                   local_port=out["local"][1], remote_port=p)
 
 
 def test_udp_inbound_accept(pair, answerer, port) -> None:
-    traffic.start_server(pair, pair.a, port)
-    out = traffic.udp_probe(pair, pair.b, pair.ip4_a, port, count=3)
-    assert out == {**out, "outcome": "ok", "replies": 3}
+    apps.start(pair, pair.a, apps.ECHO_SERVER, port)
+    out = apps.run(pair, pair.b, apps.UDP_CLIENT, pair.ip4_a, port, 2, 3)
+    assert out["result"] == "ok" and len(out["replies"]) == 3, out
     (info,) = answerer.connections(flow_of(port, 17))
     check_info(info, direction=Direction.INBOUND, proto=17, local=pair.ip4_a,
-               remote=pair.ip4_b, local_port=port, remote_port=out["local_port"])
+               remote=pair.ip4_b, local_port=port, remote_port=out["local"][1])
 
 
 def test_temporary_accept_asks_for_every_packet(pair, answerer, port) -> None:
-    traffic.start_server(pair, pair.b, port)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: Verdict.ACCEPT
-    out = traffic.udp_probe(pair, pair.a, pair.ip4_b, port, count=4)
-    assert out["replies"] == 4, out
+    out = apps.run(pair, pair.a, apps.UDP_CLIENT, pair.ip4_b, port, 2, 4)
+    assert len(out["replies"]) == 4, out
     infos = answerer.connections(flow_of(port, 17))
     # 4 datagrams out and 4 replies in: each one its own request with its own id.
     assert len(infos) == 8, [(i.id, i.direction) for i in infos]
@@ -197,10 +196,10 @@ def test_temporary_accept_asks_for_every_packet(pair, answerer, port) -> None:
 
 
 def test_temporary_accept_tcp_data_packets_are_requests(pair, answerer, port) -> None:
-    traffic.start_server(pair, pair.b, port)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: Verdict.ACCEPT
-    out = traffic.tcp_probe(pair, pair.a, pair.ip4_b, port)
-    assert out["outcome"] == "ok", out
+    out = apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 3)
+    assert out["result"] == "ok", out
     infos = answerer.connections(flow_of(port, 6))
     # SYN, SYN-ACK, ACK, data, echo, ... all asked: far more than the single SYN.
     assert len(infos) >= 4
@@ -215,101 +214,55 @@ def test_icmp_echo_every_packet_is_a_request(pair, answerer, v6) -> None:
     proto = 58 if v6 else 1
     answerer.decide = lambda info: Verdict.PERMANENT_ACCEPT
     before = len(answerer.connections(lambda i: i.protocol == proto))
-    out = traffic.ping(pair, pair.a, target, count=2)
+    out = apps.run(pair, pair.a, apps.PING, target, 2, 2)
     assert out["replies"] == 2, out
     infos = answerer.connections(lambda i: i.protocol == proto)[before:]
     echo = [i for i in infos if i.remote_ip == addr(target)]
     assert len(echo) >= 4  # 2 requests out + 2 replies in, even with a permanent verdict
     assert all(i.local_port == 0 and i.remote_port == 0 for i in echo)
     answerer.decide = lambda info: Verdict.PERMANENT_DROP if info.protocol == proto else None
-    assert traffic.ping(pair, pair.a, target, timeout=0.7)["replies"] == 0
+    assert apps.run(pair, pair.a, apps.PING, target, 1, 0.7)["replies"] == 0
 
 
 # ---- redirects ----------------------------------------------------------------------------
 
-RESOLVER = r"""
-import json, socket, sys
-fam = socket.AF_INET6 if sys.argv[1] == "v6" else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM)
-s.bind(("::1" if fam == socket.AF_INET6 else "127.0.0.1", 53))
-print("ready", flush=True)
-data, peer = s.recvfrom(512)
-s.sendto(b"answer:" + data + b":" + json.dumps(list(peer[:2])).encode(), peer)
-"""
-
-UDP_QUERY = r"""
-import json, socket, sys
-host = sys.argv[1]
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(3)
-s.bind(("", 0)); lport = s.getsockname()[1]
-s.sendto(b"query", (host, 53))
-data, src = s.recvfrom(512)
-print(json.dumps({"data": data.decode(), "src": list(src[:2]), "local_port": lport}))
-"""
+def _outside(pair: NetnsPair, v6: bool) -> str:
+    """An address of b's that a's applications contact; redirects must send it elsewhere."""
+    return f"fd31:0:0:{pair.subnet:x}::99" if v6 else f"10.231.{pair.subnet}.99"
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_dns_redirect_to_local_resolver(pair, answerer, v6) -> None:
-    outside = f"fd31:0:0:{pair.subnet:x}::99" if v6 else f"10.231.{pair.subnet}.99"
-    resolver = pair.popen(pair.a, [sys.executable, "-c", RESOLVER, "v6" if v6 else "v4"])
-    assert resolver.stdout.readline().strip() == b"ready"
+    outside = _outside(pair, v6)
+    apps.start(pair, pair.a, apps.LOCAL_SERVICE, "::1" if v6 else "127.0.0.1", 53)
     answerer.decide = lambda info: (Verdict.REDIRECT_NAME_SERVER if info.remote_port == 53
                                     else Verdict.PERMANENT_ACCEPT)
-    res = pair.run(pair.a, [sys.executable, "-c", UDP_QUERY, outside], timeout=15)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
-    assert out["data"].startswith("answer:query:")
-    assert out["src"] == [outside, 53]  # the reply appears to come from the outside address
-    peer = json.loads(out["data"][len("answer:query:"):])
-    assert peer[1] == out["local_port"]  # the resolver saw the client's own source port
-
-
-TUNNEL_SERVER = r"""
-import json, socket, sys
-fam = socket.AF_INET6 if sys.argv[1] == "v6" else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 717)); s.listen(5)
-print("ready", flush=True)
-c, peer = s.accept()
-c.sendall(b"tunnel:" + json.dumps(list(peer[:2])).encode() + b"\n"); c.recv(10); c.close()
-"""
-
-TCP_TUNNEL_CLIENT = r"""
-import json, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(3)
-s.connect((host, port))
-data = s.makefile("rb").readline().decode()
-print(json.dumps({"data": data.strip(), "peer": list(s.getpeername()[:2]),
-                  "local": list(s.getsockname()[:2])}))
-"""
+    out = apps.run(pair, pair.a, apps.UDP_CLIENT, outside, 53, 3)
+    assert out["result"] == "ok", out
+    assert out["peer"] == [outside, 53]  # the reply appears to come from the outside address
+    # The resolver saw the client's own source address and port.
+    assert out["replies"] == [f"local-service saw {tuple(out['local'])!r}"]
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_tcp_redirect_to_tunnel(pair, answerer, port, v6) -> None:
-    outside = f"fd31:0:0:{pair.subnet:x}::99" if v6 else f"10.231.{pair.subnet}.99"
-    server = pair.popen(pair.a, [sys.executable, "-c", TUNNEL_SERVER, "v6" if v6 else "v4"])
-    assert server.stdout.readline().strip() == b"ready"
+    outside = _outside(pair, v6)
+    apps.start(pair, pair.a, apps.LOCAL_SERVICE, pair.ip6_a if v6 else pair.ip4_a, 717)
     answerer.decide = lambda info: (Verdict.REDIRECT_TUNNEL if info.remote_port == port
                                     else Verdict.PERMANENT_ACCEPT)
-    res = pair.run(pair.a, [sys.executable, "-c", TCP_TUNNEL_CLIENT, outside, str(port)],
-                   timeout=15)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    out = apps.run(pair, pair.a, apps.TCP_CLIENT, outside, port, 3)
+    assert out["result"] == "ok", out
     assert out["peer"] == [outside, port]  # the app still sees the host it contacted
-    seen = json.loads(out["data"][len("tunnel:"):])
-    assert seen == out["local"]  # the tunnel saw the client's own address and port
+    assert out["data"] == f"local-service saw {tuple(out['local'])!r}"
 
 
 # ---- updates, clear cache, shutdown, timeout ------------------------------------------------
 
 def test_update_blocks_established_bulk_transfer(pair, answerer, port) -> None:
-    sink = pair.popen(pair.b, [sys.executable, "-c", traffic.BULK_SINK, str(port)])
+    sink = pair.popen(pair.b, [sys.executable, "-c", apps.BULK_SINK, str(port)])
     assert sink.stdout.readline().strip() == b"ready"
-    sender = pair.popen(pair.a, [sys.executable, "-c", traffic.BULK, pair.ip4_b, str(port), "6"])
+    sender = pair.popen(pair.a, [sys.executable, "-c", apps.BULK_SENDER, pair.ip4_b,
+                                 str(port), "6"])
     first = json.loads(sender.stdout.readline())
     time.sleep(1.0)  # bulk data is flowing, not through Python
     system_client = answerer.client
@@ -324,49 +277,47 @@ def test_update_blocks_established_bulk_transfer(pair, answerer, port) -> None:
 
 
 def test_clear_cache_asks_existing_connections_again(pair, answerer, port) -> None:
-    traffic.start_server(pair, pair.b, port)
-    code = r"""
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-s.sendall(b"one"); assert s.recv(10) == b"one"
-print("connected", flush=True); sys.stdin.readline()
-s.sendall(b"two"); print(s.recv(10).decode(), flush=True)
-"""
-    client = pair.popen(pair.a, [sys.executable, "-c", code, pair.ip4_b, str(port)],
-                        stdin=subprocess.PIPE)
-    assert client.stdout.readline().strip() == b"connected"
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
+    client = pair.popen(pair.a, [sys.executable, "-c", apps.INTERACTIVE_TCP, pair.ip4_b,
+                                 str(port)], stdin=subprocess.PIPE)
+
+    def say(text: str) -> dict:
+        client.stdin.write(text.encode() + b"\n")
+        client.stdin.flush()
+        return json.loads(client.stdout.readline())
+
+    json.loads(client.stdout.readline())  # {"connected": ...}
+    assert say("one") == {"result": "ok", "data": "echo one"}
     assert len(answerer.connections(flow_of(port, 6))) == 1
     answerer.client.clear_cache()
     time.sleep(0.3)
-    client.stdin.write(b"go\n")
-    client.stdin.flush()
-    assert client.stdout.readline().strip() == b"two"
+    assert say("two") == {"result": "ok", "data": "echo two"}  # asked again, accepted
     again = answerer.wait_for(flow_of(port, 6), count=2)
     assert len(again) >= 2 and again[1].id > again[0].id
 
 
 def test_shutdown_blocks_pending_and_next_session_continues_ids(pair, system, port) -> None:
-    traffic.start_server(pair, pair.b, port)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     a = Answerer(system.endpoint)
     a.decide = lambda info: None  # leave every request pending
     a.start()
     try:
         result: dict[str, object] = {}
         t = threading.Thread(target=lambda: result.update(
-            traffic.tcp_probe(pair, pair.a, pair.ip4_b, port, timeout=8)))
+            apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 8)))
         t.start()
         (pending,) = a.wait_for(flow_of(port, 6))
         a.client.shutdown()
         t.join(timeout=15)
-        assert result["outcome"] == "refused", result  # PermanentBlock rejects at once
+        assert result["result"] == "refused", result  # PermanentBlock rejects at once
         assert result["elapsed"] < 5
     finally:
         a.stop()
     b = Answerer(system.endpoint).start()
     try:
         p2 = next(_PORTS)
-        traffic.start_server(pair, pair.b, p2)
-        assert traffic.tcp_probe(pair, pair.a, pair.ip4_b, p2)["outcome"] == "ok"
+        apps.start(pair, pair.b, apps.ECHO_SERVER, p2)
+        assert apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, p2, 3)["result"] == "ok"
         (info,) = b.connections(flow_of(p2, 6))
         assert info.id > pending.id
     finally:
@@ -374,39 +325,20 @@ def test_shutdown_blocks_pending_and_next_session_continues_ids(pair, system, po
 
 
 def test_verdict_timeout_applies_default(pair, answerer, port) -> None:
-    traffic.start_server(pair, pair.b, port)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: None
-    out = traffic.tcp_probe(pair, pair.a, pair.ip4_b, port, timeout=8)
+    out = apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 8)
     # The system runs with --verdict-timeout 3 and the default verdict Block (reject).
-    assert out["outcome"] == "refused", out
+    assert out["result"] == "refused", out
     assert 2.5 < out["elapsed"] < 6
 
 
-CONCURRENT = r"""
-import json, socket, sys, threading
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ok = []; barrier = threading.Barrier(n)
-def one():
-    barrier.wait()
-    try:
-        s = socket.create_connection((host, port), timeout=10); s.sendall(b"x")
-        ok.append(s.recv(1) == b"x"); s.close()
-    except OSError:
-        ok.append(False)
-ts = [threading.Thread(target=one) for _ in range(n)]
-[t.start() for t in ts]; [t.join() for t in ts]
-print(json.dumps({"ok": sum(ok)}))
-"""
-
-
 def test_two_hundred_concurrent_connections_each_decided(pair, answerer, port) -> None:
-    traffic.start_server(pair, pair.b, port)
-    res = pair.run(pair.a, [sys.executable, "-c", CONCURRENT, pair.ip4_b, str(port), "200"],
-                   timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["ok"] == 200
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
+    out = apps.run(pair, pair.a, apps.MANY_CONNECTS, pair.ip4_b, port, 200, 30, timeout=60)
+    assert (out["ok"], out["failed"]) == (200, 0), out
     infos = answerer.connections(flow_of(port, 6))
-    assert len({i.local_port for i in infos}) == 200
+    assert {i.local_port for i in infos} == set(out["ports"])
     assert len({i.id for i in infos}) == len(infos)
 
 
@@ -432,8 +364,8 @@ def _status(system: System) -> dict:  # type: ignore[type-arg]
 
 
 def test_ale_restart_never_reuses_ids(pair, system, answerer, port) -> None:
-    traffic.start_server(pair, pair.b, port)
-    assert traffic.tcp_probe(pair, pair.a, pair.ip4_b, port)["outcome"] == "ok"
+    apps.start(pair, pair.b, apps.ECHO_SERVER, port)
+    assert apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 3)["result"] == "ok"
     before = max(i.id for i in answerer.connections())
     (ale,) = [p for p in _status(system)["programs"] if p["name"] == "ale"]
     os.kill(ale["pid"], signal.SIGKILL)  # a crash; supervisord restarts it
@@ -446,9 +378,9 @@ def test_ale_restart_never_reuses_ids(pair, system, answerer, port) -> None:
     else:
         pytest.fail("the ALE was not restarted")
     p2 = next(_PORTS)
-    traffic.start_server(pair, pair.b, p2)
+    apps.start(pair, pair.b, apps.ECHO_SERVER, p2)
     deadline = time.monotonic() + 10  # capture re-announces itself once the ALE is back
-    while traffic.tcp_probe(pair, pair.a, pair.ip4_b, p2, timeout=2)["outcome"] != "ok":
+    while apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, p2, 2)["result"] != "ok":
         assert time.monotonic() < deadline, "no connection got through after the restart"
     after = answerer.connections(flow_of(p2, 6))
     assert after and min(i.id for i in after) > before

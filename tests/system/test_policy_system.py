@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from deploy.runtime import RuntimeDir
+from tests import apps
 from tests.netns import NetnsPair
-from tests.system import traffic
 from tests.system.harness import kextless
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -57,16 +57,16 @@ def policy_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ne
 def test_rules_decide_real_connections(policy_system: tuple[NetnsPair, Path]) -> None:
     pair, root = policy_system
     for port in (22001, 22002, 22004):
-        traffic.start_server(pair, pair.b, port)
-    blocked = traffic.tcp_probe(pair, pair.a, pair.ip4_b, 22001)
-    assert blocked["outcome"] == "refused", blocked
-    accepted = traffic.tcp_probe(pair, pair.a, pair.ip4_b, 22004)
-    assert accepted["outcome"] == "ok", accepted
-    dropped = traffic.udp_probe(pair, pair.a, pair.ip4_b, 22002, timeout=1.0)
-    assert dropped["outcome"] == "timeout", dropped
-    assert traffic.udp_probe(pair, pair.a, pair.ip4_b, 22004)["outcome"] == "ok"
+        apps.start(pair, pair.b, apps.ECHO_SERVER, port)
+    blocked = apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, 22001, 3)
+    assert blocked["result"] == "refused", blocked
+    accepted = apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, 22004, 3)
+    assert accepted["result"] == "ok", accepted
+    dropped = apps.run(pair, pair.a, apps.UDP_CLIENT, pair.ip4_b, 22002, 1)
+    assert dropped["result"] == "timeout", dropped
+    assert apps.run(pair, pair.a, apps.UDP_CLIENT, pair.ip4_b, 22004, 2)["result"] == "ok"
     log = (RuntimeDir.for_instance(pair.a, root=root).log_dir / "policy.log").read_text()
-    assert f":{accepted['local_port']} -> {pair.ip4_b}:22004 verdict=PermanentAccept" in log
+    assert f":{accepted['local'][1]} -> {pair.ip4_b}:22004 verdict=PermanentAccept" in log
     assert f" -> {pair.ip4_b}:22001 verdict=PermanentBlock" in log
 
 

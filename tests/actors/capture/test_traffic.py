@@ -16,7 +16,7 @@ import pytest
 
 from protocol.enums import Direction, Verdict
 from protocol.messages import CacheClear, CacheSet, Decision, Flow
-from tests.actors.capture import apps
+from tests import apps
 from tests.actors.capture.harness import CaptureEnv, capture_env
 
 pytestmark = [pytest.mark.root]

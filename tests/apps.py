@@ -1,4 +1,4 @@
-"""Tiny real applications for capture tests, run inside test namespaces.
+"""Tiny real applications for the real-traffic tests and benchmarks, run inside namespaces.
 
 Each client prints one JSON line with what the application saw: "ok" (data flowed),
 "refused" (ECONNREFUSED / RST at once), "reset", "timeout", plus the elapsed seconds.
@@ -220,6 +220,43 @@ threading.Thread(target=udp, daemon=True).start()
 threading.Thread(target=tcp, daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
+"""
+
+
+#: Connect, print {"local_port"}, then stream for `seconds` (no greeting needed).
+BULK_SENDER = r"""
+import json, socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(2)
+s.connect((host, port)); print(json.dumps({"local_port": s.getsockname()[1]}), flush=True)
+s.sendall(b"bulk"); chunk = b"x" * 65536; sent = 0; t0 = time.monotonic(); last_ok = t0
+try:
+    while time.monotonic() - t0 < seconds:
+        s.sendall(chunk); sent += len(chunk); last_ok = time.monotonic()
+    out = "completed"
+except (socket.timeout, TimeoutError): out = "stalled"
+except OSError as e: out = "error:" + (e.strerror or str(e))
+print(json.dumps({"outcome": out, "sent": sent, "last_ok": last_ok, "t0": t0}), flush=True)
+"""
+
+#: Receives one bulk stream; prints the bytes received and the CLOCK_MONOTONIC time of the
+#: last byte once the stream stops for 1.5 s (monotonic time is shared across namespaces).
+BULK_SINK = r"""
+import json, socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port)); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(1.5); total = 0; last = time.monotonic()
+try:
+    while True:
+        n = len(c.recv(1 << 20))
+        if not n: break
+        total += n; last = time.monotonic()
+except (socket.timeout, TimeoutError, OSError): pass
+print(json.dumps({"total": total, "last": last}), flush=True)
 """
 
 
