@@ -19,8 +19,8 @@ from typing import Any
 
 import zmq
 
-from broker import wire
-from protocol.commands import (
+from kextless.broker import wire
+from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
     ClearCacheCommand,
     GetBandwidthStatsCommand,
@@ -32,9 +32,9 @@ from protocol.commands import (
     VerdictCommand,
     encode_command,
 )
-from protocol.enums import Verdict
-from protocol.infos import Info
-from protocol.stream import DecodeError, InfoStreamDecoder
+from kextless.protocol.enums import Verdict
+from kextless.protocol.infos import Info
+from kextless.protocol.stream import DecodeError, InfoStreamDecoder
 
 #: Portmaster's read chunk is 1024 bytes; bigger reads cost the same round trip and carry more.
 DEFAULT_READ_SIZE = 64 * 1024

@@ -26,15 +26,15 @@ from typing import Any
 
 import msgspec
 
-from broker import wire
-from broker.ioqueue import IOQueue, PushResult
-from broker.logring import LogRing
-from deploy.logs import source_tag
-from protocol.commands import VerdictCommand, decode_command
-from protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity
-from protocol.errors import ProtocolError
-from protocol.infos import HEADER, HEADER_SIZE
-from protocol.messages import (
+from kextless.broker import wire
+from kextless.broker.ioqueue import IOQueue, PushResult
+from kextless.broker.logring import LogRing
+from kextless.protocol.logtag import source_tag
+from kextless.protocol.commands import VerdictCommand, decode_command
+from kextless.protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity
+from kextless.protocol.errors import ProtocolError
+from kextless.protocol.infos import HEADER, HEADER_SIZE
+from kextless.protocol.messages import (
     CONTRACT_VERSION,
     Command,
     Emit,

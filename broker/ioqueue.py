@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from enum import IntEnum
 
-from protocol.enums import InfoType
+from kextless.protocol.enums import InfoType
 
 #: The kext keeps packing while strictly more than this many bytes of the buffer are free.
 PACK_MIN_FREE = 5

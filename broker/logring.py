@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from deploy.logs import source_tag
-from protocol.enums import Severity
-from protocol.infos import LogLine
+from kextless.protocol.logtag import source_tag
+from kextless.protocol.enums import Severity
+from kextless.protocol.infos import LogLine
 
 RING_SLOTS = 1024
 #: Longest text kept; the kext's lines are ~650 bytes at most.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from broker.core import DEFAULT_QUEUE_BYTES, BrokerCore
-from broker.server import BrokerServer, ConfigError, CurveConfig
-from deploy import logs
-from deploy.runtime import RuntimeDir
+from kextless.broker.core import DEFAULT_QUEUE_BYTES, BrokerCore
+from kextless.broker.server import BrokerServer, ConfigError, CurveConfig
+from kextless.base import logs
+from kextless.base.rundir import RuntimeDir
 
 
 def _parser() -> argparse.ArgumentParser:

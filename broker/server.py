@@ -26,8 +26,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from broker import wire
-from broker.core import BrokerCore
+from kextless.broker import wire
+from kextless.broker.core import BrokerCore
 
 _SRCFD = 2  # ZMQ_SRCFD: the file descriptor a message arrived on (libzmq 4.x, deprecated)
 #: Messages handled per socket before looking at the other sockets again (fairness).

@@ -7,16 +7,16 @@ import importlib
 import sys
 
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "decode": ("protocol.dissect", "decode a captured info or command stream into JSON lines"),
-    "up": ("deploy.supervise", "start the whole system under supervisord"),
-    "down": ("deploy.supervise", "stop everything `up` started"),
-    "status": ("deploy.supervise", "show process states and broker counters"),
+    "decode": ("kextless.protocol.dissect", "decode a captured info or command stream into JSON lines"),
+    "up": ("kextless.deploy.supervise", "start the whole system under supervisord"),
+    "down": ("kextless.deploy.supervise", "stop everything `up` started"),
+    "status": ("kextless.deploy.supervise", "show process states and broker counters"),
 }
 _ACTORS: dict[str, str] = {
-    "broker": "broker.main",
-    "ale": "actors.ale.main",
-    "capture": "actors.capture.main",
-    "policy": "actors.policy.main",
+    "broker": "kextless.broker.main",
+    "ale": "kextless.actors.ale.main",
+    "capture": "kextless.actors.capture.main",
+    "policy": "kextless.actors.policy.main",
 }
 
 _USAGE = """usage: kextless <command> [args]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kextless: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(_SUBCOMMANDS[name][0])
-    if module.__name__ == "deploy.supervise":
+    if module.__name__ == "kextless.deploy.supervise":
         return int(module.main(name, rest) or 0)
     return int(module.main(rest) or 0)
 

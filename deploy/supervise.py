@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.runtime import RuntimeDir, default_root
+from kextless.base.rundir import RuntimeDir, default_root
 
 NETNS_DIR = Path("/var/run/netns")
 INSTANCE_FILE = "instance.json"
@@ -169,7 +169,7 @@ def validate(opts: UpOptions) -> Endpoint:
     if opts.verdict_timeout is not None and not 0 < opts.verdict_timeout <= 3600:
         raise UsageError("--verdict-timeout must be > 0 and <= 3600 seconds")
     if opts.default_verdict is not None:
-        from protocol.enums import Verdict
+        from kextless.protocol.enums import Verdict
 
         names = [v.kext_name for v in Verdict]
         if opts.default_verdict not in names:
@@ -255,7 +255,7 @@ def kextless_command() -> list[str]:
     script = Path(sys.executable).parent / "kextless"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "deploy.cli"]
+    return [sys.executable, "-m", "kextless.deploy.cli"]
 
 
 def ip_command() -> str:

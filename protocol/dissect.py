@@ -20,10 +20,10 @@ from typing import BinaryIO
 
 import msgspec
 
-from protocol.commands import command_size, command_to_json, decode_command
-from protocol.errors import ProtocolError
-from protocol.infos import info_to_json
-from protocol.stream import DecodeError, InfoStreamDecoder
+from kextless.protocol.commands import command_size, command_to_json, decode_command
+from kextless.protocol.errors import ProtocolError
+from kextless.protocol.infos import info_to_json
+from kextless.protocol.stream import DecodeError, InfoStreamDecoder
 
 #: Read size. Large enough to amortise per-call overhead, small enough to stay in cache.
 CHUNK = 64 * 1024

@@ -1,6 +1,6 @@
 """One import for the kext wire format: enums, infos, commands, the stream decoder."""
 
-from protocol.commands import (
+from kextless.protocol.commands import (
     COMMAND_SIZES,
     CleanEndedConnectionsCommand,
     ClearCacheCommand,
@@ -17,7 +17,7 @@ from protocol.commands import (
     decode_command,
     encode_command,
 )
-from protocol.enums import (
+from kextless.protocol.enums import (
     INTERFACE_VERSION,
     CommandType,
     Direction,
@@ -27,8 +27,8 @@ from protocol.enums import (
     Severity,
     Verdict,
 )
-from protocol.errors import ProtocolError
-from protocol.infos import (
+from kextless.protocol.errors import ProtocolError
+from kextless.protocol.infos import (
     HEADER_SIZE,
     BandwidthEntry,
     BandwidthStatsV4,
@@ -43,7 +43,7 @@ from protocol.infos import (
     encode_info,
     info_to_json,
 )
-from protocol.stream import DecodeError, InfoStreamDecoder
+from kextless.protocol.stream import DecodeError, InfoStreamDecoder
 
 __all__ = [
     "COMMAND_SIZES",

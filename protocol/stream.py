@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import msgspec
 
-from protocol.enums import InfoType
-from protocol.errors import ProtocolError
-from protocol.infos import HEADER, HEADER_SIZE, Info, decode_info_body
+from kextless.protocol.enums import InfoType
+from kextless.protocol.errors import ProtocolError
+from kextless.protocol.infos import HEADER, HEADER_SIZE, Info, decode_info_body
 
 #: Bodies larger than this are reported and skipped without being buffered, so a corrupt length
 #: field cannot make the decoder hold gigabytes. The kext's largest real records (bandwidth

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deploy.logs import source_tag
-from protocol import messages as m
-from protocol.commands import (
+from kextless.protocol.logtag import source_tag
+from kextless.protocol import messages as m
+from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
     ClearCacheCommand,
     Command,
@@ -22,8 +22,8 @@ from protocol.commands import (
     UpdateV6Command,
     VerdictCommand,
 )
-from protocol.enums import Direction, InfoType, IpProtocol, PayloadLayer, Severity, Verdict
-from protocol.infos import (
+from kextless.protocol.enums import Direction, InfoType, IpProtocol, PayloadLayer, Severity, Verdict
+from kextless.protocol.infos import (
     ConnectionEndEventV4,
     ConnectionEndEventV6,
     ConnectionIpv4,

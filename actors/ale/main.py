@@ -6,12 +6,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from actors.ale.core import AleConfig, AleCore
-from actors.ale.ids import IdReservation
-from actors.ale.shell import AleShell
-from deploy import logs
-from deploy.runtime import RuntimeDir
-from protocol.enums import Verdict
+from kextless.actors.ale.core import AleConfig, AleCore
+from kextless.actors.ale.ids import IdReservation
+from kextless.actors.ale.shell import AleShell
+from kextless.base import logs
+from kextless.base.rundir import RuntimeDir
+from kextless.protocol.enums import Verdict
 
 _VERDICTS = {v.kext_name: v for v in Verdict}
 

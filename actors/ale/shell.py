@@ -13,12 +13,12 @@ import time
 import msgspec
 import zmq
 
-from actors.ale.core import AleCore, Outbox
-from actors.ale.ids import IdReservation
-from protocol import messages as m
-from protocol.commands import decode_command
-from protocol.enums import CommandType
-from protocol.errors import ProtocolError
+from kextless.actors.ale.core import AleCore, Outbox
+from kextless.actors.ale.ids import IdReservation
+from kextless.protocol import messages as m
+from kextless.protocol.commands import decode_command
+from kextless.protocol.enums import CommandType
+from kextless.protocol.errors import ProtocolError
 
 log = logging.getLogger("ale")
 
@@ -113,7 +113,7 @@ class AleShell:
             try:
                 cmd = decode_command(msg.raw)
             except ProtocolError as exc:  # the broker validates; this is defence in depth
-                log.warning("bad command from broker dropped: %s", exc)
+                log.warning("bad command from kextless.broker dropped: %s", exc)
                 return
             self._flush(self.core.command(cmd, now))
         elif isinstance(msg, m.EmitRefused):
@@ -121,7 +121,7 @@ class AleShell:
         elif isinstance(msg, m.ConnectionEnded):
             self._flush(self.core.connection_ended(msg, now))
         else:
-            log.warning("unexpected %s from broker dropped", type(msg).__name__)
+            log.warning("unexpected %s from kextless.broker dropped", type(msg).__name__)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)

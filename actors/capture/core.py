@@ -18,11 +18,11 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field
 
-from actors.capture import filters
-from actors.capture import packets as pk
-from actors.capture.packets import Parsed
-from protocol.enums import Direction, Verdict
-from protocol.messages import CacheClear, CacheSet, CaptureReady, Decision, Flow, PacketHeld
+from kextless.actors.capture import filters
+from kextless.actors.capture import packets as pk
+from kextless.actors.capture.packets import Parsed
+from kextless.protocol.enums import Direction, Verdict
+from kextless.protocol.messages import CacheClear, CacheSet, CaptureReady, Decision, Flow, PacketHeld
 
 log = logging.getLogger("capture.core")
 

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.capture.core import CaptureCore, Config
-from actors.capture.shell import CaptureShell, ShellConfig, install_signals
-from deploy import logs
-from deploy.runtime import RuntimeDir
+from kextless.actors.capture.core import CaptureCore, Config
+from kextless.actors.capture.shell import CaptureShell, ShellConfig, install_signals
+from kextless.base import logs
+from kextless.base.rundir import RuntimeDir
 
 
 def _addr(version: int) -> Callable[[str], bytes]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from protocol.enums import IpProtocol
+from kextless.protocol.enums import IpProtocol
 
 TCP = int(IpProtocol.TCP)
 UDP = int(IpProtocol.UDP)

@@ -31,8 +31,8 @@ from pydivert.consts import Direction as DivertDirection
 from pydivert.ebpf import SHUTDOWN_RECV
 from zmq.utils.monitor import recv_monitor_message
 
-from actors.capture import filters
-from actors.capture.core import (
+from kextless.actors.capture import filters
+from kextless.actors.capture.core import (
     Action,
     CaptureCore,
     Drop,
@@ -42,7 +42,7 @@ from actors.capture.core import (
     SetFilter,
     ToAle,
 )
-from protocol.messages import decode, encode
+from kextless.protocol.messages import decode, encode
 
 log = logging.getLogger("capture")
 

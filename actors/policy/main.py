@@ -16,12 +16,12 @@ import threading
 import time
 from pathlib import Path
 
-from actors.policy.rules import Policy, RulesError, load
-from broker.client import KextClient, KextEOF, KextError, KextTimeout
-from deploy import logs
-from deploy.runtime import RuntimeDir
-from protocol.enums import Severity
-from protocol.infos import ConnectionIpv4, ConnectionIpv6, LogLine
+from kextless.actors.policy.rules import Policy, RulesError, load
+from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
+from kextless.base import logs
+from kextless.base.rundir import RuntimeDir
+from kextless.protocol.enums import Severity
+from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6, LogLine
 
 log = logging.getLogger("policy")
 

@@ -20,8 +20,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.enums import Direction, Verdict
-from protocol.infos import ConnectionIpv4, ConnectionIpv6
+from kextless.protocol.enums import Direction, Verdict
+from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6
 
 _VERDICTS = {v.kext_name: v for v in Verdict}
 _PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}

@@ -30,11 +30,12 @@ import zmq
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from broker import wire  # noqa: E402
-from broker.client import KextClient, KextTimeout  # noqa: E402
-from protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Verdict  # noqa: E402
-from protocol.infos import ConnectionIpv4  # noqa: E402
-from protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, encode  # noqa: E402
+from kextless.broker import wire  # noqa: E402
+from kextless.broker.client import KextClient, KextTimeout  # noqa: E402
+from kextless.protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Verdict  # noqa: E402
+from kextless.protocol.infos import ConnectionIpv4  # noqa: E402
+from kextless.protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, encode  # noqa: E402
+from tests.entry import KEXTLESS, KEXTLESS_MODULE
 
 _HEADER = struct.Struct("<BI")
 EMIT_BATCH = 64  # Emits per Emits message (docs/broker-wire.md §9)
@@ -327,7 +328,7 @@ def main() -> int:
     # BENCH_PROFILE=FILE runs the broker under cProfile (stats written on its clean stop).
     profile = os.environ.get("BENCH_PROFILE")
     prof = ["-m", "cProfile", "-o", profile] if profile else []
-    broker = subprocess.Popen([sys.executable, *prof, "-m", "deploy.cli", "run", "broker",
+    broker = subprocess.Popen([*(KEXTLESS_MODULE[:1] + prof + KEXTLESS_MODULE[1:] if prof else KEXTLESS), "run", "broker",
                                "--endpoint", endpoint, "--actors-endpoint", actors,
                                "--queue-bytes", str(512 * 1024 * 1024), "--log-level",
                                "WARNING"], cwd=REPO)

@@ -23,11 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from protocol.enums import Verdict
+from kextless.protocol.enums import Verdict
 from tests.actors.capture.ale_peer import AlePeer
+from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
-
-KEXTLESS = str(Path(sys.executable).with_name("kextless"))
 
 SINK = r"""
 import socket, sys, threading
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def start_capture() -> subprocess.Popen[bytes]:
                 with open(f"{tmp}/capture.log", "ab") as log:  # never a pipe nobody reads
-                    proc = pair.popen(pair.a, [KEXTLESS, "run", "capture", "--ale-endpoint",
+                    proc = pair.popen(pair.a, [*KEXTLESS, "run", "capture", "--ale-endpoint",
                                                endpoint, "--log-level", "WARNING"],
                                       stdout=subprocess.DEVNULL, stderr=log)
                 ale.ready.clear()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from protocol.enums import Verdict
+from kextless.protocol.enums import Verdict
 from tests import apps
 from tests.netns import NetnsPair
 from tests.system.harness import Answerer, System, addr

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import zmq
 
-from broker import wire
-from protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Severity
-from protocol.infos import (
+from kextless.broker import wire
+from kextless.protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Severity
+from kextless.protocol.infos import (
     BandwidthEntry,
     BandwidthStatsV4,
     ConnectionEndEventV4,
@@ -25,7 +24,8 @@ from protocol.infos import (
     Info,
     LogLine,
 )
-from protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, Message, decode, encode
+from kextless.protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, Message, decode, encode
+from tests.entry import KEXTLESS
 
 
 def conn(id_: int, payload: int = 0) -> ConnectionIpv4:
@@ -53,9 +53,6 @@ def kind(info: Info) -> InfoType:
     return info.TYPE
 
 
-# The installed `kextless` entry point (what the supervisor runs), else the same dispatcher.
-_ENTRY = Path(sys.executable).parent / "kextless"
-KEXTLESS = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "deploy.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 

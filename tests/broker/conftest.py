@@ -6,7 +6,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from broker_testlib import Broker, start_broker, stop_broker
+
+from tests.broker.broker_testlib import Broker, start_broker, stop_broker
 
 
 @pytest.fixture

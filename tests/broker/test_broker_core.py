@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from broker_testlib import bandwidth, conn, log
 
-import broker.core as core_mod
-from broker import wire
-from broker.core import BrokerCore, SessionState
-from broker.logring import RING_SLOTS, LogRing, clean_line
-from protocol.commands import decode_command
-from protocol.enums import CommandType, InfoType, Severity, Verdict
-from protocol.infos import Info, LogLine
-from protocol.messages import (
+import kextless.broker.core as core_mod
+from kextless.broker import wire
+from kextless.broker.core import BrokerCore, SessionState
+from kextless.broker.logring import RING_SLOTS, LogRing, clean_line
+from kextless.protocol.commands import decode_command
+from kextless.protocol.enums import CommandType, InfoType, Severity, Verdict
+from kextless.protocol.infos import Info, LogLine
+from kextless.protocol.messages import (
     CONTRACT_VERSION,
     Command,
     Emit,
@@ -26,7 +25,8 @@ from protocol.messages import (
     decode,
     encode,
 )
-from protocol.stream import InfoStreamDecoder
+from kextless.protocol.stream import InfoStreamDecoder
+from tests.broker.broker_testlib import bandwidth, conn, log
 
 OWNER = b"\x00owner"
 OTHER = b"\x00other"

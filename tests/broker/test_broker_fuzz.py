@@ -7,9 +7,9 @@ import random
 import time
 
 import zmq
-from broker_testlib import Broker, FakeActor, start_broker, stop_broker
 
-from broker import wire
+from kextless.broker import wire
+from tests.broker.broker_testlib import Broker, FakeActor, start_broker, stop_broker
 
 REPLY_OPS = {wire.OPEN, wire.CLOSE, wire.READ, wire.WRITE, wire.VERSION, wire.STATS, wire.EOF,
              wire.TIMEOUT, wire.ERROR}

@@ -6,14 +6,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from broker_testlib import bandwidth, conn, end, log
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.ioqueue import PACK_MIN_FREE, IOQueue, PushResult
-from protocol.enums import InfoType
-from protocol.infos import Info
-from protocol.stream import InfoStreamDecoder
+from kextless.broker.ioqueue import PACK_MIN_FREE, IOQueue, PushResult
+from kextless.protocol.enums import InfoType
+from kextless.protocol.infos import Info
+from kextless.protocol.stream import InfoStreamDecoder
+from tests.broker.broker_testlib import bandwidth, conn, end, log
 
 BIG = 1 << 30
 

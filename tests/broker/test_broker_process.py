@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from broker_testlib import (
-    KEXTLESS,
+
+from kextless.broker import wire
+from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
+from kextless.protocol.commands import decode_command
+from kextless.protocol.enums import CommandType, InfoType, Severity, Verdict
+from kextless.protocol.infos import LogLine
+from kextless.protocol.messages import Command, Emit, EmitRefused, Health
+from kextless.protocol.stream import InfoStreamDecoder
+from tests.broker.broker_testlib import (
     REPO,
     Broker,
     FakeActor,
@@ -26,14 +33,7 @@ from broker_testlib import (
     start_broker,
     stop_broker,
 )
-
-from broker import wire
-from broker.client import KextClient, KextEOF, KextError, KextTimeout
-from protocol.commands import decode_command
-from protocol.enums import CommandType, InfoType, Severity, Verdict
-from protocol.infos import LogLine
-from protocol.messages import Command, Emit, EmitRefused, Health
-from protocol.stream import InfoStreamDecoder
+from tests.entry import KEXTLESS
 
 ALE_OWNS = (CommandType.VERDICT, CommandType.UPDATE_V4, CommandType.UPDATE_V6,
             CommandType.CLEAR_CACHE, CommandType.SHUTDOWN, CommandType.CLEAN_ENDED_CONNECTIONS)

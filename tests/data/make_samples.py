@@ -10,7 +10,7 @@ import struct
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
-from protocol.kext import (
+from kextless.protocol.kext import (
     BandwidthEntry,
     BandwidthStatsV4,
     BandwidthStatsV6,

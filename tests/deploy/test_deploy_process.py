@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import cli, supervise
-from deploy.runtime import RuntimeDir
-from deploy.supervise import DeployError, Program, UpOptions
+from kextless.base.rundir import RuntimeDir
+from kextless.deploy import cli, supervise
+from kextless.deploy.supervise import DeployError, Program, UpOptions
 
 pytestmark = pytest.mark.root
 
@@ -312,7 +312,7 @@ def _present(names: set[str]) -> list[supervise.ActorSpec]:
             if a.name in names and importlib.util.find_spec(cli._ACTORS[a.name]) is not None]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("broker.main") is None, reason="no broker yet")
+@pytest.mark.skipif(importlib.util.find_spec("kextless.broker.main") is None, reason="no broker yet")
 def test_real_broker_ale_and_policy_register_and_stop_cleanly(
         inst: tuple[str, Path]) -> None:
     """The real actors that need no divert handle, under the config `up` renders for them."""
@@ -339,7 +339,7 @@ def test_real_broker_ale_and_policy_register_and_stop_cleanly(
     assert sockets_in(opts.run_dir.path) == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("broker.main") is None, reason="no broker yet")
+@pytest.mark.skipif(importlib.util.find_spec("kextless.broker.main") is None, reason="no broker yet")
 def test_tcp_endpoint_status_speaks_curve_to_the_real_broker(
         inst: tuple[str, Path], tmp_path: Path) -> None:
     import socket

@@ -16,8 +16,8 @@ import pytest
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
-from deploy import supervise
-from deploy.supervise import (
+from kextless.deploy import supervise
+from kextless.deploy.supervise import (
     ACTORS,
     ActorSpec,
     Program,

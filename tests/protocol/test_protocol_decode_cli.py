@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.kext import (
+from kextless.protocol.kext import (
     BandwidthEntry,
     BandwidthStatsV4,
     BandwidthStatsV6,
@@ -23,6 +23,7 @@ from protocol.kext import (
     LogLine,
     encode_info,
 )
+from tests.entry import KEXTLESS
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "tests" / "data" / "sample-infos.bin"
@@ -34,7 +35,7 @@ D6 = IPv6Address("2001:4860:4860::8888").packed
 
 
 def kextless(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, input=stdin,
+    return subprocess.run([*KEXTLESS, *args], cwd=REPO, input=stdin,
                           capture_output=True, timeout=60, check=False)
 
 
@@ -222,7 +223,7 @@ def _big_stream(path: Path, size: int) -> None:
 def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
     _big_stream(path, 4 * 1024 * 1024)
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "decode", "--infos", str(path)],
+    proc = subprocess.Popen([*KEXTLESS, "decode", "--infos", str(path)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     first = proc.stdout.readline()
@@ -243,7 +244,7 @@ print(status, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 def _peak_rss_kib(path: Path) -> int:
     """Peak RSS of one decode run, measured in a wrapper so no other child counts."""
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "deploy.cli", "decode",
+        [sys.executable, "-c", _PEAK_RSS, *KEXTLESS, "decode",
          "--infos", str(path)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout.split()
     assert out[0] == "0"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.kext import (
+from kextless.protocol.kext import (
     BandwidthEntry,
     BandwidthStatsV4,
     BandwidthStatsV6,

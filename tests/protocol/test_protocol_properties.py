@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.kext import (
+from kextless.protocol.kext import (
     COMMAND_SIZES,
     BandwidthEntry,
     BandwidthStatsV4,

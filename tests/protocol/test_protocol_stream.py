@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.kext import (
+from kextless.protocol.kext import (
     BandwidthEntry,
     BandwidthStatsV6,
     ConnectionEndEventV4,

@@ -18,19 +18,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.client import KextClient, KextEOF, KextError, KextTimeout
-from deploy.runtime import RuntimeDir
-from protocol.enums import Verdict
-from protocol.infos import ConnectionIpv4, ConnectionIpv6, Info
+from kextless.base.rundir import RuntimeDir
+from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
+from kextless.protocol.enums import Verdict
+from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6, Info
+from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
 
 Conn = ConnectionIpv4 | ConnectionIpv6
 Decide = Callable[[Conn], Verdict | None]
-
-
-def kextless() -> list[str]:
-    exe = Path(sys.executable).with_name("kextless")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "deploy.cli"]
 
 
 def addr(text: str) -> bytes:
@@ -118,7 +114,7 @@ class System:
         self.run = RuntimeDir.for_instance(pair.a, root=run_root)
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         res = subprocess.run(
-            [*kextless(), "up", "--netns", pair.a, "--no-policy", "--run-root", str(run_root),
+            [*KEXTLESS, "up", "--netns", pair.a, "--no-policy", "--run-root", str(run_root),
              *extra], capture_output=True, text=True, timeout=90, env=env)
         if res.returncode != 0:
             self.down()
@@ -127,7 +123,7 @@ class System:
 
     def down(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*kextless(), "down", "--netns", self.pair.a, "--run-root", str(self.run_root)],
+            [*KEXTLESS, "down", "--netns", self.pair.a, "--run-root", str(self.run_root)],
             capture_output=True, text=True, timeout=90)
 
     def logs(self) -> str:

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocol.enums import Direction, PayloadLayer, Verdict
+from kextless.protocol.enums import Direction, PayloadLayer, Verdict
 from tests import apps
+from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
 from tests.system.harness import Answerer, Conn, System, addr
 
@@ -343,8 +344,7 @@ def test_two_hundred_concurrent_connections_each_decided(pair, answerer, port) -
 
 
 def test_status_shows_processes_and_counters(system) -> None:
-    from tests.system.harness import kextless
-    res = subprocess.run([*kextless(), "status", "--netns", system.pair.a, "--run-root",
+    res = subprocess.run([*KEXTLESS, "status", "--netns", system.pair.a, "--run-root",
                           str(system.run_root), "--json"], capture_output=True, text=True,
                          timeout=30)
     assert res.returncode == 0, res.stderr
@@ -356,8 +356,7 @@ def test_status_shows_processes_and_counters(system) -> None:
 
 
 def _status(system: System) -> dict:  # type: ignore[type-arg]
-    from tests.system.harness import kextless
-    res = subprocess.run([*kextless(), "status", "--netns", system.pair.a, "--run-root",
+    res = subprocess.run([*KEXTLESS, "status", "--netns", system.pair.a, "--run-root",
                           str(system.run_root), "--json"], capture_output=True, text=True,
                          timeout=30)
     return json.loads(res.stdout)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from actors.ale.core import AleConfig, AleCore
-from protocol import messages as m
-from protocol.commands import (
+from kextless.actors.ale.core import AleConfig, AleCore
+from kextless.protocol import messages as m
+from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
     ClearCacheCommand,
     GetLogsCommand,
@@ -15,8 +15,13 @@ from protocol.commands import (
     UpdateV6Command,
     VerdictCommand,
 )
-from protocol.enums import Direction, InfoType, PayloadLayer, Severity, Verdict
-from protocol.infos import ConnectionEndEventV4, ConnectionIpv4, ConnectionIpv6, decode_info
+from kextless.protocol.enums import Direction, InfoType, PayloadLayer, Severity, Verdict
+from kextless.protocol.infos import (
+    ConnectionEndEventV4,
+    ConnectionIpv4,
+    ConnectionIpv6,
+    decode_info,
+)
 
 S = 1_000_000_000
 L4, R4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.ale.ids import BLOCK, IdReservation
+from kextless.actors.ale.ids import BLOCK, IdReservation
 
 
 def test_fresh_start_at_one_then_past_every_reserved_block(tmp_path: Path) -> None:

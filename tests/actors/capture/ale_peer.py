@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import zmq
 
-from protocol.enums import Verdict
-from protocol.messages import (
+from kextless.protocol.enums import Verdict
+from kextless.protocol.messages import (
     CacheSet,
     CaptureReady,
     Decision,

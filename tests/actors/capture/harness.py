@@ -12,12 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.enums import Verdict
-from protocol.messages import PacketHeld
+from kextless.protocol.enums import Verdict
+from kextless.protocol.messages import PacketHeld
 from tests.actors.capture.ale_peer import AlePeer
+from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
-
-KEXTLESS = str(Path(sys.executable).with_name("kextless"))
 
 
 @dataclass
@@ -83,7 +82,7 @@ def capture_env(policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str
             ns = pair.a if ns_side == "a" else pair.b
             log_path = Path(tmp) / "capture.log"
             with log_path.open("wb") as log_file:
-                proc = pair.popen(ns, [KEXTLESS, "run", "capture", "--ale-endpoint", endpoint,
+                proc = pair.popen(ns, [*KEXTLESS, "run", "capture", "--ale-endpoint", endpoint,
                                        "--log-level", os.environ.get("KLT_CAPTURE_LOG", "INFO"),
                                        *extra_args], stdout=subprocess.DEVNULL, stderr=log_file)
             env = CaptureEnv(pair, ale, proc, holder, log_path=log_path)

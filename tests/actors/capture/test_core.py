@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.capture import packets as pk
-from actors.capture.core import (
+from kextless.actors.capture import packets as pk
+from kextless.actors.capture.core import (
     CaptureCore,
     Config,
     Drop,
@@ -15,8 +15,8 @@ from actors.capture.core import (
     SetFilter,
     ToAle,
 )
-from protocol.enums import Direction, Verdict
-from protocol.messages import (
+from kextless.protocol.enums import Direction, Verdict
+from kextless.protocol.messages import (
     CacheClear,
     CacheSet,
     CaptureReady,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from pydivert import EBPFDivert, Packet
 
-from actors.capture import filters
+from kextless.actors.capture import filters
 from tests.actors.capture import crafted as c
 
 L, R = "10.0.0.1", "10.0.0.2"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.capture.main import parser
+from kextless.actors.capture.main import parser
 
 
 def test_defaults_are_the_kexts() -> None:
@@ -31,7 +31,7 @@ def test_bad_flags_are_refused(bad: list[str]) -> None:
 
 
 def test_risky_macs_are_reported(tmp_path: Path) -> None:
-    from actors.capture.shell import warn_risky_macs
+    from kextless.actors.capture.shell import warn_risky_macs
 
     for name, mac in (("lo", "00:00:00:00:00:00"), ("eth0", "66:00:00:00:00:01"),
                       ("eth1", "02:00:00:00:00:01"), ("eth2", "4e:00:00:00:00:01")):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.capture import packets as pk
+from kextless.actors.capture import packets as pk
 from tests.actors.capture import crafted as c
 from tests.actors.capture.crafted import a
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from protocol.enums import Direction, Verdict
-from protocol.messages import CacheClear, CacheSet, Decision, Flow
+from kextless.protocol.enums import Direction, Verdict
+from kextless.protocol.messages import CacheClear, CacheSet, Decision, Flow
 from tests import apps
 from tests.actors.capture.harness import CaptureEnv, capture_env
 

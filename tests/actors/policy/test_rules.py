@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from actors.policy.rules import RulesError, load, parse
-from protocol.enums import Direction, PayloadLayer, Verdict
-from protocol.infos import ConnectionIpv4, ConnectionIpv6
+from kextless.actors.policy.rules import RulesError, load, parse
+from kextless.protocol.enums import Direction, PayloadLayer, Verdict
+from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6
 
 RULES = """
 default = "PermanentBlock"
