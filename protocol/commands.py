@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import msgspec
 
-from protocol.enums import CommandType, Verdict
-from protocol.errors import ProtocolError
+from kextless.protocol.enums import CommandType, Verdict
+from kextless.protocol.errors import ProtocolError
 
 _VERDICT = struct.Struct("<QB")  # 9
 _UPDATE_V4 = struct.Struct("<B4sH4sHB")  # 14
@@ -136,9 +136,9 @@ def encode_command(cmd: Command) -> bytes:
     """The command's wire bytes. Raises ProtocolError on out-of-range fields."""
     try:
         t = cmd.TYPE
-        if t == CommandType.VERDICT:
+        if isinstance(cmd, VerdictCommand):
             return bytes((t,)) + _VERDICT.pack(cmd.id, Verdict(cmd.verdict))
-        if t == CommandType.UPDATE_V4 or t == CommandType.UPDATE_V6:
+        if isinstance(cmd, UpdateV4Command | UpdateV6Command):
             size = 4 if t == CommandType.UPDATE_V4 else 16
             for name in ("local_address", "remote_address"):
                 raw = getattr(cmd, name)

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import msgspec
 
-from protocol.enums import Direction, InfoType, PayloadLayer, Severity
-from protocol.errors import ProtocolError
+from kextless.protocol.enums import Direction, InfoType, PayloadLayer, Severity
+from kextless.protocol.errors import ProtocolError
 
 HEADER = struct.Struct("<BI")
 HEADER_SIZE = HEADER.size  # 5
@@ -230,7 +230,9 @@ def _u8_enum(cls: type[IntEnum], value: int) -> int:
         return value
 
 
-def _decode_connection(body: bytes, s: struct.Struct, cls: type, kind: str) -> Info:
+def _decode_connection(
+    body: bytes, s: struct.Struct, cls: type[ConnectionIpv4 | ConnectionIpv6], kind: str
+) -> Info:
     if len(body) < s.size:
         raise ProtocolError(f"{kind}: body of {len(body)} bytes is shorter than {s.size}")
     (id_, pid, direction, proto, local, remote, lport, rport, layer, n) = s.unpack_from(body)
@@ -242,14 +244,18 @@ def _decode_connection(body: bytes, s: struct.Struct, cls: type, kind: str) -> I
                _u8_enum(PayloadLayer, layer), bytes(body[s.size:]))
 
 
-def _decode_end(body: bytes, s: struct.Struct, cls: type, kind: str) -> Info:
+def _decode_end(
+    body: bytes, s: struct.Struct, cls: type[ConnectionEndEventV4 | ConnectionEndEventV6], kind: str
+) -> Info:
     if len(body) != s.size:
         raise ProtocolError(f"{kind}: body is {len(body)} bytes, expected {s.size}")
     pid, direction, proto, local, remote, lport, rport = s.unpack(body)
     return cls(pid, _u8_enum(Direction, direction), proto, local, remote, lport, rport)
 
 
-def _decode_bandwidth(body: bytes, entry: struct.Struct, cls: type, kind: str) -> Info:
+def _decode_bandwidth(
+    body: bytes, entry: struct.Struct, cls: type[BandwidthStatsV4 | BandwidthStatsV6], kind: str
+) -> Info:
     if len(body) < _BW_HEAD.size:
         raise ProtocolError(f"{kind}: body of {len(body)} bytes is shorter than 5")
     proto, count = _BW_HEAD.unpack_from(body)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
-from protocol.enums import CommandType, Direction, InfoType, Severity, Verdict
+from kextless.protocol.enums import CommandType, Direction, InfoType, Severity, Verdict
 
 CONTRACT_VERSION = 1
 
@@ -41,7 +41,7 @@ class _Msg(msgspec.Struct, tag=True, tag_field="msg", array_like=True, frozen=Tr
 # ---- every actor <-> broker -------------------------------------------------------------------
 
 
-class Hello(_Msg):
+class Hello(_Msg, frozen=True):
     """First message an actor sends the broker (and again after a reconnect)."""
 
     actor: str
@@ -50,7 +50,7 @@ class Hello(_Msg):
     owns: tuple[CommandType, ...] = ()
 
 
-class Health(_Msg):
+class Health(_Msg, frozen=True):
     """Periodic liveness and counters; the broker shows them in its status."""
 
     actor: str
@@ -58,14 +58,14 @@ class Health(_Msg):
     counters: dict[str, float]
 
 
-class Log(_Msg):
+class Log(_Msg, frozen=True):
     """A line for the kext's log ring; Portmaster fetches it with GetLogs."""
 
     severity: Severity
     line: str
 
 
-class Emit(_Msg):
+class Emit(_Msg, frozen=True):
     """Queue an encoded info for Portmaster. `id` is the pending id of connection infos."""
 
     kind: InfoType
@@ -73,20 +73,20 @@ class Emit(_Msg):
     id: int = 0
 
 
-class Emits(_Msg):
+class Emits(_Msg, frozen=True):
     """Several Emits in one message, queued in order: one frame and one decode for a batch."""
 
     emits: tuple[Emit, ...]
 
 
-class EmitRefused(_Msg):
+class EmitRefused(_Msg, frozen=True):
     """Broker -> emitter: the queue could not take this connection info (apply the default)."""
 
     id: int
     reason: str
 
 
-class Command(_Msg):
+class Command(_Msg, frozen=True):
     """Broker -> owning actor: one validated kext command, still in kext wire format."""
 
     type: CommandType
@@ -97,7 +97,7 @@ class Command(_Msg):
 # ---- capture <-> ale --------------------------------------------------------------------------
 
 
-class PacketHeld(_Msg):
+class PacketHeld(_Msg, frozen=True):
     """Capture -> ALE: a packet is held and needs a decision (payload = whole IP packet)."""
 
     seq: int
@@ -108,25 +108,25 @@ class PacketHeld(_Msg):
     process_id: int = 0
 
 
-class Decision(_Msg):
+class Decision(_Msg, frozen=True):
     """ALE -> capture: what to do with held packets `seqs`, and the verdict they got."""
 
     seqs: tuple[int, ...]
     verdict: Verdict
 
 
-class CacheSet(_Msg):
+class CacheSet(_Msg, frozen=True):
     """ALE -> capture: the connection now has this verdict (also sent for Update commands)."""
 
     flow: Flow
     verdict: Verdict
 
 
-class CacheClear(_Msg):
+class CacheClear(_Msg, frozen=True):
     """ALE -> capture: forget every verdict; every live connection is asked again."""
 
 
-class CaptureReady(_Msg):
+class CaptureReady(_Msg, frozen=True):
     """Capture -> ALE at start: capture holds nothing from a previous life; resync caches."""
 
     pid: int
@@ -135,14 +135,14 @@ class CaptureReady(_Msg):
 # ---- lifecycle / bandwidth ----------------------------------------------------------------------
 
 
-class ConnectionEnded(_Msg):
+class ConnectionEnded(_Msg, frozen=True):
     flow: Flow
     direction: Direction
     process_id: int
     ended_ns: int
 
 
-class BandwidthDelta(_Msg):
+class BandwidthDelta(_Msg, frozen=True):
     flow: Flow
     transmitted: int
     received: int
@@ -166,7 +166,7 @@ Message = (
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 encode = _encoder.encode
 
