@@ -70,10 +70,16 @@ class _Sock:
 class KextClient:
     """A session on the broker's device. Use as a context manager: `with KextClient(ep) as k:`."""
 
-    def __init__(self, endpoint: str, *, request_timeout: float = 5.0,
-                 read_size: int = DEFAULT_READ_SIZE, context: zmq.Context | None = None,
-                 curve_server_key: bytes | None = None,
-                 curve_keypair: tuple[bytes, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        request_timeout: float = 5.0,
+        read_size: int = DEFAULT_READ_SIZE,
+        context: zmq.Context | None = None,
+        curve_server_key: bytes | None = None,
+        curve_keypair: tuple[bytes, bytes] | None = None,
+    ) -> None:
         """`curve_server_key` (z85 public key) and `curve_keypair` (public, secret) are needed
         only for a tcp:// broker with CURVE."""
         self.endpoint = endpoint
@@ -145,8 +151,9 @@ class KextClient:
                 raise KextEOF("client closed while waiting")
             if deadline is not None and time.monotonic() >= deadline:
                 self._forget(s)
-                raise KextTimeout(f"no reply to {frames[0].decode()} within {timeout} s "
-                                  f"from {self.endpoint}")
+                raise KextTimeout(
+                    f"no reply to {frames[0].decode()} within {timeout} s from {self.endpoint}"
+                )
 
     def _control_request(self, frames: list[bytes]) -> list[bytes]:
         with self._control_lock:
@@ -195,8 +202,9 @@ class KextClient:
     def __enter__(self) -> KextClient:
         return self.open()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def version(self) -> bytes:
@@ -272,15 +280,39 @@ class KextClient:
     def send_verdict(self, id_: int, verdict: Verdict) -> None:
         self.write(encode_command(VerdictCommand(id_, verdict)))
 
-    def send_update_v4(self, protocol: int, local_address: bytes, local_port: int,
-                       remote_address: bytes, remote_port: int, verdict: Verdict) -> None:
-        self.write(encode_command(UpdateV4Command(protocol, local_address, local_port,
-                                                  remote_address, remote_port, verdict)))
+    def send_update_v4(
+        self,
+        protocol: int,
+        local_address: bytes,
+        local_port: int,
+        remote_address: bytes,
+        remote_port: int,
+        verdict: Verdict,
+    ) -> None:
+        self.write(
+            encode_command(
+                UpdateV4Command(
+                    protocol, local_address, local_port, remote_address, remote_port, verdict
+                )
+            )
+        )
 
-    def send_update_v6(self, protocol: int, local_address: bytes, local_port: int,
-                       remote_address: bytes, remote_port: int, verdict: Verdict) -> None:
-        self.write(encode_command(UpdateV6Command(protocol, local_address, local_port,
-                                                  remote_address, remote_port, verdict)))
+    def send_update_v6(
+        self,
+        protocol: int,
+        local_address: bytes,
+        local_port: int,
+        remote_address: bytes,
+        remote_port: int,
+        verdict: Verdict,
+    ) -> None:
+        self.write(
+            encode_command(
+                UpdateV6Command(
+                    protocol, local_address, local_port, remote_address, remote_port, verdict
+                )
+            )
+        )
 
     def clear_cache(self) -> None:
         self.write(encode_command(ClearCacheCommand()))

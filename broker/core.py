@@ -29,11 +29,11 @@ import msgspec
 from kextless.broker import wire
 from kextless.broker.ioqueue import IOQueue, PushResult
 from kextless.broker.logring import LogRing
-from kextless.protocol.logtag import source_tag
 from kextless.protocol.commands import VerdictCommand, decode_command
 from kextless.protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity
 from kextless.protocol.errors import ProtocolError
 from kextless.protocol.infos import HEADER, HEADER_SIZE
+from kextless.protocol.logtag import source_tag
 from kextless.protocol.messages import (
     CONTRACT_VERSION,
     Command,
@@ -63,8 +63,9 @@ BROKER_COMMANDS = frozenset({CommandType.GET_LOGS, CommandType.PRINT_MEMORY_STAT
 #: Commands that succeed with nothing to do when no actor owns them: with no bandwidth or
 #: connection state kept anywhere there is nothing to report or clean, which is what the kext
 #: does with empty maps. Everything else unowned is rejected (Status.UNHANDLED).
-OPTIONAL_COMMANDS = frozenset({CommandType.SHUTDOWN, CommandType.GET_BANDWIDTH_STATS,
-                               CommandType.CLEAN_ENDED_CONNECTIONS})
+OPTIONAL_COMMANDS = frozenset(
+    {CommandType.SHUTDOWN, CommandType.GET_BANDWIDTH_STATS, CommandType.CLEAN_ENDED_CONNECTIONS}
+)
 
 _VERSION_REPLY = [wire.VERSION, INTERFACE_VERSION]
 _OK = bytes((wire.Status.OK,))
@@ -109,10 +110,16 @@ class BrokerCore:
         self.events: list[str] = []
         self.actors: dict[bytes, ActorInfo] = {}
         self.owners: dict[CommandType, tuple[bytes, ...]] = {}
-        self.sessions = {"opened": 0, "closed": 0, "shutdowns": 0, "busy_refused": 0,
-                         "owner_disconnects": 0}
+        self.sessions = {
+            "opened": 0,
+            "closed": 0,
+            "shutdowns": 0,
+            "busy_refused": 0,
+            "owner_disconnects": 0,
+        }
         self.commands: dict[str, dict[str, int]] = {
-            n: {"ok": 0, "malformed": 0, "unhandled": 0} for n in _CMD_NAMES.values()}
+            n: {"ok": 0, "malformed": 0, "unhandled": 0} for n in _CMD_NAMES.values()
+        }
         self.malformed_unknown = 0  # malformed commands whose type byte is unknown/absent
         self.frame_errors = 0
         self.actor_garbage = 0
@@ -121,8 +128,12 @@ class BrokerCore:
         self._latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self._warned_episode = 0
         self._handlers = {
-            wire.OPEN: self._op_open, wire.CLOSE: self._op_close, wire.READ: self._op_read,
-            wire.WRITE: self._op_write, wire.VERSION: self._op_version, wire.STATS: self._op_stats,
+            wire.OPEN: self._op_open,
+            wire.CLOSE: self._op_close,
+            wire.READ: self._op_read,
+            wire.WRITE: self._op_write,
+            wire.VERSION: self._op_version,
+            wire.STATS: self._op_stats,
         }
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -213,8 +224,11 @@ class BrokerCore:
         n = len(frames)
         if n not in (2, 3) or any(len(f) != 4 for f in frames[1:]):
             self.frame_errors += 1
-            self._error(peer, "R takes one u32 LE max_bytes frame and an optional u32 LE "
-                              "timeout_ms frame (4 bytes each)")
+            self._error(
+                peer,
+                "R takes one u32 LE max_bytes frame and an optional u32 LE "
+                "timeout_ms frame (4 bytes each)",
+            )
             return
         max_bytes = wire.U32.unpack(frames[1])[0]
         if not 1 <= max_bytes <= wire.MAX_READ_BYTES:
@@ -253,7 +267,7 @@ class BrokerCore:
                 # Forget the oldest half in one go: ids Portmaster never answered (or answered
                 # after a Shutdown) must not grow this map, and trimming one by one from the
                 # front of a dict is quadratic.
-                keep = list(at.items())[len(at) // 2:]
+                keep = list(at.items())[len(at) // 2 :]
                 self._delivered_at = dict(keep)
 
     def service(self, now_ns: int) -> None:
@@ -334,8 +348,12 @@ class BrokerCore:
         elif t not in OPTIONAL_COMMANDS:
             counts["unhandled"] += 1
             self.to_clients.append(
-                [peer, wire.WRITE, bytes((wire.Status.UNHANDLED,))
-                 + f"no actor handles {t.kext_name}".encode()])
+                [
+                    peer,
+                    wire.WRITE,
+                    bytes((wire.Status.UNHANDLED,)) + f"no actor handles {t.kext_name}".encode(),
+                ]
+            )
             return
         counts["ok"] += 1
         self.to_clients.append([peer, wire.WRITE, _OK])
@@ -346,8 +364,7 @@ class BrokerCore:
         else:
             self.malformed_unknown += 1
         self.log(Severity.ERROR, f"Malformed command rejected: {why}")
-        self.to_clients.append(
-            [peer, wire.WRITE, bytes((wire.Status.MALFORMED,)) + why.encode()])
+        self.to_clients.append([peer, wire.WRITE, bytes((wire.Status.MALFORMED,)) + why.encode()])
 
     def _shutdown(self, now_ns: int) -> None:
         self.sessions["shutdowns"] += 1
@@ -367,11 +384,13 @@ class BrokerCore:
     def _memory_line(self) -> str:
         q = self.queue
         rss = _rss_kib()
-        return (f"memory: rss {rss} KiB (peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
-                f" KiB); queue {len(q)} infos / {q.bytes} of {q.max_bytes} bytes "
-                f"(priority {q.depth_priority}, bulk {q.depth_bulk}, leftover "
-                f"{q.leftover_bytes} B); log ring {len(self.ring)} lines; "
-                f"latency ids tracked {len(self._delivered_at)}")
+        return (
+            f"memory: rss {rss} KiB (peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
+            f" KiB); queue {len(q)} infos / {q.bytes} of {q.max_bytes} bytes "
+            f"(priority {q.depth_priority}, bulk {q.depth_bulk}, leftover "
+            f"{q.leftover_bytes} B); log ring {len(self.ring)} lines; "
+            f"latency ids tracked {len(self._delivered_at)}"
+        )
 
     # ---- actor side ----------------------------------------------------------------------------
 
@@ -428,8 +447,11 @@ class BrokerCore:
                     else:
                         pushed |= self._push_outcome(actor, result, emit.id)
                     continue
-            self._garbage(info, f"Emit of kind {emit.kind} whose record ({n} bytes, header "
-                                f"{bytes(record[:HEADER_SIZE]).hex()}) does not match it")
+            self._garbage(
+                info,
+                f"Emit of kind {emit.kind} whose record ({n} bytes, header "
+                f"{bytes(record[:HEADER_SIZE]).hex()}) does not match it",
+            )
         return pushed
 
     def _new_actor(self, actor: bytes) -> ActorInfo:
@@ -464,22 +486,36 @@ class BrokerCore:
         q = self.queue
         if result is PushResult.REFUSED:
             if actor is not None:
-                self.to_actors.append([actor, encode(EmitRefused(
-                    id_, f"queue full ({q.bytes} of {q.max_bytes} bytes held by connection "
-                         "infos)"))])
+                self.to_actors.append(
+                    [
+                        actor,
+                        encode(
+                            EmitRefused(
+                                id_,
+                                f"queue full ({q.bytes} of {q.max_bytes} bytes held by connection "
+                                "infos)",
+                            )
+                        ),
+                    ]
+                )
             return False
         episodes = q.overflow_episodes
         if q.overflowing and episodes != self._warned_episode:
             self._warned_episode = episodes
-            self.log(Severity.WARNING,
-                     f"info queue full ({q.max_bytes} bytes): dropping the oldest bandwidth "
-                     "and log infos; see dropped counters")
+            self.log(
+                Severity.WARNING,
+                f"info queue full ({q.max_bytes} bytes): dropping the oldest bandwidth "
+                "and log infos; see dropped counters",
+            )
         return result is PushResult.QUEUED_AFTER_DROP
 
     def _hello(self, actor: bytes, info: ActorInfo, msg: Hello) -> None:
         if msg.contract != CONTRACT_VERSION:
-            self._garbage(info, f"Hello with contract {msg.contract}, broker speaks "
-                                f"{CONTRACT_VERSION}: ignored until it is upgraded")
+            self._garbage(
+                info,
+                f"Hello with contract {msg.contract}, broker speaks "
+                f"{CONTRACT_VERSION}: ignored until it is upgraded",
+            )
             return
         claimed = tuple(t for t in msg.owns if t not in BROKER_COMMANDS)
         # Actors repeat Hello as a keepalive; only a change is worth a log line.
@@ -529,15 +565,28 @@ class BrokerCore:
         return {
             "version": ".".join(str(b) for b in INTERFACE_VERSION),
             "pid": os.getpid(),
-            "queue": {"depth": len(q), "bytes": q.bytes, "capacity_bytes": q.max_bytes,
-                      "priority_depth": q.depth_priority, "bulk_depth": q.depth_bulk,
-                      "leftover_bytes": q.leftover_bytes, "overflowing": q.overflowing,
-                      "overflow_episodes": q.overflow_episodes},
-            "session": {"state": self.state.value, "reader_waiting": self.parked is not None,
-                        **self.sessions},
-            "infos": {"queued": by_type(q.queued), "delivered": by_type(q.delivered),
-                      "dropped": by_type(q.dropped), "refused": by_type(q.refused),
-                      "discarded": by_type(q.discarded)},
+            "queue": {
+                "depth": len(q),
+                "bytes": q.bytes,
+                "capacity_bytes": q.max_bytes,
+                "priority_depth": q.depth_priority,
+                "bulk_depth": q.depth_bulk,
+                "leftover_bytes": q.leftover_bytes,
+                "overflowing": q.overflowing,
+                "overflow_episodes": q.overflow_episodes,
+            },
+            "session": {
+                "state": self.state.value,
+                "reader_waiting": self.parked is not None,
+                **self.sessions,
+            },
+            "infos": {
+                "queued": by_type(q.queued),
+                "delivered": by_type(q.delivered),
+                "dropped": by_type(q.dropped),
+                "refused": by_type(q.refused),
+                "discarded": by_type(q.discarded),
+            },
             "commands": self.commands,
             "malformed_unknown_type": self.malformed_unknown,
             "reads": self.reads,
@@ -547,10 +596,16 @@ class BrokerCore:
             "connections_tracked": counters.get("connections"),
             "verdict_rtt_us": self.latency_quantiles_us(),
             "log_ring": {"lines": len(self.ring), "overwritten": self.ring.total_overwritten},
-            "actors": {a.name: {"pid": a.pid, "owns": [t.kext_name for t in a.owns],
-                                "messages": a.messages, "dropped": a.garbage,
-                                "last_seen_s_ago": round((now_ns - a.last_seen_ns) / 1e9, 3)}
-                       for a in self.actors.values()},
+            "actors": {
+                a.name: {
+                    "pid": a.pid,
+                    "owns": [t.kext_name for t in a.owns],
+                    "messages": a.messages,
+                    "dropped": a.garbage,
+                    "last_seen_s_ago": round((now_ns - a.last_seen_ns) / 1e9, 3),
+                }
+                for a in self.actors.values()
+            },
             "rss_kib": _rss_kib(),
         }
 
@@ -564,4 +619,3 @@ def _rss_kib() -> int:
     except OSError:
         pass
     return 0
-

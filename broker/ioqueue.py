@@ -24,8 +24,14 @@ from kextless.protocol.enums import InfoType
 #: The kext keeps packing while strictly more than this many bytes of the buffer are free.
 PACK_MIN_FREE = 5
 
-_PRIORITY_TYPES = frozenset({InfoType.CONNECTION_IPV4, InfoType.CONNECTION_IPV6,
-                             InfoType.CONNECTION_END_EVENT_V4, InfoType.CONNECTION_END_EVENT_V6})
+_PRIORITY_TYPES = frozenset(
+    {
+        InfoType.CONNECTION_IPV4,
+        InfoType.CONNECTION_IPV6,
+        InfoType.CONNECTION_END_EVENT_V4,
+        InfoType.CONNECTION_END_EVENT_V6,
+    }
+)
 _CONNECTION_TYPES = frozenset({InfoType.CONNECTION_IPV4, InfoType.CONNECTION_IPV6})
 _N_TYPES = len(InfoType)
 
@@ -172,7 +178,7 @@ class IOQueue:
             off = self._leftover_off
             rest = len(rec) - off
             if rest > free:
-                parts.append(rec[off:off + free])
+                parts.append(rec[off : off + free])
                 self._leftover_off = off + free
                 return parts[0]
             parts.append(rec[off:] if off else rec)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from kextless.protocol.logtag import source_tag
 from kextless.protocol.enums import Severity
 from kextless.protocol.infos import LogLine
+from kextless.protocol.logtag import source_tag
 
 RING_SLOTS = 1024
 #: Longest text kept; the kext's lines are ~650 bytes at most.
@@ -50,8 +50,13 @@ class LogRing:
         line if some were overwritten since the last flush."""
         out: list[bytes] = []
         if self.overwritten:
-            out.append(LogLine(Severity.WARNING, f"{source_tag(1)} log ring overflowed: "
-                               f"{self.overwritten} older lines were lost").encode())
+            out.append(
+                LogLine(
+                    Severity.WARNING,
+                    f"{source_tag(1)} log ring overflowed: "
+                    f"{self.overwritten} older lines were lost",
+                ).encode()
+            )
             self.overwritten = 0
         out.extend(LogLine(sev, text).encode() for sev, text in self._lines)
         self._lines.clear()

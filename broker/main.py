@@ -5,30 +5,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kextless.broker.core import DEFAULT_QUEUE_BYTES, BrokerCore
-from kextless.broker.server import BrokerServer, ConfigError, CurveConfig
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
+from kextless.broker.core import DEFAULT_QUEUE_BYTES, BrokerCore
+from kextless.broker.server import BrokerServer, ConfigError, CurveConfig
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kextless run broker",
-        description="Serve the kext device over ZeroMQ (docs/broker-wire.md).")
+        description="Serve the kext device over ZeroMQ (docs/broker-wire.md).",
+    )
     p.add_argument("--endpoint", help="client ROUTER endpoint (default: ipc://RUN_DIR/kext.sock)")
-    p.add_argument("--run-dir", type=Path,
-                   help="runtime directory (default: per-user, see deploy/runtime.py)")
-    p.add_argument("--actors-endpoint",
-                   help="actors ROUTER endpoint (default: ipc://RUN_DIR/actors.sock, or "
-                        "actors.sock beside an ipc --endpoint)")
-    p.add_argument("--queue-bytes", type=int, default=DEFAULT_QUEUE_BYTES,
-                   help=f"info queue capacity in bytes (default {DEFAULT_QUEUE_BYTES})")
-    p.add_argument("--curve-server-secret", type=Path,
-                   help="zmq.auth certificate file with the server's secret key (for tcp://)")
-    p.add_argument("--curve-clients", type=Path,
-                   help="directory of authorized client public-key certificates (for tcp://)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--run-dir", type=Path, help="runtime directory (default: per-user, see deploy/runtime.py)"
+    )
+    p.add_argument(
+        "--actors-endpoint",
+        help="actors ROUTER endpoint (default: ipc://RUN_DIR/actors.sock, or "
+        "actors.sock beside an ipc --endpoint)",
+    )
+    p.add_argument(
+        "--queue-bytes",
+        type=int,
+        default=DEFAULT_QUEUE_BYTES,
+        help=f"info queue capacity in bytes (default {DEFAULT_QUEUE_BYTES})",
+    )
+    p.add_argument(
+        "--curve-server-secret",
+        type=Path,
+        help="zmq.auth certificate file with the server's secret key (for tcp://)",
+    )
+    p.add_argument(
+        "--curve-clients",
+        type=Path,
+        help="directory of authorized client public-key certificates (for tcp://)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
@@ -40,20 +53,25 @@ def main(argv: list[str]) -> int:
             raise ConfigError("--queue-bytes must be at least 4096")
         if (args.curve_server_secret is None) != (args.curve_clients is None):
             raise ConfigError("CURVE needs both --curve-server-secret and --curve-clients")
-        curve = (CurveConfig(args.curve_server_secret, args.curve_clients)
-                 if args.curve_server_secret else None)
+        curve = (
+            CurveConfig(args.curve_server_secret, args.curve_clients)
+            if args.curve_server_secret
+            else None
+        )
         endpoint, actors_endpoint = args.endpoint, args.actors_endpoint
-        if args.run_dir or endpoint is None or (
-                actors_endpoint is None and not endpoint.startswith("ipc://")):
+        if (
+            args.run_dir
+            or endpoint is None
+            or (actors_endpoint is None and not endpoint.startswith("ipc://"))
+        ):
             run_dir = RuntimeDir.from_arg(args.run_dir)
             run_dir.create()
             endpoint = endpoint or run_dir.kext_endpoint
             actors_endpoint = actors_endpoint or run_dir.actors_endpoint
         if actors_endpoint is None:
             # Beside the client socket, in the same private directory.
-            actors_endpoint = f"ipc://{Path(endpoint[len('ipc://'):]).parent / 'actors.sock'}"
-        server = BrokerServer(BrokerCore(args.queue_bytes), endpoint, actors_endpoint, curve,
-                              log)
+            actors_endpoint = f"ipc://{Path(endpoint[len('ipc://') :]).parent / 'actors.sock'}"
+        server = BrokerServer(BrokerCore(args.queue_bytes), endpoint, actors_endpoint, curve, log)
         return server.run()
     except ConfigError as exc:
         log.error("%s", exc)

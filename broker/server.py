@@ -63,8 +63,10 @@ class CurveConfig:
             raise ConfigError(f"CURVE server secret file {server_secret_file} does not exist")
         public, secret = zmq.auth.load_certificate(server_secret_file)
         if not secret:
-            raise ConfigError(f"{server_secret_file} holds no secret key (use the "
-                              "*.key_secret file from zmq.auth.create_certificates)")
+            raise ConfigError(
+                f"{server_secret_file} holds no secret key (use the "
+                "*.key_secret file from zmq.auth.create_certificates)"
+            )
         if not clients_dir.is_dir():
             raise ConfigError(f"CURVE clients directory {clients_dir} does not exist")
         self.public = public
@@ -75,26 +77,31 @@ class CurveConfig:
 def check_endpoint(endpoint: str, curve: CurveConfig | None, what: str) -> None:
     """Refuse endpoints that would expose the control channel."""
     if endpoint.startswith("ipc://"):
-        if not endpoint[len("ipc://"):] or endpoint.startswith("ipc://@"):
-            raise ConfigError(f"{what} endpoint {endpoint!r}: give a filesystem path "
-                              "(abstract sockets have no permissions)")
+        if not endpoint[len("ipc://") :] or endpoint.startswith("ipc://@"):
+            raise ConfigError(
+                f"{what} endpoint {endpoint!r}: give a filesystem path "
+                "(abstract sockets have no permissions)"
+            )
         return
     if endpoint.startswith("tcp://"):
         if curve is None:
-            raise ConfigError(f"{what} endpoint {endpoint!r} refused: tcp:// is open to every "
-                              "process that can reach the port; configure CURVE with "
-                              "--curve-server-secret and --curve-clients, or use ipc://")
+            raise ConfigError(
+                f"{what} endpoint {endpoint!r} refused: tcp:// is open to every "
+                "process that can reach the port; configure CURVE with "
+                "--curve-server-secret and --curve-clients, or use ipc://"
+            )
         return
     if endpoint.startswith("inproc://"):
         return
-    raise ConfigError(f"{what} endpoint {endpoint!r}: only ipc:// and tcp:// (with CURVE) are "
-                      "supported")
+    raise ConfigError(
+        f"{what} endpoint {endpoint!r}: only ipc:// and tcp:// (with CURVE) are supported"
+    )
 
 
 def _prepare_ipc_dir(endpoint: str, log: logging.Logger) -> Path | None:
     if not endpoint.startswith("ipc://"):
         return None
-    path = Path(endpoint[len("ipc://"):])
+    path = Path(endpoint[len("ipc://") :])
     parent = path.parent
     if not parent.exists():
         parent.mkdir(parents=True, mode=0o700)
@@ -102,15 +109,24 @@ def _prepare_ipc_dir(endpoint: str, log: logging.Logger) -> Path | None:
     else:
         mode = stat.S_IMODE(parent.stat().st_mode)
         if mode & 0o077:
-            log.warning("directory %s is mode %o, not 0700: the socket itself is 0600, but "
-                        "prefer a private directory", parent, mode)
+            log.warning(
+                "directory %s is mode %o, not 0700: the socket itself is 0600, but "
+                "prefer a private directory",
+                parent,
+                mode,
+            )
     return path
 
 
 class BrokerServer:
-    def __init__(self, core: BrokerCore, endpoint: str, actors_endpoint: str,
-                 curve: CurveConfig | None = None,
-                 log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        core: BrokerCore,
+        endpoint: str,
+        actors_endpoint: str,
+        curve: CurveConfig | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
         check_endpoint(endpoint, curve, "client")
         check_endpoint(actors_endpoint, None, "actors")
         self.core = core
@@ -168,8 +184,12 @@ class BrokerServer:
         self._actors = actors
         self._bind(client, self.endpoint)
         self._bind(actors, self.actors_endpoint)
-        self.log.info("listening: clients at %s, actors at %s%s", self.endpoint,
-                      self.actors_endpoint, " (CURVE)" if self.curve else "")
+        self.log.info(
+            "listening: clients at %s, actors at %s%s",
+            self.endpoint,
+            self.actors_endpoint,
+            " (CURVE)" if self.curve else "",
+        )
 
     def request_stop(self, *_: object) -> None:
         self._stop = True
@@ -187,8 +207,9 @@ class BrokerServer:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        old_handlers = {s: signal.signal(s, self.request_stop)
-                        for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers = {
+            s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             self._loop(wake_r)
         finally:
@@ -252,8 +273,9 @@ class BrokerServer:
             try:
                 core.actor_message(frames[0], frames[1:], clock())
             except Exception:  # a bug must not take the firewall's control channel down
-                self.log.exception("actor message from %r crashed the handler; dropped",
-                                   frames[0][:64])
+                self.log.exception(
+                    "actor message from %r crashed the handler; dropped", frames[0][:64]
+                )
         self._flush()
 
     def _drain_clients(self) -> None:
@@ -312,8 +334,12 @@ class BrokerServer:
                     _send_multipart(send, msg)
                 except zmq.ZMQError as exc:
                     peer = msg[0]
-                    self.log.warning("reply %s to client %s not sent: %s", msg[1].decode(),
-                                     peer.hex(), exc.strerror)
+                    self.log.warning(
+                        "reply %s to client %s not sent: %s",
+                        msg[1].decode(),
+                        peer.hex(),
+                        exc.strerror,
+                    )
                     if msg[1] == wire.READ:
                         core.read_undeliverable(peer)
                     if exc.errno == errno.EHOSTUNREACH:
@@ -325,8 +351,7 @@ class BrokerServer:
                 try:
                     _send_multipart(send, msg)
                 except zmq.ZMQError as exc:
-                    self.log.warning("message to actor %r not sent: %s", msg[0][:64],
-                                     exc.strerror)
+                    self.log.warning("message to actor %r not sent: %s", msg[0][:64], exc.strerror)
                     if exc.errno == errno.EHOSTUNREACH:
                         core.actor_gone(msg[0])
         if core.events:
@@ -337,8 +362,11 @@ class BrokerServer:
             self._flush()  # replies created while handling send failures
 
     def close(self) -> None:
-        for sock in (getattr(self, "_monitor", None), getattr(self, "_client", None),
-                     getattr(self, "_actors", None)):
+        for sock in (
+            getattr(self, "_monitor", None),
+            getattr(self, "_client", None),
+            getattr(self, "_actors", None),
+        ):
             if sock is not None:
                 sock.close(linger=0 if sock is getattr(self, "_monitor", None) else 500)
         if self._auth is not None:

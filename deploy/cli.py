@@ -7,7 +7,10 @@ import importlib
 import sys
 
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "decode": ("kextless.protocol.dissect", "decode a captured info or command stream into JSON lines"),
+    "decode": (
+        "kextless.protocol.dissect",
+        "decode a captured info or command stream into JSON lines",
+    ),
     "up": ("kextless.deploy.supervise", "start the whole system under supervisord"),
     "down": ("kextless.deploy.supervise", "stop everything `up` started"),
     "status": ("kextless.deploy.supervise", "show process states and broker counters"),

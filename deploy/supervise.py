@@ -76,18 +76,19 @@ class Endpoint:
 def parse_endpoint(url: str) -> Endpoint:
     """Accept ipc://PATH and tcp://HOST:PORT only; anything else is a usage error."""
     if url.startswith("ipc://"):
-        path = url[len("ipc://"):]
+        path = url[len("ipc://") :]
         if not path.startswith("/"):
             raise UsageError(f"--endpoint {url!r}: an ipc endpoint needs an absolute path")
         if len(path.encode()) > _SOCKET_PATH_MAX:
             raise UsageError(f"--endpoint {url!r}: socket path longer than {_SOCKET_PATH_MAX}")
         return Endpoint(url, "ipc", path=Path(path))
     if url.startswith("tcp://"):
-        host, sep, port = url[len("tcp://"):].rpartition(":")
+        host, sep, port = url[len("tcp://") :].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(
                 f"--endpoint {url!r}: expected tcp://HOST:PORT with a fixed port 1-65535 "
-                "(capture must know the port to keep the control channel out of interception)")
+                "(capture must know the port to keep the control channel out of interception)"
+            )
         return Endpoint(url, "tcp", host=host, port=int(port))
     raise UsageError(f"--endpoint {url!r}: only ipc://PATH and tcp://HOST:PORT are supported")
 
@@ -125,7 +126,8 @@ def validate_netns(name: str) -> None:
     if not (NETNS_DIR / name).exists():
         raise UsageError(
             f"--netns {name!r}: no such network namespace ({NETNS_DIR / name} is missing; "
-            f"create it with `ip netns add {name}`)")
+            f"create it with `ip netns add {name}`)"
+        )
 
 
 def validate(opts: UpOptions) -> Endpoint:
@@ -138,22 +140,27 @@ def validate(opts: UpOptions) -> Endpoint:
     if any(c in str(run.path) for c in '"%\n\r\t') or re.search(r"\s[;#]", str(run.path)):
         raise UsageError(f"--run-root {str(opts.run_root)!r}: unusable characters in the path")
     # supervisord first binds "<socket>.<its pid>" and renames it, so leave room for that.
-    for sock, limit in ((run.supervisor_socket, _SOCKET_PATH_MAX - 8),
-                        (run.path / "kext.sock", _SOCKET_PATH_MAX)):
+    for sock, limit in (
+        (run.supervisor_socket, _SOCKET_PATH_MAX - 8),
+        (run.path / "kext.sock", _SOCKET_PATH_MAX),
+    ):
         if len(str(sock).encode()) > limit:
             raise UsageError(
                 f"--run-root: socket path {str(sock)!r} is longer than {limit} bytes; "
-                "choose a shorter --run-root")
+                "choose a shorter --run-root"
+            )
     endpoint = opts.client_endpoint()
     curve = (opts.curve_server_secret, opts.curve_clients)
     if endpoint.scheme == "tcp" and None in curve:
         raise UsageError(
             f"--endpoint {endpoint.url}: a tcp endpoint needs CURVE "
-            "(--curve-server-secret FILE and --curve-clients DIR); the broker refuses plain tcp")
+            "(--curve-server-secret FILE and --curve-clients DIR); the broker refuses plain tcp"
+        )
     if endpoint.scheme == "tcp" and opts.policy:
         raise UsageError(
             f"--endpoint {endpoint.url}: the built-in policy has no CURVE client options yet, "
-            "so it could not reach a tcp endpoint; add --no-policy and answer from your client")
+            "so it could not reach a tcp endpoint; add --no-policy and answer from your client"
+        )
     if endpoint.scheme == "ipc" and curve != (None, None):
         raise UsageError("--curve-* options only apply to a tcp:// endpoint")
     if opts.curve_server_secret is not None and not opts.curve_server_secret.is_file():
@@ -173,13 +180,16 @@ def validate(opts: UpOptions) -> Endpoint:
 
         names = [v.kext_name for v in Verdict]
         if opts.default_verdict not in names:
-            raise UsageError(f"--default-verdict {opts.default_verdict!r}: one of "
-                             f"{', '.join(names)}")
+            raise UsageError(
+                f"--default-verdict {opts.default_verdict!r}: one of {', '.join(names)}"
+            )
     enabled = {a.name for a in ACTORS if a.enabled(opts)}
     for actor, _arg in opts.actor_args:
         if actor not in enabled:
-            raise UsageError(f"--actor-arg {actor}=...: no such actor in this instance "
-                             f"(running: {', '.join(sorted(enabled))})")
+            raise UsageError(
+                f"--actor-arg {actor}=...: no such actor in this instance "
+                f"(running: {', '.join(sorted(enabled))})"
+            )
     return endpoint
 
 
@@ -270,9 +280,15 @@ def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[
     for actor in actors:
         if not actor.enabled(opts):
             continue
-        argv = [*kextless_command(), "run", actor.name, "--run-dir", run_dir,
-                *actor.extra_args(opts, endpoint),
-                *(arg for name, arg in opts.actor_args if name == actor.name)]
+        argv = [
+            *kextless_command(),
+            "run",
+            actor.name,
+            "--run-dir",
+            run_dir,
+            *actor.extra_args(opts, endpoint),
+            *(arg for name, arg in opts.actor_args if name == actor.name),
+        ]
         if actor.in_netns and opts.netns is not None:
             argv = [ip_command(), "netns", "exec", opts.netns, *argv]
         programs.append(Program(actor.name, tuple(argv), actor.priority))
@@ -310,8 +326,9 @@ def load_template() -> str:
         raise DeployError(f"cannot read the supervisord template {TEMPLATE}: {e}") from None
 
 
-def render_config(run: RuntimeDir, programs: Sequence[Program], env: dict[str, str],
-                  identifier: str = "kextless") -> str:
+def render_config(
+    run: RuntimeDir, programs: Sequence[Program], env: dict[str, str], identifier: str = "kextless"
+) -> str:
     """The supervisord.conf text for this instance (one [program:x] section per program)."""
     if "%" in str(run.path):
         # supervisord expands log paths twice, so no escaping of '%' survives in them.
@@ -323,26 +340,30 @@ def render_config(run: RuntimeDir, programs: Sequence[Program], env: dict[str, s
     names = [p.name for p in programs]
     if len(set(names)) != len(names) or not programs:
         raise UsageError(f"program names must be unique and non-empty: {names}")
-    out = [string.Template(head).substitute(
-        run_dir=_conf_value(str(run.path)),
-        socket=_conf_value(str(run.supervisor_socket)),
-        logfile=_conf_value(str(run.path / SUPERVISORD_LOG)),
-        pidfile=_conf_value(str(run.path / PIDFILE)),
-        log_dir=_conf_value(str(run.log_dir)),
-        identifier=_conf_value(identifier),
-        environment=_conf_value(_env_value(env)),
-    )]
+    out = [
+        string.Template(head).substitute(
+            run_dir=_conf_value(str(run.path)),
+            socket=_conf_value(str(run.supervisor_socket)),
+            logfile=_conf_value(str(run.path / SUPERVISORD_LOG)),
+            pidfile=_conf_value(str(run.path / PIDFILE)),
+            log_dir=_conf_value(str(run.log_dir)),
+            identifier=_conf_value(identifier),
+            environment=_conf_value(_env_value(env)),
+        )
+    ]
     for prog in sorted(programs, key=lambda p: p.priority):
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", prog.name):
             raise UsageError(f"program name {prog.name!r} is not usable in supervisord")
-        out.append(string.Template(block).substitute(
-            name=prog.name,
-            command=_conf_value(shlex.join(prog.argv)),
-            priority=prog.priority,
-            startsecs=prog.startsecs,
-            stopwaitsecs=prog.stopwaitsecs,
-            logfile=_conf_value(str(run.log_dir / f"{prog.name}.log")),
-        ))
+        out.append(
+            string.Template(block).substitute(
+                name=prog.name,
+                command=_conf_value(shlex.join(prog.argv)),
+                priority=prog.priority,
+                startsecs=prog.startsecs,
+                stopwaitsecs=prog.stopwaitsecs,
+                logfile=_conf_value(str(run.log_dir / f"{prog.name}.log")),
+            )
+        )
     return "\n".join(out)
 
 
@@ -492,8 +513,13 @@ def _launch_supervisord(run: RuntimeDir) -> None:
 
     proc = subprocess.run(
         [sys.executable, "-m", "supervisor.supervisord", "-c", str(run.supervisor_conf)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
-        umask=0o077)
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        umask=0o077,
+    )
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip() or log_tail(run.path / SUPERVISORD_LOG)
         raise DeployError(f"supervisord did not start (exit {proc.returncode}): {detail}")
@@ -516,8 +542,11 @@ def _wait_running(run: RuntimeDir, names: Sequence[str], timeout: float) -> list
         missing = [n for n in names if n not in by_name]
         if missing:
             raise DeployError(f"supervisord does not know program(s) {missing}")
-        failed = [by_name[n] for n in names if by_name[n]["statename"] in ("FATAL", "EXITED",
-                                                                          "STOPPED", "UNKNOWN")]
+        failed = [
+            by_name[n]
+            for n in names
+            if by_name[n]["statename"] in ("FATAL", "EXITED", "STOPPED", "UNKNOWN")
+        ]
         if failed:
             raise _program_failed(run, failed[0])
         if all(by_name[n]["statename"] == "RUNNING" for n in names):
@@ -531,12 +560,15 @@ def _wait_running(run: RuntimeDir, names: Sequence[str], timeout: float) -> list
 def _program_failed(run: RuntimeDir, info: dict[str, Any], why: str = "") -> DeployError:
     why = why or f"{info['statename']}" + (f" ({info['spawnerr']})" if info["spawnerr"] else "")
     log = run.log_dir / f"{info['name']}.log"
-    return DeployError(f"program {info['name']} failed to start: {why}\n"
-                       f"--- last lines of {log} ---\n{log_tail(log)}")
+    return DeployError(
+        f"program {info['name']} failed to start: {why}\n"
+        f"--- last lines of {log} ---\n{log_tail(log)}"
+    )
 
 
-def up(opts: UpOptions, programs: Sequence[Program] | None = None,
-       out: Callable[[str], None] = print) -> UpResult:
+def up(
+    opts: UpOptions, programs: Sequence[Program] | None = None, out: Callable[[str], None] = print
+) -> UpResult:
     """Start supervisord with every program and return once all are RUNNING (or raise, clean).
 
     `programs` replaces the actor list (tests prove the mechanics with trivial programs).
@@ -546,17 +578,21 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
     progs = list(programs) if programs is not None else programs_for(opts)
     for prog in progs:
         if str(run.path) not in prog.argv:
-            raise UsageError(f"program {prog.name}: its argv must name the run dir {run.path} "
-                             "(that is how `down` finds it again if supervisord is gone)")
+            raise UsageError(
+                f"program {prog.name}: its argv must name the run dir {run.path} "
+                "(that is how `down` finds it again if supervisord is gone)"
+            )
     if supervisord_alive(run):
         raise DeployError(
             f"already running for {_instance_name(opts.netns)} ({run.path}); "
-            f"run `kextless down{_flags(opts)}` first")
+            f"run `kextless down{_flags(opts)}` first"
+        )
     leftovers = _stale_processes(run)
     if leftovers:
         raise DeployError(
             f"processes of a previous instance are still alive: {leftovers}; "
-            f"run `kextless down{_flags(opts)}` first")
+            f"run `kextless down{_flags(opts)}` first"
+        )
     _remove_state(run, read_instance(run))
     if opts.netns is not None:
         # Orphans of a killed capture still run on every packet; say so before adding ours.
@@ -565,18 +601,24 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
                 out(f"WARNING: divert filter already attached in netns {opts.netns}: {line}")
     run.create()
     run.log_dir.mkdir(mode=0o700, exist_ok=True)
-    conf = render_config(run, progs, program_env(opts, endpoint),
-                         identifier=f"kextless-{opts.netns or 'host'}")
+    conf = render_config(
+        run, progs, program_env(opts, endpoint), identifier=f"kextless-{opts.netns or 'host'}"
+    )
     fd = os.open(run.supervisor_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(conf)
     instance: dict[str, Any] = {
-        "netns": opts.netns, "run_dir": str(run.path), "endpoint": endpoint.url,
+        "netns": opts.netns,
+        "run_dir": str(run.path),
+        "endpoint": endpoint.url,
         "connect": endpoint.connect_url,
         "curve_server_secret": str(opts.curve_server_secret or "") or None,
-        "programs": {p.name: {"argv": list(p.argv), "priority": p.priority, "pid": 0}
-                     for p in sorted(progs, key=lambda p: p.priority)},
-        "supervisord_pid": 0, "started": time.time(),
+        "programs": {
+            p.name: {"argv": list(p.argv), "priority": p.priority, "pid": 0}
+            for p in sorted(progs, key=lambda p: p.priority)
+        },
+        "supervisord_pid": 0,
+        "started": time.time(),
     }
     write_instance(run, instance)
     try:
@@ -603,8 +645,10 @@ def up(opts: UpOptions, programs: Sequence[Program] | None = None,
 
 def _flags(opts: UpOptions) -> str:
     """The --netns/--run-root part of a command we suggest, so it hits this instance."""
-    flags = [*(["--netns", opts.netns] if opts.netns else []),
-             *(["--run-root", str(opts.run_root)] if opts.run_root else [])]
+    flags = [
+        *(["--netns", opts.netns] if opts.netns else []),
+        *(["--run-root", str(opts.run_root)] if opts.run_root else []),
+    ]
     return " " + shlex.join(flags) if flags else ""
 
 
@@ -635,7 +679,7 @@ def _remove_state(run: RuntimeDir, inst: dict[str, Any] | None) -> list[str]:
         paths += [p for p in run.path.iterdir() if p.is_socket()]
     endpoint = (inst or {}).get("endpoint") or ""
     if endpoint.startswith("ipc://"):
-        ep = Path(endpoint[len("ipc://"):])
+        ep = Path(endpoint[len("ipc://") :])
         if ep.is_socket():
             paths.append(ep)
     for path in paths:
@@ -648,8 +692,13 @@ def _remove_state(run: RuntimeDir, inst: dict[str, Any] | None) -> list[str]:
 
 def divert_filters(netns: str) -> list[str]:
     """Every tc filter in the namespace that is a pydivert program (`tc_divert_*`)."""
-    links = subprocess.run([ip_command(), "-n", netns, "-o", "link", "show"],
-                           capture_output=True, text=True, timeout=10, check=False)
+    links = subprocess.run(
+        [ip_command(), "-n", netns, "-o", "link", "show"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     if links.returncode != 0:
         raise DeployError(f"cannot list interfaces of netns {netns}: {links.stderr.strip()}")
     found = []
@@ -657,15 +706,22 @@ def divert_filters(netns: str) -> list[str]:
     for line in links.stdout.splitlines():
         ifname = line.split(":", 2)[1].strip().split("@", 1)[0]
         for hook in ("ingress", "egress"):
-            res = subprocess.run([tc, "-n", netns, "filter", "show", "dev", ifname, hook],
-                                 capture_output=True, text=True, timeout=10, check=False)
-            found += [f"{ifname} {hook}: {f.strip()}" for f in res.stdout.splitlines()
-                      if "tc_divert" in f]
+            res = subprocess.run(
+                [tc, "-n", netns, "filter", "show", "dev", ifname, hook],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            found += [
+                f"{ifname} {hook}: {f.strip()}" for f in res.stdout.splitlines() if "tc_divert" in f
+            ]
     return found
 
 
-def _teardown(run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None,
-              check_filters: bool) -> DownReport:
+def _teardown(
+    run: RuntimeDir, inst: dict[str, Any] | None, netns: str | None, check_filters: bool
+) -> DownReport:
     """Stop supervisord (and so every program), then prove nothing is left behind."""
     report = DownReport()
     inst = inst or {}
@@ -731,8 +787,10 @@ def _sigkilled_since(log: Path, offset: int) -> list[str]:
             text = f.read().decode(errors="replace")
     except OSError:
         return []
-    return [f"{m[1]} (pid {m[2]})" for m in re.finditer(r"killing '([^']+)' \((\d+)\) with SIGKILL",
-                                                         text)]
+    return [
+        f"{m[1]} (pid {m[2]})"
+        for m in re.finditer(r"killing '([^']+)' \((\d+)\) with SIGKILL", text)
+    ]
 
 
 def _argv(pid: int) -> list[str]:
@@ -762,8 +820,9 @@ def _read_pidfile(run: RuntimeDir) -> int:
         return 0
 
 
-def down(netns: str | None = None, run_root: Path | None = None,
-         out: Callable[[str], None] = print) -> DownReport:
+def down(
+    netns: str | None = None, run_root: Path | None = None, out: Callable[[str], None] = print
+) -> DownReport:
     """Stop the instance if any; idempotent. The report lists anything that was left behind."""
     if netns is not None and not _NETNS_NAME.fullmatch(netns):
         raise UsageError(f"--netns {netns!r}: not a valid namespace name")
@@ -773,8 +832,10 @@ def down(netns: str | None = None, run_root: Path | None = None,
     if not report.was_running and inst is None:
         out(f"kextless is not running for {_instance_name(netns)}")
     else:
-        out(f"kextless stopped for {_instance_name(netns)}: "
-            + (", ".join(report.stopped) or "no programs were running"))
+        out(
+            f"kextless stopped for {_instance_name(netns)}: "
+            + (", ".join(report.stopped) or "no programs were running")
+        )
     for name in report.killed:
         out(f"WARNING: {name} ignored SIGTERM for its stopwaitsecs and was SIGKILLed")
     for problem in report.problems:
@@ -785,14 +846,15 @@ def down(netns: str | None = None, run_root: Path | None = None,
 # ---- status -------------------------------------------------------------------------------------
 
 
-def broker_counters(inst: dict[str, Any], timeout: float = STATUS_TIMEOUT,
-                    client_cert: Path | None = None) -> dict[str, Any]:
+def broker_counters(
+    inst: dict[str, Any], timeout: float = STATUS_TIMEOUT, client_cert: Path | None = None
+) -> dict[str, Any]:
     """Ask the broker for its counters: one frame `S`, reply [b"S", json]. Raises on silence."""
     import zmq
 
     url = inst.get("connect") or inst.get("endpoint") or ""
-    if url.startswith("ipc://") and not Path(url[len("ipc://"):]).is_socket():
-        raise DeployError(f"the broker is not listening: {url[len('ipc://'):]} does not exist")
+    if url.startswith("ipc://") and not Path(url[len("ipc://") :]).is_socket():
+        raise DeployError(f"the broker is not listening: {url[len('ipc://') :]} does not exist")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -835,15 +897,22 @@ def _curve_client(sock: Any, inst: dict[str, Any], client_cert: Path | None) -> 
     sock.curve_secretkey = secret
 
 
-def status(netns: str | None = None, run_root: Path | None = None,
-           client_cert: Path | None = None) -> tuple[int, dict[str, Any]]:
+def status(
+    netns: str | None = None, run_root: Path | None = None, client_cert: Path | None = None
+) -> tuple[int, dict[str, Any]]:
     """(exit code, report): 0 all RUNNING and the broker answered, 1 degraded, 3 not running."""
     if netns is not None and not _NETNS_NAME.fullmatch(netns):
         raise UsageError(f"--netns {netns!r}: not a valid namespace name")
     run = RuntimeDir.for_instance(netns, run_root)
     inst = read_instance(run)
-    report: dict[str, Any] = {"netns": netns, "run_dir": str(run.path), "running": False,
-                              "programs": [], "broker": None, "broker_error": None}
+    report: dict[str, Any] = {
+        "netns": netns,
+        "run_dir": str(run.path),
+        "running": False,
+        "programs": [],
+        "broker": None,
+        "broker_error": None,
+    }
     if inst is None or not supervisord_alive(run):
         report["broker_error"] = "not running"
         return 3, report
@@ -857,9 +926,15 @@ def status(netns: str | None = None, run_root: Path | None = None,
     infos.sort(key=lambda i: order.index(i["name"]) if i["name"] in order else len(order))
     for info in infos:
         up_s = max(0, info["now"] - info["start"]) if info["statename"] == "RUNNING" else None
-        report["programs"].append({"name": info["name"], "state": info["statename"],
-                                   "pid": info["pid"] or None, "uptime_s": up_s,
-                                   "description": info["description"]})
+        report["programs"].append(
+            {
+                "name": info["name"],
+                "state": info["statename"],
+                "pid": info["pid"] or None,
+                "uptime_s": up_s,
+                "description": info["description"],
+            }
+        )
     code = 0 if all(p["state"] == "RUNNING" for p in report["programs"]) else 1
     try:
         report["broker"] = broker_counters(inst, client_cert=client_cert)
@@ -920,35 +995,80 @@ def _parser(name: str) -> argparse.ArgumentParser:
         "status": "Show each process's state and the broker's counters.",
     }
     p = argparse.ArgumentParser(prog=f"kextless {name}", description=descriptions[name])
-    p.add_argument("--netns", metavar="NAME",
-                   help="the existing network namespace to firewall (default: this host's)")
-    p.add_argument("--run-root", metavar="DIR", type=Path,
-                   help=f"parent of the per-instance run directories (default {default_root()})")
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="the existing network namespace to firewall (default: this host's)",
+    )
+    p.add_argument(
+        "--run-root",
+        metavar="DIR",
+        type=Path,
+        help=f"parent of the per-instance run directories (default {default_root()})",
+    )
     if name == "up":
-        p.add_argument("--no-policy", dest="policy", action="store_false",
-                       help="start no decision maker: an external client answers via the endpoint")
-        p.add_argument("--endpoint", metavar="URL",
-                       help="client endpoint, ipc://PATH or tcp://HOST:PORT (default ipc in the "
-                            "run dir)")
-        p.add_argument("--curve-server-secret", metavar="FILE", type=Path,
-                       help="broker's CURVE secret certificate (required for tcp)")
-        p.add_argument("--curve-clients", metavar="DIR", type=Path,
-                       help="directory of authorized client public certificates (tcp)")
-        p.add_argument("--policy-rules", metavar="FILE", type=Path,
-                       help="TOML rules for the built-in policy (default: accept everything)")
-        p.add_argument("--verdict-timeout", type=float, metavar="SECONDS",
-                       help="ALE: how long a held packet waits for a verdict (default 10)")
-        p.add_argument("--default-verdict", metavar="NAME",
-                       help="ALE: the verdict a timed-out packet gets (default Block)")
-        p.add_argument("--actor-arg", metavar="ACTOR=ARG", action="append", default=[],
-                       type=_actor_arg, help="append ARG to ACTOR's command line (repeatable), "
-                       "e.g. capture=--tunnel-port=7717")
-        p.add_argument("--timeout", type=float, default=UP_TIMEOUT,
-                       help=f"seconds to wait for every program to run (default {UP_TIMEOUT:g})")
+        p.add_argument(
+            "--no-policy",
+            dest="policy",
+            action="store_false",
+            help="start no decision maker: an external client answers via the endpoint",
+        )
+        p.add_argument(
+            "--endpoint",
+            metavar="URL",
+            help="client endpoint, ipc://PATH or tcp://HOST:PORT (default ipc in the run dir)",
+        )
+        p.add_argument(
+            "--curve-server-secret",
+            metavar="FILE",
+            type=Path,
+            help="broker's CURVE secret certificate (required for tcp)",
+        )
+        p.add_argument(
+            "--curve-clients",
+            metavar="DIR",
+            type=Path,
+            help="directory of authorized client public certificates (tcp)",
+        )
+        p.add_argument(
+            "--policy-rules",
+            metavar="FILE",
+            type=Path,
+            help="TOML rules for the built-in policy (default: accept everything)",
+        )
+        p.add_argument(
+            "--verdict-timeout",
+            type=float,
+            metavar="SECONDS",
+            help="ALE: how long a held packet waits for a verdict (default 10)",
+        )
+        p.add_argument(
+            "--default-verdict",
+            metavar="NAME",
+            help="ALE: the verdict a timed-out packet gets (default Block)",
+        )
+        p.add_argument(
+            "--actor-arg",
+            metavar="ACTOR=ARG",
+            action="append",
+            default=[],
+            type=_actor_arg,
+            help="append ARG to ACTOR's command line (repeatable), e.g. capture=--tunnel-port=7717",
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=UP_TIMEOUT,
+            help=f"seconds to wait for every program to run (default {UP_TIMEOUT:g})",
+        )
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the status as JSON")
-        p.add_argument("--curve-client-secret", metavar="FILE", type=Path,
-                       help="client CURVE certificate for a tcp endpoint")
+        p.add_argument(
+            "--curve-client-secret",
+            metavar="FILE",
+            type=Path,
+            help="client CURVE certificate for a tcp endpoint",
+        )
     return p
 
 
@@ -963,12 +1083,19 @@ def main(name: str, argv: list[str]) -> int:
         return int(e.code or 0)
     try:
         if name == "up":
-            opts = UpOptions(netns=args.netns, policy=args.policy, endpoint=args.endpoint,
-                             run_root=args.run_root, curve_server_secret=args.curve_server_secret,
-                             curve_clients=args.curve_clients, policy_rules=args.policy_rules,
-                             verdict_timeout=args.verdict_timeout,
-                             default_verdict=args.default_verdict,
-                             actor_args=tuple(args.actor_arg), timeout=args.timeout)
+            opts = UpOptions(
+                netns=args.netns,
+                policy=args.policy,
+                endpoint=args.endpoint,
+                run_root=args.run_root,
+                curve_server_secret=args.curve_server_secret,
+                curve_clients=args.curve_clients,
+                policy_rules=args.policy_rules,
+                verdict_timeout=args.verdict_timeout,
+                default_verdict=args.default_verdict,
+                actor_args=tuple(args.actor_arg),
+                timeout=args.timeout,
+            )
             up(opts)
             return 0
         if name == "down":

@@ -125,8 +125,11 @@ def decode_command(data: bytes) -> Command:
         id_, v = _VERDICT.unpack_from(data, 1)
         return VerdictCommand(id_, _verdict(v, kind))
     if t == CommandType.UPDATE_V4 or t == CommandType.UPDATE_V6:
-        s, cls = ((_UPDATE_V4, UpdateV4Command) if t == CommandType.UPDATE_V4
-                  else (_UPDATE_V6, UpdateV6Command))
+        s, cls = (
+            (_UPDATE_V4, UpdateV4Command)
+            if t == CommandType.UPDATE_V4
+            else (_UPDATE_V6, UpdateV6Command)
+        )
         proto, local, lport, remote, rport, v = s.unpack_from(data, 1)
         return cls(proto, bytes(local), lport, bytes(remote), rport, _verdict(v, kind))
     return _EMPTY[t]
@@ -145,8 +148,14 @@ def encode_command(cmd: Command) -> bytes:
                 if type(raw) is not bytes or len(raw) != size:
                     raise ProtocolError(f"{name} must be {size} raw bytes, got {raw!r}")
             s = _UPDATE_V4 if t == CommandType.UPDATE_V4 else _UPDATE_V6
-            return bytes((t,)) + s.pack(cmd.protocol, cmd.local_address, cmd.local_port,
-                                        cmd.remote_address, cmd.remote_port, Verdict(cmd.verdict))
+            return bytes((t,)) + s.pack(
+                cmd.protocol,
+                cmd.local_address,
+                cmd.local_port,
+                cmd.remote_address,
+                cmd.remote_port,
+                Verdict(cmd.verdict),
+            )
         return bytes((t,))
     except ProtocolError:
         raise

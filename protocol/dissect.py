@@ -37,12 +37,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Decode a captured kext stream into JSON lines, one object per record.",
     )
     kind = parser.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--infos", action="store_true",
-                      help="the input is an info stream (kext -> Portmaster)")
-    kind.add_argument("--commands", action="store_true",
-                      help="the input is concatenated commands (Portmaster -> kext)")
-    parser.add_argument("file", nargs="?", default="-", metavar="FILE",
-                        help="input file; standard input if omitted or '-'")
+    kind.add_argument(
+        "--infos", action="store_true", help="the input is an info stream (kext -> Portmaster)"
+    )
+    kind.add_argument(
+        "--commands",
+        action="store_true",
+        help="the input is concatenated commands (Portmaster -> kext)",
+    )
+    parser.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        metavar="FILE",
+        help="input file; standard input if omitted or '-'",
+    )
     return parser
 
 
@@ -91,8 +100,9 @@ def _decode_commands(stream: BinaryIO, out: BinaryIO) -> int:
                 size = command_size(buf[pos])
                 if len(buf) - pos < size:
                     break
-                lines.append(_encode(command_to_json(decode_command(bytes(buf[pos:pos + size]))))
-                             + b"\n")
+                lines.append(
+                    _encode(command_to_json(decode_command(bytes(buf[pos : pos + size])))) + b"\n"
+                )
                 pos += size
         except ProtocolError as exc:
             lines.append(_error_line(str(exc), base + pos))
@@ -119,8 +129,8 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         source: ContextManager[BinaryIO] = (
-            nullcontext(sys.stdin.buffer) if args.file == "-"
-            else open(args.file, "rb"))  # noqa: SIM115 - entered by the with below
+            nullcontext(sys.stdin.buffer) if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+        )
     except OSError as exc:
         print(f"kextless decode: cannot open {args.file}: {exc.strerror}", file=sys.stderr)
         return 2

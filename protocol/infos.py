@@ -90,9 +90,20 @@ class _Connection(msgspec.Struct, frozen=True):
         n = len(self.payload)
         return (
             _pack(HEADER, kind, self.TYPE, self._BODY.size + n)
-            + _pack(self._BODY, kind, self.id, self.process_id, self.direction, self.protocol,
-                    self.local_ip, self.remote_ip, self.local_port, self.remote_port,
-                    self.payload_layer, n)
+            + _pack(
+                self._BODY,
+                kind,
+                self.id,
+                self.process_id,
+                self.direction,
+                self.protocol,
+                self.local_ip,
+                self.remote_ip,
+                self.local_port,
+                self.remote_port,
+                self.payload_layer,
+                n,
+            )
             + self.payload
         )
 
@@ -132,8 +143,16 @@ class _ConnectionEnd(msgspec.Struct, frozen=True):
         _check_addr("remote_ip", self.remote_ip, self._ADDR)
         kind = self.TYPE.kext_name
         return _pack(HEADER, kind, self.TYPE, self._BODY.size) + _pack(
-            self._BODY, kind, self.process_id, self.direction, self.protocol,
-            self.local_ip, self.remote_ip, self.local_port, self.remote_port)
+            self._BODY,
+            kind,
+            self.process_id,
+            self.direction,
+            self.protocol,
+            self.local_ip,
+            self.remote_ip,
+            self.local_port,
+            self.remote_port,
+        )
 
 
 class ConnectionEndEventV4(_ConnectionEnd, frozen=True):
@@ -182,17 +201,32 @@ class BandwidthStatsV6(msgspec.Struct, frozen=True):
 
 
 def _encode_bandwidth(
-    info_type: int, protocol: int, values: tuple[BandwidthEntry, ...], entry: struct.Struct,
+    info_type: int,
+    protocol: int,
+    values: tuple[BandwidthEntry, ...],
+    entry: struct.Struct,
     addr_size: int,
 ) -> bytes:
     kind = InfoType(info_type).kext_name
-    parts = [_pack(HEADER, kind, info_type, 5 + entry.size * len(values)),
-             _pack(_BW_HEAD, kind, protocol, len(values))]
+    parts = [
+        _pack(HEADER, kind, info_type, 5 + entry.size * len(values)),
+        _pack(_BW_HEAD, kind, protocol, len(values)),
+    ]
     for v in values:
         _check_addr("local_ip", v.local_ip, addr_size)
         _check_addr("remote_ip", v.remote_ip, addr_size)
-        parts.append(_pack(entry, kind, v.local_ip, v.local_port, v.remote_ip, v.remote_port,
-                           v.transmitted_bytes, v.received_bytes))
+        parts.append(
+            _pack(
+                entry,
+                kind,
+                v.local_ip,
+                v.local_port,
+                v.remote_ip,
+                v.remote_port,
+                v.transmitted_bytes,
+                v.received_bytes,
+            )
+        )
     return b"".join(parts)
 
 
@@ -239,9 +273,20 @@ def _decode_connection(
     if len(body) != s.size + n:
         raise ProtocolError(
             f"{kind}: payload_len {n} does not match body length {len(body)} "
-            f"(expected {s.size + n})")
-    return cls(id_, pid, _u8_enum(Direction, direction), proto, local, remote, lport, rport,
-               _u8_enum(PayloadLayer, layer), bytes(body[s.size:]))
+            f"(expected {s.size + n})"
+        )
+    return cls(
+        id_,
+        pid,
+        _u8_enum(Direction, direction),
+        proto,
+        local,
+        remote,
+        lport,
+        rport,
+        _u8_enum(PayloadLayer, layer),
+        bytes(body[s.size :]),
+    )
 
 
 def _decode_end(
@@ -262,8 +307,9 @@ def _decode_bandwidth(
     expected = _BW_HEAD.size + entry.size * count
     if len(body) != expected:
         raise ProtocolError(
-            f"{kind}: count {count} does not match body length {len(body)} (expected {expected})")
-    values = tuple(BandwidthEntry(*e) for e in entry.iter_unpack(body[_BW_HEAD.size:]))
+            f"{kind}: count {count} does not match body length {len(body)} (expected {expected})"
+        )
+    values = tuple(BandwidthEntry(*e) for e in entry.iter_unpack(body[_BW_HEAD.size :]))
     return cls(proto, values)
 
 
@@ -305,7 +351,8 @@ def decode_info(record: bytes) -> Info:
     if len(record) - HEADER_SIZE != length:
         raise ProtocolError(
             f"{InfoType(info_type).kext_name}: header says {length} body bytes, "
-            f"record has {len(record) - HEADER_SIZE}")
+            f"record has {len(record) - HEADER_SIZE}"
+        )
     return decode_info_body(info_type, record[HEADER_SIZE:])
 
 
@@ -320,9 +367,14 @@ def info_to_json(info: Info) -> dict[str, object]:
             value = value.hex()
         elif field == "values":
             value = [
-                {"local_ip": _ip_text(e.local_ip), "local_port": e.local_port,
-                 "remote_ip": _ip_text(e.remote_ip), "remote_port": e.remote_port,
-                 "transmitted_bytes": e.transmitted_bytes, "received_bytes": e.received_bytes}
+                {
+                    "local_ip": _ip_text(e.local_ip),
+                    "local_port": e.local_port,
+                    "remote_ip": _ip_text(e.remote_ip),
+                    "remote_port": e.remote_port,
+                    "transmitted_bytes": e.transmitted_bytes,
+                    "received_bytes": e.received_bytes,
+                }
                 for e in value
             ]
         elif isinstance(value, int):

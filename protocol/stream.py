@@ -67,9 +67,13 @@ class InfoStreamDecoder:
                 pos = end
                 break
             if length > self._max_body:
-                out.append(DecodeError(
-                    f"{InfoType(info_type).kext_name}: body of {length} bytes exceeds the "
-                    f"{self._max_body}-byte limit; skipped", offset))
+                out.append(
+                    DecodeError(
+                        f"{InfoType(info_type).kext_name}: body of {length} bytes exceeds the "
+                        f"{self._max_body}-byte limit; skipped",
+                        offset,
+                    )
+                )
                 available = end - pos - HEADER_SIZE
                 take = min(available, length)
                 self._skip = length - take
@@ -95,17 +99,27 @@ class InfoStreamDecoder:
         if not self.finished and (self._buf or self._skip):
             have = len(self._buf)
             if self._skip:
-                errors.append(DecodeError(
-                    f"stream ended {self._skip} bytes before the end of a skipped record",
-                    self._skip_offset))
+                errors.append(
+                    DecodeError(
+                        f"stream ended {self._skip} bytes before the end of a skipped record",
+                        self._skip_offset,
+                    )
+                )
             elif have < HEADER_SIZE:
-                errors.append(DecodeError(
-                    f"truncated header: stream ended after {have} of 5 header bytes", self._base))
+                errors.append(
+                    DecodeError(
+                        f"truncated header: stream ended after {have} of 5 header bytes", self._base
+                    )
+                )
             else:
                 info_type, length = HEADER.unpack_from(self._buf)
-                errors.append(DecodeError(
-                    f"truncated {InfoType(info_type).kext_name}: stream ended after "
-                    f"{have - HEADER_SIZE} of {length} body bytes", self._base))
+                errors.append(
+                    DecodeError(
+                        f"truncated {InfoType(info_type).kext_name}: stream ended after "
+                        f"{have - HEADER_SIZE} of {length} body bytes",
+                        self._base,
+                    )
+                )
         self._buf.clear()
         self._skip = 0
         self.finished = True

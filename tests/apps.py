@@ -272,10 +272,12 @@ def start(pair: NetnsPair, ns: str, code: str, *args: object) -> subprocess.Pope
 
 def run(pair: NetnsPair, ns: str, code: str, *args: object, timeout: float = 15) -> dict[str, Any]:
     """Run a client program in `ns` and return its JSON report."""
-    r = pair.run_py(ns, code + "\n", timeout=timeout) if not args else pair.run(
-        ns, [sys.executable, "-c", code, *map(str, args)], timeout=timeout)
+    r = (
+        pair.run_py(ns, code + "\n", timeout=timeout)
+        if not args
+        else pair.run(ns, [sys.executable, "-c", code, *map(str, args)], timeout=timeout)
+    )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         raise RuntimeError(f"client printed nothing: rc={r.returncode} {r.stderr[-2000:]}")
     return json.loads(lines[-1])
-

@@ -79,11 +79,27 @@ class NetnsPair:
         # Fixed MACs starting with nibble 0: libebpfdivert 0.0.5 misreads ARP frames to a MAC
         # starting with nibble 4/6 as IP, so random MACs made ARP fail at random (see
         # actors/capture/filters.py); tests must not depend on the dice.
-        _ip("-n", self.a, "link", "add", "va", "address", "02:6b:6c:00:00:0a", "type", "veth",
-            "peer", "name", "vb", "address", "02:6b:6c:00:00:0b")
+        _ip(
+            "-n",
+            self.a,
+            "link",
+            "add",
+            "va",
+            "address",
+            "02:6b:6c:00:00:0a",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vb",
+            "address",
+            "02:6b:6c:00:00:0b",
+        )
         _ip("-n", self.a, "link", "set", "vb", "netns", self.b)
-        for ns, dev, v4, v6 in ((self.a, "va", self.ip4_a, self.ip6_a),
-                                (self.b, "vb", self.ip4_b, self.ip6_b)):
+        for ns, dev, v4, v6 in (
+            (self.a, "va", self.ip4_a, self.ip6_a),
+            (self.b, "vb", self.ip4_b, self.ip6_b),
+        ):
             _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
             _ip("-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
             _ip("-n", ns, "link", "set", dev, "up")
@@ -111,14 +127,17 @@ class NetnsPair:
         dev = dev or ("va" if ns == self.a else "vb")
         _ip("-n", ns, "-6", "addr", "add", f"{addr}/128", "dev", dev, "nodad")
 
-    def run(self, ns: str, argv: Sequence[object], timeout: float = 10.0,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, ns: str, argv: Sequence[object], timeout: float = 10.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Run `argv` in `ns` to completion (killed after `timeout` seconds)."""
-        return subprocess.run(netns_exec(ns, argv), capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        return subprocess.run(
+            netns_exec(ns, argv), capture_output=True, text=True, timeout=timeout, check=check
+        )
 
-    def run_py(self, ns: str, code: str, timeout: float = 10.0,
-               check: bool = False) -> subprocess.CompletedProcess[str]:
+    def run_py(
+        self, ns: str, code: str, timeout: float = 10.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Run a Python snippet with this interpreter in `ns`."""
         return self.run(ns, [sys.executable, "-c", code], timeout=timeout, check=check)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kextless.protocol.logtag import source_tag
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
@@ -29,6 +28,7 @@ from kextless.protocol.infos import (
     ConnectionIpv4,
     ConnectionIpv6,
 )
+from kextless.protocol.logtag import source_tag
 
 _CACHED_PROTOCOLS = frozenset({IpProtocol.TCP, IpProtocol.UDP})
 _SECOND = 1_000_000_000
@@ -80,9 +80,17 @@ class AleCore:
         self.pending: dict[int, Pending] = {}
         self.next_id = first_id
         self.counters: dict[str, float] = {
-            "ids_issued": 0, "verdicts": 0, "verdicts_unknown_id": 0, "updates": 0,
-            "updates_unknown": 0, "timeouts": 0, "refused": 0, "clear_cache": 0,
-            "shutdowns": 0, "ended": 0, "expired": 0,
+            "ids_issued": 0,
+            "verdicts": 0,
+            "verdicts_unknown_id": 0,
+            "updates": 0,
+            "updates_unknown": 0,
+            "timeouts": 0,
+            "refused": 0,
+            "clear_cache": 0,
+            "shutdowns": 0,
+            "ended": 0,
+            "expired": 0,
         }
 
     # ---- inputs -------------------------------------------------------------------------
@@ -110,14 +118,32 @@ class AleCore:
         self.counters["ids_issued"] += 1
         self.pending[new_id] = Pending(msg.seq, flow, now_ns)
         if flow.is_v6:
-            info = ConnectionIpv6(new_id, pid, msg.direction, flow.protocol, flow.local_ip,
-                                  flow.remote_ip, flow.local_port, flow.remote_port,
-                                  PayloadLayer.NETWORK, msg.packet)
+            info = ConnectionIpv6(
+                new_id,
+                pid,
+                msg.direction,
+                flow.protocol,
+                flow.local_ip,
+                flow.remote_ip,
+                flow.local_port,
+                flow.remote_port,
+                PayloadLayer.NETWORK,
+                msg.packet,
+            )
             kind = InfoType.CONNECTION_IPV6
         else:
-            info = ConnectionIpv4(new_id, pid, msg.direction, flow.protocol, flow.local_ip,
-                                  flow.remote_ip, flow.local_port, flow.remote_port,
-                                  PayloadLayer.NETWORK, msg.packet)
+            info = ConnectionIpv4(
+                new_id,
+                pid,
+                msg.direction,
+                flow.protocol,
+                flow.local_ip,
+                flow.remote_ip,
+                flow.local_port,
+                flow.remote_port,
+                PayloadLayer.NETWORK,
+                msg.packet,
+            )
             kind = InfoType.CONNECTION_IPV4
         out.to_broker.append(m.Emit(kind, info.encode(), new_id))
         return out
@@ -142,9 +168,12 @@ class AleCore:
         """The broker's queue could not take our event: nobody will answer, so decide now."""
         self.counters["refused"] += 1
         out = self._resolve(pending_id, self.config.default_verdict, now_ns)
-        _log(out, Severity.WARNING,
-             f"event {pending_id} refused by the broker ({reason}); applied "
-             f"{self.config.default_verdict.kext_name}")
+        _log(
+            out,
+            Severity.WARNING,
+            f"event {pending_id} refused by the broker ({reason}); applied "
+            f"{self.config.default_verdict.kext_name}",
+        )
         return out
 
     def tick(self, now_ns: int) -> Outbox:
@@ -162,9 +191,12 @@ class AleCore:
             out.to_capture += sub.to_capture
             out.to_broker += sub.to_broker
         if expired:
-            _log(out, Severity.WARNING,
-                 f"verdict timeout: {len(expired)} packet(s) got "
-                 f"{self.config.default_verdict.kext_name} (ids {expired[0]}..{expired[-1]})")
+            _log(
+                out,
+                Severity.WARNING,
+                f"verdict timeout: {len(expired)} packet(s) got "
+                f"{self.config.default_verdict.kext_name} (ids {expired[0]}..{expired[-1]})",
+            )
         return out
 
     def capture_ready(self, now_ns: int) -> Outbox:
@@ -187,15 +219,26 @@ class AleCore:
         self.counters["ended"] += 1
         f = msg.flow
         cls = ConnectionEndEventV6 if f.is_v6 else ConnectionEndEventV4
-        info = cls(msg.process_id or conn.process_id, conn.direction, f.protocol, f.local_ip,
-                   f.remote_ip, f.local_port, f.remote_port)
+        info = cls(
+            msg.process_id or conn.process_id,
+            conn.direction,
+            f.protocol,
+            f.local_ip,
+            f.remote_ip,
+            f.local_port,
+            f.remote_port,
+        )
         kind = InfoType.CONNECTION_END_EVENT_V6 if f.is_v6 else InfoType.CONNECTION_END_EVENT_V4
         out.to_broker.append(m.Emit(kind, info.encode()))
         return out
 
     def health(self) -> dict[str, float]:
-        return {**self.counters, "pending": len(self.pending),
-                "connections": len(self.connections), "next_id": self.next_id}
+        return {
+            **self.counters,
+            "pending": len(self.pending),
+            "connections": len(self.connections),
+            "next_id": self.next_id,
+        }
 
     # ---- commands -------------------------------------------------------------------------
 
@@ -232,8 +275,9 @@ class AleCore:
 
     def _update(self, cmd: UpdateV4Command | UpdateV6Command, now_ns: int) -> Outbox:
         out = Outbox()
-        flow = m.Flow(cmd.protocol, cmd.local_address, cmd.local_port, cmd.remote_address,
-                      cmd.remote_port)
+        flow = m.Flow(
+            cmd.protocol, cmd.local_address, cmd.local_port, cmd.remote_address, cmd.remote_port
+        )
         conn = self.connections.get(flow)
         if conn is None:
             # The kext ignores unknown 5-tuples silently; Portmaster sends updates for

@@ -34,16 +34,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-dir", type=Path, help="runtime directory (default: the host instance)")
     p.add_argument("--capture-endpoint", help="where capture connects (default: RUN/ale.sock)")
     p.add_argument("--actors-endpoint", help="the broker's actor endpoint (default: RUN)")
-    p.add_argument("--verdict-timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                   help="held packets older than this get the default verdict (default 10)")
-    p.add_argument("--default-verdict", type=_verdict, default=Verdict.BLOCK, metavar="NAME",
-                   help="verdict for timed-out or refused packets (default Block)")
+    p.add_argument(
+        "--verdict-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="held packets older than this get the default verdict (default 10)",
+    )
+    p.add_argument(
+        "--default-verdict",
+        type=_verdict,
+        default=Verdict.BLOCK,
+        metavar="NAME",
+        help="verdict for timed-out or refused packets (default Block)",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     run = RuntimeDir.from_arg(args.run_dir).create()
     logs.setup("ale", args.log_level)
-    config = AleConfig(verdict_timeout_ns=int(args.verdict_timeout * 1e9),
-                       default_verdict=args.default_verdict)
+    config = AleConfig(
+        verdict_timeout_ns=int(args.verdict_timeout * 1e9), default_verdict=args.default_verdict
+    )
     ids = IdReservation(run.path / "ale-ids")
     try:
         first_id = ids.first_id()
@@ -51,7 +62,11 @@ def main(argv: list[str]) -> int:
         logging.getLogger("ale").error("%s", exc)
         return 1
     logging.getLogger("ale").info("issuing pending ids from %d", first_id)
-    shell = AleShell(AleCore(config, first_id), args.capture_endpoint or run.ale_endpoint,
-                     args.actors_endpoint or run.actors_endpoint, ids)
+    shell = AleShell(
+        AleCore(config, first_id),
+        args.capture_endpoint or run.ale_endpoint,
+        args.actors_endpoint or run.actors_endpoint,
+        ids,
+    )
     shell.run()
     return 0

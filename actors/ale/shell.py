@@ -23,16 +23,26 @@ from kextless.protocol.errors import ProtocolError
 log = logging.getLogger("ale")
 
 OWNED_COMMANDS = (
-    CommandType.VERDICT, CommandType.UPDATE_V4, CommandType.UPDATE_V6,
-    CommandType.CLEAR_CACHE, CommandType.SHUTDOWN, CommandType.CLEAN_ENDED_CONNECTIONS,
+    CommandType.VERDICT,
+    CommandType.UPDATE_V4,
+    CommandType.UPDATE_V6,
+    CommandType.CLEAR_CACHE,
+    CommandType.SHUTDOWN,
+    CommandType.CLEAN_ENDED_CONNECTIONS,
 )
 _TICK_S = 0.1
 _HEALTH_S = 1.0
 
 
 class AleShell:
-    def __init__(self, core: AleCore, capture_endpoint: str, broker_endpoint: str,
-                 ids: IdReservation | None = None, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        core: AleCore,
+        capture_endpoint: str,
+        broker_endpoint: str,
+        ids: IdReservation | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
         self.core = core
         self.ids = ids
         self.ctx = ctx or zmq.Context.instance()
@@ -41,7 +51,7 @@ class AleShell:
         self.capture.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.capture.bind(capture_endpoint)
         if capture_endpoint.startswith("ipc://"):
-            os.chmod(capture_endpoint[len("ipc://"):], 0o600)
+            os.chmod(capture_endpoint[len("ipc://") :], 0o600)
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
         self.broker.setsockopt(zmq.IDENTITY, b"ale")
@@ -95,8 +105,9 @@ class AleShell:
                 self.ids.ensure(self.core.next_id)
             self._flush(self.core.packet_held(msg, now))
         elif isinstance(msg, m.CaptureReady):
-            log.info("capture pid %d ready; replaying %d verdict(s)", msg.pid,
-                     len(self.core.connections))
+            log.info(
+                "capture pid %d ready; replaying %d verdict(s)", msg.pid, len(self.core.connections)
+            )
             self._capture_id = ident
             self._flush(self.core.capture_ready(now))
         elif isinstance(msg, m.ConnectionEnded):
@@ -131,9 +142,11 @@ class AleShell:
         poller.register(self.broker, zmq.POLLIN)
         self.broker.send(self._hello)
         next_tick = next_health = time.monotonic()
-        log.info("running: verdict timeout %.1fs, default verdict %s",
-                 self.core.config.verdict_timeout_ns / 1e9,
-                 self.core.config.default_verdict.kext_name)
+        log.info(
+            "running: verdict timeout %.1fs, default verdict %s",
+            self.core.config.verdict_timeout_ns / 1e9,
+            self.core.config.default_verdict.kext_name,
+        )
         while self._running:
             timeout_ms = max(0.0, min(next_tick, next_health) - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))  # pyzmq retries EINTR itself

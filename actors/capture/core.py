@@ -22,7 +22,14 @@ from kextless.actors.capture import filters
 from kextless.actors.capture import packets as pk
 from kextless.actors.capture.packets import Parsed
 from kextless.protocol.enums import Direction, Verdict
-from kextless.protocol.messages import CacheClear, CacheSet, CaptureReady, Decision, Flow, PacketHeld
+from kextless.protocol.messages import (
+    CacheClear,
+    CacheSet,
+    CaptureReady,
+    Decision,
+    Flow,
+    PacketHeld,
+)
 
 log = logging.getLogger("capture.core")
 
@@ -166,8 +173,21 @@ class CaptureCore:
         self._parked: list[tuple[int, list[Action]]] = []
         self._last_sweep_ns = 0
         self.counters: dict[str, int] = dict.fromkeys(
-            ("packets", "asked", "passed", "rejected", "dropped", "rerouted", "unparseable",
-             "retransmits_held", "expired", "unknown_seq", "filter_changes"), 0)
+            (
+                "packets",
+                "asked",
+                "passed",
+                "rejected",
+                "dropped",
+                "rerouted",
+                "unparseable",
+                "retransmits_held",
+                "expired",
+                "unknown_seq",
+                "filter_changes",
+            ),
+            0,
+        )
 
     # ---- start ------------------------------------------------------------------------------
 
@@ -193,8 +213,14 @@ class CaptureCore:
 
     # ---- packets ----------------------------------------------------------------------------
 
-    def on_packet(self, token: object, raw: bytes | bytearray | memoryview, outbound: bool,
-                  loopback: bool, now_ns: int) -> list[Action]:
+    def on_packet(
+        self,
+        token: object,
+        raw: bytes | bytearray | memoryview,
+        outbound: bool,
+        loopback: bool,
+        now_ns: int,
+    ) -> list[Action]:
         """One captured packet. `loopback` packets are reported once, as outbound."""
         c = self.counters
         c["packets"] += 1
@@ -215,21 +241,26 @@ class CaptureCore:
             if proto == pk.ICMPV6 and p.icmp_type in pk.ICMPV6_LINK_TYPES:
                 c["passed"] += 1  # neighbour discovery / MLD: IPv6's ARP, never a connection
                 return [Pass(token)]
-            return self._ask(token, raw, p, self._flow(p, outbound), outbound, loopback, now_ns,
-                             retrans=False)
+            return self._ask(
+                token, raw, p, self._flow(p, outbound), outbound, loopback, now_ns, retrans=False
+            )
         excl = self.config.exclude_ports
         if excl and (p.sport in excl or p.dport in excl):
             c["passed"] += 1
             return [Pass(token)]
         # Only build the reply key while some redirect exists (rare; this runs per packet).
-        redirect = (self._replies.get((proto, p.src, p.sport, p.dst, p.dport))
-                    if self._replies else None)
+        redirect = (
+            self._replies.get((proto, p.src, p.sport, p.dst, p.dport)) if self._replies else None
+        )
         if redirect is not None:
             # A redirect target answering the app: make it look like the host it contacted.
             c["rerouted"] += 1
             f = redirect.flow
-            return [Reroute(token, bytes(pk.rewrite(raw, p, src=f.remote_ip, sport=f.remote_port)),
-                            True)]
+            return [
+                Reroute(
+                    token, bytes(pk.rewrite(raw, p, src=f.remote_ip, sport=f.remote_port)), True
+                )
+            ]
         flow = self._flow(p, outbound)
         if flow.local_port in self._targets and flow.local_ip == flow.remote_ip:
             c["passed"] += 1  # a local redirect target's own traffic (kext §5.2.3, plus 719)
@@ -269,15 +300,24 @@ class CaptureCore:
             return Flow(p.protocol, p.src, p.sport, p.dst, p.dport)
         return Flow(p.protocol, p.dst, p.dport, p.src, p.sport)
 
-    def _ask(self, token: object, raw: bytes | bytearray | memoryview, p: Parsed, flow: Flow,
-             outbound: bool, loopback: bool, now_ns: int, retrans: bool) -> list[Action]:
+    def _ask(
+        self,
+        token: object,
+        raw: bytes | bytearray | memoryview,
+        p: Parsed,
+        flow: Flow,
+        outbound: bool,
+        loopback: bool,
+        now_ns: int,
+        retrans: bool,
+    ) -> list[Action]:
         c = self.counters
         key = None
         if retrans:
             if p.protocol == pk.TCP:
                 key = (flow, outbound, p.seq, p.flags, p.payload_len)
             else:
-                key = (flow, outbound, bytes(raw[p.l4 + 8:]))
+                key = (flow, outbound, bytes(raw[p.l4 + 8 :]))
             seq = self._retrans.get(key)
             if seq is not None and seq in self.held:
                 # Same bytes as a packet still waiting: release both with the one verdict.
@@ -286,8 +326,9 @@ class CaptureCore:
                 return []
         if len(self.held) >= self.config.max_held:
             c["dropped"] += 1
-            log.warning("held-packet limit %d reached: dropping %s", self.config.max_held,
-                        _fmt(flow))
+            log.warning(
+                "held-packet limit %d reached: dropping %s", self.config.max_held, _fmt(flow)
+            )
             return [Drop(token)]
         seq = self._next_seq
         self._next_seq += 1
@@ -299,15 +340,29 @@ class CaptureCore:
         c["asked"] += 1
         direction = Direction.OUTBOUND if outbound else Direction.INBOUND
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("held %d: %s %s, %d bytes %s", seq, direction.name.lower(), _fmt(flow),
-                      len(data), data[:64].hex())
+            log.debug(
+                "held %d: %s %s, %d bytes %s",
+                seq,
+                direction.name.lower(),
+                _fmt(flow),
+                len(data),
+                data[:64].hex(),
+            )
         return [ToAle(PacketHeld(seq, flow, direction, data, now_ns))]
 
     # ---- enforcing verdicts -----------------------------------------------------------------
 
-    def _enforce(self, token: object, raw: bytes | bytearray | memoryview, p: Parsed,
-                 flow: Flow, verdict: Verdict, outbound: bool, loopback: bool,
-                 now_ns: int) -> list[Action]:
+    def _enforce(
+        self,
+        token: object,
+        raw: bytes | bytearray | memoryview,
+        p: Parsed,
+        flow: Flow,
+        verdict: Verdict,
+        outbound: bool,
+        loopback: bool,
+        now_ns: int,
+    ) -> list[Action]:
         """What `verdict` does to one packet of `flow` (held or just captured)."""
         c = self.counters
         if verdict.passes:
@@ -315,8 +370,13 @@ class CaptureCore:
                 target_ip, target_port, local = self._target(flow, verdict)
                 self._add_redirect(flow, target_ip, target_port)
                 c["rerouted"] += 1
-                return [Reroute(token, bytes(pk.rewrite(raw, p, dst=target_ip, dport=target_port)),
-                                local or loopback)]
+                return [
+                    Reroute(
+                        token,
+                        bytes(pk.rewrite(raw, p, dst=target_ip, dport=target_port)),
+                        local or loopback,
+                    )
+                ]
             # Inbound packets of a redirected connection are not the target's answers: the
             # kext passes them unchanged (its inbound rewrite restores the same addresses).
             c["passed"] += 1
@@ -326,8 +386,16 @@ class CaptureCore:
         c["dropped"] += 1
         return [Drop(token)]
 
-    def _reject(self, token: object, raw: bytes | bytearray | memoryview, p: Parsed, flow: Flow,
-                outbound: bool, loopback: bool, now_ns: int) -> list[Action]:
+    def _reject(
+        self,
+        token: object,
+        raw: bytes | bytearray | memoryview,
+        p: Parsed,
+        flow: Flow,
+        outbound: bool,
+        loopback: bool,
+        now_ns: int,
+    ) -> list[Action]:
         """Block: make the sender fail at once (TCP RST, UDP port unreachable, else drop);
         an established TCP connection is reset at both ends."""
         self.counters["rejected"] += 1
@@ -401,15 +469,20 @@ class CaptureCore:
                 # right whichever of the two messages arrives first.
                 out += self._on_cache_set(flow, verdict, now_ns)
             self._unpend(flow)
-            acts = self._enforce(h.token, h.raw, h.parsed, flow, verdict, h.outbound,
-                                 h.loopback, now_ns)
+            acts = self._enforce(
+                h.token, h.raw, h.parsed, flow, verdict, h.outbound, h.loopback, now_ns
+            )
             for token, raw, p, outbound, loopback in h.followers:
                 acts += self._enforce(token, raw, p, flow, verdict, outbound, loopback, now_ns)
             if flow.protocol == pk.TCP and verdict.passes and flow not in self.live:
                 self.live.add(flow)
                 out += self._refresh(flow)
-            if (flow.protocol == pk.TCP and flow in self.per_packet and verdict.passes
-                    and not self._covered(flow)):
+            if (
+                flow.protocol == pk.TCP
+                and flow in self.per_packet
+                and verdict.passes
+                and not self._covered(flow)
+            ):
                 # Its next packets (SYN-ACK, data, redirect replies) must already be diverted.
                 self._parked.append((self._gen_requested, acts))
             else:
@@ -461,8 +534,11 @@ class CaptureCore:
 
     def _on_cache_clear(self) -> list[Action]:
         live = [f for f in self.live if f not in self.ended]
-        log.info("CacheClear: forgetting %d verdicts, %d live TCP connections will be re-asked",
-                 len(self.cache), len(live))
+        log.info(
+            "CacheClear: forgetting %d verdicts, %d live TCP connections will be re-asked",
+            len(self.cache),
+            len(live),
+        )
         self.cache.clear()
         self._seen.clear()
         self.reask.update(live)
@@ -512,8 +588,12 @@ class CaptureCore:
             if h.retrans_key is not None and self._retrans.get(h.retrans_key) == seq:
                 del self._retrans[h.retrans_key]
             self.counters["expired"] += 1 + len(h.followers)
-            log.warning("packet %d of %s waited %.1f s for a decision: dropped", seq,
-                        _fmt(h.flow), (now_ns - h.seen_ns) / 1e9)
+            log.warning(
+                "packet %d of %s waited %.1f s for a decision: dropped",
+                seq,
+                _fmt(h.flow),
+                (now_ns - h.seen_ns) / 1e9,
+            )
             out.append(Drop(h.token))
             out += [Drop(t) for t, *_ in h.followers]
         if now_ns - self._last_sweep_ns >= 1_000_000_000:

@@ -31,9 +31,11 @@ OTHER_PROTOCOLS = (2, 4, 41, 47, 50, 51, 89, 103, 112, 115, 132, 136)
 #: neighbour fails and every connection with it (measured). Residual risk: a neighbour
 #: whose MAC starts with 0x3a can still be misread as ICMPv6 by a host whose MAC starts
 #: with nibble 6.
-BASE = ("(tcp.Syn and not tcp.Ack) or tcp.Fin or tcp.Rst or udp or icmp"
-        " or (icmpv6 and (icmpv6.Type < 130 or icmpv6.Type > 137) and icmpv6.Type != 143)"
-        + "".join(f" or ip.Protocol == {n}" for n in OTHER_PROTOCOLS))
+BASE = (
+    "(tcp.Syn and not tcp.Ack) or tcp.Fin or tcp.Rst or udp or icmp"
+    " or (icmpv6 and (icmpv6.Type < 130 or icmpv6.Type > 137) and icmpv6.Type != 143)"
+    + "".join(f" or ip.Protocol == {n}" for n in OTHER_PROTOCOLS)
+)
 
 #: Filter term budget for per-connection ports, two terms each; beyond it: all TCP.
 MAX_PORTS = 96
@@ -53,8 +55,9 @@ def build(per_packet_ports: frozenset[int] | None, exclude_ports: Iterable[int] 
     if per_packet_ports is None:
         wanted = f"tcp or ({BASE})"
     elif per_packet_ports:
-        ports = " or ".join(f"tcp.SrcPort == {p} or tcp.DstPort == {p}"
-                            for p in sorted(per_packet_ports))
+        ports = " or ".join(
+            f"tcp.SrcPort == {p} or tcp.DstPort == {p}" for p in sorted(per_packet_ports)
+        )
         wanted = f"({BASE}) or (tcp and ({ports}))"
     else:
         wanted = BASE

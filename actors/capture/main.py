@@ -38,20 +38,28 @@ def _port(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kextless run capture", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", type=Path, help="runtime directory (default: the host "
-                                                 "instance's)")
+    ap.add_argument("--run-dir", type=Path, help="runtime directory (default: the host instance's)")
     ap.add_argument("--ale-endpoint", help="the ALE's ROUTER (default: <run-dir>/ale.sock)")
     ap.add_argument("--priority", type=int, default=0, help="divert handle priority")
-    ap.add_argument("--exclude-port", type=_port, action="append", default=[],
-                    help="never divert TCP/UDP with this port on either side (repeatable): "
-                         "the system's own tcp:// control endpoint")
+    ap.add_argument(
+        "--exclude-port",
+        type=_port,
+        action="append",
+        default=[],
+        help="never divert TCP/UDP with this port on either side (repeatable): "
+        "the system's own tcp:// control endpoint",
+    )
     ap.add_argument("--nameserver-v4", type=_addr(4), default=bytes([127, 0, 0, 1]))
     ap.add_argument("--nameserver-v6", type=_addr(6), default=b"\0" * 15 + b"\x01")
     ap.add_argument("--nameserver-port", type=_port, default=53)
     ap.add_argument("--tunnel-port", type=_port, default=717)
     ap.add_argument("--split-tunnel-port", type=_port, default=719)
-    ap.add_argument("--ring-bytes", type=int, default=0,
-                    help="eBPF ring buffer per handle (a full ring passes packets unexamined)")
+    ap.add_argument(
+        "--ring-bytes",
+        type=int,
+        default=0,
+        help="eBPF ring buffer per handle (a full ring passes packets unexamined)",
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -63,16 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pydivert").setLevel(logging.WARNING)
     endpoint = args.ale_endpoint or RuntimeDir.from_arg(args.run_dir).ale_endpoint
     excl = frozenset(args.exclude_port)
-    core = CaptureCore(Config(
-        exclude_ports=excl,
-        nameserver_v4=args.nameserver_v4,
-        nameserver_v6=args.nameserver_v6,
-        nameserver_port=args.nameserver_port,
-        tunnel_port=args.tunnel_port,
-        split_tunnel_port=args.split_tunnel_port,
-    ))
+    core = CaptureCore(
+        Config(
+            exclude_ports=excl,
+            nameserver_v4=args.nameserver_v4,
+            nameserver_v6=args.nameserver_v6,
+            nameserver_port=args.nameserver_port,
+            tunnel_port=args.tunnel_port,
+            split_tunnel_port=args.split_tunnel_port,
+        )
+    )
     shell = CaptureShell(core, ShellConfig(endpoint, args.priority, excl, args.ring_bytes))
     install_signals(shell)
-    logging.getLogger("capture").info("capture starting: ALE %s, priority %d, excluded ports %s",
-                                      endpoint, args.priority, sorted(excl) or "none")
+    logging.getLogger("capture").info(
+        "capture starting: ALE %s, priority %d, excluded ports %s",
+        endpoint,
+        args.priority,
+        sorted(excl) or "none",
+    )
     return shell.run()

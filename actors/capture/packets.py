@@ -108,8 +108,15 @@ def parse(raw: bytes | bytearray | memoryview) -> Parsed | None:
     return None
 
 
-def _transport(version: int, proto: int, src: bytes, dst: bytes,
-               raw: bytes | bytearray | memoryview, l4: int, end: int) -> Parsed | None:
+def _transport(
+    version: int,
+    proto: int,
+    src: bytes,
+    dst: bytes,
+    raw: bytes | bytearray | memoryview,
+    l4: int,
+    end: int,
+) -> Parsed | None:
     if proto == TCP:
         if end < l4 + 20:
             return None
@@ -118,8 +125,9 @@ def _transport(version: int, proto: int, src: bytes, dst: bytes,
         doff = (raw[l4 + 12] >> 4) * 4
         if doff < 20 or l4 + doff > end:
             return None
-        return Parsed(version, proto, src, dst, l4, end, sport, dport, raw[l4 + 13], seq, ack,
-                      end - l4 - doff)
+        return Parsed(
+            version, proto, src, dst, l4, end, sport, dport, raw[l4 + 13], seq, ack, end - l4 - doff
+        )
     if proto == UDP:
         if end < l4 + 8:
             return None
@@ -163,8 +171,9 @@ def _pseudo(version: int, src: bytes, dst: bytes, proto: int, length: int) -> by
     return src + dst + struct.pack("!IxxxB", length, proto)
 
 
-def fix_checksums(buf: bytearray, version: int, l4: int, proto: int,
-                  end: int | None = None) -> None:
+def fix_checksums(
+    buf: bytearray, version: int, l4: int, proto: int, end: int | None = None
+) -> None:
     """Recompute the IPv4 header checksum and the TCP/UDP/ICMP checksum of `buf` in place."""
     end = len(buf) if end is None else end
     if version == 4:
@@ -179,37 +188,43 @@ def fix_checksums(buf: bytearray, version: int, l4: int, proto: int,
     elif proto == UDP:
         off = 6
     elif proto == ICMP and version == 4:
-        buf[l4 + 2:l4 + 4] = b"\0\0"
-        buf[l4 + 2:l4 + 4] = _H.pack(_fold_csum(ones_sum(seg)))
+        buf[l4 + 2 : l4 + 4] = b"\0\0"
+        buf[l4 + 2 : l4 + 4] = _H.pack(_fold_csum(ones_sum(seg)))
         return
     elif proto == ICMPV6 and version == 6:
         off = 2
     else:
         return
-    buf[l4 + off:l4 + off + 2] = b"\0\0"
+    buf[l4 + off : l4 + off + 2] = b"\0\0"
     c = _fold_csum(ones_sum(_pseudo(version, src, dst, proto, end - l4)), ones_sum(seg))
     if proto == UDP and c == 0:
         c = 0xFFFF  # 0 means "no checksum" for UDP
-    buf[l4 + off:l4 + off + 2] = _H.pack(c)
+    buf[l4 + off : l4 + off + 2] = _H.pack(c)
 
 
 # ---- rewriting ------------------------------------------------------------------------------
 
 
-def rewrite(raw: bytes | bytearray | memoryview, p: Parsed, *, src: bytes | None = None,
-            sport: int | None = None, dst: bytes | None = None,
-            dport: int | None = None) -> bytearray:
+def rewrite(
+    raw: bytes | bytearray | memoryview,
+    p: Parsed,
+    *,
+    src: bytes | None = None,
+    sport: int | None = None,
+    dst: bytes | None = None,
+    dport: int | None = None,
+) -> bytearray:
     """A copy of the TCP/UDP packet with new addresses/ports and correct checksums (redirects)."""
     buf = bytearray(raw)
     sa, da = (12, 16) if p.version == 4 else (8, 24)
     if src is not None:
-        buf[sa:sa + len(src)] = src
+        buf[sa : sa + len(src)] = src
     if dst is not None:
-        buf[da:da + len(dst)] = dst
+        buf[da : da + len(dst)] = dst
     if sport is not None:
-        buf[p.l4:p.l4 + 2] = _H.pack(sport)
+        buf[p.l4 : p.l4 + 2] = _H.pack(sport)
     if dport is not None:
-        buf[p.l4 + 2:p.l4 + 4] = _H.pack(dport)
+        buf[p.l4 + 2 : p.l4 + 4] = _H.pack(dport)
     fix_checksums(buf, p.version, p.l4, p.protocol, p.end)
     return buf
 
@@ -219,8 +234,11 @@ def rewrite(raw: bytes | bytearray | memoryview, p: Parsed, *, src: bytes | None
 
 def _ip_header(version: int, proto: int, src: bytes, dst: bytes, payload_len: int) -> bytearray:
     if version == 4:
-        return bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, 0, 0x4000, 64,
-                                     proto, 0, src, dst))
+        return bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, 0, 0x4000, 64, proto, 0, src, dst
+            )
+        )
     return bytearray(struct.pack("!IHBB16s16s", 0x60000000, payload_len, proto, 64, src, dst))
 
 

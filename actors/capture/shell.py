@@ -66,8 +66,9 @@ class _Opener:
     def __init__(self) -> None:
         self.rfd, self._wfd = os.pipe()
         os.set_blocking(self.rfd, False)
-        self.results: queue.Queue[tuple[int, frozenset[int] | None, EBPFDivert | None, float,
-                                        str]] = queue.Queue()
+        self.results: queue.Queue[
+            tuple[int, frozenset[int] | None, EBPFDivert | None, float, str]
+        ] = queue.Queue()
         self.busy = False
         self.requested = 0.0
 
@@ -78,8 +79,11 @@ class _Opener:
 
     def _open(self, gen: int, ports: frozenset[int] | None, filt: str, cfg: ShellConfig) -> None:
         t0 = time.perf_counter()
-        log.debug("opening generation %d (thread started after %.1f ms)", gen,
-                  (t0 - self.requested) * 1000)
+        log.debug(
+            "opening generation %d (thread started after %.1f ms)",
+            gen,
+            (t0 - self.requested) * 1000,
+        )
         try:
             h = EBPFDivert(filt, priority=cfg.priority, ring_bytes=cfg.ring_bytes).open()
             err = ""
@@ -101,9 +105,13 @@ def warn_risky_macs(sys_net: Path = Path("/sys/class/net")) -> list[str]:
             mac = (dev / "address").read_text().strip()
             if mac and mac[0] in "46" and mac != "00:00:00:00:00:00":
                 risky.append(dev.name)
-                log.warning("interface %s has MAC %s: libebpfdivert 0.0.5 can misread ARP "
-                            "replies to it as IP and lose them (ARP to some neighbours may "
-                            "fail); a MAC not starting with 4 or 6 avoids it", dev.name, mac)
+                log.warning(
+                    "interface %s has MAC %s: libebpfdivert 0.0.5 can misread ARP "
+                    "replies to it as IP and lose them (ARP to some neighbours may "
+                    "fail); a MAC not starting with 4 or 6 avoids it",
+                    dev.name,
+                    mac,
+                )
     return risky
 
 
@@ -143,8 +151,9 @@ class CaptureShell:
             # saturated CPU (bulk apps + softirq) otherwise adds tens of ms to a block.
             os.setpriority(os.PRIO_PROCESS, 0, -10)
         first = filters.build(frozenset(), self.cfg.exclude_ports)
-        self.handle = EBPFDivert(first, priority=self.cfg.priority,
-                                 ring_bytes=self.cfg.ring_bytes).open()
+        self.handle = EBPFDivert(
+            first, priority=self.cfg.priority, ring_bytes=self.cfg.ring_bytes
+        ).open()
         log.info("handle open (priority %d): %s", self.cfg.priority, first)
         self._run_actions(self.core.start(os.getpid()))
         poller = zmq.Poller()
@@ -195,8 +204,9 @@ class CaptureShell:
             self._connects += 1
             if self._connects > 1:
                 mark = self._lost_before
-                self._run_actions(self.core.resync(
-                    os.getpid(), self.core.next_seq() if mark is None else mark))
+                self._run_actions(
+                    self.core.resync(os.getpid(), self.core.next_seq() if mark is None else mark)
+                )
             self._lost_before = None
 
     def _event_fd(self, h: EBPFDivert) -> int:
@@ -216,8 +226,13 @@ class CaptureShell:
                     log.error("recv failed: %s", e)
                 return
             try:
-                acts = core.on_packet(p, p._raw, p._direction == DivertDirection.OUTBOUND,
-                                      p._loopback, p._timestamp or time.monotonic_ns())
+                acts = core.on_packet(
+                    p,
+                    p._raw,
+                    p._direction == DivertDirection.OUTBOUND,
+                    p._loopback,
+                    p._timestamp or time.monotonic_ns(),
+                )
             except Exception:
                 # Never crash on a packet: drop it (fail closed) and keep serving.
                 log.exception("core failed on a %d-byte packet: dropped", len(p._raw))
@@ -265,8 +280,9 @@ class CaptureShell:
             try:
                 self.sock.send(encode(a.msg), zmq.NOBLOCK)
             except zmq.Again:
-                log.warning("ALE queue full: %s not sent (the packet expires)",
-                            type(a.msg).__name__)
+                log.warning(
+                    "ALE queue full: %s not sent (the packet expires)", type(a.msg).__name__
+                )
         elif isinstance(a, Reroute):
             p: Packet = a.token  # type: ignore[assignment]
             p.raw = a.raw
@@ -280,12 +296,18 @@ class CaptureShell:
             # flipped) re-injects towards where the original came from (measured: an RST for
             # an inbound SYN never reached the remote that way).
             if like.is_loopback:
-                q = Packet(a.raw, interface=like.interface, direction=DivertDirection.OUTBOUND,
-                           loopback=True)
+                q = Packet(
+                    a.raw,
+                    interface=like.interface,
+                    direction=DivertDirection.OUTBOUND,
+                    loopback=True,
+                )
             else:
-                q = Packet(a.raw, interface=like.interface,
-                           direction=(DivertDirection.INBOUND if a.inbound
-                                      else DivertDirection.OUTBOUND))
+                q = Packet(
+                    a.raw,
+                    interface=like.interface,
+                    direction=(DivertDirection.INBOUND if a.inbound else DivertDirection.OUTBOUND),
+                )
             h.send(q, recalculate_checksum=False)  # type: ignore[union-attr]
         elif isinstance(a, SetFilter):
             self._wanted = (a.generation, a.ports)
@@ -301,8 +323,12 @@ class CaptureShell:
         filt = filters.build(ports, self.cfg.exclude_ports)
         ok, pos, msg = EBPFDivert.check_filter(filt)
         if not ok:
-            log.warning("filter for %d ports rejected (%s at %d): diverting all TCP",
-                        len(ports or ()), msg, pos)
+            log.warning(
+                "filter for %d ports rejected (%s at %d): diverting all TCP",
+                len(ports or ()),
+                msg,
+                pos,
+            )
             ports = None
             filt = filters.build(None, self.cfg.exclude_ports)
         self._opener.start(gen, ports, filt, self.cfg)
@@ -336,9 +362,13 @@ class CaptureShell:
             newfd = self._event_fd(new)
             self._stats_prev = {}
             desc = "all TCP" if ports is None else f"{len(ports)} port(s)"
-            log.info("handle generation %d active in %.1f ms (open %.1f ms; per-packet: %s)",
-                     gen, (time.perf_counter() - self._opener.requested) * 1000, secs * 1000,
-                     desc)
+            log.info(
+                "handle generation %d active in %.1f ms (open %.1f ms; per-packet: %s)",
+                gen,
+                (time.perf_counter() - self._opener.requested) * 1000,
+                secs * 1000,
+                desc,
+            )
             self._run_actions(self.core.filter_active(gen, ports))
         self._maybe_open()
         return newfd
@@ -362,8 +392,11 @@ class CaptureShell:
         for key in ("ringbuf_full", "queue_full"):
             prev = self._stats_prev.get(key, 0)
             if st.get(key, 0) > prev:
-                what = ("passed UNEXAMINED (ring buffer full)" if key == "ringbuf_full"
-                        else "dropped (userspace queue full)")
+                what = (
+                    "passed UNEXAMINED (ring buffer full)"
+                    if key == "ringbuf_full"
+                    else "dropped (userspace queue full)"
+                )
                 log.warning("%s rose by %d: packets %s", key, st[key] - prev, what)
         self._stats_prev = dict(st)
         log.debug("stats %s counters %s", st, self.core.counters)
@@ -383,8 +416,7 @@ class CaptureShell:
                 if late is not None:
                     late.close()
         self._opener.close()
-        log.info("handles closed; %d held packet(s) dropped; counters %s", held,
-                 self.core.counters)
+        log.info("handles closed; %d held packet(s) dropped; counters %s", held, self.core.counters)
 
 
 def _close_quietly(h: EBPFDivert) -> None:
@@ -397,4 +429,3 @@ def _close_quietly(h: EBPFDivert) -> None:
 def install_signals(shell: CaptureShell) -> None:
     signal.signal(signal.SIGTERM, shell.stop)
     signal.signal(signal.SIGINT, shell.stop)
-

@@ -17,25 +17,31 @@ import time
 from pathlib import Path
 
 from kextless.actors.policy.rules import Policy, RulesError, load
-from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
+from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
 from kextless.protocol.enums import Severity
 from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6, LogLine
 
 log = logging.getLogger("policy")
 
-_LOG_LEVELS = {Severity.DEBUG: logging.DEBUG, Severity.INFO: logging.INFO,
-               Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR,
-               Severity.CRITICAL: logging.CRITICAL}
+_LOG_LEVELS = {
+    Severity.DEBUG: logging.DEBUG,
+    Severity.INFO: logging.INFO,
+    Severity.WARNING: logging.WARNING,
+    Severity.ERROR: logging.ERROR,
+    Severity.CRITICAL: logging.CRITICAL,
+}
 
 
 def _describe(info: ConnectionIpv4 | ConnectionIpv6) -> str:
     arrow = "->" if info.direction == 0 else "<-"
     local = ipaddress.ip_address(info.local_ip)
     remote = ipaddress.ip_address(info.remote_ip)
-    return (f"id={info.id} pid={info.process_id} proto={info.protocol} "
-            f"{local}:{info.local_port} {arrow} {remote}:{info.remote_port}")
+    return (
+        f"id={info.id} pid={info.process_id} proto={info.protocol} "
+        f"{local}:{info.local_port} {arrow} {remote}:{info.remote_port}"
+    )
 
 
 class PolicyRunner:
@@ -58,11 +64,13 @@ class PolicyRunner:
     def _session(self) -> None:
         with KextClient(self.endpoint) as client:
             version = client.version()
-            log.info("session open at %s, kext interface %s", self.endpoint,
-                     ".".join(map(str, version)))
+            log.info(
+                "session open at %s, kext interface %s", self.endpoint, ".".join(map(str, version))
+            )
             session_over = threading.Event()
-            ticker = threading.Thread(target=self._tickers, args=(client, session_over),
-                                      daemon=True)
+            ticker = threading.Thread(
+                target=self._tickers, args=(client, session_over), daemon=True
+            )
             ticker.start()
             try:
                 while not self.stopping.is_set():

@@ -55,8 +55,9 @@ class Rule:
                 return False
         if self.remote_port and not self.remote_port[0] <= info.remote_port <= self.remote_port[1]:
             return False
-        return not (self.local_port
-                    and not self.local_port[0] <= info.local_port <= self.local_port[1])
+        return not (
+            self.local_port and not self.local_port[0] <= info.local_port <= self.local_port[1]
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ def _verdict(value: object, where: str) -> Verdict:
 def _ports(value: object, where: str) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         low = high = value
-    elif (isinstance(value, list) and len(value) == 2
-          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    elif (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         low, high = value
     else:
         raise RulesError(f"{where}: a port is a number or [low, high], got {value!r}")
@@ -115,7 +119,10 @@ def _rule(raw: object, index: int) -> Rule:
         except (ValueError, TypeError) as exc:
             raise RulesError(f"{where}: bad remote {raw['remote']!r}: {exc}") from None
     return Rule(
-        _verdict(raw["verdict"], where), direction, protocol, remote,
+        _verdict(raw["verdict"], where),
+        direction,
+        protocol,
+        remote,
         _ports(raw["remote_port"], where) if "remote_port" in raw else None,
         _ports(raw["local_port"], where) if "local_port" in raw else None,
     )

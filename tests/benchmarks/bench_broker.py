@@ -35,16 +35,25 @@ from kextless.broker.client import KextClient, KextTimeout  # noqa: E402
 from kextless.protocol.enums import CommandType, Direction, InfoType, PayloadLayer, Verdict  # noqa: E402
 from kextless.protocol.infos import ConnectionIpv4  # noqa: E402
 from kextless.protocol.messages import CONTRACT_VERSION, Emit, Emits, Hello, encode  # noqa: E402
-from tests.entry import KEXTLESS, KEXTLESS_MODULE
+from tests.entry import KEXTLESS, KEXTLESS_MODULE  # noqa: E402
 
 _HEADER = struct.Struct("<BI")
 EMIT_BATCH = 64  # Emits per Emits message (docs/broker-wire.md §9)
 
 
 def _conn(i: int) -> bytes:
-    return ConnectionIpv4(i, 4242, Direction.OUTBOUND, 6, b"\x0a\x00\x00\x01",
-                          b"\x01\x02\x03\x04", 40000 + i % 20000, 443,
-                          PayloadLayer.NETWORK, b"").encode()
+    return ConnectionIpv4(
+        i,
+        4242,
+        Direction.OUTBOUND,
+        6,
+        b"\x0a\x00\x00\x01",
+        b"\x01\x02\x03\x04",
+        40000 + i % 20000,
+        443,
+        PayloadLayer.NETWORK,
+        b"",
+    ).encode()
 
 
 # ---- helper roles (separate processes) ---------------------------------------------------------
@@ -61,11 +70,12 @@ def role_producer(actors_endpoint: str, n: int, mode: str) -> None:
     s.send(encode(Hello("capture-bench", os.getpid(), CONTRACT_VERSION, ())))
     emits = [Emit(InfoType.CONNECTION_IPV4, _conn(i), i) for i in range(1, n + 1)]
     if mode == "emits":
-        batches = [[encode(Emits(tuple(emits[i:i + EMIT_BATCH])))]
-                   for i in range(0, n, EMIT_BATCH)]
+        batches = [
+            [encode(Emits(tuple(emits[i : i + EMIT_BATCH])))] for i in range(0, n, EMIT_BATCH)
+        ]
     else:
         frames = [encode(e) for e in emits]
-        batches = [frames[i:i + EMIT_BATCH] for i in range(0, n, EMIT_BATCH)]
+        batches = [frames[i : i + EMIT_BATCH] for i in range(0, n, EMIT_BATCH)]
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stdin.readline()  # go
@@ -81,8 +91,11 @@ def role_sink(actors_endpoint: str) -> None:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, b"ale")
     s.connect(actors_endpoint)
-    s.send(encode(Hello("ale", os.getpid(), CONTRACT_VERSION,
-                        (CommandType.VERDICT, CommandType.SHUTDOWN))))
+    s.send(
+        encode(
+            Hello("ale", os.getpid(), CONTRACT_VERSION, (CommandType.VERDICT, CommandType.SHUTDOWN))
+        )
+    )
     while True:
         s.recv_multipart()
 
@@ -115,8 +128,13 @@ def role_push(endpoint: str, n: int) -> None:
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, "--role", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _wait_ready(p: subprocess.Popen[str]) -> None:
@@ -186,9 +204,12 @@ def baseline_echo_rtt(tmp: Path, n: int) -> dict[str, float]:
 def _quantiles(samples: list[int]) -> dict[str, float]:
     samples.sort()
     n = len(samples)
-    return {"p50_us": round(samples[n // 2] / 1000, 1),
-            "p99_us": round(samples[min(n - 1, int(n * 0.99))] / 1000, 1),
-            "mean_us": round(statistics.fmean(samples) / 1000, 1), "n": n}
+    return {
+        "p50_us": round(samples[n // 2] / 1000, 1),
+        "p99_us": round(samples[min(n - 1, int(n * 0.99))] / 1000, 1),
+        "mean_us": round(statistics.fmean(samples) / 1000, 1),
+        "n": n,
+    }
 
 
 class RecordCounter:
@@ -230,8 +251,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_streaming(endpoint: str, actors_endpoint: str, n: int, broker_pid: int,
-                    mode: str) -> dict[str, float]:
+def bench_streaming(
+    endpoint: str, actors_endpoint: str, n: int, broker_pid: int, mode: str
+) -> dict[str, float]:
     prod = _spawn("producer", actors_endpoint, str(n), mode)
     try:
         _wait_ready(prod)
@@ -258,11 +280,16 @@ def bench_streaming(endpoint: str, actors_endpoint: str, n: int, broker_pid: int
             cpu = _cpu_seconds(broker_pid) - cpu0
             stats = k.stats()
         delivered = stats["infos"]["delivered"]["ConnectionIpv4"]
-        return {"infos": got, "seconds": round(dt, 3), "infos_per_s": round(got / dt),
-                "reads": reads, "mean_read_bytes": round(bytes_ / reads),
-                "broker_cpu_us_per_info": round(cpu / got * 1e6, 2),
-                "broker_delivered_total": delivered,
-                "refused": stats["infos"]["refused"]["ConnectionIpv4"]}
+        return {
+            "infos": got,
+            "seconds": round(dt, 3),
+            "infos_per_s": round(got / dt),
+            "reads": reads,
+            "mean_read_bytes": round(bytes_ / reads),
+            "broker_cpu_us_per_info": round(cpu / got * 1e6, 2),
+            "broker_delivered_total": delivered,
+            "refused": stats["infos"]["refused"]["ConnectionIpv4"],
+        }
     finally:
         prod.wait(30) if prod.poll() is None else None
         _stop(prod)
@@ -328,10 +355,22 @@ def main() -> int:
     # BENCH_PROFILE=FILE runs the broker under cProfile (stats written on its clean stop).
     profile = os.environ.get("BENCH_PROFILE")
     prof = ["-m", "cProfile", "-o", profile] if profile else []
-    broker = subprocess.Popen([*(KEXTLESS_MODULE[:1] + prof + KEXTLESS_MODULE[1:] if prof else KEXTLESS), "run", "broker",
-                               "--endpoint", endpoint, "--actors-endpoint", actors,
-                               "--queue-bytes", str(512 * 1024 * 1024), "--log-level",
-                               "WARNING"], cwd=REPO)
+    broker = subprocess.Popen(
+        [
+            *(KEXTLESS_MODULE[:1] + prof + KEXTLESS_MODULE[1:] if prof else KEXTLESS),
+            "run",
+            "broker",
+            "--endpoint",
+            endpoint,
+            "--actors-endpoint",
+            actors,
+            "--queue-bytes",
+            str(512 * 1024 * 1024),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -341,15 +380,18 @@ def main() -> int:
             except KextTimeout:
                 assert time.monotonic() < deadline, "broker did not start"
         result = {
-            "python": sys.version.split()[0], "pyzmq": zmq.pyzmq_version(),
-            "libzmq": zmq.zmq_version(), "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "pyzmq": zmq.pyzmq_version(),
+            "libzmq": zmq.zmq_version(),
+            "cpus": os.cpu_count(),
             "baseline": {
                 "push_pull_msgs_per_s": round(baseline_push_pull(tmp, 300_000)),
                 "dealer_router_echo": baseline_echo_rtt(tmp, args.verdicts),
             },
             "streaming": bench_streaming(endpoint, actors, args.infos, broker.pid, "emits"),
             "streaming_multipart_emit_frames": bench_streaming(
-                endpoint, actors, args.infos // 2, broker.pid, "frames"),
+                endpoint, actors, args.infos // 2, broker.pid, "frames"
+            ),
             "verdict_write": bench_verdicts(endpoint, actors, args.verdicts),
         }
         s = result["streaming"]
@@ -359,8 +401,10 @@ def main() -> int:
             "streaming_vs_push_pull": round(s["infos_per_s"] / b["push_pull_msgs_per_s"], 2),
             "verdict_p50_vs_echo_p50": round(v["p50_us"] / b["dealer_router_echo"]["p50_us"], 2),
         }
-        result["targets_met"] = {"streaming_300k": s["infos_per_s"] >= 300_000,
-                                 "verdict_p50_150us": v["p50_us"] < 150}
+        result["targets_met"] = {
+            "streaming_300k": s["infos_per_s"] >= 300_000,
+            "verdict_p50_150us": v["p50_us"] < 150,
+        }
         result["wall_seconds"] = round(time.monotonic() - t_start, 1)
         print(json.dumps(result, indent=2))
         return 0

@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         bulk_timeout = args.bulk_seconds + 20
 
         def bulk() -> float:
-            return _json(pair, BULK, pair.ip4_b, port, args.bulk_seconds,
-                         timeout=bulk_timeout)["MBps"]
+            return _json(pair, BULK, pair.ip4_b, port, args.bulk_seconds, timeout=bulk_timeout)[
+                "MBps"
+            ]
 
         def connects() -> dict:
             return _json(pair, CONNECTS, pair.ip4_b, port, args.connects, timeout=60)
@@ -138,9 +139,20 @@ def main(argv: list[str] | None = None) -> int:
 
             def start_capture() -> subprocess.Popen[bytes]:
                 with open(f"{tmp}/capture.log", "ab") as log:  # never a pipe nobody reads
-                    proc = pair.popen(pair.a, [*KEXTLESS, "run", "capture", "--ale-endpoint",
-                                               endpoint, "--log-level", "WARNING"],
-                                      stdout=subprocess.DEVNULL, stderr=log)
+                    proc = pair.popen(
+                        pair.a,
+                        [
+                            *KEXTLESS,
+                            "run",
+                            "capture",
+                            "--ale-endpoint",
+                            endpoint,
+                            "--log-level",
+                            "WARNING",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                    )
                 ale.ready.clear()
                 if not ale.ready.wait(15):
                     raise RuntimeError("capture did not start")
@@ -166,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             stop_capture(cap)
     base = statistics.median(out["bulk_runs"]["baseline"])
     withc = statistics.median(out["bulk_runs"]["capture"])
-    out["bulk_MBps"] = {"baseline": round(base, 1), "capture": round(withc, 1),
-                        "ratio": round(withc / base, 3), "target_ratio": 0.95}
+    out["bulk_MBps"] = {
+        "baseline": round(base, 1),
+        "capture": round(withc, 1),
+        "ratio": round(withc / base, 3),
+        "target_ratio": 0.95,
+    }
     out["connect_added_ms"] = {
         "p50": round(out["connect_capture"]["p50_ms"] - out["connect_baseline"]["p50_ms"], 3),
         "p99": round(out["connect_capture"]["p99_ms"] - out["connect_baseline"]["p99_ms"], 3),

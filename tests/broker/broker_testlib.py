@@ -29,9 +29,18 @@ from tests.entry import KEXTLESS
 
 
 def conn(id_: int, payload: int = 0) -> ConnectionIpv4:
-    return ConnectionIpv4(id_, 1000 + id_, Direction.OUTBOUND, 6, b"\x0a\x00\x00\x01",
-                          b"\x01\x02\x03\x04", 40000 + id_ % 1000, 443, PayloadLayer.NETWORK,
-                          bytes(i % 251 for i in range(payload)))
+    return ConnectionIpv4(
+        id_,
+        1000 + id_,
+        Direction.OUTBOUND,
+        6,
+        b"\x0a\x00\x00\x01",
+        b"\x01\x02\x03\x04",
+        40000 + id_ % 1000,
+        443,
+        PayloadLayer.NETWORK,
+        bytes(i % 251 for i in range(payload)),
+    )
 
 
 def log(text: str, severity: Severity = Severity.ERROR) -> LogLine:
@@ -39,14 +48,19 @@ def log(text: str, severity: Severity = Severity.ERROR) -> LogLine:
 
 
 def bandwidth(n: int) -> BandwidthStatsV4:
-    return BandwidthStatsV4(6, tuple(
-        BandwidthEntry(b"\x0a\x00\x00\x01", 1000 + i, b"\x01\x02\x03\x04", 443, i, 2 * i)
-        for i in range(n)))
+    return BandwidthStatsV4(
+        6,
+        tuple(
+            BandwidthEntry(b"\x0a\x00\x00\x01", 1000 + i, b"\x01\x02\x03\x04", 443, i, 2 * i)
+            for i in range(n)
+        ),
+    )
 
 
 def end(pid: int) -> ConnectionEndEventV4:
-    return ConnectionEndEventV4(pid, Direction.INBOUND, 17, b"\x0a\x00\x00\x01",
-                                b"\x01\x02\x03\x04", 53, 5353)
+    return ConnectionEndEventV4(
+        pid, Direction.INBOUND, 17, b"\x0a\x00\x00\x01", b"\x01\x02\x03\x04", 53, 5353
+    )
 
 
 def kind(info: Info) -> InfoType:
@@ -66,7 +80,7 @@ class Broker:
 
     @property
     def sock_path(self) -> Path:
-        return Path(self.endpoint[len("ipc://"):])
+        return Path(self.endpoint[len("ipc://") :])
 
     def dealer(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.DEALER)
@@ -93,8 +107,12 @@ def start_broker(extra: list[str] | None = None, tmp: Path | None = None) -> Bro
     d = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp")) if tmp is None else tmp
     endpoint = f"ipc://{d}/run/kext.sock"
     log = open(d / "broker.log", "wb")  # noqa: SIM115 - the process owns it until it exits
-    proc = subprocess.Popen([*KEXTLESS, "run", "broker", "--endpoint", endpoint, *(extra or [])],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(
+        [*KEXTLESS, "run", "broker", "--endpoint", endpoint, *(extra or [])],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
     b = Broker(proc, d, endpoint, f"ipc://{d}/run/actors.sock")
     deadline = time.monotonic() + 10
     probe = b.dealer()

@@ -183,8 +183,10 @@ def test_shutdown_discards_and_ends_the_session(h: Harness) -> None:
     assert h.actor_out() == [(ALE, Command(CommandType.SHUTDOWN, b"\x00", h.now))]
     q = h.core.queue
     assert q.bytes == 0 and q.leftover_bytes == 0
-    assert [q.discarded[t] for t in (InfoType.CONNECTION_IPV4, InfoType.LOG_LINE,
-                                     InfoType.BANDWIDTH_STATS_V4)] == [1, 1, 1]
+    assert [
+        q.discarded[t]
+        for t in (InfoType.CONNECTION_IPV4, InfoType.LOG_LINE, InfoType.BANDWIDTH_STATS_V4)
+    ] == [1, 1, 1]
     assert h.client(OWNER, wire.READ, wire.U32.pack(10)) == [[OWNER, wire.EOF]]
     assert h.write(OWNER, verdict(1)) == b"\x00"  # tolerated, still routed
     h.emit(conn(2))  # held for the next session
@@ -250,8 +252,10 @@ def test_routing_by_ownership_and_unowned_commands(h: Harness) -> None:
     assert h.write(OWNER, b"\x08") == b"\x00"
     out = h.actor_out()
     assert [(a, m.type) for a, m in out] == [
-        (ALE, CommandType.VERDICT), (ALE, CommandType.CLEAN_ENDED_CONNECTIONS),
-        (b"lifecycle", CommandType.CLEAN_ENDED_CONNECTIONS)]
+        (ALE, CommandType.VERDICT),
+        (ALE, CommandType.CLEAN_ENDED_CONNECTIONS),
+        (b"lifecycle", CommandType.CLEAN_ENDED_CONNECTIONS),
+    ]
     assert decode_command(out[0][1].raw).verdict == Verdict.PERMANENT_ACCEPT
     status = h.write(OWNER, b"\x02\x06" + bytes(12) + b"\x02")
     assert status == b"\x02no actor handles UpdateV4"
@@ -272,8 +276,9 @@ def test_hello_with_another_contract_or_broker_commands_claims_nothing() -> None
     h = Harness()
     h.actor(ALE, Hello("ale", 1, CONTRACT_VERSION + 1, (CommandType.VERDICT,)))
     assert h.core.owners == {}
-    h.hello(b"greedy", (CommandType.GET_LOGS, CommandType.PRINT_MEMORY_STATS,
-                        CommandType.CLEAR_CACHE))
+    h.hello(
+        b"greedy", (CommandType.GET_LOGS, CommandType.PRINT_MEMORY_STATS, CommandType.CLEAR_CACHE)
+    )
     assert h.core.owners == {CommandType.CLEAR_CACHE: (b"greedy",)}
     assert h.core.actor_garbage == 1
 
@@ -315,15 +320,19 @@ def test_one_warning_per_overflow_episode(h: Harness) -> None:
 
 def test_bad_emits_and_foreign_messages_are_dropped(h: Harness) -> None:
     good = conn(1).encode()
-    h.core.actor_message(ALE, [
-        b"\x94\xa4Emit\x01",  # truncated
-        encode(Emit(InfoType.LOG_LINE, good, 1)),  # kind does not match the record
-        encode(Emit(InfoType.CONNECTION_IPV4, good[:-1], 1)),  # length does not match
-        encode(Emit(InfoType.CONNECTION_IPV4, b"\x01\x00", 1)),  # shorter than a header
-        encode(EmitRefused(1, "x")),
-        b"",
-        encode(Emit(InfoType.CONNECTION_IPV4, good, 1)),
-    ], h.now)
+    h.core.actor_message(
+        ALE,
+        [
+            b"\x94\xa4Emit\x01",  # truncated
+            encode(Emit(InfoType.LOG_LINE, good, 1)),  # kind does not match the record
+            encode(Emit(InfoType.CONNECTION_IPV4, good[:-1], 1)),  # length does not match
+            encode(Emit(InfoType.CONNECTION_IPV4, b"\x01\x00", 1)),  # shorter than a header
+            encode(EmitRefused(1, "x")),
+            b"",
+            encode(Emit(InfoType.CONNECTION_IPV4, good, 1)),
+        ],
+        h.now,
+    )
     assert h.core.actor_garbage == 6
     assert h.read_all(OWNER) == [conn(1)]
     assert any("does not match" in e for e in h.core.events)
@@ -342,8 +351,13 @@ def test_stats_counters_and_latency(h: Harness) -> None:
     s = json.loads(reply[2])
     assert s["pending_verdicts"] == 3 and s["connections_tracked"] == 41
     waited_us = (h.now - 100_000 - delivered_at) / 1000
-    assert s["verdict_rtt_us"] == {"samples": 4, "p50": waited_us + 60, "p90": waited_us + 100,
-                                   "p99": waited_us + 100, "max": waited_us + 100}
+    assert s["verdict_rtt_us"] == {
+        "samples": 4,
+        "p50": waited_us + 60,
+        "p90": waited_us + 100,
+        "p99": waited_us + 100,
+        "max": waited_us + 100,
+    }
     assert s["infos"]["delivered"]["ConnectionIpv4"] == 4
     assert s["commands"]["Verdict"]["ok"] == 5
     assert s["session"]["state"] == "open"
@@ -360,8 +374,9 @@ def test_latency_tracking_is_bounded(h: Harness, monkeypatch: pytest.MonkeyPatch
     assert h.core.latency_quantiles_us()["samples"] == 1
 
 
-def test_actor_table_is_bounded_and_keeps_owners(h: Harness,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_actor_table_is_bounded_and_keeps_owners(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(core_mod, "MAX_ACTORS", 4)
     for n in range(10):
         h.now += 1
@@ -384,8 +399,13 @@ def test_garbage_logging_is_thinned_out(h: Harness) -> None:
 def test_emits_batches_queue_in_order_and_skip_bad_items(h: Harness) -> None:
     good = [conn(i) for i in range(1, 4)]
     bad = Emit(InfoType.LOG_LINE, conn(9).encode(), 9)  # kind does not match its record
-    batch = Emits((Emit(InfoType.CONNECTION_IPV4, good[0].encode(), 1), bad,
-                   *(Emit(InfoType.CONNECTION_IPV4, g.encode(), g.id) for g in good[1:])))
+    batch = Emits(
+        (
+            Emit(InfoType.CONNECTION_IPV4, good[0].encode(), 1),
+            bad,
+            *(Emit(InfoType.CONNECTION_IPV4, g.encode(), g.id) for g in good[1:]),
+        )
+    )
     h.core.actor_message(ALE, [encode(batch), b"\x92\xa5Emits\x01"], h.now)
     assert h.core.actor_garbage == 2  # the mismatched item and the truncated batch
     assert h.read_all(OWNER) == good

@@ -11,8 +11,17 @@ import zmq
 from kextless.broker import wire
 from tests.broker.broker_testlib import Broker, FakeActor, start_broker, stop_broker
 
-REPLY_OPS = {wire.OPEN, wire.CLOSE, wire.READ, wire.WRITE, wire.VERSION, wire.STATS, wire.EOF,
-             wire.TIMEOUT, wire.ERROR}
+REPLY_OPS = {
+    wire.OPEN,
+    wire.CLOSE,
+    wire.READ,
+    wire.WRITE,
+    wire.VERSION,
+    wire.STATS,
+    wire.EOF,
+    wire.TIMEOUT,
+    wire.ERROR,
+}
 OPS = [wire.OPEN, wire.CLOSE, wire.READ, wire.WRITE, wire.VERSION, wire.STATS]
 
 
@@ -20,8 +29,7 @@ def random_request(rng: random.Random) -> list[bytes]:
     """Mostly near-valid requests (to reach deep paths), some pure noise."""
     roll = rng.random()
     if roll < 0.15:
-        return [rng.randbytes(rng.choice([0, 1, 2, 3, 100]))
-                for _ in range(rng.randint(1, 6))]
+        return [rng.randbytes(rng.choice([0, 1, 2, 3, 100])) for _ in range(rng.randint(1, 6))]
     op = rng.choice(OPS)
     if op == wire.READ:
         frames = [op, wire.U32.pack(rng.choice([0, 1, 5, 6, 1024, 65536, 2**32 - 1]))]
@@ -36,8 +44,9 @@ def random_request(rng: random.Random) -> list[bytes]:
     if op == wire.WRITE:
         kind = rng.random()
         if kind < 0.5:
-            cmd = bytes([rng.randint(0, 10)]) + rng.randbytes(rng.choice([0, 8, 9, 10, 13, 14,
-                                                                          37, 38, 39]))
+            cmd = bytes([rng.randint(0, 10)]) + rng.randbytes(
+                rng.choice([0, 8, 9, 10, 13, 14, 37, 38, 39])
+            )
         elif kind < 0.7:
             cmd = bytes([rng.choice([5, 7])])  # GetLogs / PrintMemoryStats: fill the queue
         else:
@@ -83,8 +92,17 @@ def test_fuzzed_requests_are_all_answered_and_memory_stays_flat() -> None:
         seen = run_fuzz(b, rng, 20000)
         after = b.rss_kib()
         # Every kind of reply was exercised, so the deep paths ran.
-        assert set(seen) >= {wire.OPEN, wire.CLOSE, wire.READ, wire.WRITE, wire.VERSION,
-                             wire.STATS, wire.ERROR, wire.TIMEOUT, wire.EOF}, seen
+        assert set(seen) >= {
+            wire.OPEN,
+            wire.CLOSE,
+            wire.READ,
+            wire.WRITE,
+            wire.VERSION,
+            wire.STATS,
+            wire.ERROR,
+            wire.TIMEOUT,
+            wire.EOF,
+        }, seen
         assert after - before < 2048, f"RSS grew from {before} to {after} KiB"
         check = b.dealer()
         assert b.request(check, wire.VERSION)[0] == wire.VERSION
@@ -101,12 +119,14 @@ def test_actor_socket_garbage_never_crashes_the_broker(broker: Broker) -> None:
     raw.setsockopt(zmq.IDENTITY, b"noise")
     raw.connect(broker.actors_endpoint)
     for _ in range(3000):
-        raw.send_multipart([rng.randbytes(rng.randint(0, 40))
-                            for _ in range(rng.randint(1, 4))])
+        raw.send_multipart([rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 4))])
     # Near-valid msgpack: a tagged array with random fields.
     for _ in range(500):
-        raw.send(bytes([0x90 + rng.randint(0, 5), 0xA4]) + rng.choice(
-            [b"Emit", b"Hell", b"Heal", b"Log_"]) + rng.randbytes(rng.randint(0, 30)))
+        raw.send(
+            bytes([0x90 + rng.randint(0, 5), 0xA4])
+            + rng.choice([b"Emit", b"Hell", b"Heal", b"Log_"])
+            + rng.randbytes(rng.randint(0, 30))
+        )
     raw.close(0)
     ale = FakeActor(broker, "ale")  # still serving actors after all that
     s = broker.dealer()

@@ -140,16 +140,21 @@ def test_info_larger_than_the_buffer_spans_many_reads() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    st.lists(st.one_of(
-        st.builds(conn, st.integers(1, 2**40), st.integers(0, 3000)),
-        st.builds(log, st.text(min_size=1, max_size=300).filter(lambda s: s.strip())),
-        st.builds(bandwidth, st.integers(0, 400)),
-        st.builds(end, st.integers(0, 2**32)),
-    ), min_size=1, max_size=40),
+    st.lists(
+        st.one_of(
+            st.builds(conn, st.integers(1, 2**40), st.integers(0, 3000)),
+            st.builds(log, st.text(min_size=1, max_size=300).filter(lambda s: s.strip())),
+            st.builds(bandwidth, st.integers(0, 400)),
+            st.builds(end, st.integers(0, 2**32)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
     st.lists(st.integers(1, 65536), min_size=1, max_size=50),
 )
-def test_any_buffer_sizes_reassemble_to_the_queued_infos(infos: list[Info],
-                                                        sizes: list[int]) -> None:
+def test_any_buffer_sizes_reassemble_to_the_queued_infos(
+    infos: list[Info], sizes: list[int]
+) -> None:
     q = IOQueue(BIG)
     for i in infos:
         assert push(q, i) is PushResult.QUEUED
@@ -174,8 +179,9 @@ def test_any_buffer_sizes_reassemble_to_the_queued_infos(infos: list[Info],
         pytest.fail("queue not drained")
     assert dec.close() == []
     # Connection infos overtake bulk ones; within each class the order is FIFO.
-    prio = [i for i in infos if i.TYPE in (InfoType.CONNECTION_IPV4,
-                                            InfoType.CONNECTION_END_EVENT_V4)]
+    prio = [
+        i for i in infos if i.TYPE in (InfoType.CONNECTION_IPV4, InfoType.CONNECTION_END_EVENT_V4)
+    ]
     bulk = [i for i in infos if i not in prio]
     assert got == prio + bulk
     assert sum(q.delivered) == len(infos)

@@ -35,8 +35,14 @@ from tests.broker.broker_testlib import (
 )
 from tests.entry import KEXTLESS
 
-ALE_OWNS = (CommandType.VERDICT, CommandType.UPDATE_V4, CommandType.UPDATE_V6,
-            CommandType.CLEAR_CACHE, CommandType.SHUTDOWN, CommandType.CLEAN_ENDED_CONNECTIONS)
+ALE_OWNS = (
+    CommandType.VERDICT,
+    CommandType.UPDATE_V4,
+    CommandType.UPDATE_V6,
+    CommandType.CLEAR_CACHE,
+    CommandType.SHUTDOWN,
+    CommandType.CLEAN_ENDED_CONNECTIONS,
+)
 
 
 def stats(b: Broker) -> dict:
@@ -81,10 +87,12 @@ def test_version_and_stats_need_no_session(broker: Broker) -> None:
     s.close(0)
 
 
-@pytest.mark.parametrize("frames", [
-    [wire.READ, wire.U32.pack(1024)], [wire.WRITE, b"\x05"], [wire.CLOSE]])
-def test_reads_writes_and_close_without_session_are_refused(broker: Broker,
-                                                            frames: list[bytes]) -> None:
+@pytest.mark.parametrize(
+    "frames", [[wire.READ, wire.U32.pack(1024)], [wire.WRITE, b"\x05"], [wire.CLOSE]]
+)
+def test_reads_writes_and_close_without_session_are_refused(
+    broker: Broker, frames: list[bytes]
+) -> None:
     s = broker.dealer()
     reply = broker.request(s, *frames)
     assert reply[0] == wire.ERROR and b"no open session" in reply[1]
@@ -197,7 +205,7 @@ def test_many_infos_split_over_small_reads_reassemble(broker: Broker) -> None:
     ale = FakeActor(broker, "ale", ALE_OWNS)
     infos = [conn(i, payload=i * 7 % 300) for i in range(1, 200)] + [bandwidth(500)]
     for i in range(0, len(infos), 50):
-        ale.emit(*infos[i:i + 50], batch=i % 100 == 0)  # Emits messages and multipart
+        ale.emit(*infos[i : i + 50], batch=i % 100 == 0)  # Emits messages and multipart
     wait_for(lambda: stats(broker)["queue"]["depth"] == len(infos))
     with KextClient(broker.endpoint, read_size=1024) as k:
         got = [k.recv_info(timeout=2) for _ in infos]
@@ -309,9 +317,13 @@ def test_commands_go_to_their_owners(broker: Broker) -> None:
         k.clean_ended_connections()
         k.get_bandwidth_stats()
         seen = [ale.recv() for _ in range(5)]
-        assert [m.type for m in seen] == [CommandType.VERDICT, CommandType.UPDATE_V4,
-                                          CommandType.UPDATE_V6, CommandType.CLEAR_CACHE,
-                                          CommandType.CLEAN_ENDED_CONNECTIONS]
+        assert [m.type for m in seen] == [
+            CommandType.VERDICT,
+            CommandType.UPDATE_V4,
+            CommandType.UPDATE_V6,
+            CommandType.CLEAR_CACHE,
+            CommandType.CLEAN_ENDED_CONNECTIONS,
+        ]
         assert decode_command(seen[0].raw).id == 42
         assert decode_command(seen[1].raw).local_port == 1234
         assert all(m.received_ns > 0 for m in seen)
@@ -360,8 +372,7 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("raw", "why"), MALFORMED)
-def test_malformed_commands_are_rejected_and_logged(broker: Broker, raw: bytes,
-                                                    why: str) -> None:
+def test_malformed_commands_are_rejected_and_logged(broker: Broker, raw: bytes, why: str) -> None:
     ale = FakeActor(broker, "ale", ALE_OWNS)
     with KextClient(broker.endpoint) as k:
         with pytest.raises(KextError) as e:
@@ -402,8 +413,9 @@ BAD_FRAMES = [
 
 
 @pytest.mark.parametrize(("frames", "why"), BAD_FRAMES)
-def test_bad_frames_get_x_and_the_broker_carries_on(broker: Broker, frames: list[bytes],
-                                                    why: bytes) -> None:
+def test_bad_frames_get_x_and_the_broker_carries_on(
+    broker: Broker, frames: list[bytes], why: bytes
+) -> None:
     s = broker.dealer()
     assert broker.request(s, wire.OPEN) == [wire.OPEN]
     reply = broker.request(s, *frames)
@@ -496,9 +508,21 @@ def test_endpoint_directory_and_socket_permissions(broker: Broker) -> None:
 
 
 def test_tcp_is_refused_without_curve(tmp_path: Path) -> None:
-    r = subprocess.run([*KEXTLESS, "run", "broker", "--endpoint", "tcp://127.0.0.1:0",
-                        "--actors-endpoint", f"ipc://{tmp_path}/a.sock"],
-                       capture_output=True, text=True, timeout=20, cwd=REPO)
+    r = subprocess.run(
+        [
+            *KEXTLESS,
+            "run",
+            "broker",
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--actors-endpoint",
+            f"ipc://{tmp_path}/a.sock",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=REPO,
+    )
     assert r.returncode == 2
     assert "tcp://" in r.stderr and "CURVE" in r.stderr
 
@@ -518,23 +542,40 @@ def test_tcp_with_curve_serves_authorized_clients_only(tmp_path: Path) -> None:
         port = s.bind_to_random_port("tcp://127.0.0.1")
         s.close(0)
     endpoint = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([*KEXTLESS, "run", "broker", "--endpoint", endpoint,
-                             "--actors-endpoint", f"ipc://{tmp_path}/run2/actors.sock",
-                             "--curve-server-secret", str(server_secret),
-                             "--curve-clients", str(clients)],
-                            stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            *KEXTLESS,
+            "run",
+            "broker",
+            "--endpoint",
+            endpoint,
+            "--actors-endpoint",
+            f"ipc://{tmp_path}/run2/actors.sock",
+            "--curve-server-secret",
+            str(server_secret),
+            "--curve-clients",
+            str(clients),
+        ],
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
             try:
-                with KextClient(endpoint, request_timeout=0.5, curve_server_key=server_key,
-                                curve_keypair=pair) as k:  # type: ignore[arg-type]
+                with KextClient(
+                    endpoint, request_timeout=0.5, curve_server_key=server_key, curve_keypair=pair
+                ) as k:  # type: ignore[arg-type]
                     assert k.version() == bytes([2, 1, 0, 0])
                 break
             except KextTimeout:
                 assert proc.poll() is None and time.monotonic() < deadline
-        stranger = KextClient(endpoint, request_timeout=0.5, curve_server_key=server_key,
-                              curve_keypair=zmq.curve_keypair())
+        stranger = KextClient(
+            endpoint,
+            request_timeout=0.5,
+            curve_server_key=server_key,
+            curve_keypair=zmq.curve_keypair(),
+        )
         with pytest.raises(KextTimeout):
             stranger.open()
     finally:
@@ -554,8 +595,9 @@ def test_client_errors_are_typed(broker: Broker) -> None:
 
 def test_default_endpoint_lives_in_the_run_dir(tmp_path: Path) -> None:
     run_dir = tmp_path / "rt" / "host"
-    proc = subprocess.Popen([*KEXTLESS, "run", "broker", "--run-dir", str(run_dir)],
-                            stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [*KEXTLESS, "run", "broker", "--run-dir", str(run_dir)], stderr=subprocess.PIPE, cwd=REPO
+    )
     try:
         sock = run_dir / "kext.sock"
         deadline = time.monotonic() + 10

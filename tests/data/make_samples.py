@@ -50,8 +50,7 @@ def _tcp_syn_v4() -> bytes:
     tcp = struct.pack("!HHIIBBHHH", 49152, 443, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
     pseudo = _HOST4 + _WEB4 + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,
-                     _HOST4, _WEB4)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, _HOST4, _WEB4)
     ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     return ip + tcp
 
@@ -68,16 +67,39 @@ def _udp_dns_v6() -> bytes:
 def sample_infos() -> list[Info]:
     return [
         LogLine(Severity.INFO, "src/device.rs:201 Verdict invalid id: 7"),
-        ConnectionIpv4(1, 4242, Direction.OUTBOUND, IpProtocol.TCP, _HOST4, _WEB4, 49152, 443,
-                       PayloadLayer.NETWORK, _tcp_syn_v4()),
-        ConnectionIpv6(2, 1337, Direction.OUTBOUND, IpProtocol.UDP, _HOST6, _DNS6, 53000, 53,
-                       PayloadLayer.TRANSPORT, _udp_dns_v6()),
+        ConnectionIpv4(
+            1,
+            4242,
+            Direction.OUTBOUND,
+            IpProtocol.TCP,
+            _HOST4,
+            _WEB4,
+            49152,
+            443,
+            PayloadLayer.NETWORK,
+            _tcp_syn_v4(),
+        ),
+        ConnectionIpv6(
+            2,
+            1337,
+            Direction.OUTBOUND,
+            IpProtocol.UDP,
+            _HOST6,
+            _DNS6,
+            53000,
+            53,
+            PayloadLayer.TRANSPORT,
+            _udp_dns_v6(),
+        ),
         ConnectionEndEventV4(4242, Direction.OUTBOUND, IpProtocol.TCP, _HOST4, _WEB4, 49152, 443),
         ConnectionEndEventV6(1337, Direction.OUTBOUND, IpProtocol.UDP, _HOST6, _DNS6, 53000, 53),
-        BandwidthStatsV4(IpProtocol.TCP, (
-            BandwidthEntry(_HOST4, 49152, _WEB4, 443, 517, 4096),
-            BandwidthEntry(_HOST4, 49153, _WEB4, 443, 1200, 88000),
-        )),
+        BandwidthStatsV4(
+            IpProtocol.TCP,
+            (
+                BandwidthEntry(_HOST4, 49152, _WEB4, 443, 517, 4096),
+                BandwidthEntry(_HOST4, 49153, _WEB4, 443, 1200, 88000),
+            ),
+        ),
         BandwidthStatsV6(IpProtocol.UDP, (BandwidthEntry(_HOST6, 53000, _DNS6, 53, 45, 61),)),
     ]
 

@@ -31,8 +31,11 @@ def main(endpoint: str) -> int:
         ident, *frames = sock.recv_multipart()
         if frames == [b"S"]:
             requests += 1
-            body = {"pid": os.getpid(), "requests": requests,
-                    "netns_inode": os.stat("/proc/self/ns/net").st_ino}
+            body = {
+                "pid": os.getpid(),
+                "requests": requests,
+                "netns_inode": os.stat("/proc/self/ns/net").st_ino,
+            }
             sock.send_multipart([ident, b"S", json.dumps(body).encode()])
     sock.close()  # unbinding removes the ipc socket file
     ctx.term()

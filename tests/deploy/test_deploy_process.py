@@ -49,7 +49,8 @@ def instance_pids(run_dir: Path) -> list[int]:
         except OSError:
             continue
         if (here + b"\0" in cmdline or here + b"/" in cmdline) and supervise.pid_alive(
-                int(proc.name)):
+            int(proc.name)
+        ):
             found.append(int(proc.name))
     return found
 
@@ -87,18 +88,25 @@ def inst() -> Iterator[tuple[str, Path]]:
 
 
 def fake_broker(run: RuntimeDir) -> Program:
-    return Program("broker", (sys.executable, str(HERE / "fake_broker.py"), run.kext_endpoint,
-                              str(run.path)), 100)
+    return Program(
+        "broker",
+        (sys.executable, str(HERE / "fake_broker.py"), run.kext_endpoint, str(run.path)),
+        100,
+    )
 
 
 def sleeper(run: RuntimeDir, ns: str, name: str = "sleeper", priority: int = 300) -> Program:
     code = "import time; time.sleep(600)"
-    return Program(name, (supervise.ip_command(), "netns", "exec", ns, sys.executable, "-c",
-                          code, str(run.path)), priority)
+    return Program(
+        name,
+        (supervise.ip_command(), "netns", "exec", ns, sys.executable, "-c", code, str(run.path)),
+        priority,
+    )
 
 
-def test_up_status_down_mechanics(inst: tuple[str, Path],
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_up_status_down_mechanics(
+    inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     run = opts.run_dir
@@ -119,7 +127,9 @@ def test_up_status_down_mechanics(inst: tuple[str, Path],
     assert supervise.main("status", ["--netns", ns, "--run-root", str(root), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(p["name"], p["state"], p["pid"]) for p in report["programs"]] == [
-        ("broker", "RUNNING", res.pids["broker"]), ("sleeper", "RUNNING", res.pids["sleeper"])]
+        ("broker", "RUNNING", res.pids["broker"]),
+        ("sleeper", "RUNNING", res.pids["sleeper"]),
+    ]
     assert report["broker"]["pid"] == res.pids["broker"]
     assert report["broker"]["requests"] == 1
     assert supervise.main("status", ["--netns", ns, "--run-root", str(root)]) == 0
@@ -147,8 +157,9 @@ def test_up_status_down_mechanics(inst: tuple[str, Path],
     assert supervise.main("status", ["--netns", ns, "--run-root", str(root)]) == 3
 
 
-def test_status_reports_a_missing_broker(inst: tuple[str, Path],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_reports_a_missing_broker(
+    inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     supervise.up(opts, [sleeper(opts.run_dir, ns)], out=lambda _line: None)
@@ -159,13 +170,13 @@ def test_status_reports_a_missing_broker(inst: tuple[str, Path],
 
 
 def test_down_warns_about_a_program_that_ignores_sigterm(
-        inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     run = opts.run_dir
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-    stubborn = Program("stubborn", (sys.executable, "-c", code, str(run.path)), 200,
-                       stopwaitsecs=1)
+    stubborn = Program("stubborn", (sys.executable, "-c", code, str(run.path)), 200, stopwaitsecs=1)
     res = supervise.up(opts, [stubborn, sleeper(run, ns)], out=lambda _line: None)
     assert supervise.main("down", ["--netns", ns, "--run-root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -175,14 +186,16 @@ def test_down_warns_about_a_program_that_ignores_sigterm(
 
 
 @pytest.mark.slow
-def test_a_program_that_cannot_start_fails_up_and_leaves_nothing(
-        inst: tuple[str, Path]) -> None:
+def test_a_program_that_cannot_start_fails_up_and_leaves_nothing(inst: tuple[str, Path]) -> None:
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=20)
     run = opts.run_dir
     token = f"boom-{os.getpid()}-{time.monotonic_ns()}"
-    failing = Program("failing", (sys.executable, "-c", f"import sys; print({token!r}); "
-                                  "sys.exit(3)", str(run.path)), 200)
+    failing = Program(
+        "failing",
+        (sys.executable, "-c", f"import sys; print({token!r}); sys.exit(3)", str(run.path)),
+        200,
+    )
     lines: list[str] = []
     with pytest.raises(DeployError) as err:
         supervise.up(opts, [fake_broker(run), failing, sleeper(run, ns)], out=lines.append)
@@ -196,7 +209,8 @@ def test_a_program_that_cannot_start_fails_up_and_leaves_nothing(
 
 @pytest.mark.slow
 def test_restart_and_recovery_from_a_killed_supervisord(
-        inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     run = opts.run_dir
@@ -209,8 +223,10 @@ def test_restart_and_recovery_from_a_killed_supervisord(
     while time.monotonic() < deadline:
         code, report = supervise.status(ns, root)
         states = {p["name"]: p for p in report["programs"]}
-        if states["sleeper"]["state"] == "RUNNING" and states["sleeper"]["pid"] != res.pids[
-                "sleeper"]:
+        if (
+            states["sleeper"]["state"] == "RUNNING"
+            and states["sleeper"]["pid"] != res.pids["sleeper"]
+        ):
             new_pid = states["sleeper"]["pid"]
             break
         time.sleep(0.2)
@@ -235,16 +251,23 @@ def test_restart_and_recovery_from_a_killed_supervisord(
 
 
 def test_down_reports_divert_filters_left_in_the_namespace(
-        inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     supervise.up(opts, [sleeper(opts.run_dir, ns)], out=lambda _line: None)
     assert supervise.divert_filters(ns) == []
     # A divert holder killed -9 leaves its tc programs attached (reference §4.3).
-    code = ("import os, pydivert\nh = pydivert.EBPFDivert('false')\nh.open()\n"
-            "os.kill(os.getpid(), 9)")
-    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=30, check=False)
+    code = (
+        "import os, pydivert\nh = pydivert.EBPFDivert('false')\nh.open()\nos.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == -9 or proc.returncode == 137, proc.stderr
     left = supervise.divert_filters(ns)
     assert {line.split(":")[0] for line in left} == {"lo ingress", "lo egress"}
@@ -256,39 +279,53 @@ def test_down_reports_divert_filters_left_in_the_namespace(
     lines: list[str] = []
     supervise.up(opts, [sleeper(opts.run_dir, ns)], out=lines.append)
     assert [x for x in lines if x.startswith("WARNING")] == [
-        f"WARNING: divert filter already attached in netns {ns}: {f}" for f in left]
+        f"WARNING: divert filter already attached in netns {ns}: {f}" for f in left
+    ]
 
 
 def _actors_missing() -> list[str]:
-    return [name for name, module in cli._ACTORS.items()
-            if importlib.util.find_spec(module) is None]
+    return [
+        name for name, module in cli._ACTORS.items() if importlib.util.find_spec(module) is None
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_actors_missing()), reason=f"actors not written yet: {_actors_missing()}")
 @pytest.mark.parametrize("policy", [True, False], ids=["policy", "no-policy"])
-def test_the_real_system_up_status_down_leaves_nothing(inst: tuple[str, Path],
-                                                       policy: bool) -> None:
+def test_the_real_system_up_status_down_leaves_nothing(
+    inst: tuple[str, Path], policy: bool
+) -> None:
     ns, root = inst
     run = RuntimeDir.for_instance(ns, root)
     kextless = [*supervise.kextless_command()]
     base = ["--netns", ns, "--run-root", str(root)]
-    up = subprocess.run([*kextless, "up", *base, *([] if policy else ["--no-policy"])],
-                        capture_output=True, text=True, timeout=60, check=False)
+    up = subprocess.run(
+        [*kextless, "up", *base, *([] if policy else ["--no-policy"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     assert f"client endpoint: {run.kext_endpoint}" in up.stdout
     expected = {"broker", "ale", "capture"} | ({"policy"} if policy else set())
     report: dict = {}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # actors announce themselves to the broker
-        st = subprocess.run([*kextless, "status", *base, "--json"], capture_output=True,
-                            text=True, timeout=30, check=False)
+        st = subprocess.run(
+            [*kextless, "status", *base, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         report = json.loads(st.stdout)
         if st.returncode == 0 and "ale" in report["broker"]["actors"]:
             break
         time.sleep(0.3)
     assert [p["name"] for p in report["programs"]] == [  # start order, not alphabetical
-        n for n in ("broker", "ale", "capture", "policy") if n in expected]
+        n for n in ("broker", "ale", "capture", "policy") if n in expected
+    ]
     assert all(p["state"] == "RUNNING" for p in report["programs"]), report
     pids = {p["name"]: p["pid"] for p in report["programs"]}
     assert report["broker"]["pid"] == pids["broker"]
@@ -297,8 +334,9 @@ def test_the_real_system_up_status_down_leaves_nothing(inst: tuple[str, Path],
     # programs attached there, and never in the host namespace.
     assert netns_inode(pids["capture"]) == os.stat(f"/var/run/netns/{ns}").st_ino
     assert any(f.startswith("lo ingress") for f in supervise.divert_filters(ns))
-    down = subprocess.run([*kextless, "down", *base], capture_output=True, text=True,
-                          timeout=90, check=False)
+    down = subprocess.run(
+        [*kextless, "down", *base], capture_output=True, text=True, timeout=90, check=False
+    )
     assert down.returncode == 0, down.stdout + down.stderr
     assert "LEFTOVER" not in down.stdout and "WARNING" not in down.stdout
     assert not any(supervise.pid_alive(p) for p in pids.values())
@@ -308,13 +346,17 @@ def test_the_real_system_up_status_down_leaves_nothing(inst: tuple[str, Path],
 
 
 def _present(names: set[str]) -> list[supervise.ActorSpec]:
-    return [a for a in supervise.ACTORS
-            if a.name in names and importlib.util.find_spec(cli._ACTORS[a.name]) is not None]
+    return [
+        a
+        for a in supervise.ACTORS
+        if a.name in names and importlib.util.find_spec(cli._ACTORS[a.name]) is not None
+    ]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kextless.broker.main") is None, reason="no broker yet")
-def test_real_broker_ale_and_policy_register_and_stop_cleanly(
-        inst: tuple[str, Path]) -> None:
+@pytest.mark.skipif(
+    importlib.util.find_spec("kextless.broker.main") is None, reason="no broker yet"
+)
+def test_real_broker_ale_and_policy_register_and_stop_cleanly(inst: tuple[str, Path]) -> None:
     """The real actors that need no divert handle, under the config `up` renders for them."""
     ns, root = inst
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
@@ -339,9 +381,12 @@ def test_real_broker_ale_and_policy_register_and_stop_cleanly(
     assert sockets_in(opts.run_dir.path) == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kextless.broker.main") is None, reason="no broker yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("kextless.broker.main") is None, reason="no broker yet"
+)
 def test_tcp_endpoint_status_speaks_curve_to_the_real_broker(
-        inst: tuple[str, Path], tmp_path: Path) -> None:
+    inst: tuple[str, Path], tmp_path: Path
+) -> None:
     import socket
 
     import zmq.auth
@@ -357,10 +402,18 @@ def test_tcp_endpoint_status_speaks_curve_to_the_real_broker(
     with socket.socket() as s:  # a free port on loopback for the broker's client ROUTER
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opts = UpOptions(netns=ns, run_root=root, endpoint=f"tcp://127.0.0.1:{port}", policy=False,
-                     curve_server_secret=Path(server_secret), curve_clients=clients, timeout=15)
-    res = supervise.up(opts, supervise.programs_for(opts, _present({"broker"})),
-                       out=lambda _line: None)
+    opts = UpOptions(
+        netns=ns,
+        run_root=root,
+        endpoint=f"tcp://127.0.0.1:{port}",
+        policy=False,
+        curve_server_secret=Path(server_secret),
+        curve_clients=clients,
+        timeout=15,
+    )
+    res = supervise.up(
+        opts, supervise.programs_for(opts, _present({"broker"})), out=lambda _line: None
+    )
     code, report = supervise.status(ns, root, client_cert=Path(client_secret))
     assert code == 0, report["broker_error"]
     assert report["broker"]["pid"] == res.pids["broker"]

@@ -108,28 +108,54 @@ def test_no_policy_leaves_the_decision_maker_out(tmp_path: Path) -> None:
 
 
 def test_tcp_endpoint_passes_curve_to_broker_and_excludes_the_port_from_capture(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     secret, clients = tmp_path / "server.key_secret", tmp_path / "clients"
-    opts = UpOptions(netns="n1", endpoint="tcp://127.0.0.1:7717", run_root=tmp_path,
-                     curve_server_secret=secret, curve_clients=clients)
+    opts = UpOptions(
+        netns="n1",
+        endpoint="tcp://127.0.0.1:7717",
+        run_root=tmp_path,
+        curve_server_secret=secret,
+        curve_clients=clients,
+    )
     argvs = _argvs(tmp_path, _render(opts))
     run = str(tmp_path / "netns-n1")
     assert _tail(argvs["broker"], "broker") == [
-        "run", "broker", "--run-dir", run, "--endpoint", "tcp://127.0.0.1:7717",
-        "--curve-server-secret", str(secret), "--curve-clients", str(clients)]
+        "run",
+        "broker",
+        "--run-dir",
+        run,
+        "--endpoint",
+        "tcp://127.0.0.1:7717",
+        "--curve-server-secret",
+        str(secret),
+        "--curve-clients",
+        str(clients),
+    ]
     assert _tail(argvs["capture"], "capture") == [
-        "run", "capture", "--run-dir", run, "--exclude-port", "7717"]
+        "run",
+        "capture",
+        "--run-dir",
+        run,
+        "--exclude-port",
+        "7717",
+    ]
     assert "--exclude-port" not in argvs["ale"]
 
 
 def test_custom_ipc_endpoint_reaches_broker_and_policy_not_capture(tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
-    opts = UpOptions(endpoint="ipc:///tmp/klt-elsewhere.sock", run_root=tmp_path,
-                     policy_rules=rules)
+    opts = UpOptions(
+        endpoint="ipc:///tmp/klt-elsewhere.sock", run_root=tmp_path, policy_rules=rules
+    )
     argvs = _argvs(tmp_path, _render(opts))
     assert argvs["broker"][-2:] == ["--endpoint", "ipc:///tmp/klt-elsewhere.sock"]
-    assert argvs["policy"][-4:] == ["--endpoint", "ipc:///tmp/klt-elsewhere.sock",
-                                    "--rules", str(rules)]
+    assert argvs["policy"][-4:] == [
+        "--endpoint",
+        "ipc:///tmp/klt-elsewhere.sock",
+        "--rules",
+        str(rules),
+    ]
     assert "--endpoint" not in argvs["capture"] and "--exclude-port" not in argvs["capture"]
 
 
@@ -143,23 +169,41 @@ def test_spaces_and_quotes_in_paths_survive_supervisor_parsing(tmp_path: Path) -
 
 
 def test_ale_options_and_actor_args_reach_their_actor_only(tmp_path: Path) -> None:
-    opts = UpOptions(netns="n1", run_root=tmp_path, verdict_timeout=3, default_verdict="Drop",
-                     actor_args=(("capture", "--tunnel-port=7717"), ("ale", "--log-level"),
-                                 ("ale", "DEBUG")))
+    opts = UpOptions(
+        netns="n1",
+        run_root=tmp_path,
+        verdict_timeout=3,
+        default_verdict="Drop",
+        actor_args=(("capture", "--tunnel-port=7717"), ("ale", "--log-level"), ("ale", "DEBUG")),
+    )
     argvs = _argvs(tmp_path, _render(opts))
-    assert argvs["ale"][-6:] == ["--verdict-timeout", "3", "--default-verdict", "Drop",
-                                 "--log-level", "DEBUG"]
+    assert argvs["ale"][-6:] == [
+        "--verdict-timeout",
+        "3",
+        "--default-verdict",
+        "Drop",
+        "--log-level",
+        "DEBUG",
+    ]
     assert argvs["capture"][-1] == "--tunnel-port=7717"
     assert "--verdict-timeout" not in argvs["capture"] + argvs["broker"] + argvs["policy"]
 
 
 def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
-    actors = (*ACTORS, ActorSpec("bandwidth", 350, in_netns=True),
-              ActorSpec("lifecycle", 360, enabled=lambda o: o.netns is None))
+    actors = (
+        *ACTORS,
+        ActorSpec("bandwidth", 350, in_netns=True),
+        ActorSpec("lifecycle", 360, enabled=lambda o: o.netns is None),
+    )
     opts = UpOptions(netns="n1", run_root=tmp_path)
     progs = programs_for(opts, actors)
     assert [p.name for p in sorted(progs, key=lambda p: p.priority)] == [
-        "broker", "ale", "capture", "bandwidth", "policy"]
+        "broker",
+        "ale",
+        "capture",
+        "bandwidth",
+        "policy",
+    ]
     argvs = _argvs(tmp_path, _render(opts, progs))
     assert argvs["bandwidth"][1:4] == ["netns", "exec", "n1"]
 
@@ -193,34 +237,62 @@ def test_endpoint_parsing() -> None:
     assert parse_endpoint("tcp://*:5555").connect_url == "tcp://127.0.0.1:5555"
     assert parse_endpoint("tcp://[::1]:5555").port == 5555
     assert parse_endpoint("ipc:///run/x.sock").path == Path("/run/x.sock")
-    for bad, why in (("tcp://host", "fixed port"), ("tcp://host:*", "fixed port"),
-                     ("tcp://:80", "fixed port"), ("tcp://h:70000", "fixed port"),
-                     ("ipc://rel.sock", "absolute"), ("inproc://x", "only ipc"),
-                     ("ipc:///" + "x" * 200, "longer")):
+    for bad, why in (
+        ("tcp://host", "fixed port"),
+        ("tcp://host:*", "fixed port"),
+        ("tcp://:80", "fixed port"),
+        ("tcp://h:70000", "fixed port"),
+        ("ipc://rel.sock", "absolute"),
+        ("inproc://x", "only ipc"),
+        ("ipc:///" + "x" * 200, "longer"),
+    ):
         with pytest.raises(UsageError, match=why):
             parse_endpoint(bad)
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--netns", "../etc"], "not a valid namespace name"),
-    (["--netns", "klt-surely-missing-ns-4711"], "no such network namespace"),
-    (["--no-policy", "--endpoint", "tcp://127.0.0.1:7000"], "needs CURVE"),
-    (["--endpoint", "tcp://127.0.0.1:7000", "--curve-server-secret", "/etc/hostname",
-      "--curve-clients", "/tmp"], "--no-policy"),
-    (["--endpoint", "udp://1.2.3.4:5"], "only ipc"),
-    (["--curve-clients", "/tmp"], "only apply to a tcp"),
-    (["--no-policy", "--endpoint", "tcp://127.0.0.1:7000", "--curve-server-secret", "/no/k",
-      "--curve-clients", "/tmp"], "no such file"),
-    (["--no-policy", "--policy-rules", "/etc/hostname"], "--no-policy"),
-    (["--policy-rules", "/nonexistent.toml"], "no such file"),
-    (["--timeout", "0"], "positive"),
-    (["--verdict-timeout", "-1"], "verdict-timeout"),
-    (["--default-verdict", "Maybe"], "PermanentAccept"),
-    (["--no-policy", "--actor-arg", "policy=--x"], "no such actor"),
-    (["--actor-arg", "capture"], "ACTOR=ARG"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--netns", "../etc"], "not a valid namespace name"),
+        (["--netns", "klt-surely-missing-ns-4711"], "no such network namespace"),
+        (["--no-policy", "--endpoint", "tcp://127.0.0.1:7000"], "needs CURVE"),
+        (
+            [
+                "--endpoint",
+                "tcp://127.0.0.1:7000",
+                "--curve-server-secret",
+                "/etc/hostname",
+                "--curve-clients",
+                "/tmp",
+            ],
+            "--no-policy",
+        ),
+        (["--endpoint", "udp://1.2.3.4:5"], "only ipc"),
+        (["--curve-clients", "/tmp"], "only apply to a tcp"),
+        (
+            [
+                "--no-policy",
+                "--endpoint",
+                "tcp://127.0.0.1:7000",
+                "--curve-server-secret",
+                "/no/k",
+                "--curve-clients",
+                "/tmp",
+            ],
+            "no such file",
+        ),
+        (["--no-policy", "--policy-rules", "/etc/hostname"], "--no-policy"),
+        (["--policy-rules", "/nonexistent.toml"], "no such file"),
+        (["--timeout", "0"], "positive"),
+        (["--verdict-timeout", "-1"], "verdict-timeout"),
+        (["--default-verdict", "Maybe"], "PermanentAccept"),
+        (["--no-policy", "--actor-arg", "policy=--x"], "no such actor"),
+        (["--actor-arg", "capture"], "ACTOR=ARG"),
+    ],
+)
 def test_up_refuses_bad_input_with_one_clear_line(
-        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = supervise.main("up", [*argv, "--run-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
@@ -235,8 +307,9 @@ def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_down_and_status_with_nothing_running(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_down_and_status_with_nothing_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert supervise.main("down", ["--run-root", str(tmp_path)]) == 0
     assert "not running" in capsys.readouterr().out
     assert supervise.main("status", ["--run-root", str(tmp_path), "--json"]) == 3
@@ -245,13 +318,18 @@ def test_down_and_status_with_nothing_running(tmp_path: Path,
 
 
 def test_status_text_flattens_broker_counters() -> None:
-    report = {"netns": "n1", "run_dir": "/r", "running": True, "endpoint": "ipc:///r/kext.sock",
-              "programs": [{"name": "broker", "state": "RUNNING", "pid": 42, "uptime_s": 3725,
-                            "description": ""},
-                           {"name": "ale", "state": "BACKOFF", "pid": None, "uptime_s": None,
-                            "description": ""}],
-              "broker": {"pid": 42, "queue": {"depth": 3, "bytes": 10}, "actors": {}},
-              "broker_error": None}
+    report = {
+        "netns": "n1",
+        "run_dir": "/r",
+        "running": True,
+        "endpoint": "ipc:///r/kext.sock",
+        "programs": [
+            {"name": "broker", "state": "RUNNING", "pid": 42, "uptime_s": 3725, "description": ""},
+            {"name": "ale", "state": "BACKOFF", "pid": None, "uptime_s": None, "description": ""},
+        ],
+        "broker": {"pid": 42, "queue": {"depth": 3, "bytes": 10}, "actors": {}},
+        "broker_error": None,
+    }
     text = format_status(report).splitlines()
     assert text[1].split() == ["broker", "RUNNING", "pid", "42", "uptime", "1:02:05"]
     assert text[2].split() == ["ale", "BACKOFF", "-"]

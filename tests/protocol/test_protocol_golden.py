@@ -53,65 +53,204 @@ def h(*parts: str) -> bytes:
 
 # (name, wire bytes, decoded struct)
 GOLDEN_INFOS: list[tuple[str, bytes, Info]] = [
-    ("log-kext-test", h("00", "11000000", "01", "7072656669783a2074657374206c6f67"),
-     LogLine(1, "prefix: test log")),
+    (
+        "log-kext-test",
+        h("00", "11000000", "01", "7072656669783a2074657374206c6f67"),
+        LogLine(1, "prefix: test log"),
+    ),
     ("log-utf8", h("00", "04000000", "05", "c3a9", "21"), LogLine(5, "\u00e9!")),
-    ("conn-v4-kext-test",
-     h("01", "2d000000", "0100000000000000", "0200000000000000", "03", "04", "01020304",
-       "02030405", "0500", "0600", "07", "0a000000", "0102030405060708090a"),
-     ConnectionIpv4(1, 2, 3, 4, A4, B4, 5, 6, 7, TEN)),
-    ("conn-v4-inbound-https",
-     h("01", "23000000", "0807060504030201", "9210000000000000", "01", "06", "c0a80105",
-       "01010101", "bb01", "00c0", "03", "00000000"),
-     ConnectionIpv4(0x0102030405060708, 4242, 1, 6, bytes([192, 168, 1, 5]), bytes([1, 1, 1, 1]),
-                    443, 49152, 3, b"")),
-    ("conn-v6-kext-test",
-     h("02", "45000000", "0100000000000000", "0200000000000000", "03", "04", HEX_A16, HEX_B16,
-       "0500", "0600", "07", "0a000000", "0102030405060708090a"),
-     ConnectionIpv6(1, 2, 3, 4, A16, B16, 5, 6, 7, TEN)),
-    ("conn-v6-loopback-dns",
-     h("02", "3d000000", "ffffffffffffffff", "0000000000000000", "00", "11",
-       "00000000000000000000000000000001", "00000000000000000000000000000001", "08cf", "3500",
-       "04", "02000000", "abcd"),
-     ConnectionIpv6(2**64 - 1, 0, 0, 17, bytes(15) + b"\x01", bytes(15) + b"\x01", 53000, 53, 4,
-                    b"\xab\xcd")),
-    ("end-v4-kext-test",
-     h("03", "16000000", "0100000000000000", "02", "03", "01020304", "02030405", "0400", "0500"),
-     ConnectionEndEventV4(1, 2, 3, A4, B4, 4, 5)),
-    ("end-v6-kext-test",
-     h("04", "2e000000", "0100000000000000", "02", "03", HEX_A16, HEX_B16, "0400", "0500"),
-     ConnectionEndEventV6(1, 2, 3, A16, B16, 4, 5)),
-    ("bandwidth-v4-kext-test",
-     h("05", "3d000000", "01", "02000000",
-       "01020304", "0100", "02030405", "0200", "0300000000000000", "0400000000000000",
-       "01020304", "0500", "02030405", "0600", "0700000000000000", "0800000000000000"),
-     BandwidthStatsV4(1, (BandwidthEntry(A4, 1, B4, 2, 3, 4), BandwidthEntry(A4, 5, B4, 6, 7, 8)))),
+    (
+        "conn-v4-kext-test",
+        h(
+            "01",
+            "2d000000",
+            "0100000000000000",
+            "0200000000000000",
+            "03",
+            "04",
+            "01020304",
+            "02030405",
+            "0500",
+            "0600",
+            "07",
+            "0a000000",
+            "0102030405060708090a",
+        ),
+        ConnectionIpv4(1, 2, 3, 4, A4, B4, 5, 6, 7, TEN),
+    ),
+    (
+        "conn-v4-inbound-https",
+        h(
+            "01",
+            "23000000",
+            "0807060504030201",
+            "9210000000000000",
+            "01",
+            "06",
+            "c0a80105",
+            "01010101",
+            "bb01",
+            "00c0",
+            "03",
+            "00000000",
+        ),
+        ConnectionIpv4(
+            0x0102030405060708,
+            4242,
+            1,
+            6,
+            bytes([192, 168, 1, 5]),
+            bytes([1, 1, 1, 1]),
+            443,
+            49152,
+            3,
+            b"",
+        ),
+    ),
+    (
+        "conn-v6-kext-test",
+        h(
+            "02",
+            "45000000",
+            "0100000000000000",
+            "0200000000000000",
+            "03",
+            "04",
+            HEX_A16,
+            HEX_B16,
+            "0500",
+            "0600",
+            "07",
+            "0a000000",
+            "0102030405060708090a",
+        ),
+        ConnectionIpv6(1, 2, 3, 4, A16, B16, 5, 6, 7, TEN),
+    ),
+    (
+        "conn-v6-loopback-dns",
+        h(
+            "02",
+            "3d000000",
+            "ffffffffffffffff",
+            "0000000000000000",
+            "00",
+            "11",
+            "00000000000000000000000000000001",
+            "00000000000000000000000000000001",
+            "08cf",
+            "3500",
+            "04",
+            "02000000",
+            "abcd",
+        ),
+        ConnectionIpv6(
+            2**64 - 1, 0, 0, 17, bytes(15) + b"\x01", bytes(15) + b"\x01", 53000, 53, 4, b"\xab\xcd"
+        ),
+    ),
+    (
+        "end-v4-kext-test",
+        h("03", "16000000", "0100000000000000", "02", "03", "01020304", "02030405", "0400", "0500"),
+        ConnectionEndEventV4(1, 2, 3, A4, B4, 4, 5),
+    ),
+    (
+        "end-v6-kext-test",
+        h("04", "2e000000", "0100000000000000", "02", "03", HEX_A16, HEX_B16, "0400", "0500"),
+        ConnectionEndEventV6(1, 2, 3, A16, B16, 4, 5),
+    ),
+    (
+        "bandwidth-v4-kext-test",
+        h(
+            "05",
+            "3d000000",
+            "01",
+            "02000000",
+            "01020304",
+            "0100",
+            "02030405",
+            "0200",
+            "0300000000000000",
+            "0400000000000000",
+            "01020304",
+            "0500",
+            "02030405",
+            "0600",
+            "0700000000000000",
+            "0800000000000000",
+        ),
+        BandwidthStatsV4(
+            1, (BandwidthEntry(A4, 1, B4, 2, 3, 4), BandwidthEntry(A4, 5, B4, 6, 7, 8))
+        ),
+    ),
     ("bandwidth-v4-empty", h("05", "05000000", "06", "00000000"), BandwidthStatsV4(6, ())),
-    ("bandwidth-v6-kext-test",
-     h("06", "6d000000", "01", "02000000",
-       HEX_A16, "0100", HEX_B16, "0200", "0300000000000000", "0400000000000000",
-       HEX_A16, "0500", HEX_B16, "0600", "0700000000000000", "0800000000000000"),
-     BandwidthStatsV6(1, (BandwidthEntry(A16, 1, B16, 2, 3, 4),
-                          BandwidthEntry(A16, 5, B16, 6, 7, 8)))),
-    ("bandwidth-v6-big-counters",
-     h("06", "39000000", "11", "01000000", HEX_A16, "bb01", HEX_B16, "ffff",
-       "efcdab8967452301", "ffffffffffffffff"),
-     BandwidthStatsV6(17, (BandwidthEntry(A16, 443, B16, 65535, 0x0123456789ABCDEF,
-                                          2**64 - 1),))),
+    (
+        "bandwidth-v6-kext-test",
+        h(
+            "06",
+            "6d000000",
+            "01",
+            "02000000",
+            HEX_A16,
+            "0100",
+            HEX_B16,
+            "0200",
+            "0300000000000000",
+            "0400000000000000",
+            HEX_A16,
+            "0500",
+            HEX_B16,
+            "0600",
+            "0700000000000000",
+            "0800000000000000",
+        ),
+        BandwidthStatsV6(
+            1, (BandwidthEntry(A16, 1, B16, 2, 3, 4), BandwidthEntry(A16, 5, B16, 6, 7, 8))
+        ),
+    ),
+    (
+        "bandwidth-v6-big-counters",
+        h(
+            "06",
+            "39000000",
+            "11",
+            "01000000",
+            HEX_A16,
+            "bb01",
+            HEX_B16,
+            "ffff",
+            "efcdab8967452301",
+            "ffffffffffffffff",
+        ),
+        BandwidthStatsV6(
+            17, (BandwidthEntry(A16, 443, B16, 65535, 0x0123456789ABCDEF, 2**64 - 1),)
+        ),
+    ),
 ]
 
 GOLDEN_COMMANDS: list[tuple[str, bytes, Command]] = [
     ("shutdown", h("00"), ShutdownCommand()),
     ("verdict-kext-test", h("01", "0100000000000000", "02"), VerdictCommand(1, Verdict.ACCEPT)),
-    ("verdict-split-tunnel", h("01", "0807060504030201", "0b"),
-     VerdictCommand(0x0102030405060708, Verdict.REDIRECT_SPLIT_TUNNEL)),
-    ("update-v4-kext-test", h("02", "01", "01020304", "0200", "02030405", "0300", "04"),
-     UpdateV4Command(1, A4, 2, B4, 3, Verdict.BLOCK)),
-    ("update-v4-https", h("02", "06", "0a000001", "00c0", "5db8d822", "bb01", "03"),
-     UpdateV4Command(6, bytes([10, 0, 0, 1]), 49152, bytes([93, 184, 216, 34]), 443,
-                     Verdict.PERMANENT_ACCEPT)),
-    ("update-v6-kext-test", h("03", "01", HEX_A16, "0200", HEX_B16, "0300", "04"),
-     UpdateV6Command(1, A16, 2, B16, 3, Verdict.BLOCK)),
+    (
+        "verdict-split-tunnel",
+        h("01", "0807060504030201", "0b"),
+        VerdictCommand(0x0102030405060708, Verdict.REDIRECT_SPLIT_TUNNEL),
+    ),
+    (
+        "update-v4-kext-test",
+        h("02", "01", "01020304", "0200", "02030405", "0300", "04"),
+        UpdateV4Command(1, A4, 2, B4, 3, Verdict.BLOCK),
+    ),
+    (
+        "update-v4-https",
+        h("02", "06", "0a000001", "00c0", "5db8d822", "bb01", "03"),
+        UpdateV4Command(
+            6, bytes([10, 0, 0, 1]), 49152, bytes([93, 184, 216, 34]), 443, Verdict.PERMANENT_ACCEPT
+        ),
+    ),
+    (
+        "update-v6-kext-test",
+        h("03", "01", HEX_A16, "0200", HEX_B16, "0300", "04"),
+        UpdateV6Command(1, A16, 2, B16, 3, Verdict.BLOCK),
+    ),
     ("clear-cache", h("04"), ClearCacheCommand()),
     ("get-logs", h("05"), GetLogsCommand()),
     ("get-bandwidth-stats", h("06"), GetBandwidthStatsCommand()),
@@ -158,11 +297,18 @@ def test_every_command_type_has_a_golden_vector() -> None:
 
 
 # Body sizes the spec verified against the kext's rust_info_test.bin (kext-spec §2.3).
-@pytest.mark.parametrize(("name", "body_size"), [
-    ("conn-v4-kext-test", 45), ("conn-v6-kext-test", 69), ("end-v4-kext-test", 22),
-    ("end-v6-kext-test", 46), ("bandwidth-v4-kext-test", 61), ("bandwidth-v6-kext-test", 109),
-    ("log-kext-test", 17),
-])
+@pytest.mark.parametrize(
+    ("name", "body_size"),
+    [
+        ("conn-v4-kext-test", 45),
+        ("conn-v6-kext-test", 69),
+        ("end-v4-kext-test", 22),
+        ("end-v6-kext-test", 46),
+        ("bandwidth-v4-kext-test", 61),
+        ("bandwidth-v6-kext-test", 109),
+        ("log-kext-test", 17),
+    ],
+)
 def test_spec_verified_body_sizes(name: str, body_size: int) -> None:
     wire, info = next((w, i) for n, w, i in GOLDEN_INFOS if n == name)
     for record in (wire, encode_info(info)):
@@ -171,10 +317,16 @@ def test_spec_verified_body_sizes(name: str, body_size: int) -> None:
 
 
 # Total command sizes from kext-spec §2.6 / portmaster-client §1.3.
-@pytest.mark.parametrize(("name", "size"), [
-    ("shutdown", 1), ("verdict-kext-test", 10), ("update-v4-kext-test", 15),
-    ("update-v6-kext-test", 39), ("clean-ended-connections", 1),
-])
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        ("shutdown", 1),
+        ("verdict-kext-test", 10),
+        ("update-v4-kext-test", 15),
+        ("update-v6-kext-test", 39),
+        ("clean-ended-connections", 1),
+    ],
+)
 def test_spec_command_sizes(name: str, size: int) -> None:
     cmd = next(c for n, _, c in GOLDEN_COMMANDS if n == name)
     assert len(encode_command(cmd)) == size
@@ -183,27 +335,57 @@ def test_spec_command_sizes(name: str, size: int) -> None:
 def test_info_json_view_uses_kext_names_and_text_addresses() -> None:
     wire = next(w for n, w, _ in GOLDEN_INFOS if n == "conn-v6-loopback-dns")
     assert info_to_json(decode_info(wire)) == {
-        "type": "ConnectionIpv6", "id": 18446744073709551615, "process_id": 0, "direction": 0,
-        "protocol": 17, "local_ip": "::1", "remote_ip": "::1", "local_port": 53000,
-        "remote_port": 53, "payload_layer": 4, "payload": "abcd",
+        "type": "ConnectionIpv6",
+        "id": 18446744073709551615,
+        "process_id": 0,
+        "direction": 0,
+        "protocol": 17,
+        "local_ip": "::1",
+        "remote_ip": "::1",
+        "local_port": 53000,
+        "remote_port": 53,
+        "payload_layer": 4,
+        "payload": "abcd",
     }
     wire = next(w for n, w, _ in GOLDEN_INFOS if n == "bandwidth-v4-kext-test")
     assert info_to_json(decode_info(wire)) == {
-        "type": "BandwidthStatsV4", "protocol": 1, "values": [
-            {"local_ip": "1.2.3.4", "local_port": 1, "remote_ip": "2.3.4.5", "remote_port": 2,
-             "transmitted_bytes": 3, "received_bytes": 4},
-            {"local_ip": "1.2.3.4", "local_port": 5, "remote_ip": "2.3.4.5", "remote_port": 6,
-             "transmitted_bytes": 7, "received_bytes": 8},
-        ]}
+        "type": "BandwidthStatsV4",
+        "protocol": 1,
+        "values": [
+            {
+                "local_ip": "1.2.3.4",
+                "local_port": 1,
+                "remote_ip": "2.3.4.5",
+                "remote_port": 2,
+                "transmitted_bytes": 3,
+                "received_bytes": 4,
+            },
+            {
+                "local_ip": "1.2.3.4",
+                "local_port": 5,
+                "remote_ip": "2.3.4.5",
+                "remote_port": 6,
+                "transmitted_bytes": 7,
+                "received_bytes": 8,
+            },
+        ],
+    }
 
 
 def test_command_json_view_uses_kext_names_and_verdict_numbers() -> None:
     update_v6 = h("03", "01", HEX_A16, "0200", HEX_B16, "0300", "04")
     assert command_to_json(decode_command(update_v6)) == {
-        "type": "UpdateV6", "protocol": 1, "local_address": "102:304:506:708:90a:b0c:d0e:f10",
-        "local_port": 2, "remote_address": "203:405:607:809:a0b:c0d:e0f:1011", "remote_port": 3,
+        "type": "UpdateV6",
+        "protocol": 1,
+        "local_address": "102:304:506:708:90a:b0c:d0e:f10",
+        "local_port": 2,
+        "remote_address": "203:405:607:809:a0b:c0d:e0f:1011",
+        "remote_port": 3,
         "verdict": 4,
     }
     assert command_to_json(decode_command(h("01", "0100000000000000", "02"))) == {
-        "type": "Verdict", "id": 1, "verdict": 2}
+        "type": "Verdict",
+        "id": 1,
+        "verdict": 2,
+    }
     assert command_to_json(decode_command(h("08"))) == {"type": "CleanEndedConnections"}

@@ -69,9 +69,16 @@ infos: st.SearchStrategy[Info] = st.one_of(
 
 verdicts = st.sampled_from(Verdict)
 commands: st.SearchStrategy[Command] = st.one_of(
-    st.sampled_from([ShutdownCommand(), ClearCacheCommand(), GetLogsCommand(),
-                     GetBandwidthStatsCommand(), PrintMemoryStatsCommand(),
-                     CleanEndedConnectionsCommand()]),
+    st.sampled_from(
+        [
+            ShutdownCommand(),
+            ClearCacheCommand(),
+            GetLogsCommand(),
+            GetBandwidthStatsCommand(),
+            PrintMemoryStatsCommand(),
+            CleanEndedConnectionsCommand(),
+        ]
+    ),
     st.builds(VerdictCommand, u64, verdicts),
     st.builds(UpdateV4Command, u8, ip4, u16, ip4, u16, verdicts),
     st.builds(UpdateV6Command, u8, ip6, u16, ip6, u16, verdicts),
@@ -79,6 +86,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
 
 
 # --- round trips -------------------------------------------------------------------------
+
 
 @FAST
 @given(infos)
@@ -99,6 +107,7 @@ def test_command_round_trip(cmd: Command) -> None:
 
 
 # --- streams -----------------------------------------------------------------------------
+
 
 def _decode(chunks: list[bytes]) -> list[Info | DecodeError]:
     decoder = InfoStreamDecoder()
@@ -126,6 +135,7 @@ def test_stream_random_chunking(records: list[Info], data: st.DataObject) -> Non
 
 
 # --- hostile input -----------------------------------------------------------------------
+
 
 def _framed(type_byte: int, body: bytes) -> bytes:
     return struct.pack("<BI", type_byte, len(body)) + body
@@ -171,8 +181,12 @@ def test_decode_info_of_a_mutated_record_raises_only_protocol_error(
 
 
 @FAST
-@given(st.one_of(st.binary(max_size=60), st.builds(
-    lambda t, rest: bytes([t]) + rest, st.integers(0, 9), st.binary(max_size=40))))
+@given(
+    st.one_of(
+        st.binary(max_size=60),
+        st.builds(lambda t, rest: bytes([t]) + rest, st.integers(0, 9), st.binary(max_size=40)),
+    )
+)
 def test_decode_command_raises_only_protocol_error(raw: bytes) -> None:
     try:
         cmd = decode_command(raw)
@@ -211,8 +225,9 @@ def test_encode_info_rejects_out_of_range_fields_with_protocol_error(
     # record that decodes back to the same fields, or raises ProtocolError. Nothing else.
     fields = [f for f in info.__struct_fields__ if f != "values"]
     field = data.draw(st.sampled_from(fields))
-    value = data.draw(st.one_of(st.integers(-(2**70), 2**70), st.binary(max_size=20),
-                                st.text(max_size=5)))
+    value = data.draw(
+        st.one_of(st.integers(-(2**70), 2**70), st.binary(max_size=20), st.text(max_size=5))
+    )
     changed = type(info)(**{f: getattr(info, f) for f in info.__struct_fields__} | {field: value})
     try:
         wire = encode_info(changed)
@@ -269,11 +284,14 @@ def test_unknown_command_type(type_byte: int) -> None:
         decode_command(bytes([type_byte]) + bytes(9))
 
 
-@pytest.mark.parametrize(("wire", "kind"), [
-    (bytes.fromhex("01" "0100000000000000" "0c"), "Verdict"),
-    (bytes.fromhex("02" "06" "0a000001" "5000" "0a000002" "5100" "ff"), "UpdateV4"),
-    (bytes.fromhex("03" "11") + bytes(16) + b"\x35\x00" + bytes(16) + b"\x35\x00\x0c", "UpdateV6"),
-])
+@pytest.mark.parametrize(
+    ("wire", "kind"),
+    [
+        (bytes.fromhex("0101000000000000000c"), "Verdict"),
+        (bytes.fromhex("02060a00000150000a0000025100ff"), "UpdateV4"),
+        (bytes.fromhex("0311") + bytes(16) + b"\x35\x00" + bytes(16) + b"\x35\x00\x0c", "UpdateV6"),
+    ],
+)
 def test_unknown_verdict_value(wire: bytes, kind: str) -> None:
     with pytest.raises(ProtocolError, match=f"{kind}: unknown verdict value {wire[-1]}"):
         decode_command(wire)
@@ -285,33 +303,42 @@ _A4 = bytes(4)
 _A16 = bytes(16)
 
 
-@pytest.mark.parametrize(("bad", "match"), [
-    (UpdateV4Command(6, _A4, 70000, _A4, 80, Verdict.ACCEPT), "cannot encode UpdateV4Command"),
-    (UpdateV4Command(6, bytes(5), 80, _A4, 80, Verdict.ACCEPT), "local_address must be 4"),
-    (UpdateV6Command(6, _A16, 80, _A4, 80, Verdict.ACCEPT), "remote_address must be 16"),
-    (VerdictCommand(-1, Verdict.ACCEPT), "cannot encode VerdictCommand"),
-    (VerdictCommand(1, 12), "cannot encode VerdictCommand"),  # type: ignore[arg-type]
-    (UpdateV4Command(256, _A4, 80, _A4, 80, Verdict.ACCEPT), "cannot encode UpdateV4Command"),
-])
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (UpdateV4Command(6, _A4, 70000, _A4, 80, Verdict.ACCEPT), "cannot encode UpdateV4Command"),
+        (UpdateV4Command(6, bytes(5), 80, _A4, 80, Verdict.ACCEPT), "local_address must be 4"),
+        (UpdateV6Command(6, _A16, 80, _A4, 80, Verdict.ACCEPT), "remote_address must be 16"),
+        (VerdictCommand(-1, Verdict.ACCEPT), "cannot encode VerdictCommand"),
+        (VerdictCommand(1, 12), "cannot encode VerdictCommand"),  # type: ignore[arg-type]
+        (UpdateV4Command(256, _A4, 80, _A4, 80, Verdict.ACCEPT), "cannot encode UpdateV4Command"),
+    ],
+)
 def test_encode_command_out_of_range(bad: Command, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         encode_command(bad)
 
 
-@pytest.mark.parametrize(("bad", "match"), [
-    (ConnectionIpv4(1, 1, 0, 6, _A4, _A4, 70000, 80, 3, b""), "cannot encode ConnectionIpv4"),
-    (ConnectionIpv4(-1, 1, 0, 6, _A4, _A4, 80, 80, 3, b""), "cannot encode ConnectionIpv4"),
-    (ConnectionIpv4(1, 1, 0, 6, bytes(5), _A4, 80, 80, 3, b""), "local_ip must be 4"),
-    (ConnectionIpv6(1, 1, 0, 6, _A16, _A4, 80, 80, 3, b""), "remote_ip must be 16"),
-    (ConnectionEndEventV4(1, 2, 6, _A4, _A4, 80, -5), "cannot encode ConnectionEndEventV4"),
-    (ConnectionEndEventV6(2**64, 0, 6, _A16, _A16, 80, 80), "cannot encode ConnectionEndEventV6"),
-    (ConnectionIpv4(1, 1, 256, 6, _A4, _A4, 80, 80, 3, b""), "cannot encode ConnectionIpv4"),
-    (BandwidthStatsV4(6, (BandwidthEntry(_A4, 70000, _A4, 1, 0, 0),)), "BandwidthStatsV4"),
-    (BandwidthStatsV6(6, (BandwidthEntry(_A4, 1, _A16, 1, 0, 0),)), "local_ip must be 16"),
-    (BandwidthStatsV4(6, (BandwidthEntry(_A4, 1, _A4, 1, -1, 0),)), "BandwidthStatsV4"),
-    (LogLine(3, ""), "must not be empty"),
-    (LogLine(300, "x"), "cannot encode LogLine"),
-])
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (ConnectionIpv4(1, 1, 0, 6, _A4, _A4, 70000, 80, 3, b""), "cannot encode ConnectionIpv4"),
+        (ConnectionIpv4(-1, 1, 0, 6, _A4, _A4, 80, 80, 3, b""), "cannot encode ConnectionIpv4"),
+        (ConnectionIpv4(1, 1, 0, 6, bytes(5), _A4, 80, 80, 3, b""), "local_ip must be 4"),
+        (ConnectionIpv6(1, 1, 0, 6, _A16, _A4, 80, 80, 3, b""), "remote_ip must be 16"),
+        (ConnectionEndEventV4(1, 2, 6, _A4, _A4, 80, -5), "cannot encode ConnectionEndEventV4"),
+        (
+            ConnectionEndEventV6(2**64, 0, 6, _A16, _A16, 80, 80),
+            "cannot encode ConnectionEndEventV6",
+        ),
+        (ConnectionIpv4(1, 1, 256, 6, _A4, _A4, 80, 80, 3, b""), "cannot encode ConnectionIpv4"),
+        (BandwidthStatsV4(6, (BandwidthEntry(_A4, 70000, _A4, 1, 0, 0),)), "BandwidthStatsV4"),
+        (BandwidthStatsV6(6, (BandwidthEntry(_A4, 1, _A16, 1, 0, 0),)), "local_ip must be 16"),
+        (BandwidthStatsV4(6, (BandwidthEntry(_A4, 1, _A4, 1, -1, 0),)), "BandwidthStatsV4"),
+        (LogLine(3, ""), "must not be empty"),
+        (LogLine(300, "x"), "cannot encode LogLine"),
+    ],
+)
 def test_encode_info_out_of_range(bad: Info, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         encode_info(bad)

@@ -19,10 +19,12 @@ from kextless.protocol.kext import (
     encode_info,
 )
 
-V4 = ConnectionIpv4(7, 99, 0, 6, bytes([10, 0, 0, 1]), bytes([1, 1, 1, 1]), 40000, 443, 3,
-                    b"\x45" * 40)
-V6 = ConnectionIpv6(1, 2, 3, 4, bytes(range(1, 17)), bytes(range(2, 18)), 5, 6, 7,
-                    bytes(range(1, 11)))
+V4 = ConnectionIpv4(
+    7, 99, 0, 6, bytes([10, 0, 0, 1]), bytes([1, 1, 1, 1]), 40000, 443, 3, b"\x45" * 40
+)
+V6 = ConnectionIpv6(
+    1, 2, 3, 4, bytes(range(1, 17)), bytes(range(2, 18)), 5, 6, 7, bytes(range(1, 11))
+)
 LOG = LogLine(3, "src/device.rs:201 Verdict invalid id: 7")
 END = ConnectionEndEventV4(99, 0, 6, bytes([10, 0, 0, 1]), bytes([1, 1, 1, 1]), 40000, 443)
 BW = BandwidthStatsV6(17, (BandwidthEntry(bytes(16), 1, bytes(15) + b"\x01", 2, 3, 4),))
@@ -40,7 +42,7 @@ def decode_all(chunks: list[bytes], max_body: int | None = None) -> list[Info | 
 
 def test_one_chunk_and_one_byte_at_a_time_give_the_same_records() -> None:
     assert decode_all([STREAM]) == RECORDS
-    assert decode_all([STREAM[i:i + 1] for i in range(len(STREAM))]) == RECORDS
+    assert decode_all([STREAM[i : i + 1] for i in range(len(STREAM))]) == RECORDS
 
 
 @pytest.mark.parametrize("cut", range(len(STREAM) + 1))
@@ -51,9 +53,9 @@ def test_split_at_every_byte_offset(cut: int) -> None:
 def test_records_come_out_as_soon_as_they_are_complete() -> None:
     decoder = InfoStreamDecoder()
     first = len(encode_info(LOG))
-    assert decoder.feed(STREAM[:first - 1]) == []
+    assert decoder.feed(STREAM[: first - 1]) == []
     assert decoder.buffered == first - 1
-    assert decoder.feed(STREAM[first - 1:first]) == [LOG]
+    assert decoder.feed(STREAM[first - 1 : first]) == [LOG]
     assert decoder.buffered == 0
 
 
@@ -99,8 +101,9 @@ def test_log_line_without_text_is_reported_and_skipped(body: bytes) -> None:
 def test_unknown_type_is_fatal_and_nothing_follows(type_byte: int) -> None:
     decoder = InfoStreamDecoder()
     prefix = encode_info(LOG) + encode_info(V4)
-    out = decoder.feed(prefix + bytes([type_byte]) + (3).to_bytes(4, "little") + b"abc"
-                       + encode_info(END))
+    out = decoder.feed(
+        prefix + bytes([type_byte]) + (3).to_bytes(4, "little") + b"abc" + encode_info(END)
+    )
     assert out[:2] == [LOG, V4]
     assert len(out) == 3
     assert out[2] == DecodeError(f"unknown info type {type_byte}", len(prefix), fatal=True)
@@ -142,7 +145,7 @@ def test_oversized_body_is_skipped_without_buffering_it() -> None:
     out: list[Info | DecodeError] = []
     peak = 0
     for i in range(0, len(stream), 700):
-        out += decoder.feed(stream[i:i + 700])
+        out += decoder.feed(stream[i : i + 700])
         peak = max(peak, decoder.buffered)
     out += decoder.close()
     assert peak < 700 + 5
@@ -166,5 +169,6 @@ def test_largest_legal_body_is_still_buffered_and_decoded() -> None:
     entries = tuple(BandwidthEntry(bytes(16), i, bytes(16), i, i, i) for i in range(100))
     big = BandwidthStatsV6(6, entries)
     wire = encode_info(big)
-    assert decode_all([wire[i:i + 333] for i in range(0, len(wire), 333)],
-                      max_body=len(wire) - 5) == [big]
+    assert decode_all(
+        [wire[i : i + 333] for i in range(0, len(wire), 333)], max_body=len(wire) - 5
+    ) == [big]

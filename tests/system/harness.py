@@ -89,16 +89,21 @@ class Answerer:
 
     def connections(self, pred: Callable[[Conn], bool] = lambda i: True) -> list[Conn]:
         with self._cond:
-            return [i for i in self.infos
-                    if isinstance(i, ConnectionIpv4 | ConnectionIpv6) and pred(i)]
+            return [
+                i for i in self.infos if isinstance(i, ConnectionIpv4 | ConnectionIpv6) and pred(i)
+            ]
 
-    def wait_for(self, pred: Callable[[Conn], bool], count: int = 1,
-                 timeout: float = 5.0) -> list[Conn]:
+    def wait_for(
+        self, pred: Callable[[Conn], bool], count: int = 1, timeout: float = 5.0
+    ) -> list[Conn]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                found = [i for i in self.infos
-                         if isinstance(i, ConnectionIpv4 | ConnectionIpv6) and pred(i)]
+                found = [
+                    i
+                    for i in self.infos
+                    if isinstance(i, ConnectionIpv4 | ConnectionIpv6) and pred(i)
+                ]
                 left = deadline - time.monotonic()
                 if len(found) >= count or left <= 0:
                     return found
@@ -114,8 +119,21 @@ class System:
         self.run = RuntimeDir.for_instance(pair.a, root=run_root)
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         res = subprocess.run(
-            [*KEXTLESS, "up", "--netns", pair.a, "--no-policy", "--run-root", str(run_root),
-             *extra], capture_output=True, text=True, timeout=90, env=env)
+            [
+                *KEXTLESS,
+                "up",
+                "--netns",
+                pair.a,
+                "--no-policy",
+                "--run-root",
+                str(run_root),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )
         if res.returncode != 0:
             self.down()
             raise AssertionError(f"kextless up failed:\n{res.stdout}\n{res.stderr}")
@@ -124,7 +142,10 @@ class System:
     def down(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*KEXTLESS, "down", "--netns", self.pair.a, "--run-root", str(self.run_root)],
-            capture_output=True, text=True, timeout=90)
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
 
     def logs(self) -> str:
         out = []

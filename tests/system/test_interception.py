@@ -34,8 +34,24 @@ def pair() -> Iterator[NetnsPair]:
     with NetnsPair("s") as p:
         p.extra_v4(p.b, f"10.231.{p.subnet}.99")
         # Deprecated (preferred_lft 0), so b never picks it as a source address for replies.
-        subprocess.run(["ip", "-n", p.b, "-6", "addr", "add", f"fd31:0:0:{p.subnet:x}::99/128",
-                        "dev", "vb", "nodad", "preferred_lft", "0"], check=True, timeout=10)
+        subprocess.run(
+            [
+                "ip",
+                "-n",
+                p.b,
+                "-6",
+                "addr",
+                "add",
+                f"fd31:0:0:{p.subnet:x}::99/128",
+                "dev",
+                "vb",
+                "nodad",
+                "preferred_lft",
+                "0",
+            ],
+            check=True,
+            timeout=10,
+        )
         yield p
 
 
@@ -76,8 +92,16 @@ def ip_header(payload: bytes) -> tuple[int, int, bytes, bytes]:
     return 6, payload[6], payload[8:24], payload[24:40]
 
 
-def check_info(info: Conn, *, direction: Direction, proto: int, local: str, remote: str,
-               local_port: int, remote_port: int) -> None:
+def check_info(
+    info: Conn,
+    *,
+    direction: Direction,
+    proto: int,
+    local: str,
+    remote: str,
+    local_port: int,
+    remote_port: int,
+) -> None:
     """Every field, byte for byte, and a payload that is the packet the fields describe."""
     assert info.direction == direction
     assert info.protocol == proto
@@ -103,10 +127,16 @@ def test_outbound_tcp_permanent_accept(pair, answerer, port, v6) -> None:
     out = apps.run(pair, pair.a, apps.TCP_CLIENT, server_ip, port, 3)
     assert out["result"] == "ok", out
     (info,) = answerer.connections(flow_of(port, 6))
-    check_info(info, direction=Direction.OUTBOUND, proto=6,
-               local=pair.ip6_a if v6 else pair.ip4_a, remote=server_ip,
-               local_port=out["local"][1], remote_port=port)
-    tcp = info.payload[(40 if v6 else (info.payload[0] & 15) * 4):]
+    check_info(
+        info,
+        direction=Direction.OUTBOUND,
+        proto=6,
+        local=pair.ip6_a if v6 else pair.ip4_a,
+        remote=server_ip,
+        local_port=out["local"][1],
+        remote_port=port,
+    )
+    tcp = info.payload[(40 if v6 else (info.payload[0] & 15) * 4) :]
     assert tcp[13] & 0x12 == 0x02  # the held packet is the SYN
     # Later packets (SYN-ACK, data, echo, FIN) never became requests.
     time.sleep(0.3)
@@ -120,12 +150,20 @@ def test_inbound_tcp_permanent_accept(pair, answerer, port, v6) -> None:
     out = apps.run(pair, pair.b, apps.TCP_CLIENT, target, port, 3)
     assert out["result"] == "ok", out
     (info,) = answerer.connections(flow_of(port, 6))
-    check_info(info, direction=Direction.INBOUND, proto=6, local=target,
-               remote=out["local"][0], local_port=port, remote_port=out["local"][1])
+    check_info(
+        info,
+        direction=Direction.INBOUND,
+        proto=6,
+        local=target,
+        remote=out["local"][0],
+        local_port=port,
+        remote_port=out["local"][1],
+    )
 
 
-@pytest.mark.parametrize("verdict", [Verdict.PERMANENT_BLOCK, Verdict.BLOCK,
-                                     Verdict.UNDETERMINABLE, Verdict.FAILED])
+@pytest.mark.parametrize(
+    "verdict", [Verdict.PERMANENT_BLOCK, Verdict.BLOCK, Verdict.UNDETERMINABLE, Verdict.FAILED]
+)
 def test_tcp_block_refuses_at_once(pair, answerer, port, verdict) -> None:
     apps.start(pair, pair.b, apps.ECHO_SERVER, port)
     answerer.decide = lambda info: verdict
@@ -160,8 +198,11 @@ def test_tcp_drop_times_out(pair, answerer, port, verdict) -> None:
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_udp_outbound_verdicts(pair, answerer, v6) -> None:
     server = pair.ip6_b if v6 else pair.ip4_b
-    cases = {Verdict.PERMANENT_ACCEPT: "ok", Verdict.PERMANENT_BLOCK: "refused",
-             Verdict.PERMANENT_DROP: "timeout"}
+    cases = {
+        Verdict.PERMANENT_ACCEPT: "ok",
+        Verdict.PERMANENT_BLOCK: "refused",
+        Verdict.PERMANENT_DROP: "timeout",
+    }
     for verdict, expected in cases.items():
         p = next(_PORTS)
         apps.start(pair, pair.b, apps.ECHO_SERVER, p)
@@ -170,9 +211,15 @@ def test_udp_outbound_verdicts(pair, answerer, v6) -> None:
         assert out["result"] == expected, (verdict, out)
         infos = answerer.connections(flow_of(p, 17))
         assert len(infos) == 1, (verdict, infos)  # permanent: one request for the flow
-        check_info(infos[0], direction=Direction.OUTBOUND, proto=17,
-                   local=pair.ip6_a if v6 else pair.ip4_a, remote=server,
-                   local_port=out["local"][1], remote_port=p)
+        check_info(
+            infos[0],
+            direction=Direction.OUTBOUND,
+            proto=17,
+            local=pair.ip6_a if v6 else pair.ip4_a,
+            remote=server,
+            local_port=out["local"][1],
+            remote_port=p,
+        )
 
 
 def test_udp_inbound_accept(pair, answerer, port) -> None:
@@ -180,8 +227,15 @@ def test_udp_inbound_accept(pair, answerer, port) -> None:
     out = apps.run(pair, pair.b, apps.UDP_CLIENT, pair.ip4_a, port, 2, 3)
     assert out["result"] == "ok" and len(out["replies"]) == 3, out
     (info,) = answerer.connections(flow_of(port, 17))
-    check_info(info, direction=Direction.INBOUND, proto=17, local=pair.ip4_a,
-               remote=pair.ip4_b, local_port=port, remote_port=out["local"][1])
+    check_info(
+        info,
+        direction=Direction.INBOUND,
+        proto=17,
+        local=pair.ip4_a,
+        remote=pair.ip4_b,
+        local_port=port,
+        remote_port=out["local"][1],
+    )
 
 
 def test_temporary_accept_asks_for_every_packet(pair, answerer, port) -> None:
@@ -227,6 +281,7 @@ def test_icmp_echo_every_packet_is_a_request(pair, answerer, v6) -> None:
 
 # ---- redirects ----------------------------------------------------------------------------
 
+
 def _outside(pair: NetnsPair, v6: bool) -> str:
     """An address of b's that a's applications contact; redirects must send it elsewhere."""
     return f"fd31:0:0:{pair.subnet:x}::99" if v6 else f"10.231.{pair.subnet}.99"
@@ -236,8 +291,9 @@ def _outside(pair: NetnsPair, v6: bool) -> str:
 def test_dns_redirect_to_local_resolver(pair, answerer, v6) -> None:
     outside = _outside(pair, v6)
     apps.start(pair, pair.a, apps.LOCAL_SERVICE, "::1" if v6 else "127.0.0.1", 53)
-    answerer.decide = lambda info: (Verdict.REDIRECT_NAME_SERVER if info.remote_port == 53
-                                    else Verdict.PERMANENT_ACCEPT)
+    answerer.decide = lambda info: (
+        Verdict.REDIRECT_NAME_SERVER if info.remote_port == 53 else Verdict.PERMANENT_ACCEPT
+    )
     out = apps.run(pair, pair.a, apps.UDP_CLIENT, outside, 53, 3)
     assert out["result"] == "ok", out
     assert out["peer"] == [outside, 53]  # the reply appears to come from the outside address
@@ -249,8 +305,9 @@ def test_dns_redirect_to_local_resolver(pair, answerer, v6) -> None:
 def test_tcp_redirect_to_tunnel(pair, answerer, port, v6) -> None:
     outside = _outside(pair, v6)
     apps.start(pair, pair.a, apps.LOCAL_SERVICE, pair.ip6_a if v6 else pair.ip4_a, 717)
-    answerer.decide = lambda info: (Verdict.REDIRECT_TUNNEL if info.remote_port == port
-                                    else Verdict.PERMANENT_ACCEPT)
+    answerer.decide = lambda info: (
+        Verdict.REDIRECT_TUNNEL if info.remote_port == port else Verdict.PERMANENT_ACCEPT
+    )
     out = apps.run(pair, pair.a, apps.TCP_CLIENT, outside, port, 3)
     assert out["result"] == "ok", out
     assert out["peer"] == [outside, port]  # the app still sees the host it contacted
@@ -259,18 +316,26 @@ def test_tcp_redirect_to_tunnel(pair, answerer, port, v6) -> None:
 
 # ---- updates, clear cache, shutdown, timeout ------------------------------------------------
 
+
 def test_update_blocks_established_bulk_transfer(pair, answerer, port) -> None:
     sink = pair.popen(pair.b, [sys.executable, "-c", apps.BULK_SINK, str(port)])
     assert sink.stdout.readline().strip() == b"ready"
-    sender = pair.popen(pair.a, [sys.executable, "-c", apps.BULK_SENDER, pair.ip4_b,
-                                 str(port), "6"])
+    sender = pair.popen(
+        pair.a, [sys.executable, "-c", apps.BULK_SENDER, pair.ip4_b, str(port), "6"]
+    )
     first = json.loads(sender.stdout.readline())
     time.sleep(1.0)  # bulk data is flowing, not through Python
     system_client = answerer.client
     t_update = time.monotonic()
     for _ in range(2):  # Portmaster sends every update twice; must be idempotent
-        system_client.send_update_v4(6, addr(pair.ip4_a), first["local_port"],
-                                     addr(pair.ip4_b), port, Verdict.PERMANENT_BLOCK)
+        system_client.send_update_v4(
+            6,
+            addr(pair.ip4_a),
+            first["local_port"],
+            addr(pair.ip4_b),
+            port,
+            Verdict.PERMANENT_BLOCK,
+        )
     out = json.loads(sink.stdout.readline())
     assert out["total"] > 1_000_000, out  # it really was flowing before
     assert out["last"] - t_update < 0.5, out["last"] - t_update
@@ -279,8 +344,11 @@ def test_update_blocks_established_bulk_transfer(pair, answerer, port) -> None:
 
 def test_clear_cache_asks_existing_connections_again(pair, answerer, port) -> None:
     apps.start(pair, pair.b, apps.ECHO_SERVER, port)
-    client = pair.popen(pair.a, [sys.executable, "-c", apps.INTERACTIVE_TCP, pair.ip4_b,
-                                 str(port)], stdin=subprocess.PIPE)
+    client = pair.popen(
+        pair.a,
+        [sys.executable, "-c", apps.INTERACTIVE_TCP, pair.ip4_b, str(port)],
+        stdin=subprocess.PIPE,
+    )
 
     def say(text: str) -> dict:
         client.stdin.write(text.encode() + b"\n")
@@ -304,8 +372,11 @@ def test_shutdown_blocks_pending_and_next_session_continues_ids(pair, system, po
     a.start()
     try:
         result: dict[str, object] = {}
-        t = threading.Thread(target=lambda: result.update(
-            apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 8)))
+        t = threading.Thread(
+            target=lambda: result.update(
+                apps.run(pair, pair.a, apps.TCP_CLIENT, pair.ip4_b, port, 8)
+            )
+        )
         t.start()
         (pending,) = a.wait_for(flow_of(port, 6))
         a.client.shutdown()
@@ -344,9 +415,20 @@ def test_two_hundred_concurrent_connections_each_decided(pair, answerer, port) -
 
 
 def test_status_shows_processes_and_counters(system) -> None:
-    res = subprocess.run([*KEXTLESS, "status", "--netns", system.pair.a, "--run-root",
-                          str(system.run_root), "--json"], capture_output=True, text=True,
-                         timeout=30)
+    res = subprocess.run(
+        [
+            *KEXTLESS,
+            "status",
+            "--netns",
+            system.pair.a,
+            "--run-root",
+            str(system.run_root),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     text = json.dumps(report)
@@ -356,9 +438,20 @@ def test_status_shows_processes_and_counters(system) -> None:
 
 
 def _status(system: System) -> dict:  # type: ignore[type-arg]
-    res = subprocess.run([*KEXTLESS, "status", "--netns", system.pair.a, "--run-root",
-                          str(system.run_root), "--json"], capture_output=True, text=True,
-                         timeout=30)
+    res = subprocess.run(
+        [
+            *KEXTLESS,
+            "status",
+            "--netns",
+            system.pair.a,
+            "--run-root",
+            str(system.run_root),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return json.loads(res.stdout)
 
 

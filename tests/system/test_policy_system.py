@@ -41,16 +41,33 @@ def policy_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ne
     rules.write_text(RULES)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     with NetnsPair("p") as pair:
-        up = subprocess.run([*KEXTLESS, "up", "--netns", pair.a, "--run-root", str(root),
-                             "--policy-rules", str(rules)],
-                            capture_output=True, text=True, timeout=90, env=env)
+        up = subprocess.run(
+            [
+                *KEXTLESS,
+                "up",
+                "--netns",
+                pair.a,
+                "--run-root",
+                str(root),
+                "--policy-rules",
+                str(rules),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )
         try:
             assert up.returncode == 0, up.stdout + up.stderr
             assert "policy" in up.stdout
             yield pair, root
         finally:
-            down = subprocess.run([*KEXTLESS, "down", "--netns", pair.a, "--run-root",
-                                   str(root)], capture_output=True, text=True, timeout=90)
+            down = subprocess.run(
+                [*KEXTLESS, "down", "--netns", pair.a, "--run-root", str(root)],
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
             assert down.returncode == 0, down.stdout + down.stderr
 
 
@@ -76,13 +93,28 @@ def test_bad_rules_file_fails_up_with_the_reason() -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text("default = 'Allow'\n")
     with NetnsPair("q") as pair:
-        up = subprocess.run([*KEXTLESS, "up", "--netns", pair.a, "--run-root",
-                             str(tmp_path / "run"), "--policy-rules", str(rules)],
-                            capture_output=True, text=True, timeout=90)
+        up = subprocess.run(
+            [
+                *KEXTLESS,
+                "up",
+                "--netns",
+                pair.a,
+                "--run-root",
+                str(tmp_path / "run"),
+                "--policy-rules",
+                str(rules),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         try:
             assert up.returncode != 0
             assert "unknown verdict 'Allow'" in up.stdout + up.stderr
         finally:
-            subprocess.run([*KEXTLESS, "down", "--netns", pair.a, "--run-root",
-                            str(tmp_path / "run")], capture_output=True, timeout=90)
+            subprocess.run(
+                [*KEXTLESS, "down", "--netns", pair.a, "--run-root", str(tmp_path / "run")],
+                capture_output=True,
+                timeout=90,
+            )
             shutil.rmtree(tmp_path, ignore_errors=True)

@@ -32,8 +32,9 @@ ICMP4 = m.Flow(1, L4, 0, R4, 0)
 PKT = b"\x45" + bytes(39)
 
 
-def held(seq: int, flow: m.Flow = TCP4, direction: Direction = Direction.OUTBOUND,
-         pid: int = 0) -> m.PacketHeld:
+def held(
+    seq: int, flow: m.Flow = TCP4, direction: Direction = Direction.OUTBOUND, pid: int = 0
+) -> m.PacketHeld:
     return m.PacketHeld(seq, flow, direction, PKT, 0, pid)
 
 
@@ -50,10 +51,12 @@ def test_miss_issues_ids_from_one_and_emits_full_packet_info() -> None:
     out1 = core.packet_held(held(7, pid=1234), 0)
     out2 = core.packet_held(held(8, UDP6, Direction.INBOUND), 0)
     (i1,), (i2,) = emitted(out1), emitted(out2)
-    assert i1 == ConnectionIpv4(1, 1234, Direction.OUTBOUND, 6, L4, R4, 40000, 443,
-                                PayloadLayer.NETWORK, PKT)
-    assert i2 == ConnectionIpv6(2, 0, Direction.INBOUND, 17, L6, R6, 5353, 53,
-                                PayloadLayer.NETWORK, PKT)
+    assert i1 == ConnectionIpv4(
+        1, 1234, Direction.OUTBOUND, 6, L4, R4, 40000, 443, PayloadLayer.NETWORK, PKT
+    )
+    assert i2 == ConnectionIpv6(
+        2, 0, Direction.INBOUND, 17, L6, R6, 5353, 53, PayloadLayer.NETWORK, PKT
+    )
     assert out1.to_broker[0].id == 1 and out1.to_broker[0].kind == InfoType.CONNECTION_IPV4
     assert out1.to_capture == [] and set(core.pending) == {1, 2}
     # The cache entry exists before the event leaves (kext race §15.4).
@@ -64,8 +67,10 @@ def test_permanent_accept_releases_and_caches() -> None:
     core = AleCore()
     core.packet_held(held(7), 0)
     out = core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 1)
-    assert out.to_capture == [m.CacheSet(TCP4, Verdict.PERMANENT_ACCEPT),
-                              m.Decision((7,), Verdict.PERMANENT_ACCEPT)]
+    assert out.to_capture == [
+        m.CacheSet(TCP4, Verdict.PERMANENT_ACCEPT),
+        m.Decision((7,), Verdict.PERMANENT_ACCEPT),
+    ]
     assert core.pending == {}
     # A later packet (capture raced its cache) is answered with no new event or id.
     out = core.packet_held(held(9), 2)
@@ -99,7 +104,8 @@ def test_unknown_id_logs_like_the_kext() -> None:
     (line,) = logs(out)
     assert line.severity == Severity.ERROR
     assert line.line.startswith("actors/ale/core.py:") and line.line.endswith(
-        " Verdict invalid id: 99")
+        " Verdict invalid id: 99"
+    )
     assert out.to_capture == []
 
 

@@ -33,8 +33,15 @@ def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
     return src + dst + struct.pack("!I3xB", length, proto)
 
 
-def tcp(sport: int, dport: int, flags: int = SYN, seq: int = 1000, ack: int = 0,
-        payload: bytes = b"", options: bytes = b"") -> tuple[int, bytes]:
+def tcp(
+    sport: int,
+    dport: int,
+    flags: int = SYN,
+    seq: int = 1000,
+    ack: int = 0,
+    payload: bytes = b"",
+    options: bytes = b"",
+) -> tuple[int, bytes]:
     doff = (20 + len(options)) // 4
     hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 65535, 0, 0)
     return TCP, hdr + options + payload
@@ -45,35 +52,59 @@ def udp(sport: int, dport: int, payload: bytes = b"q") -> tuple[int, bytes]:
 
 
 def icmp_echo(v6: bool = False, ident: int = 7, seq: int = 1) -> tuple[int, bytes]:
-    return (ICMPV6, struct.pack("!BBHHH", 128, 0, 0, ident, seq) + b"ping") if v6 else (
-        ICMP, struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"ping")
+    return (
+        (ICMPV6, struct.pack("!BBHHH", 128, 0, 0, ident, seq) + b"ping")
+        if v6
+        else (ICMP, struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"ping")
+    )
 
 
 def _fill_l4_checksum(proto: int, src: bytes, dst: bytes, seg: bytearray) -> None:
     off = {TCP: 16, UDP: 6, ICMP: 2, ICMPV6: 2}.get(proto)
     if off is None:
         return
-    seg[off:off + 2] = b"\0\0"
-    s = naive_sum(bytes(seg)) if proto == ICMP else naive_sum(
-        pseudo(src, dst, proto, len(seg)) + bytes(seg))
-    seg[off:off + 2] = struct.pack("!H", ~s & 0xFFFF)
+    seg[off : off + 2] = b"\0\0"
+    s = (
+        naive_sum(bytes(seg))
+        if proto == ICMP
+        else naive_sum(pseudo(src, dst, proto, len(seg)) + bytes(seg))
+    )
+    seg[off : off + 2] = struct.pack("!H", ~s & 0xFFFF)
 
 
-def v4(src: str, dst: str, l4: tuple[int, bytes], options: bytes = b"",
-       frag_offset: int = 0) -> bytes:
+def v4(
+    src: str, dst: str, l4: tuple[int, bytes], options: bytes = b"", frag_offset: int = 0
+) -> bytes:
     proto, seg = l4
     seg = bytearray(seg)
     s, d = a(src), a(dst)
     _fill_l4_checksum(proto, s, d, seg)
     ihl = (20 + len(options)) // 4
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(seg), 1,
-                                frag_offset & 0x1FFF, 64, proto, 0, s, d)) + options
+    hdr = (
+        bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s",
+                0x40 | ihl,
+                0,
+                ihl * 4 + len(seg),
+                1,
+                frag_offset & 0x1FFF,
+                64,
+                proto,
+                0,
+                s,
+                d,
+            )
+        )
+        + options
+    )
     hdr[10:12] = struct.pack("!H", ~naive_sum(bytes(hdr)) & 0xFFFF)
     return bytes(hdr + seg)
 
 
-def v6(src: str, dst: str, l4: tuple[int, bytes],
-       ext: list[tuple[int, bytes]] | None = None) -> bytes:
+def v6(
+    src: str, dst: str, l4: tuple[int, bytes], ext: list[tuple[int, bytes]] | None = None
+) -> bytes:
     """`ext`: extension headers as (type, body-after-the-first-2-bytes), in order."""
     proto, seg = l4
     seg = bytearray(seg)

@@ -42,8 +42,7 @@ class CaptureEnv:
 
     def held_for(self, port: int) -> list[PacketHeld]:
         """Requests the ALE peer got for connections with this port on either side."""
-        return self.ale.held_matching(
-            lambda m: port in (m.flow.local_port, m.flow.remote_port))
+        return self.ale.held_matching(lambda m: port in (m.flow.local_port, m.flow.remote_port))
 
     def log(self) -> str:
         """The capture's stderr so far (a file, so a chatty DEBUG log can never block it)."""
@@ -64,8 +63,9 @@ class CaptureEnv:
 
 
 @contextmanager
-def capture_env(policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str, ...] = (),
-                ns_side: str = "a") -> Iterator[CaptureEnv]:
+def capture_env(
+    policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str, ...] = (), ns_side: str = "a"
+) -> Iterator[CaptureEnv]:
     """Namespaces a <-> b; capture (with `extra_args`) guards `ns_side`; ALE peer answers.
 
     `policy`: a Verdict for every PacketHeld, or a callable PacketHeld -> Verdict | None.
@@ -82,9 +82,21 @@ def capture_env(policy: object = Verdict.PERMANENT_ACCEPT, extra_args: tuple[str
             ns = pair.a if ns_side == "a" else pair.b
             log_path = Path(tmp) / "capture.log"
             with log_path.open("wb") as log_file:
-                proc = pair.popen(ns, [*KEXTLESS, "run", "capture", "--ale-endpoint", endpoint,
-                                       "--log-level", os.environ.get("KLT_CAPTURE_LOG", "INFO"),
-                                       *extra_args], stdout=subprocess.DEVNULL, stderr=log_file)
+                proc = pair.popen(
+                    ns,
+                    [
+                        *KEXTLESS,
+                        "run",
+                        "capture",
+                        "--ale-endpoint",
+                        endpoint,
+                        "--log-level",
+                        os.environ.get("KLT_CAPTURE_LOG", "INFO"),
+                        *extra_args,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_file,
+                )
             env = CaptureEnv(pair, ale, proc, holder, log_path=log_path)
             try:
                 if not ale.ready.wait(10):

@@ -43,8 +43,14 @@ class Tok:
         return f"Tok({self.name})"
 
 
-def feed(core: CaptureCore, raw: bytes, outbound: bool = True, loopback: bool = False,
-         now: int = NOW, name: str = "p") -> tuple[Tok, list]:
+def feed(
+    core: CaptureCore,
+    raw: bytes,
+    outbound: bool = True,
+    loopback: bool = False,
+    now: int = NOW,
+    name: str = "p",
+) -> tuple[Tok, list]:
     t = Tok(name)
     return t, core.on_packet(t, raw, outbound, loopback, now)
 
@@ -113,8 +119,11 @@ def test_decision_alone_also_caches_the_verdict() -> None:
 @pytest.mark.parametrize("v6", [False, True])
 def test_block_resets_tcp_to_the_local_app(v6: bool) -> None:
     core = CaptureCore()
-    raw = (c.v6(L6, R6, c.tcp(40000, 80, c.SYN, seq=9)) if v6
-           else c.v4(L4, R4, c.tcp(40000, 80, c.SYN, seq=9)))
+    raw = (
+        c.v6(L6, R6, c.tcp(40000, 80, c.SYN, seq=9))
+        if v6
+        else c.v4(L4, R4, c.tcp(40000, 80, c.SYN, seq=9))
+    )
     t, acts = feed(core, raw)
     (held,) = asked(acts)
     out = core.on_message(Decision((held.seq,), Verdict.PERMANENT_BLOCK), NOW)
@@ -137,8 +146,9 @@ def test_inbound_block_resets_the_remote() -> None:
     assert q is not None and (q.src, q.dst, q.dport) == (a(L4), a(R4), 5555)
 
 
-@pytest.mark.parametrize("verdict", [Verdict.UNDETERMINABLE, Verdict.FAILED, Verdict.BLOCK,
-                                     Verdict.PERMANENT_BLOCK])
+@pytest.mark.parametrize(
+    "verdict", [Verdict.UNDETERMINABLE, Verdict.FAILED, Verdict.BLOCK, Verdict.PERMANENT_BLOCK]
+)
 def test_udp_block_answers_port_unreachable(verdict: Verdict) -> None:
     core = CaptureCore()
     raw = c.v4(L4, R4, c.udp(5000, 53))
@@ -198,11 +208,13 @@ def test_temporary_verdict_asks_for_every_packet_and_diverts_the_connection() ->
     assert core.on_message(Decision((held.seq,), Verdict.ACCEPT), NOW) == []
     assert core.filter_active(1, frozenset({40000})) == [Pass(t)]
     seqs = set()
-    for i, (raw, out_) in enumerate([
-        (c.v4(R4, L4, c.tcp(80, 40000, c.SYN | c.ACK)), False),
-        (c.v4(L4, R4, c.tcp(40000, 80, c.ACK, seq=1001)), True),
-        (c.v4(L4, R4, c.tcp(40000, 80, c.ACK | c.PSH, seq=1001, payload=b"GET")), True),
-    ]):
+    for i, (raw, out_) in enumerate(
+        [
+            (c.v4(R4, L4, c.tcp(80, 40000, c.SYN | c.ACK)), False),
+            (c.v4(L4, R4, c.tcp(40000, 80, c.ACK, seq=1001)), True),
+            (c.v4(L4, R4, c.tcp(40000, 80, c.ACK | c.PSH, seq=1001, payload=b"GET")), True),
+        ]
+    ):
         _, acts = feed(core, raw, outbound=out_, name=f"p{i}")
         (h,) = asked(acts)
         seqs.add(h.seq)
@@ -264,8 +276,11 @@ def test_too_many_ports_fall_back_to_all_tcp() -> None:
     filters = []
     for port in (1, 2, 3):
         filters += core.on_message(CacheSet(tcp_flow(port), Verdict.ACCEPT), NOW)
-    assert filters == [SetFilter(1, frozenset({1})), SetFilter(2, frozenset({1, 2})),
-                       SetFilter(3, None)]
+    assert filters == [
+        SetFilter(1, frozenset({1})),
+        SetFilter(2, frozenset({1, 2})),
+        SetFilter(3, None),
+    ]
 
 
 def test_redirect_nameserver_rewrites_query_and_reply() -> None:
@@ -375,7 +390,8 @@ def test_block_for_an_unknown_connection_diverts_it() -> None:
     """E.g. resent by the ALE after a capture restart: it may be established, stop it."""
     core = CaptureCore()
     assert core.on_message(CacheSet(tcp_flow(), Verdict.PERMANENT_BLOCK), NOW) == [
-        SetFilter(1, frozenset({40000}))]
+        SetFilter(1, frozenset({40000}))
+    ]
 
 
 def test_block_decision_without_cache_set_needs_no_filter_change() -> None:

@@ -20,8 +20,10 @@ def matches(filt: str, raw: bytes, outbound: bool = True) -> bool:
     return p.matches(filt)
 
 
-@pytest.mark.parametrize("ports", [frozenset(), frozenset({40000}), None,
-                                   frozenset(range(20000, 20000 + filters.MAX_PORTS))])
+@pytest.mark.parametrize(
+    "ports",
+    [frozenset(), frozenset({40000}), None, frozenset(range(20000, 20000 + filters.MAX_PORTS))],
+)
 def test_filters_compile(ports: frozenset[int] | None) -> None:
     ok, pos, msg = EBPFDivert.check_filter(filters.build(ports, [5555, 6666]))
     assert ok, (pos, msg)

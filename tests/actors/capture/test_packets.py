@@ -30,9 +30,9 @@ def test_parse_ipv4_options_shift_the_transport_header() -> None:
 
 
 def test_parse_ipv6_extension_headers_are_walked() -> None:
-    hop = (0, b"\x01\x04\0\0\0\0")                      # hop-by-hop, PadN, 8 bytes total
-    dst = (60, b"\x01\x0c" + b"\0" * 12)               # destination options, 16 bytes
-    frag = (44, struct.pack("!HI", 0x0001, 0xABCD))      # first fragment (offset 0, M=1)
+    hop = (0, b"\x01\x04\0\0\0\0")  # hop-by-hop, PadN, 8 bytes total
+    dst = (60, b"\x01\x0c" + b"\0" * 12)  # destination options, 16 bytes
+    frag = (44, struct.pack("!HI", 0x0001, 0xABCD))  # first fragment (offset 0, M=1)
     raw = c.v6("fd00::1", "fd00::2", c.tcp(1234, 80, c.SYN), ext=[hop, dst, frag])
     p = pk.parse(raw)
     assert p is not None and not p.fragment
@@ -41,18 +41,24 @@ def test_parse_ipv6_extension_headers_are_walked() -> None:
 
 def test_parse_non_first_fragments_have_no_ports() -> None:
     v4 = pk.parse(c.v4("10.0.0.1", "10.0.0.2", c.udp(1, 2), frag_offset=185))
-    v6 = pk.parse(c.v6("fd00::1", "fd00::2", c.udp(1, 2),
-                       ext=[(44, struct.pack("!HI", 185 << 3, 1))]))
+    v6 = pk.parse(
+        c.v6("fd00::1", "fd00::2", c.udp(1, 2), ext=[(44, struct.pack("!HI", 185 << 3, 1))])
+    )
     assert v4 is not None and v4.fragment and v4.sport == 0
     assert v6 is not None and v6.fragment and v6.protocol == 17
 
 
-@pytest.mark.parametrize("raw", [
-    b"", b"\x45" * 10, b"\x20" * 60,                                   # short, short, not IP
-    c.v4("10.0.0.1", "10.0.0.2", c.tcp(1, 2))[:30],                    # truncated TCP header
-    bytes([0x46]) + c.v4("10.0.0.1", "10.0.0.2", c.udp(1, 2))[1:22],   # IHL beyond the data
-    c.v6("fd00::1", "fd00::2", c.udp(1, 2))[:44],                      # truncated UDP
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x45" * 10,
+        b"\x20" * 60,  # short, short, not IP
+        c.v4("10.0.0.1", "10.0.0.2", c.tcp(1, 2))[:30],  # truncated TCP header
+        bytes([0x46]) + c.v4("10.0.0.1", "10.0.0.2", c.udp(1, 2))[1:22],  # IHL beyond the data
+        c.v6("fd00::1", "fd00::2", c.udp(1, 2))[:44],  # truncated UDP
+    ],
+)
 def test_parse_rejects_garbage(raw: bytes) -> None:
     assert pk.parse(raw) is None
 
@@ -75,8 +81,11 @@ def test_parse_never_raises(data: bytes) -> None:
 @pytest.mark.parametrize("builder", ["v4", "v4opt", "v6"])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_rewrite_changes_addresses_and_ports_with_valid_checksums(builder: str, proto: str) -> None:
-    l4 = c.tcp(40000, 53, c.PSH | c.ACK, payload=b"x" * 301) if proto == "tcp" else c.udp(
-        40000, 53, b"query" * 41)
+    l4 = (
+        c.tcp(40000, 53, c.PSH | c.ACK, payload=b"x" * 301)
+        if proto == "tcp"
+        else c.udp(40000, 53, b"query" * 41)
+    )
     if builder == "v6":
         raw, new_dst = c.v6("fd00::1", "fd00::99", l4), a("::1")
     else:
@@ -88,11 +97,13 @@ def test_rewrite_changes_addresses_and_ports_with_valid_checksums(builder: str, 
     q = pk.parse(out)
     assert q is not None
     assert (q.src, q.sport, q.dst, q.dport) == (p.src, 40000, new_dst, 5353)
-    assert out[q.l4 + (20 if proto == "tcp" else 8):] == raw[p.l4 + (20 if proto == "tcp" else 8):]
+    assert (
+        out[q.l4 + (20 if proto == "tcp" else 8) :] == raw[p.l4 + (20 if proto == "tcp" else 8) :]
+    )
     # Verify with the independent implementation (options are part of the v4 header sum).
     if q.version == 4:
-        assert c.naive_sum(out[:q.l4]) == 0xFFFF
-    seg = out[q.l4:]
+        assert c.naive_sum(out[: q.l4]) == 0xFFFF
+    seg = out[q.l4 :]
     assert c.naive_sum(c.pseudo(q.src, q.dst, q.protocol, len(seg)) + seg) == 0xFFFF
 
 
@@ -119,8 +130,9 @@ def test_rst_for_an_outbound_syn_is_rst_ack_from_the_remote() -> None:
 
 
 def test_rst_for_an_established_packet_uses_its_ack_as_sequence() -> None:
-    raw = c.v6("fd00::1", "fd00::2", c.tcp(80, 40000, c.ACK | c.PSH, seq=5, ack=123456,
-                                            payload=b"data"))
+    raw = c.v6(
+        "fd00::1", "fd00::2", c.tcp(80, 40000, c.ACK | c.PSH, seq=5, ack=123456, payload=b"data")
+    )
     p = pk.parse(raw)
     assert p is not None
     q = pk.parse(bytes(pk.build_rst(p)))
@@ -131,8 +143,11 @@ def test_rst_for_an_established_packet_uses_its_ack_as_sequence() -> None:
 
 @pytest.mark.parametrize("v6", [False, True])
 def test_port_unreachable_quotes_the_datagram(v6: bool) -> None:
-    raw = (c.v6("fd00::1", "fd00::2", c.udp(40000, 9999, b"x" * 2000)) if v6
-           else c.v4("10.0.0.1", "10.0.0.2", c.udp(40000, 9999, b"x" * 2000)))
+    raw = (
+        c.v6("fd00::1", "fd00::2", c.udp(40000, 9999, b"x" * 2000))
+        if v6
+        else c.v4("10.0.0.1", "10.0.0.2", c.udp(40000, 9999, b"x" * 2000))
+    )
     p = pk.parse(raw)
     assert p is not None
     err = bytes(pk.build_port_unreachable(raw, p))
@@ -141,10 +156,10 @@ def test_port_unreachable_quotes_the_datagram(v6: bool) -> None:
     assert (q.src, q.dst) == (p.dst, p.src)
     if v6:
         assert (q.protocol, err[40], err[41]) == (58, 1, 4)
-        assert len(err) <= 1280 and err[48:48 + 100] == raw[:100]
+        assert len(err) <= 1280 and err[48 : 48 + 100] == raw[:100]
     else:
         assert (q.protocol, err[20], err[21]) == (1, 3, 3)
-        assert len(err) <= 576 and err[28:28 + 28] == raw[:28]
+        assert len(err) <= 576 and err[28 : 28 + 28] == raw[:28]
     assert c.l4_checksum_ok(err)
 
 
@@ -154,13 +169,13 @@ def test_loopback_addresses() -> None:
 
 
 def test_forward_rst_takes_the_place_of_the_packet() -> None:
-    raw = c.v4("10.0.0.2", "10.0.0.1", c.tcp(80, 40000, c.ACK | c.PSH, seq=777, ack=5,
-                                              payload=b"x" * 50))
+    raw = c.v4(
+        "10.0.0.2", "10.0.0.1", c.tcp(80, 40000, c.ACK | c.PSH, seq=777, ack=5, payload=b"x" * 50)
+    )
     p = pk.parse(raw)
     assert p is not None
     fwd = bytes(pk.build_rst_forward(p))
     q = pk.parse(fwd)
     assert q is not None
-    assert (q.src, q.sport, q.dst, q.dport, q.seq, q.flags) == (p.src, 80, p.dst, 40000, 777,
-                                                                c.RST)
+    assert (q.src, q.sport, q.dst, q.dport, q.seq, q.flags) == (p.src, 80, p.dst, 40000, 777, c.RST)
     assert c.l4_checksum_ok(fwd)

@@ -41,19 +41,21 @@ def _cases(env: CaptureEnv) -> list[tuple[str, str, str, int, str]]:
     return out
 
 
-def _client(env: CaptureEnv, ns: str, host: str, port: int, proto: str,
-            timeout: float) -> dict:
+def _client(env: CaptureEnv, ns: str, host: str, port: int, proto: str, timeout: float) -> dict:
     code = apps.TCP_CLIENT if proto == "tcp" else apps.UDP_CLIENT
     return apps.run(env.pair, ns, code, host, port, timeout)
 
 
-@pytest.mark.parametrize(("verdict", "expected"), [
-    pytest.param(Verdict.PERMANENT_ACCEPT, "ok", id="PermanentAccept"),
-    pytest.param(Verdict.ACCEPT, "ok", id="Accept"),
-    pytest.param(Verdict.PERMANENT_BLOCK, "refused", id="PermanentBlock"),
-    pytest.param(Verdict.BLOCK, "refused", id="Block"),
-    pytest.param(Verdict.PERMANENT_DROP, "timeout", id="PermanentDrop", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    ("verdict", "expected"),
+    [
+        pytest.param(Verdict.PERMANENT_ACCEPT, "ok", id="PermanentAccept"),
+        pytest.param(Verdict.ACCEPT, "ok", id="Accept"),
+        pytest.param(Verdict.PERMANENT_BLOCK, "refused", id="PermanentBlock"),
+        pytest.param(Verdict.BLOCK, "refused", id="Block"),
+        pytest.param(Verdict.PERMANENT_DROP, "timeout", id="PermanentDrop", marks=pytest.mark.slow),
+    ],
+)
 def test_verdict_outcomes_both_directions_v4_v6_tcp_udp(verdict: Verdict, expected: str) -> None:
     with capture_env(verdict) as env:
         _servers(env)
@@ -65,21 +67,26 @@ def test_verdict_outcomes_both_directions_v4_v6_tcp_udp(verdict: Verdict, expect
             if expected == "refused":
                 assert res["elapsed"] < 0.5, (label, res)  # at once, not after retries
             outbound = label.startswith("out")
-            asked = [m for m in env.ale.held[seen:] if m.flow.protocol == (
-                6 if proto == "tcp" else 17) and (m.flow.remote_port if outbound
-                                                   else m.flow.local_port) == port]
+            asked = [
+                m
+                for m in env.ale.held[seen:]
+                if m.flow.protocol == (6 if proto == "tcp" else 17)
+                and (m.flow.remote_port if outbound else m.flow.local_port) == port
+            ]
             assert asked, (label, "no PacketHeld")
             first = asked[0]
-            assert first.direction == (Direction.OUTBOUND if label.startswith("out")
-                                       else Direction.INBOUND)
-            local_port = first.flow.local_port if label.startswith("in") else \
-                first.flow.remote_port
+            assert first.direction == (
+                Direction.OUTBOUND if label.startswith("out") else Direction.INBOUND
+            )
+            local_port = first.flow.local_port if label.startswith("in") else first.flow.remote_port
             assert local_port == port, (label, first.flow)
             assert first.packet[0] >> 4 == (6 if label.endswith("v6") else 4)
 
 
-@pytest.mark.parametrize(("verdict", "expected"), [(Verdict.PERMANENT_ACCEPT, "ok"),
-                                                   (Verdict.PERMANENT_BLOCK, "refused")])
+@pytest.mark.parametrize(
+    ("verdict", "expected"),
+    [(Verdict.PERMANENT_ACCEPT, "ok"), (Verdict.PERMANENT_BLOCK, "refused")],
+)
 def test_ipv4_options_do_not_hide_the_ports(verdict: Verdict, expected: str) -> None:
     """Kext weakness §15.11: ports were read at a fixed offset 20."""
     with capture_env(verdict) as env:
@@ -115,8 +122,11 @@ def test_two_hundred_concurrent_connections_are_each_decided(verdict: Verdict) -
         p = env.pair
         res = apps.run(p, p.a, apps.MANY_CONNECTS, p.ip4_b, PORT_B, 200, 10, timeout=20)
         assert (res["ok"], res["failed"]) == (200, 0), res
-        syns = {m.flow.local_port for m in env.held_for(PORT_B)
-                if m.direction == Direction.OUTBOUND and m.packet[33] & 0x02}
+        syns = {
+            m.flow.local_port
+            for m in env.held_for(PORT_B)
+            if m.direction == Direction.OUTBOUND and m.packet[33] & 0x02
+        }
         assert syns == set(res["ports"])
 
 
@@ -149,11 +159,14 @@ def test_arp_is_never_diverted() -> None:
         assert all(m.packet[0] >> 4 in (4, 6) and m.flow.protocol == 17 for m in env.ale.held)
 
 
-@pytest.mark.parametrize(("verdict", "expected"), [(Verdict.PERMANENT_ACCEPT, "ok"),
-                                                   (Verdict.PERMANENT_BLOCK, "refused")])
+@pytest.mark.parametrize(
+    ("verdict", "expected"),
+    [(Verdict.PERMANENT_ACCEPT, "ok"), (Verdict.PERMANENT_BLOCK, "refused")],
+)
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_loopback_connections_are_asked_and_obeyed(verdict: Verdict, expected: str,
-                                                    host: str) -> None:
+def test_loopback_connections_are_asked_and_obeyed(
+    verdict: Verdict, expected: str, host: str
+) -> None:
     with capture_env(verdict) as env:
         p = env.pair
         apps.start(p, p.a, apps.ECHO_SERVER, 18003, host)
@@ -219,8 +232,13 @@ def test_update_to_block_stops_an_accepted_bulk_transfer_within_100ms() -> None:
         assert proc.stdout is not None
         started = json.loads(proc.stdout.readline())["started"]
         time.sleep(0.8)  # bulk data flows, established, not diverted
-        flow = Flow(6, bytes(map(int, p.ip4_a.split("."))), started[1],
-                    bytes(map(int, p.ip4_b.split("."))), PORT_B)
+        flow = Flow(
+            6,
+            bytes(map(int, p.ip4_a.split("."))),
+            started[1],
+            bytes(map(int, p.ip4_b.split("."))),
+            PORT_B,
+        )
         n_sent = len(env.ale.sent_at)
         env.ale.send(CacheSet(flow, Verdict.PERMANENT_BLOCK))
         out, _ = proc.communicate(timeout=10)
@@ -238,8 +256,11 @@ def test_cache_clear_reasks_a_live_connection() -> None:
     with capture_env(Verdict.PERMANENT_ACCEPT) as env:
         _servers(env)
         p = env.pair
-        proc = p.popen(p.a, [sys.executable, "-c", apps.INTERACTIVE_TCP, p.ip6_b, PORT_B],
-                       stdin=subprocess.PIPE)
+        proc = p.popen(
+            p.a,
+            [sys.executable, "-c", apps.INTERACTIVE_TCP, p.ip6_b, PORT_B],
+            stdin=subprocess.PIPE,
+        )
         assert proc.stdout is not None and proc.stdin is not None
         local_port = json.loads(proc.stdout.readline())["connected"][1]
 
@@ -316,8 +337,10 @@ def test_sigterm_leaves_no_divert_program_behind() -> None:
         p = env.pair
 
         def filters_on(dev: str) -> str:
-            return "".join(p.run(p.a, ["tc", "filter", "show", "dev", dev, kind]).stdout
-                           for kind in ("ingress", "egress"))
+            return "".join(
+                p.run(p.a, ["tc", "filter", "show", "dev", dev, kind]).stdout
+                for kind in ("ingress", "egress")
+            )
 
         assert "divert" in filters_on("va")
         assert env.stop() == 0
