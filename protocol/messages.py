@@ -100,7 +100,7 @@ class Command(_Msg, frozen=True):
 class PacketHeld(_Msg, frozen=True):
     """Capture -> ALE: a packet is held and needs a decision (payload = whole IP packet)."""
 
-    seq: int
+    hold_id: int
     flow: Flow
     direction: Direction
     packet: bytes
@@ -109,9 +109,9 @@ class PacketHeld(_Msg, frozen=True):
 
 
 class Decision(_Msg, frozen=True):
-    """ALE -> capture: what to do with held packets `seqs`, and the verdict they got."""
+    """ALE -> capture: what to do with held packets `hold_ids`, and the verdict they got."""
 
-    seqs: tuple[int, ...]
+    hold_ids: tuple[int, ...]
     verdict: Verdict
 
 

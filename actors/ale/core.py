@@ -54,7 +54,7 @@ class Connection:
 
 @dataclass(slots=True)
 class Pending:
-    seq: int | None  # the capture's handle; None once that capture process is gone
+    hold_id: int | None  # the capture's handle; None once that capture process is gone
     flow: m.Flow
     created_ns: int
 
@@ -105,7 +105,7 @@ class AleCore:
             conn.last_seen_ns = now_ns
             if conn.verdict.is_permanent:
                 # Capture asked before our CacheSet reached it: answer without an event.
-                out.to_capture.append(m.Decision((msg.seq,), conn.verdict))
+                out.to_capture.append(m.Decision((msg.hold_id,), conn.verdict))
                 return out
         elif cached:
             conn = Connection(Verdict.UNDECIDED, msg.process_id, msg.direction, now_ns)
@@ -116,7 +116,7 @@ class AleCore:
         new_id = self.next_id
         self.next_id += 1
         self.counters["ids_issued"] += 1
-        self.pending[new_id] = Pending(msg.seq, flow, now_ns)
+        self.pending[new_id] = Pending(msg.hold_id, flow, now_ns)
         if flow.is_v6:
             info = ConnectionIpv6(
                 new_id,
@@ -200,10 +200,10 @@ class AleCore:
         return out
 
     def capture_ready(self, now_ns: int) -> Outbox:
-        """A (re)started capture holds nothing: orphan old seqs and replay every verdict."""
+        """A (re)started capture holds nothing: orphan old hold_ids and replay every verdict."""
         out = Outbox()
         for pending in self.pending.values():
-            pending.seq = None
+            pending.hold_id = None
         for flow, conn in self.connections.items():
             if conn.verdict != Verdict.UNDECIDED:
                 out.to_capture.append(m.CacheSet(flow, conn.verdict))
@@ -269,8 +269,8 @@ class AleCore:
             if conn.verdict != verdict:
                 conn.verdict = verdict
                 out.to_capture.append(m.CacheSet(flow, verdict))
-        if pending.seq is not None:
-            out.to_capture.append(m.Decision((pending.seq,), verdict))
+        if pending.hold_id is not None:
+            out.to_capture.append(m.Decision((pending.hold_id,), verdict))
         return out
 
     def _update(self, cmd: UpdateV4Command | UpdateV6Command, now_ns: int) -> Outbox:

@@ -153,7 +153,7 @@ class CaptureCore:
         self._targets = self.config.target_ports
         self.cache: dict[Flow, Verdict] = {}
         self.held: dict[int, Held] = {}
-        self._next_seq = 1
+        self._next_hold_id = 1
         self._retrans: dict[tuple, int] = {}
         #: TCP connections whose every packet must be diverted.
         self.per_packet: set[Flow] = set()
@@ -183,7 +183,7 @@ class CaptureCore:
                 "unparseable",
                 "retransmits_held",
                 "expired",
-                "unknown_seq",
+                "unknown_hold_id",
                 "filter_changes",
             ),
             0,
@@ -195,19 +195,19 @@ class CaptureCore:
         """Announce ourselves; the ALE answers with CacheSet for every connection it knows."""
         return [ToAle(CaptureReady(pid))]
 
-    def next_seq(self) -> int:
-        """The seq the next held packet will get (a mark for `resync`)."""
-        return self._next_seq
+    def next_hold_id(self) -> int:
+        """The hold_id the next held packet will get (a mark for `resync`)."""
+        return self._next_hold_id
 
-    def resync(self, pid: int, before_seq: int) -> list[Action]:
+    def resync(self, pid: int, before_hold_id: int) -> list[Action]:
         """The ALE came back (restarted): announce ourselves again and re-ask every packet
-        still held that was sent before it went away (`before_seq`), under the same seqs -
+        still held that was sent before it went away (`before_hold_id`), under the same hold_ids -
         the ones sent while it was gone are still queued and reach it anyway."""
         out: list[Action] = [ToAle(CaptureReady(pid))]
-        for seq, h in self.held.items():
-            if seq < before_seq:
+        for hold_id, h in self.held.items():
+            if hold_id < before_hold_id:
                 direction = Direction.OUTBOUND if h.outbound else Direction.INBOUND
-                out.append(ToAle(PacketHeld(seq, h.flow, direction, h.raw, h.seen_ns)))
+                out.append(ToAle(PacketHeld(hold_id, h.flow, direction, h.raw, h.seen_ns)))
         log.info("ALE reconnected: re-sent %d held packet(s)", len(out) - 1)
         return out
 
@@ -318,11 +318,11 @@ class CaptureCore:
                 key = (flow, outbound, p.seq, p.flags, p.payload_len)
             else:
                 key = (flow, outbound, bytes(raw[p.l4 + 8 :]))
-            seq = self._retrans.get(key)
-            if seq is not None and seq in self.held:
+            hold_id = self._retrans.get(key)
+            if hold_id is not None and hold_id in self.held:
                 # Same bytes as a packet still waiting: release both with the one verdict.
                 c["retransmits_held"] += 1
-                self.held[seq].followers.append((token, bytes(raw), p, outbound, loopback))
+                self.held[hold_id].followers.append((token, bytes(raw), p, outbound, loopback))
                 return []
         if len(self.held) >= self.config.max_held:
             c["dropped"] += 1
@@ -330,25 +330,25 @@ class CaptureCore:
                 "held-packet limit %d reached: dropping %s", self.config.max_held, _fmt(flow)
             )
             return [Drop(token)]
-        seq = self._next_seq
-        self._next_seq += 1
+        hold_id = self._next_hold_id
+        self._next_hold_id += 1
         data = bytes(raw)
-        self.held[seq] = Held(token, flow, p, data, outbound, loopback, now_ns, key)
+        self.held[hold_id] = Held(token, flow, p, data, outbound, loopback, now_ns, key)
         self._pending[flow] = self._pending.get(flow, 0) + 1
         if key is not None:
-            self._retrans[key] = seq
+            self._retrans[key] = hold_id
         c["asked"] += 1
         direction = Direction.OUTBOUND if outbound else Direction.INBOUND
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "held %d: %s %s, %d bytes %s",
-                seq,
+                hold_id,
                 direction.name.lower(),
                 _fmt(flow),
                 len(data),
                 data[:64].hex(),
             )
-        return [ToAle(PacketHeld(seq, flow, direction, data, now_ns))]
+        return [ToAle(PacketHeld(hold_id, flow, direction, data, now_ns))]
 
     # ---- enforcing verdicts -----------------------------------------------------------------
 
@@ -454,13 +454,15 @@ class CaptureCore:
     def _on_decision(self, msg: Decision, now_ns: int) -> list[Action]:
         out: list[Action] = []
         verdict = msg.verdict
-        for seq in msg.seqs:
-            h = self.held.pop(seq, None)
+        for hold_id in msg.hold_ids:
+            h = self.held.pop(hold_id, None)
             if h is None:
-                self.counters["unknown_seq"] += 1
-                log.warning("Decision for unknown packet %d (%s) ignored", seq, verdict.kext_name)
+                self.counters["unknown_hold_id"] += 1
+                log.warning(
+                    "Decision for unknown packet %d (%s) ignored", hold_id, verdict.kext_name
+                )
                 continue
-            if h.retrans_key is not None and self._retrans.get(h.retrans_key) == seq:
+            if h.retrans_key is not None and self._retrans.get(h.retrans_key) == hold_id:
                 del self._retrans[h.retrans_key]
             flow = h.flow
             cacheable = flow.protocol in (pk.TCP, pk.UDP)
@@ -578,19 +580,22 @@ class CaptureCore:
         out: list[Action] = []
         ttl = self.config.hold_ttl_ns
         expired = []
-        for seq, h in self.held.items():  # seq order is arrival order: stop at the first young
+        for (
+            hold_id,
+            h,
+        ) in self.held.items():  # hold_id order is arrival order: stop at the first young
             if now_ns - h.seen_ns <= ttl:
                 break
-            expired.append(seq)
-        for seq in expired:
-            h = self.held.pop(seq)
+            expired.append(hold_id)
+        for hold_id in expired:
+            h = self.held.pop(hold_id)
             self._unpend(h.flow)
-            if h.retrans_key is not None and self._retrans.get(h.retrans_key) == seq:
+            if h.retrans_key is not None and self._retrans.get(h.retrans_key) == hold_id:
                 del self._retrans[h.retrans_key]
             self.counters["expired"] += 1 + len(h.followers)
             log.warning(
                 "packet %d of %s waited %.1f s for a decision: dropped",
-                seq,
+                hold_id,
                 _fmt(h.flow),
                 (now_ns - h.seen_ns) / 1e9,
             )

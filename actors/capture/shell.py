@@ -198,14 +198,16 @@ class CaptureShell:
     def _on_monitor(self, event: int) -> None:
         """Track the ALE connection; on a reconnect, resend what the lost peer held."""
         if event == zmq.EVENT_DISCONNECTED:
-            self._lost_before = self.core.next_seq()
+            self._lost_before = self.core.next_hold_id()
             log.warning("ALE connection lost; %d packet(s) held", len(self.core.held))
         elif event == zmq.EVENT_CONNECTED:
             self._connects += 1
             if self._connects > 1:
                 mark = self._lost_before
                 self._run_actions(
-                    self.core.resync(os.getpid(), self.core.next_seq() if mark is None else mark)
+                    self.core.resync(
+                        os.getpid(), self.core.next_hold_id() if mark is None else mark
+                    )
                 )
             self._lost_before = None
 

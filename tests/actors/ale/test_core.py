@@ -33,9 +33,9 @@ PKT = b"\x45" + bytes(39)
 
 
 def held(
-    seq: int, flow: m.Flow = TCP4, direction: Direction = Direction.OUTBOUND, pid: int = 0
+    hold_id: int, flow: m.Flow = TCP4, direction: Direction = Direction.OUTBOUND, pid: int = 0
 ) -> m.PacketHeld:
-    return m.PacketHeld(seq, flow, direction, PKT, 0, pid)
+    return m.PacketHeld(hold_id, flow, direction, PKT, 0, pid)
 
 
 def emitted(out) -> list:  # type: ignore[no-untyped-def]
@@ -83,7 +83,7 @@ def test_temporary_verdict_makes_every_later_packet_a_new_request(verdict: Verdi
     core = AleCore()
     core.packet_held(held(1), 0)
     core.command(VerdictCommand(1, verdict), 0)
-    ids = [emitted(core.packet_held(held(seq), 0))[0].id for seq in (2, 3, 4)]
+    ids = [emitted(core.packet_held(held(hold_id), 0))[0].id for hold_id in (2, 3, 4)]
     assert ids == [2, 3, 4]
     out = core.command(VerdictCommand(3, verdict), 0)
     assert out.to_capture == [m.Decision((3,), verdict)]  # no CacheSet: verdict unchanged
@@ -111,8 +111,8 @@ def test_unknown_id_logs_like_the_kext() -> None:
 
 def test_ids_are_never_reused_across_verdicts_and_shutdown() -> None:
     core = AleCore()
-    for seq in range(3):
-        core.packet_held(held(seq, m.Flow(6, L4, 1000 + seq, R4, 80)), 0)
+    for hold_id in range(3):
+        core.packet_held(held(hold_id, m.Flow(6, L4, 1000 + hold_id, R4, 80)), 0)
     core.command(ShutdownCommand(), 0)
     out = core.packet_held(held(10), 0)
     assert emitted(out)[0].id == 4

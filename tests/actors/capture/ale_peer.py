@@ -120,4 +120,4 @@ class AlePeer:
             return
         if self.cache_set and msg.flow.protocol in (6, 17):
             sock.send_multipart([ident, encode(CacheSet(msg.flow, verdict))])
-        sock.send_multipart([ident, encode(Decision((msg.seq,), verdict))])
+        sock.send_multipart([ident, encode(Decision((msg.hold_id,), verdict))])

@@ -71,7 +71,7 @@ def accept_connection(core: CaptureCore, verdict: Verdict = Verdict.PERMANENT_AC
     _, acts = feed(core, syn_out())
     (held,) = asked(acts)
     core.on_message(CacheSet(held.flow, verdict), NOW)
-    out = core.on_message(Decision((held.seq,), verdict), NOW)
+    out = core.on_message(Decision((held.hold_id,), verdict), NOW)
     for x in out:
         if isinstance(x, SetFilter):
             out += core.filter_active(x.generation, x.ports)
@@ -86,12 +86,12 @@ def test_miss_asks_with_a_direction_agnostic_flow() -> None:
     core = CaptureCore()
     _t, acts = feed(core, syn_out())
     (held,) = asked(acts)
-    assert (held.seq, held.direction, held.flow) == (1, Direction.OUTBOUND, tcp_flow())
+    assert (held.hold_id, held.direction, held.flow) == (1, Direction.OUTBOUND, tcp_flow())
     assert held.packet == syn_out() and held.seen_ns == NOW and held.process_id == 0
     raw_in = c.v4(R4, L4, c.tcp(80, 40001, c.SYN))
     _, acts = feed(core, raw_in, outbound=False)
     (held2,) = asked(acts)
-    assert held2.seq == 2 and held2.direction == Direction.INBOUND
+    assert held2.hold_id == 2 and held2.direction == Direction.INBOUND
     assert held2.flow == Flow(6, a(L4), 40001, a(R4), 80)  # local side is still ours
 
 
@@ -100,7 +100,7 @@ def test_permanent_accept_releases_and_passes_later_packets_without_asking() -> 
     t, acts = feed(core, syn_out())
     (held,) = asked(acts)
     core.on_message(CacheSet(held.flow, Verdict.PERMANENT_ACCEPT), NOW)
-    assert core.on_message(Decision((held.seq,), Verdict.PERMANENT_ACCEPT), NOW) == [Pass(t)]
+    assert core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_ACCEPT), NOW) == [Pass(t)]
     t2, acts = feed(core, syn_out())  # a later SYN (retransmit) hits the cache
     assert acts == [Pass(t2)]
     t3, acts = feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False)
@@ -111,7 +111,7 @@ def test_decision_alone_also_caches_the_verdict() -> None:
     core = CaptureCore()
     _, acts = feed(core, c.v4(L4, R4, c.udp(5000, 9999)))
     (held,) = asked(acts)
-    core.on_message(Decision((held.seq,), Verdict.PERMANENT_ACCEPT), NOW)
+    core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_ACCEPT), NOW)
     t, acts = feed(core, c.v4(L4, R4, c.udp(5000, 9999, b"second")))
     assert acts == [Pass(t)]
 
@@ -126,7 +126,7 @@ def test_block_resets_tcp_to_the_local_app(v6: bool) -> None:
     )
     t, acts = feed(core, raw)
     (held,) = asked(acts)
-    out = core.on_message(Decision((held.seq,), Verdict.PERMANENT_BLOCK), NOW)
+    out = core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_BLOCK), NOW)
     assert out[0] == Drop(t)
     inj = out[1]
     assert isinstance(inj, Inject) and inj.inbound and inj.like is t
@@ -139,7 +139,7 @@ def test_inbound_block_resets_the_remote() -> None:
     core = CaptureCore()
     _t, acts = feed(core, c.v4(R4, L4, c.tcp(5555, 22, c.SYN)), outbound=False)
     (held,) = asked(acts)
-    out = core.on_message(Decision((held.seq,), Verdict.BLOCK), NOW)
+    out = core.on_message(Decision((held.hold_id,), Verdict.BLOCK), NOW)
     inj = out[1]
     assert isinstance(inj, Inject) and not inj.inbound
     q = pk.parse(inj.raw)
@@ -154,7 +154,7 @@ def test_udp_block_answers_port_unreachable(verdict: Verdict) -> None:
     raw = c.v4(L4, R4, c.udp(5000, 53))
     t, acts = feed(core, raw)
     (held,) = asked(acts)
-    drop, inj = core.on_message(Decision((held.seq,), verdict), NOW)
+    drop, inj = core.on_message(Decision((held.hold_id,), verdict), NOW)
     assert drop == Drop(t) and isinstance(inj, Inject) and inj.inbound
     assert inj.raw[20:22] == bytes([3, 3]) and inj.raw[28:48] == raw[:20]
 
@@ -164,7 +164,7 @@ def test_drop_verdicts_are_silent(verdict: Verdict) -> None:
     core = CaptureCore()
     t, acts = feed(core, c.v4(L4, R4, c.udp(5000, 53)))
     (held,) = asked(acts)
-    assert core.on_message(Decision((held.seq,), verdict), NOW) == [Drop(t)]
+    assert core.on_message(Decision((held.hold_id,), verdict), NOW) == [Drop(t)]
 
 
 def test_permanent_block_and_drop_are_enforced_locally() -> None:
@@ -185,7 +185,7 @@ def test_icmp_block_is_a_silent_drop_and_icmp_is_never_cached() -> None:
     t, acts = feed(core, c.v4(L4, R4, c.icmp_echo()))
     (held,) = asked(acts)
     assert held.flow == Flow(1, a(L4), 0, a(R4), 0)
-    assert core.on_message(Decision((held.seq,), Verdict.PERMANENT_BLOCK), NOW) == [Drop(t)]
+    assert core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_BLOCK), NOW) == [Drop(t)]
     core.on_message(CacheSet(held.flow, Verdict.PERMANENT_ACCEPT), NOW)
     _, acts = feed(core, c.v4(L4, R4, c.icmp_echo(seq=2)))
     assert len(asked(acts)) == 1  # every ICMP packet is a request
@@ -205,9 +205,9 @@ def test_temporary_verdict_asks_for_every_packet_and_diverts_the_connection() ->
     out = core.on_message(CacheSet(held.flow, Verdict.ACCEPT), NOW)
     assert out == [SetFilter(1, frozenset({40000}))]
     # The SYN must not leave before the SYN-ACK is sure to be diverted.
-    assert core.on_message(Decision((held.seq,), Verdict.ACCEPT), NOW) == []
+    assert core.on_message(Decision((held.hold_id,), Verdict.ACCEPT), NOW) == []
     assert core.filter_active(1, frozenset({40000})) == [Pass(t)]
-    seqs = set()
+    hold_ids = set()
     for i, (raw, out_) in enumerate(
         [
             (c.v4(R4, L4, c.tcp(80, 40000, c.SYN | c.ACK)), False),
@@ -217,8 +217,8 @@ def test_temporary_verdict_asks_for_every_packet_and_diverts_the_connection() ->
     ):
         _, acts = feed(core, raw, outbound=out_, name=f"p{i}")
         (h,) = asked(acts)
-        seqs.add(h.seq)
-    assert len(seqs) == 3 and held.seq not in seqs
+        hold_ids.add(h.hold_id)
+    assert len(hold_ids) == 3 and held.hold_id not in hold_ids
 
 
 def test_retransmitted_syn_is_held_without_a_new_request() -> None:
@@ -229,7 +229,7 @@ def test_retransmitted_syn_is_held_without_a_new_request() -> None:
     assert acts == [] and core.counters["retransmits_held"] == 1
     _t3, acts = feed(core, syn_out(seq=6))  # a different SYN is a new request
     assert len(asked(acts)) == 1
-    out = core.on_message(Decision((held.seq,), Verdict.PERMANENT_ACCEPT), NOW)
+    out = core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_ACCEPT), NOW)
     assert out == [Pass(t1), Pass(t2)]
 
 
@@ -288,7 +288,7 @@ def test_redirect_nameserver_rewrites_query_and_reply() -> None:
     query = c.v4(L4, "10.0.0.99", c.udp(40000, 53, b"dns?"))
     t, acts = feed(core, query)
     (held,) = asked(acts)
-    (r,) = core.on_message(Decision((held.seq,), Verdict.REDIRECT_NAME_SERVER), NOW)
+    (r,) = core.on_message(Decision((held.hold_id,), Verdict.REDIRECT_NAME_SERVER), NOW)
     assert isinstance(r, Reroute) and r.token is t and r.loopback
     q = pk.parse(r.raw)
     assert q is not None
@@ -314,7 +314,7 @@ def test_redirect_tunnel_targets_the_own_address_and_configured_port() -> None:
     (held,) = asked(acts)
     core.on_message(CacheSet(held.flow, Verdict.REDIRECT_TUNNEL), NOW)
     core.filter_active(1, frozenset({40000}))
-    (r,) = core.on_message(Decision((held.seq,), Verdict.REDIRECT_TUNNEL), NOW)
+    (r,) = core.on_message(Decision((held.hold_id,), Verdict.REDIRECT_TUNNEL), NOW)
     assert isinstance(r, Reroute)
     q = pk.parse(r.raw)
     assert q is not None and (q.dst, q.dport, q.src) == (a(L6), 7171, a(L6))
@@ -358,7 +358,7 @@ def test_unknown_and_foreign_messages_are_ignored() -> None:
     core = CaptureCore()
     assert core.on_message(Decision((99,), Verdict.ACCEPT), NOW) == []
     assert core.on_message(Hello("x", 1, 1), NOW) == []
-    assert core.counters["unknown_seq"] == 1
+    assert core.counters["unknown_hold_id"] == 1
 
 
 def test_held_packets_expire_fail_closed() -> None:
@@ -398,7 +398,7 @@ def test_block_decision_without_cache_set_needs_no_filter_change() -> None:
     core = CaptureCore()
     _t, acts = feed(core, syn_out())
     (held,) = asked(acts)
-    out = core.on_message(Decision((held.seq,), Verdict.BLOCK), NOW)
+    out = core.on_message(Decision((held.hold_id,), Verdict.BLOCK), NOW)
     assert not [a for a in out if isinstance(a, SetFilter)]
 
 
@@ -423,7 +423,7 @@ def test_resync_reasks_what_was_held_before_the_ale_went_away() -> None:
     core = CaptureCore()
     _, acts = feed(core, syn_out(seq=1))
     (first,) = asked(acts)
-    mark = core.next_seq()
+    mark = core.next_hold_id()
     _, acts = feed(core, syn_out(sport=40001))  # sent while the ALE was away: still queued
     out = core.resync(7, mark)
     assert out == [ToAle(CaptureReady(7)), ToAle(first)]

@@ -140,7 +140,7 @@ def test_temporary_accept_asks_for_every_packet() -> None:
         mine = [m for m in env.held_for(PORT_B) if m.flow.local_port == res["local"][1]]
         # SYN, SYN-ACK, ACK, the greeting, its ACK, FINs...: each one a new request.
         assert len(mine) >= 5, [(m.direction, len(m.packet)) for m in mine]
-        assert len({m.seq for m in mine}) == len(mine)
+        assert len({m.hold_id for m in mine}) == len(mine)
         assert {m.direction for m in mine} == {Direction.OUTBOUND, Direction.INBOUND}
 
 
@@ -186,7 +186,7 @@ def test_retransmitted_syn_waits_for_the_pending_request() -> None:
         assert env.ale.wait_for(lambda: len(env.held_for(PORT_B)) == 1)
         time.sleep(1.6)  # the kernel retransmits the SYN after 1 s
         (req,) = env.held_for(PORT_B)
-        env.ale.send(Decision((req.seq,), Verdict.PERMANENT_ACCEPT))
+        env.ale.send(Decision((req.hold_id,), Verdict.PERMANENT_ACCEPT))
         out, _ = client.communicate(timeout=10)
         res = json.loads(out)
         assert res["result"] == "ok", res
@@ -207,7 +207,7 @@ def test_an_ale_restart_gets_the_held_packets_again() -> None:
         out, _ = client.communicate(timeout=10)
         assert json.loads(out)["result"] == "ok"
         (again,) = [m for m in new.held if m.flow == lost.flow]
-        assert again.seq == lost.seq and again.packet == lost.packet
+        assert again.hold_id == lost.hold_id and again.packet == lost.packet
 
 
 def test_icmp_echo_is_asked_per_packet_and_obeyed() -> None:
