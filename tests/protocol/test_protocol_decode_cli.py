@@ -371,6 +371,7 @@ def _peak_rss_kib(path: Path) -> int:
     return int(out[1])  # KiB on Linux
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units differ off Linux")
 def test_100_mb_decode_in_constant_memory(tmp_path: Path) -> None:
     small = tmp_path / "small.bin"
