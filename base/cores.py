@@ -15,17 +15,17 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
-E_co = TypeVar("E_co", covariant=True)
+E = TypeVar("E")
 
 
-class Core(Protocol[E_co]):
+class Core(Protocol[E]):
     """What a shell needs of a core besides its input methods."""
 
     def next_deadline_ns(self) -> int | None:
         """Monotonic time of the next `on_deadline` work, or None if there is none."""
         ...
 
-    def on_deadline(self, now_ns: int) -> list[E_co]:
+    def on_deadline(self, now_ns: int) -> list[E]:
         """Do what is due at `now_ns` (calling it early is harmless: nothing is due yet)."""
         ...
 

@@ -25,7 +25,7 @@ from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6, LogLine
 
 log = logging.getLogger("policy")
 
-_LOG_LEVELS = {
+_LOG_LEVELS: dict[int, int] = {
     Severity.DEBUG: logging.DEBUG,
     Severity.INFO: logging.INFO,
     Severity.WARNING: logging.WARNING,
