@@ -1,15 +1,22 @@
-"""The ALE actor's pure core: connection cache, pending-id cache and verdict semantics.
+"""The ALE actor's pure core: the kext's connection cache, its id cache and verdict semantics.
 
-State in, messages out: no sockets, and the only clock is the `now_ns` (monotonic) the shell
-passes in. It follows kext-spec §4, §6, §8-§10 and fixes the weaknesses of §15 that live here:
-the cache entry exists before its event is emitted (§15.4), keys include the local address
-(§15.6), pending packets time out (§15.2), ClearCache keeps answering pending packets (§15.19),
-an end is recorded once (§15.8), and expiry uses a monotonic clock (§15.9).
+State in, messages out (the shape of base/cores.py): every input method returns one list of
+protocol messages, in the order they must leave. A message's type says where it goes, with no
+wrapper record: Decision, CacheSet and CacheClear go to the capture actor, everything else
+(Emit, Log) to the broker (`TO_CAPTURE`). No sockets, and the only clock is the `now_ns`
+(monotonic) the shell passes in; `next_deadline_ns()` is when the oldest held packet's verdict
+timeout falls due, and `on_deadline(now_ns)` applies the default verdict to what has timed out.
+
+It follows kext-spec §4, §6, §8-§10 and fixes the weaknesses of §15 that live here: the cache
+entry exists before its event is emitted (§15.4), keys include the local address (§15.6),
+pending packets time out (§15.2), ClearCache keeps answering pending packets (§15.19), an end is
+recorded once (§15.8), and expiry uses a monotonic clock (§15.9).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
@@ -32,6 +39,13 @@ from kextless.protocol.logtag import source_tag
 
 _CACHED_PROTOCOLS = frozenset({IpProtocol.TCP, IpProtocol.UDP})
 _SECOND = 1_000_000_000
+#: Verdict timeouts are applied at most this often, so a stream of unanswered packets costs
+#: one wake-up and one log line per 100 ms (the rate of the fixed tick this replaces), not one
+#: per packet. A lone packet still gets its default verdict exactly at its deadline.
+TIMEOUT_BATCH_NS = 100_000_000
+
+#: Message types that go to the capture actor; every other effect goes to the broker.
+TO_CAPTURE: frozenset[type[m.Message]] = frozenset({m.Decision, m.CacheSet, m.CacheClear})
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,8 @@ class AleConfig:
 
 @dataclass(slots=True)
 class Connection:
+    """A connection cache entry: the verdict for one 5-tuple."""
+
     verdict: Verdict
     process_id: int
     direction: Direction
@@ -53,32 +69,33 @@ class Connection:
 
 
 @dataclass(slots=True)
-class Pending:
+class IdCacheEntry:
+    """An id cache entry: a held packet waiting for the verdict on its pending id."""
+
     hold_id: int | None  # the capture's handle; None once that capture process is gone
     flow: m.Flow
     created_ns: int
 
 
-@dataclass(slots=True)
-class Outbox:
-    """What one input produced: messages for the capture actor and for the broker."""
-
-    to_capture: list[m.Message] = field(default_factory=list)
-    to_broker: list[m.Message] = field(default_factory=list)
-
-
-def _log(out: Outbox, severity: Severity, message: str) -> None:
-    """Queue a kext-style log line, "file:line message", with the caller's location."""
-    out.to_broker.append(m.Log(severity, f"{source_tag(1)} {message}"))
+def _log(severity: Severity, message: str) -> m.Log:
+    """A kext-style log line, "file:line message", with the caller's location."""
+    return m.Log(severity, f"{source_tag(1)} {message}")
 
 
 class AleCore:
     def __init__(self, config: AleConfig | None = None, first_id: int = 1) -> None:
         self.config = config or AleConfig()
-        self.connections: dict[m.Flow, Connection] = {}
-        #: Insertion order is id order, so the oldest pending packet is always first.
-        self.pending: dict[int, Pending] = {}
+        #: The kext's connection cache: a verdict per 5-tuple (TCP and UDP only).
+        self.connection_cache: dict[m.Flow, Connection] = {}
+        #: The kext's id cache: held packets by pending id. Insertion order is id order.
+        self.id_cache: dict[int, IdCacheEntry] = {}
         self.next_id = first_id
+        #: Pending ids in issue order, for the oldest one's deadline; resolved ids are skipped
+        #: (and dropped) lazily. Finding the oldest by iterating `id_cache` would cost a scan
+        #: over every entry deleted from its front since the dict last resized.
+        self._timeout_order: deque[int] = deque()
+        #: When on_deadline last applied verdict timeouts (see TIMEOUT_BATCH_NS).
+        self._timeouts_applied_ns: int | None = None
         self.counters: dict[str, float] = {
             "ids_issued": 0,
             "verdicts": 0,
@@ -95,30 +112,29 @@ class AleCore:
 
     # ---- inputs -------------------------------------------------------------------------
 
-    def packet_held(self, msg: m.PacketHeld, now_ns: int) -> Outbox:
+    def packet_held(self, msg: m.PacketHeld, now_ns: int) -> list[m.Message]:
         """Capture holds a packet: answer from the cache, or issue a new pending id + event."""
-        out = Outbox()
         flow = msg.flow
         cached = flow.protocol in _CACHED_PROTOCOLS
-        conn = self.connections.get(flow) if cached else None
+        conn = self.connection_cache.get(flow) if cached else None
         if conn is not None:
             conn.last_seen_ns = now_ns
             if conn.verdict.is_permanent:
                 # Capture asked before our CacheSet reached it: answer without an event.
-                out.to_capture.append(m.Decision((msg.hold_id,), conn.verdict))
-                return out
+                return [m.Decision((msg.hold_id,), conn.verdict)]
         elif cached:
             conn = Connection(Verdict.UNDECIDED, msg.process_id, msg.direction, now_ns)
-            self.connections[flow] = conn
+            self.connection_cache[flow] = conn
         pid = msg.process_id or (conn.process_id if conn else 0)
         if conn is not None and msg.process_id and not conn.process_id:
             conn.process_id = msg.process_id
         new_id = self.next_id
         self.next_id += 1
         self.counters["ids_issued"] += 1
-        self.pending[new_id] = Pending(msg.hold_id, flow, now_ns)
+        self.id_cache[new_id] = IdCacheEntry(msg.hold_id, flow, now_ns)
+        self._timeout_order.append(new_id)
         if flow.is_v6:
-            info = ConnectionIpv6(
+            record = ConnectionIpv6(
                 new_id,
                 pid,
                 msg.direction,
@@ -129,26 +145,23 @@ class AleCore:
                 flow.remote_port,
                 PayloadLayer.NETWORK,
                 msg.packet,
-            )
-            kind = InfoType.CONNECTION_IPV6
-        else:
-            info = ConnectionIpv4(
-                new_id,
-                pid,
-                msg.direction,
-                flow.protocol,
-                flow.local_ip,
-                flow.remote_ip,
-                flow.local_port,
-                flow.remote_port,
-                PayloadLayer.NETWORK,
-                msg.packet,
-            )
-            kind = InfoType.CONNECTION_IPV4
-        out.to_broker.append(m.Emit(kind, info.encode(), new_id))
-        return out
+            ).encode()
+            return [m.Emit(InfoType.CONNECTION_IPV6, record, new_id)]
+        record = ConnectionIpv4(
+            new_id,
+            pid,
+            msg.direction,
+            flow.protocol,
+            flow.local_ip,
+            flow.remote_ip,
+            flow.local_port,
+            flow.remote_port,
+            PayloadLayer.NETWORK,
+            msg.packet,
+        ).encode()
+        return [m.Emit(InfoType.CONNECTION_IPV4, record, new_id)]
 
-    def command(self, cmd: Command, now_ns: int) -> Outbox:
+    def command(self, cmd: Command, now_ns: int) -> list[m.Message]:
         """Apply one validated kext command routed to us by the broker."""
         if isinstance(cmd, VerdictCommand):
             return self._verdict(cmd.id, cmd.verdict, now_ns)
@@ -160,61 +173,89 @@ class AleCore:
             return self._shutdown(now_ns)
         if isinstance(cmd, CleanEndedConnectionsCommand):
             return self._clean_ended(now_ns)
-        out = Outbox()
-        _log(out, Severity.ERROR, f"ALE does not handle {cmd.TYPE.kext_name}")
-        return out
+        return [_log(Severity.ERROR, f"ALE does not handle {cmd.TYPE.kext_name}")]
 
-    def emit_refused(self, pending_id: int, reason: str, now_ns: int) -> Outbox:
+    def emit_refused(self, pending_id: int, reason: str, now_ns: int) -> list[m.Message]:
         """The broker's queue could not take our event: nobody will answer, so decide now."""
         self.counters["refused"] += 1
-        out = self._resolve(pending_id, self.config.default_verdict, now_ns)
-        _log(
-            out,
-            Severity.WARNING,
-            f"event {pending_id} refused by the broker ({reason}); applied "
-            f"{self.config.default_verdict.kext_name}",
+        out: list[m.Message] = []
+        self._resolve(pending_id, self.config.default_verdict, now_ns, out)
+        out.append(
+            _log(
+                Severity.WARNING,
+                f"event {pending_id} refused by the broker ({reason}); applied "
+                f"{self.config.default_verdict.kext_name}",
+            )
         )
         return out
 
-    def tick(self, now_ns: int) -> Outbox:
-        """Resolve pending packets older than the verdict timeout with the default verdict."""
-        out = Outbox()
-        deadline = now_ns - self.config.verdict_timeout_ns
+    def next_deadline_ns(self) -> int | None:
+        """When the oldest held packet's verdict timeout falls due (None: nothing is held).
+
+        Within TIMEOUT_BATCH_NS of the last timeouts applied, the deadline waits for the end
+        of that batch window, so timeouts are never applied early, at most that much late."""
+        order, cache = self._timeout_order, self.id_cache
+        while order and order[0] not in cache:
+            order.popleft()
+        if not order:
+            return None
+        if len(order) > 2 * len(cache) + 64:
+            # Many ids were resolved behind one that still waits: keep this bounded by the
+            # id cache, not by every id issued within a verdict timeout.
+            order = self._timeout_order = deque(cache)
+        due = cache[order[0]].created_ns + self.config.verdict_timeout_ns
+        last = self._timeouts_applied_ns
+        if last is not None and due < last + TIMEOUT_BATCH_NS:
+            return last + TIMEOUT_BATCH_NS
+        return due
+
+    def on_deadline(self, now_ns: int) -> list[m.Message]:
+        """Resolve held packets older than the verdict timeout with the default verdict."""
+        due = self.next_deadline_ns()
+        if due is None or now_ns < due:
+            return []
+        cutoff = now_ns - self.config.verdict_timeout_ns
+        cache = self.id_cache
         expired = []
-        for pid_, pending in self.pending.items():
-            if pending.created_ns > deadline:
+        for pending_id in self._timeout_order:
+            entry = cache.get(pending_id)
+            if entry is None:
+                continue
+            if entry.created_ns > cutoff:
                 break
-            expired.append(pid_)
-        for pid_ in expired:
+            expired.append(pending_id)
+        out: list[m.Message] = []
+        if not expired:
+            return out
+        self._timeouts_applied_ns = now_ns
+        verdict = self.config.default_verdict
+        for pending_id in expired:
             self.counters["timeouts"] += 1
-            sub = self._resolve(pid_, self.config.default_verdict, now_ns)
-            out.to_capture += sub.to_capture
-            out.to_broker += sub.to_broker
-        if expired:
+            self._resolve(pending_id, verdict, now_ns, out)
+        out.append(
             _log(
-                out,
                 Severity.WARNING,
                 f"verdict timeout: {len(expired)} packet(s) got "
-                f"{self.config.default_verdict.kext_name} (ids {expired[0]}..{expired[-1]})",
+                f"{verdict.kext_name} (ids {expired[0]}..{expired[-1]})",
             )
+        )
         return out
 
-    def capture_ready(self, now_ns: int) -> Outbox:
+    def capture_ready(self, now_ns: int) -> list[m.Message]:
         """A (re)started capture holds nothing: orphan old hold_ids and replay every verdict."""
-        out = Outbox()
-        for pending in self.pending.values():
-            pending.hold_id = None
-        for flow, conn in self.connections.items():
-            if conn.verdict != Verdict.UNDECIDED:
-                out.to_capture.append(m.CacheSet(flow, conn.verdict))
-        return out
+        for entry in self.id_cache.values():
+            entry.hold_id = None
+        return [
+            m.CacheSet(flow, conn.verdict)
+            for flow, conn in self.connection_cache.items()
+            if conn.verdict != Verdict.UNDECIDED
+        ]
 
-    def connection_ended(self, msg: m.ConnectionEnded, now_ns: int) -> Outbox:
+    def connection_ended(self, msg: m.ConnectionEnded, now_ns: int) -> list[m.Message]:
         """Record an end once and report it (the kext re-ended entries, §15.8)."""
-        out = Outbox()
-        conn = self.connections.get(msg.flow)
+        conn = self.connection_cache.get(msg.flow)
         if conn is None or conn.ended_ns:
-            return out
+            return []
         conn.ended_ns = now_ns
         self.counters["ended"] += 1
         f = msg.flow
@@ -229,84 +270,80 @@ class AleCore:
             f.remote_port,
         )
         kind = InfoType.CONNECTION_END_EVENT_V6 if f.is_v6 else InfoType.CONNECTION_END_EVENT_V4
-        out.to_broker.append(m.Emit(kind, info.encode()))
-        return out
+        return [m.Emit(kind, info.encode())]
 
     def health(self) -> dict[str, float]:
         return {
             **self.counters,
-            "pending": len(self.pending),
-            "connections": len(self.connections),
+            "pending": len(self.id_cache),
+            "connections": len(self.connection_cache),
             "next_id": self.next_id,
         }
 
     # ---- commands -------------------------------------------------------------------------
 
-    def _verdict(self, pending_id: int, verdict: Verdict, now_ns: int) -> Outbox:
-        if pending_id not in self.pending:
+    def _verdict(self, pending_id: int, verdict: Verdict, now_ns: int) -> list[m.Message]:
+        out: list[m.Message] = []
+        if pending_id not in self.id_cache:
             self.counters["verdicts_unknown_id"] += 1
-            out = Outbox()
-            _log(out, Severity.ERROR, f"Verdict invalid id: {pending_id}")
+            out.append(_log(Severity.ERROR, f"Verdict invalid id: {pending_id}"))
             return out
         self.counters["verdicts"] += 1
-        return self._resolve(pending_id, verdict, now_ns)
+        self._resolve(pending_id, verdict, now_ns, out)
+        return out
 
-    def _resolve(self, pending_id: int, verdict: Verdict, now_ns: int) -> Outbox:
-        """Release one pending packet and make its verdict the connection's verdict."""
-        out = Outbox()
-        pending = self.pending.pop(pending_id, None)
-        if pending is None:
-            return out
-        flow = pending.flow
+    def _resolve(
+        self, pending_id: int, verdict: Verdict, now_ns: int, out: list[m.Message]
+    ) -> None:
+        """Release one held packet and make its verdict the connection's verdict."""
+        entry = self.id_cache.pop(pending_id, None)
+        if entry is None:
+            return
+        flow = entry.flow
         if flow.protocol in _CACHED_PROTOCOLS:
-            conn = self.connections.get(flow)
+            conn = self.connection_cache.get(flow)
             if conn is None:
                 # ClearCache ran while this packet waited: the verdict still describes the
                 # connection, so remember it rather than asking again (§15.19).
                 conn = Connection(verdict, 0, Direction.OUTBOUND, now_ns)
-                self.connections[flow] = conn
+                self.connection_cache[flow] = conn
             conn.last_seen_ns = now_ns
             if conn.verdict != verdict:
                 conn.verdict = verdict
-                out.to_capture.append(m.CacheSet(flow, verdict))
-        if pending.hold_id is not None:
-            out.to_capture.append(m.Decision((pending.hold_id,), verdict))
-        return out
+                out.append(m.CacheSet(flow, verdict))
+        if entry.hold_id is not None:
+            out.append(m.Decision((entry.hold_id,), verdict))
 
-    def _update(self, cmd: UpdateV4Command | UpdateV6Command, now_ns: int) -> Outbox:
-        out = Outbox()
+    def _update(self, cmd: UpdateV4Command | UpdateV6Command, now_ns: int) -> list[m.Message]:
         flow = m.Flow(
             cmd.protocol, cmd.local_address, cmd.local_port, cmd.remote_address, cmd.remote_port
         )
-        conn = self.connections.get(flow)
+        conn = self.connection_cache.get(flow)
         if conn is None:
             # The kext ignores unknown 5-tuples silently; Portmaster sends updates for
             # connections that may have ended. Count it so it is visible.
             self.counters["updates_unknown"] += 1
-            return out
+            return []
         self.counters["updates"] += 1
-        if conn.verdict != cmd.verdict:  # idempotent: Portmaster sends every update twice
-            conn.verdict = cmd.verdict
-            out.to_capture.append(m.CacheSet(flow, cmd.verdict))
-        return out
+        if conn.verdict == cmd.verdict:  # idempotent: Portmaster sends every update twice
+            return []
+        conn.verdict = cmd.verdict
+        return [m.CacheSet(flow, cmd.verdict)]
 
-    def _clear_cache(self) -> Outbox:
+    def _clear_cache(self) -> list[m.Message]:
         self.counters["clear_cache"] += 1
-        self.connections.clear()
-        out = Outbox()
-        out.to_capture.append(m.CacheClear())
-        return out
+        self.connection_cache.clear()
+        return [m.CacheClear()]
 
-    def _shutdown(self, now_ns: int) -> Outbox:
-        """Resolve every pending packet as PermanentBlock (kext-spec §8.6)."""
+    def _shutdown(self, now_ns: int) -> list[m.Message]:
+        """Resolve every held packet as PermanentBlock (kext-spec §8.6)."""
         self.counters["shutdowns"] += 1
-        out = Outbox()
-        for pending_id in list(self.pending):
-            sub = self._resolve(pending_id, Verdict.PERMANENT_BLOCK, now_ns)
-            out.to_capture += sub.to_capture
+        out: list[m.Message] = []
+        for pending_id in list(self.id_cache):
+            self._resolve(pending_id, Verdict.PERMANENT_BLOCK, now_ns, out)
         return out
 
-    def _clean_ended(self, now_ns: int) -> Outbox:
+    def _clean_ended(self, now_ns: int) -> list[m.Message]:
         """Forget connections that ended more than the grace period ago.
 
         Unlike the kext, idle-but-live connections are not expired here: established TCP no
@@ -314,8 +351,9 @@ class AleCore:
         make Portmaster's later UpdateV4/V6 for them silently ineffective.
         """
         deadline = now_ns - self.config.ended_grace_ns
-        gone = [f for f, c in self.connections.items() if c.ended_ns and c.ended_ns < deadline]
+        cache = self.connection_cache
+        gone = [f for f, c in cache.items() if c.ended_ns and c.ended_ns < deadline]
         for flow in gone:
-            del self.connections[flow]
+            del cache[flow]
         self.counters["expired"] += len(gone)
-        return Outbox()
+        return []

@@ -1,20 +1,29 @@
 """The ALE actor's I/O shell: a ROUTER for the capture actor, a DEALER to the broker.
 
-All decisions are made by AleCore; this file only moves messages and supplies the clock.
+All decisions are made by AleCore; this file only moves messages and supplies the clock. It
+routes the core's messages by type (`core.TO_CAPTURE` to the capture, the rest to the broker),
+sends each loop pass's broker-bound messages together (a burst of Emits leaves as one `Emits`),
+and sleeps until the next input, the core's next deadline (a held packet's verdict timeout) or
+its own keepalive: Hello and Health to the broker every second. That cadence is the shell's,
+not the core's: it is about the broker connection (a restarted broker relearns who owns what),
+and the core only supplies the counters (`health()`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 
 import msgspec
 import zmq
 
-from kextless.actors.ale.core import AleCore, Outbox
+from kextless.actors.ale.core import TO_CAPTURE, AleCore
 from kextless.actors.ale.ids import IdReservation
+from kextless.base.cores import wait_ms
 from kextless.protocol import messages as m
 from kextless.protocol.commands import decode_command
 from kextless.protocol.enums import CommandType
@@ -30,8 +39,10 @@ OWNED_COMMANDS = (
     CommandType.SHUTDOWN,
     CommandType.CLEAN_ENDED_CONNECTIONS,
 )
-_TICK_S = 0.1
-_HEALTH_S = 1.0
+#: Hello (as a keepalive) and Health to the broker this often.
+HEALTH_NS = 1_000_000_000
+#: Messages taken from one socket before looking at the other again.
+_BATCH = 256
 
 
 class AleShell:
@@ -41,7 +52,7 @@ class AleShell:
         capture_endpoint: str,
         broker_endpoint: str,
         ids: IdReservation | None = None,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.core = core
         self.ids = ids
@@ -65,17 +76,21 @@ class AleShell:
     def stop(self, *_: object) -> None:
         self._running = False
 
-    def _flush(self, out: Outbox) -> None:
-        self._to_broker += out.to_broker
-        if out.to_capture:
-            if self._capture_id is None:
-                log.warning("no capture connected; dropped %d message(s)", len(out.to_capture))
-                return
-            for msg in out.to_capture:
+    def _carry_out(self, effects: list[m.Message]) -> None:
+        """Send capture-bound messages now, in order; queue the rest for the broker."""
+        dropped = 0
+        for msg in effects:
+            if type(msg) not in TO_CAPTURE:
+                self._to_broker.append(msg)
+            elif self._capture_id is None:
+                dropped += 1
+            else:
                 try:
                     self.capture.send_multipart([self._capture_id, m.encode(msg)])
                 except zmq.ZMQError as exc:  # capture gone (ROUTER_MANDATORY)
                     log.warning("capture unreachable (%s); dropped %s", exc, type(msg).__name__)
+        if dropped:
+            log.warning("no capture connected; dropped %d message(s)", dropped)
 
     def _send_to_broker(self) -> None:
         batch, self._to_broker = self._to_broker, []
@@ -103,15 +118,17 @@ class AleShell:
             self._capture_id = ident
             if self.ids is not None:
                 self.ids.ensure(self.core.next_id)
-            self._flush(self.core.packet_held(msg, now))
+            self._carry_out(self.core.packet_held(msg, now))
         elif isinstance(msg, m.CaptureReady):
             log.info(
-                "capture pid %d ready; replaying %d verdict(s)", msg.pid, len(self.core.connections)
+                "capture pid %d ready; replaying %d verdict(s)",
+                msg.pid,
+                len(self.core.connection_cache),
             )
             self._capture_id = ident
-            self._flush(self.core.capture_ready(now))
+            self._carry_out(self.core.capture_ready(now))
         elif isinstance(msg, m.ConnectionEnded):
-            self._flush(self.core.connection_ended(msg, now))
+            self._carry_out(self.core.connection_ended(msg, now))
         else:
             log.warning("unexpected %s from capture dropped", type(msg).__name__)
 
@@ -124,59 +141,79 @@ class AleShell:
             try:
                 cmd = decode_command(msg.raw)
             except ProtocolError as exc:  # the broker validates; this is defence in depth
-                log.warning("bad command from kextless.broker dropped: %s", exc)
+                log.warning("bad command from the broker dropped: %s", exc)
                 return
-            self._flush(self.core.command(cmd, now))
+            self._carry_out(self.core.command(cmd, now))
         elif isinstance(msg, m.EmitRefused):
-            self._flush(self.core.emit_refused(msg.id, msg.reason, now))
+            self._carry_out(self.core.emit_refused(msg.id, msg.reason, now))
         elif isinstance(msg, m.ConnectionEnded):
-            self._flush(self.core.connection_ended(msg, now))
+            self._carry_out(self.core.connection_ended(msg, now))
         else:
-            log.warning("unexpected %s from kextless.broker dropped", type(msg).__name__)
+            log.warning("unexpected %s from the broker dropped", type(msg).__name__)
 
     def run(self) -> None:
+        # A signal writes to `wake`, so the poll returns at once instead of at its timeout.
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        try:
+            self._loop(wake_r)
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            wake_r.close()
+            wake_w.close()
+        log.info("stopping: %d packet(s) still pending", len(self.core.id_cache))
+        self.capture.close()
+        self.broker.close()
+
+    def _loop(self, wake: socket.socket) -> None:
+        core, capture, broker = self.core, self.capture, self.broker
+        clock = time.monotonic_ns
         poller = zmq.Poller()
-        poller.register(self.capture, zmq.POLLIN)
-        poller.register(self.broker, zmq.POLLIN)
-        self.broker.send(self._hello)
-        next_tick = next_health = time.monotonic()
+        poller.register(capture, zmq.POLLIN)
+        poller.register(broker, zmq.POLLIN)
+        poller.register(wake.fileno(), zmq.POLLIN)
+        broker.send(self._hello)
+        next_health = clock()
         log.info(
             "running: verdict timeout %.1fs, default verdict %s",
-            self.core.config.verdict_timeout_ns / 1e9,
-            self.core.config.default_verdict.kext_name,
+            core.config.verdict_timeout_ns / 1e9,
+            core.config.default_verdict.kext_name,
         )
         while self._running:
-            timeout_ms = max(0.0, min(next_tick, next_health) - time.monotonic()) * 1000
-            events = dict(poller.poll(timeout_ms))  # pyzmq retries EINTR itself
-            if self.capture in events:
-                for _ in range(256):  # drain in batches, but keep the broker served too
+            now = clock()
+            timeout = wait_ms(core.next_deadline_ns(), now, wait_ms(next_health, now))
+            events = dict(poller.poll(timeout))  # pyzmq retries EINTR itself
+            if capture in events:
+                for _ in range(_BATCH):  # drain in batches, but keep the broker served too
                     try:
-                        frames = self.capture.recv_multipart(zmq.NOBLOCK)
+                        frames = capture.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     if len(frames) == 2:
                         self._on_capture(frames[0], frames[1])
-            if self.broker in events:
-                for _ in range(256):
+            if broker in events:
+                for _ in range(_BATCH):
                     try:
-                        frames = self.broker.recv_multipart(zmq.NOBLOCK)
+                        frames = broker.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     for frame in frames:
                         self._on_broker(frame)
+            if wake.fileno() in events:
+                with contextlib.suppress(BlockingIOError):
+                    wake.recv(4096)
             self._send_to_broker()
-            now = time.monotonic()
-            if now >= next_tick:
-                self._flush(self.core.tick(time.monotonic_ns()))
-                next_tick = now + _TICK_S
+            now = clock()
+            due = core.next_deadline_ns()
+            if due is not None and now >= due:
+                self._carry_out(core.on_deadline(now))
             if now >= next_health:
                 # Hello doubles as a keepalive so a restarted broker relearns who owns what.
-                self.broker.send(self._hello)
-                self.broker.send(m.encode(m.Health("ale", os.getpid(), self.core.health())))
-                next_health = now + _HEALTH_S
+                broker.send(self._hello)
+                broker.send(m.encode(m.Health("ale", os.getpid(), core.health())))
+                next_health = now + HEALTH_NS
             self._send_to_broker()
-        log.info("stopping: %d packet(s) still pending", len(self.core.pending))
-        self.capture.close()
-        self.broker.close()

@@ -1,10 +1,14 @@
-"""The ALE core driven directly: ids, cache, verdict table, updates, timeouts, shutdown."""
+"""The ALE core driven directly: ids, cache, verdict table, updates, timeouts, shutdown.
+
+Every input returns one list of messages; `capture()` and `broker()` split it the way the
+shell routes it (by message type).
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from kextless.actors.ale.core import AleConfig, AleCore
+from kextless.actors.ale.core import TIMEOUT_BATCH_NS, TO_CAPTURE, AleConfig, AleCore
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
@@ -38,12 +42,22 @@ def held(
     return m.PacketHeld(hold_id, flow, direction, PKT, 0, pid)
 
 
-def emitted(out) -> list:  # type: ignore[no-untyped-def]
-    return [decode_info(msg.info) for msg in out.to_broker if isinstance(msg, m.Emit)]
+def capture(out: list[m.Message]) -> list[m.Message]:
+    """What the shell sends the capture actor, in order."""
+    return [msg for msg in out if type(msg) in TO_CAPTURE]
 
 
-def logs(out) -> list[m.Log]:  # type: ignore[no-untyped-def]
-    return [msg for msg in out.to_broker if isinstance(msg, m.Log)]
+def broker(out: list[m.Message]) -> list[m.Message]:
+    """What the shell sends the broker, in order."""
+    return [msg for msg in out if type(msg) not in TO_CAPTURE]
+
+
+def emitted(out: list[m.Message]) -> list:  # type: ignore[type-arg]
+    return [decode_info(msg.info) for msg in out if isinstance(msg, m.Emit)]
+
+
+def logs(out: list[m.Message]) -> list[m.Log]:
+    return [msg for msg in out if isinstance(msg, m.Log)]
 
 
 def test_miss_issues_ids_from_one_and_emits_full_packet_info() -> None:
@@ -57,25 +71,25 @@ def test_miss_issues_ids_from_one_and_emits_full_packet_info() -> None:
     assert i2 == ConnectionIpv6(
         2, 0, Direction.INBOUND, 17, L6, R6, 5353, 53, PayloadLayer.NETWORK, PKT
     )
-    assert out1.to_broker[0].id == 1 and out1.to_broker[0].kind == InfoType.CONNECTION_IPV4
-    assert out1.to_capture == [] and set(core.pending) == {1, 2}
+    assert broker(out1)[0].id == 1 and broker(out1)[0].kind == InfoType.CONNECTION_IPV4
+    assert capture(out1) == [] and set(core.id_cache) == {1, 2}
     # The cache entry exists before the event leaves (kext race §15.4).
-    assert core.connections[TCP4].verdict == Verdict.UNDECIDED
+    assert core.connection_cache[TCP4].verdict == Verdict.UNDECIDED
 
 
 def test_permanent_accept_releases_and_caches() -> None:
     core = AleCore()
     core.packet_held(held(7), 0)
     out = core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 1)
-    assert out.to_capture == [
+    assert capture(out) == [
         m.CacheSet(TCP4, Verdict.PERMANENT_ACCEPT),
         m.Decision((7,), Verdict.PERMANENT_ACCEPT),
     ]
-    assert core.pending == {}
+    assert core.id_cache == {}
     # A later packet (capture raced its cache) is answered with no new event or id.
     out = core.packet_held(held(9), 2)
-    assert out.to_capture == [m.Decision((9,), Verdict.PERMANENT_ACCEPT)]
-    assert out.to_broker == [] and core.next_id == 2
+    assert capture(out) == [m.Decision((9,), Verdict.PERMANENT_ACCEPT)]
+    assert broker(out) == [] and core.next_id == 2
 
 
 @pytest.mark.parametrize("verdict", [Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP])
@@ -86,15 +100,15 @@ def test_temporary_verdict_makes_every_later_packet_a_new_request(verdict: Verdi
     ids = [emitted(core.packet_held(held(hold_id), 0))[0].id for hold_id in (2, 3, 4)]
     assert ids == [2, 3, 4]
     out = core.command(VerdictCommand(3, verdict), 0)
-    assert out.to_capture == [m.Decision((3,), verdict)]  # no CacheSet: verdict unchanged
+    assert capture(out) == [m.Decision((3,), verdict)]  # no CacheSet: verdict unchanged
 
 
 def test_icmp_is_never_cached() -> None:
     core = AleCore()
     core.packet_held(held(1, ICMP4), 0)
     out = core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 0)
-    assert out.to_capture == [m.Decision((1,), Verdict.PERMANENT_ACCEPT)]
-    assert ICMP4 not in core.connections
+    assert capture(out) == [m.Decision((1,), Verdict.PERMANENT_ACCEPT)]
+    assert ICMP4 not in core.connection_cache
     assert emitted(core.packet_held(held(2, ICMP4), 0))[0].id == 2
 
 
@@ -106,7 +120,7 @@ def test_unknown_id_logs_like_the_kext() -> None:
     assert line.line.startswith("actors/ale/core.py:") and line.line.endswith(
         " Verdict invalid id: 99"
     )
-    assert out.to_capture == []
+    assert capture(out) == []
 
 
 def test_ids_are_never_reused_across_verdicts_and_shutdown() -> None:
@@ -124,18 +138,18 @@ def test_update_is_idempotent_and_direction_agnostic() -> None:
     core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 0)
     update = UpdateV4Command(6, L4, 40000, R4, 443, Verdict.PERMANENT_BLOCK)
     out = core.command(update, 0)
-    assert out.to_capture == [m.CacheSet(TCP4, Verdict.PERMANENT_BLOCK)]
-    assert core.command(update, 0).to_capture == []  # Portmaster sends it twice
-    assert core.connections[TCP4].verdict == Verdict.PERMANENT_BLOCK
+    assert capture(out) == [m.CacheSet(TCP4, Verdict.PERMANENT_BLOCK)]
+    assert capture(core.command(update, 0)) == []  # Portmaster sends it twice
+    assert core.connection_cache[TCP4].verdict == Verdict.PERMANENT_BLOCK
 
 
 def test_update_v6_and_unknown_tuple() -> None:
     core = AleCore()
     core.packet_held(held(1, UDP6), 0)
     out = core.command(UpdateV6Command(17, L6, 5353, R6, 53, Verdict.PERMANENT_DROP), 0)
-    assert out.to_capture == [m.CacheSet(UDP6, Verdict.PERMANENT_DROP)]
+    assert capture(out) == [m.CacheSet(UDP6, Verdict.PERMANENT_DROP)]
     out = core.command(UpdateV4Command(6, L4, 1, R4, 2, Verdict.PERMANENT_DROP), 0)
-    assert out.to_capture == [] and core.counters["updates_unknown"] == 1
+    assert capture(out) == [] and core.counters["updates_unknown"] == 1
 
 
 def test_local_address_is_part_of_the_key() -> None:
@@ -152,10 +166,10 @@ def test_clear_cache_asks_again_but_pending_still_answer() -> None:
     core = AleCore()
     core.packet_held(held(1), 0)
     out = core.command(ClearCacheCommand(), 0)
-    assert out.to_capture == [m.CacheClear()] and core.connections == {}
+    assert capture(out) == [m.CacheClear()] and core.connection_cache == {}
     out = core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 0)
-    assert m.Decision((1,), Verdict.PERMANENT_ACCEPT) in out.to_capture
-    assert core.connections[TCP4].verdict == Verdict.PERMANENT_ACCEPT
+    assert m.Decision((1,), Verdict.PERMANENT_ACCEPT) in capture(out)
+    assert core.connection_cache[TCP4].verdict == Verdict.PERMANENT_ACCEPT
 
 
 def test_shutdown_resolves_every_pending_as_permanent_block() -> None:
@@ -163,31 +177,109 @@ def test_shutdown_resolves_every_pending_as_permanent_block() -> None:
     core.packet_held(held(1), 0)
     core.packet_held(held(2, ICMP4), 0)
     out = core.command(ShutdownCommand(), 0)
-    assert m.Decision((1,), Verdict.PERMANENT_BLOCK) in out.to_capture
-    assert m.Decision((2,), Verdict.PERMANENT_BLOCK) in out.to_capture
-    assert core.pending == {}
-    assert core.connections[TCP4].verdict == Verdict.PERMANENT_BLOCK
+    assert m.Decision((1,), Verdict.PERMANENT_BLOCK) in capture(out)
+    assert m.Decision((2,), Verdict.PERMANENT_BLOCK) in capture(out)
+    assert core.id_cache == {}
+    assert core.connection_cache[TCP4].verdict == Verdict.PERMANENT_BLOCK
 
 
 def test_verdict_timeout_applies_default_in_id_order() -> None:
     core = AleCore(AleConfig(verdict_timeout_ns=10 * S, default_verdict=Verdict.DROP))
     core.packet_held(held(1), 0)
     core.packet_held(held(2, UDP6), 5 * S)
-    assert core.tick(9 * S).to_capture == []
-    out = core.tick(11 * S)
-    assert m.Decision((1,), Verdict.DROP) in out.to_capture
-    assert list(core.pending) == [2]
+    assert capture(core.on_deadline(9 * S)) == []
+    out = core.on_deadline(11 * S)
+    assert m.Decision((1,), Verdict.DROP) in capture(out)
+    assert list(core.id_cache) == [2]
     assert any("verdict timeout" in line.line for line in logs(out))
-    out = core.tick(16 * S)
-    assert m.Decision((2,), Verdict.DROP) in out.to_capture and core.pending == {}
+    out = core.on_deadline(16 * S)
+    assert m.Decision((2,), Verdict.DROP) in capture(out) and core.id_cache == {}
     assert core.counters["timeouts"] == 2
+
+
+def test_a_held_packet_gets_the_default_verdict_at_its_deadline_and_not_before() -> None:
+    core = AleCore(AleConfig(verdict_timeout_ns=10 * S, default_verdict=Verdict.DROP))
+    assert core.next_deadline_ns() is None and core.on_deadline(100 * S) == []
+    core.packet_held(held(7), 3 * S)
+    core.packet_held(held(8, UDP6), 5 * S)
+    assert core.next_deadline_ns() == 13 * S  # the oldest held packet's timeout
+    assert core.on_deadline(13 * S - 1) == []  # early: nothing is due
+    assert set(core.id_cache) == {1, 2}
+    out = core.on_deadline(13 * S)
+    assert capture(out) == [m.CacheSet(TCP4, Verdict.DROP), m.Decision((7,), Verdict.DROP)]
+    (line,) = logs(out)
+    assert line.line.endswith("verdict timeout: 1 packet(s) got Drop (ids 1..1)")
+    assert core.next_deadline_ns() == 15 * S
+    core.command(VerdictCommand(2, Verdict.ACCEPT), 14 * S)
+    assert core.next_deadline_ns() is None and core.on_deadline(15 * S) == []
+
+
+def test_an_answered_packet_moves_the_deadline_to_the_next_oldest() -> None:
+    core = AleCore(AleConfig(verdict_timeout_ns=10 * S))
+    for hold_id in range(1, 4):
+        core.packet_held(held(hold_id, m.Flow(6, L4, 1000 + hold_id, R4, 80)), hold_id * S)
+    core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 2 * S)
+    core.command(VerdictCommand(3, Verdict.PERMANENT_ACCEPT), 2 * S)
+    assert core.next_deadline_ns() == 12 * S  # id 2's
+    assert core.on_deadline(12 * S) != [] and core.id_cache == {}
+
+
+def test_timeouts_close_together_are_applied_in_one_batch() -> None:
+    """A stream of unanswered packets wakes the core (and logs) at most every 100 ms."""
+    core = AleCore(AleConfig(verdict_timeout_ns=10 * S))
+    for i in range(5):
+        core.packet_held(held(i, m.Flow(6, L4, 1000 + i, R4, 80)), i * 1_000_000)  # 1 ms apart
+    assert len(broker(core.on_deadline(10 * S))) == 1  # the first alone, at its deadline
+    assert list(core.id_cache) == [2, 3, 4, 5]
+    assert core.next_deadline_ns() == 10 * S + TIMEOUT_BATCH_NS  # not 10.001 s
+    assert core.on_deadline(10 * S + 50_000_000) == []
+    out = core.on_deadline(10 * S + TIMEOUT_BATCH_NS)
+    assert [d.hold_ids for d in capture(out) if isinstance(d, m.Decision)] == [
+        (1,),
+        (2,),
+        (3,),
+        (4,),
+    ]
+    (line,) = logs(out)
+    assert "4 packet(s)" in line.line and "(ids 2..5)" in line.line
+    # Long after the last batch a lone packet is on time again.
+    core.packet_held(held(9, UDP6), 20 * S)
+    assert core.next_deadline_ns() == 30 * S
+
+
+def test_deadline_bookkeeping_stays_bounded_behind_a_waiting_packet() -> None:
+    core = AleCore()
+    core.packet_held(held(0), 0)  # never answered
+    for i in range(1, 1001):
+        core.packet_held(held(i, UDP6), 0)
+        core.command(VerdictCommand(i + 1, Verdict.ACCEPT), 0)
+        core.next_deadline_ns()
+    assert len(core._timeout_order) <= 2 * len(core.id_cache) + 65
+    assert core.next_deadline_ns() == core.config.verdict_timeout_ns
+
+
+def test_every_input_returns_one_list_of_messages_routed_by_type() -> None:
+    core = AleCore()
+    outs = [
+        core.packet_held(held(1), 0),
+        core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 0),
+        core.command(ClearCacheCommand(), 0),
+        core.capture_ready(0),
+        core.emit_refused(99, "full", 0),
+        core.connection_ended(m.ConnectionEnded(TCP4, Direction.OUTBOUND, 0, 0), 0),
+        core.on_deadline(0),
+    ]
+    assert all(isinstance(out, list) for out in outs)
+    kinds = {type(msg) for out in outs for msg in out}
+    assert kinds & TO_CAPTURE == {m.CacheSet, m.Decision, m.CacheClear}
+    assert kinds - TO_CAPTURE == {m.Emit, m.Log}
 
 
 def test_refused_event_gets_default_verdict_at_once() -> None:
     core = AleCore()
     core.packet_held(held(5), 0)
     out = core.emit_refused(1, "queue full", 0)
-    assert m.Decision((5,), Verdict.BLOCK) in out.to_capture and core.pending == {}
+    assert m.Decision((5,), Verdict.BLOCK) in capture(out) and core.id_cache == {}
 
 
 def test_capture_restart_replays_verdicts_and_orphans_old_packets() -> None:
@@ -196,9 +288,9 @@ def test_capture_restart_replays_verdicts_and_orphans_old_packets() -> None:
     core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 0)
     core.packet_held(held(2, UDP6), 0)
     out = core.capture_ready(0)
-    assert out.to_capture == [m.CacheSet(TCP4, Verdict.PERMANENT_ACCEPT)]
+    assert capture(out) == [m.CacheSet(TCP4, Verdict.PERMANENT_ACCEPT)]
     out = core.command(VerdictCommand(2, Verdict.PERMANENT_DROP), 0)
-    assert out.to_capture == [m.CacheSet(UDP6, Verdict.PERMANENT_DROP)]  # no stale Decision
+    assert capture(out) == [m.CacheSet(UDP6, Verdict.PERMANENT_DROP)]  # no stale Decision
 
 
 def test_connection_end_is_reported_once_and_expires_after_grace() -> None:
@@ -210,9 +302,9 @@ def test_connection_end_is_reported_once_and_expires_after_grace() -> None:
     assert info == ConnectionEndEventV4(42, Direction.OUTBOUND, 6, L4, R4, 40000, 443)
     assert emitted(core.connection_ended(end, 2 * S)) == []
     core.command(CleanEndedConnectionsCommand(), 30 * S)
-    assert TCP4 in core.connections
+    assert TCP4 in core.connection_cache
     core.command(CleanEndedConnectionsCommand(), 62 * S)
-    assert TCP4 not in core.connections
+    assert TCP4 not in core.connection_cache
 
 
 def test_commands_it_does_not_own_are_logged() -> None:
