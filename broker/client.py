@@ -10,6 +10,7 @@ write, so the client uses three kinds of DEALER socket, never sharing one betwee
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+import zmq.auth
 
 from kextless.broker import wire
 from kextless.protocol.commands import (
@@ -57,12 +59,28 @@ class KextTimeout(KextError, TimeoutError):
     not answer a request in time."""
 
 
+def load_curve_certs(
+    server_cert: str | os.PathLike[str], client_cert: str | os.PathLike[str]
+) -> tuple[bytes, tuple[bytes, bytes]]:
+    """(server public key, (client public, client secret)) from zmq.auth certificate files, as
+    `zmq.auth.create_certificates` writes them. The server's may be its public or secret file;
+    the client's must hold its secret key. ValueError with a one-line reason otherwise."""
+    try:
+        server_public, _ = zmq.auth.load_certificate(server_cert)
+        public, secret = zmq.auth.load_certificate(client_cert)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load CURVE certificates: {e}") from None
+    if secret is None:
+        raise ValueError(f"{os.fspath(client_cert)} holds no secret key")
+    return server_public, (public, secret)
+
+
 class _Sock:
     """A DEALER and the lock that makes it single-threaded (zmq sockets are not thread-safe)."""
 
     __slots__ = ("lock", "sock")
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self.sock = sock
         self.lock = threading.Lock()
 
@@ -76,17 +94,31 @@ class KextClient:
         *,
         request_timeout: float = 5.0,
         read_size: int = DEFAULT_READ_SIZE,
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         curve_server_key: bytes | None = None,
         curve_keypair: tuple[bytes, bytes] | None = None,
+        curve_server_cert: str | os.PathLike[str] | None = None,
+        curve_client_cert: str | os.PathLike[str] | None = None,
     ) -> None:
         """`curve_server_key` (z85 public key) and `curve_keypair` (public, secret) are needed
-        only for a tcp:// broker with CURVE."""
+        only for a tcp:// broker with CURVE; `curve_server_cert` and `curve_client_cert` give the
+        same as zmq.auth certificate files (see `load_curve_certs`, which raises ValueError).
+        `request_timeout` bounds every request but a read, also one sent without a session."""
+        if (curve_server_cert is None) != (curve_client_cert is None):
+            raise ValueError("CURVE needs both curve_server_cert and curve_client_cert")
+        if curve_server_cert is not None and curve_client_cert is not None:
+            if curve_server_key is not None or curve_keypair is not None:
+                raise ValueError("give CURVE keys or certificate files, not both")
+            curve_server_key, curve_keypair = load_curve_certs(curve_server_cert, curve_client_cert)
         self.endpoint = endpoint
         self.request_timeout = request_timeout
         self.read_size = read_size
         self._ctx = context or zmq.Context.instance()
-        self._curve = (curve_server_key, curve_keypair) if curve_server_key else None
+        self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
+        if curve_server_key is not None:
+            if curve_keypair is None:
+                raise ValueError("curve_server_key needs curve_keypair (the client's own keys)")
+            self._curve = (curve_server_key, curve_keypair)
         self._control_lock = threading.Lock()
         self._reader_lock = threading.Lock()
         self._sockets_lock = threading.Lock()
@@ -141,13 +173,15 @@ class KextClient:
         return reply
 
     def _wait_reply(self, s: _Sock, frames: list[bytes], timeout: float | None) -> None:
-        """Wait in half-second slices so a close() from another thread ends the wait."""
+        """Wait in half-second slices so a close() from another thread ends the wait. A request
+        sent without a session (version, stats) has no close to wait for: it waits its time."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        in_session = not self._closed
         while True:
             left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if s.sock.poll(max(0, int(left * 1000))):
                 return
-            if self._closed:
+            if in_session and self._closed:
                 raise KextEOF("client closed while waiting")
             if deadline is not None and time.monotonic() >= deadline:
                 self._forget(s)
@@ -213,8 +247,19 @@ class KextClient:
         return reply[1]
 
     def stats(self) -> dict[str, Any]:
-        """The broker's live counters (queue, sessions, infos, commands, verdict latency)."""
-        return json.loads(self._control_request([wire.STATS])[1])
+        """The broker's live counters (queue, sessions, infos, commands, verdict latency). Needs
+        no session, so it works while another client (the policy) holds the device; call
+        `close_sockets()` afterwards. KextError if the reply is not [S, a JSON object]."""
+        reply = self._control_request([wire.STATS])
+        if len(reply) != 2 or reply[0] != wire.STATS:
+            raise KextError(f"unexpected status reply from the broker: {reply[:3]!r}")
+        try:
+            counters = json.loads(reply[1])
+        except ValueError as e:
+            raise KextError(f"the broker's status is not JSON: {e}") from None
+        if not isinstance(counters, dict):
+            raise KextError("the broker's status is not a JSON object")
+        return counters
 
     # ---- reading -------------------------------------------------------------------------------
 
