@@ -1,4 +1,5 @@
-"""The supervisord config `kextless up` renders, and the bad input it refuses (no root needed).
+"""The supervisord config `kextless up` renders from the actor table, and the option and
+value checks that refuse bad input before anything starts (no root needed).
 
 The rendered file is checked twice: with configparser (it is a valid ini file) and with
 supervisor's own loader (supervisord would accept it and run exactly these argvs).
@@ -7,7 +8,6 @@ supervisor's own loader (supervisord would accept it and run exactly these argvs
 from __future__ import annotations
 
 import configparser
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -16,18 +16,16 @@ import pytest
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
-from kextless.deploy import supervise
-from kextless.deploy.supervise import (
+from kextless.deploy.config import program_env, render_config
+from kextless.deploy.errors import UsageError
+from kextless.deploy.options import UpOptions, parse_endpoint, validate
+from kextless.deploy.programs import (
     ACTORS,
     ActorSpec,
     Program,
-    UpOptions,
-    UsageError,
-    format_status,
-    parse_endpoint,
-    program_env,
+    check_actor_args,
+    kextless_command,
     programs_for,
-    render_config,
 )
 
 
@@ -230,7 +228,7 @@ def test_run_root_too_long_for_supervisords_socket_is_refused(tmp_path: Path) ->
     root = tmp_path / ("r" * (100 - len(str(tmp_path)) - len("/host/supervisor.sock")))
     assert len(str(root / "host" / "supervisor.sock")) <= 107
     with pytest.raises(UsageError, match="shorter --run-root"):
-        supervise.validate(UpOptions(run_root=root))
+        validate(UpOptions(run_root=root))
 
 
 def test_endpoint_parsing() -> None:
@@ -250,94 +248,14 @@ def test_endpoint_parsing() -> None:
             parse_endpoint(bad)
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--netns", "../etc"], "not a valid namespace name"),
-        (["--netns", "klt-surely-missing-ns-4711"], "no such network namespace"),
-        (["--no-policy", "--endpoint", "tcp://127.0.0.1:7000"], "needs CURVE"),
-        (
-            [
-                "--endpoint",
-                "tcp://127.0.0.1:7000",
-                "--curve-server-secret",
-                "/etc/hostname",
-                "--curve-clients",
-                "/tmp",
-            ],
-            "--no-policy",
-        ),
-        (["--endpoint", "udp://1.2.3.4:5"], "only ipc"),
-        (["--curve-clients", "/tmp"], "only apply to a tcp"),
-        (
-            [
-                "--no-policy",
-                "--endpoint",
-                "tcp://127.0.0.1:7000",
-                "--curve-server-secret",
-                "/no/k",
-                "--curve-clients",
-                "/tmp",
-            ],
-            "no such file",
-        ),
-        (["--no-policy", "--policy-rules", "/etc/hostname"], "--no-policy"),
-        (["--policy-rules", "/nonexistent.toml"], "no such file"),
-        (["--timeout", "0"], "positive"),
-        (["--verdict-timeout", "-1"], "verdict-timeout"),
-        (["--default-verdict", "Maybe"], "PermanentAccept"),
-        (["--no-policy", "--actor-arg", "policy=--x"], "no such actor"),
-        (["--actor-arg", "capture"], "ACTOR=ARG"),
-    ],
-)
-def test_up_refuses_bad_input_with_one_clear_line(
-    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = supervise.main("up", [*argv, "--run-root", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err
-    assert "kextless up: error: " in err and message in err.splitlines()[-1]
-    assert not (tmp_path / "host").exists() and not any(tmp_path.iterdir())
-
-
-def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert supervise.main("down", ["--bogus"]) == 2
-    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
-
-
-def test_down_and_status_with_nothing_running(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert supervise.main("down", ["--run-root", str(tmp_path)]) == 0
-    assert "not running" in capsys.readouterr().out
-    assert supervise.main("status", ["--run-root", str(tmp_path), "--json"]) == 3
-    report = json.loads(capsys.readouterr().out)
-    assert report["running"] is False and report["programs"] == []
-
-
-def test_status_text_flattens_broker_counters() -> None:
-    report = {
-        "netns": "n1",
-        "run_dir": "/r",
-        "running": True,
-        "endpoint": "ipc:///r/kext.sock",
-        "programs": [
-            {"name": "broker", "state": "RUNNING", "pid": 42, "uptime_s": 3725, "description": ""},
-            {"name": "ale", "state": "BACKOFF", "pid": None, "uptime_s": None, "description": ""},
-        ],
-        "broker": {"pid": 42, "queue": {"depth": 3, "bytes": 10}, "actors": {}},
-        "broker_error": None,
-    }
-    text = format_status(report).splitlines()
-    assert text[1].split() == ["broker", "RUNNING", "pid", "42", "uptime", "1:02:05"]
-    assert text[2].split() == ["ale", "BACKOFF", "-"]
-    assert "  queue.depth: 3" in text and "  queue.bytes: 10" in text and "  actors: {}" in text
-    report["broker"], report["broker_error"] = None, "no answer"
-    assert format_status(report).splitlines()[-1] == "broker: DOWN (no answer)"
+def test_actor_args_must_name_a_running_actor() -> None:
+    check_actor_args(UpOptions(actor_args=(("policy", "--x"),)))
+    with pytest.raises(
+        UsageError, match=r"no such actor in this instance \(running: ale, broker, capture\)"
+    ):
+        check_actor_args(UpOptions(policy=False, actor_args=(("policy", "--x"),)))
 
 
 def test_command_uses_this_interpreter() -> None:
-    cmd = supervise.kextless_command()
+    cmd = kextless_command()
     assert Path(cmd[0]).parent == Path(sys.executable).parent

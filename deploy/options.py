@@ -1,0 +1,156 @@
+"""What `up` is asked to do (UpOptions, the client Endpoint) and the checks that refuse bad
+input before anything is started, so a mistake never leaves half an instance behind."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kextless.base.rundir import RuntimeDir
+from kextless.deploy.errors import UsageError
+from kextless.protocol.enums import Verdict
+
+NETNS_DIR = Path("/var/run/netns")
+UP_TIMEOUT = 20.0
+SOCKET_PATH_MAX = 107  # sockaddr_un.sun_path minus the terminating NUL
+_NETNS_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The client endpoint, parsed once so capture can exclude a tcp port from interception."""
+
+    url: str
+    scheme: str  # "ipc" or "tcp"
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+
+    @property
+    def connect_url(self) -> str:
+        """Where a local client connects: a wildcard bind address means localhost."""
+        if self.scheme == "tcp" and self.host in ("*", "0.0.0.0"):
+            return f"tcp://127.0.0.1:{self.port}"
+        if self.scheme == "tcp" and self.host in ("[::]", "::"):
+            return f"tcp://[::1]:{self.port}"
+        return self.url
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """Accept ipc://PATH and tcp://HOST:PORT only; anything else is a usage error."""
+    if url.startswith("ipc://"):
+        path = url[len("ipc://") :]
+        if not path.startswith("/"):
+            raise UsageError(f"--endpoint {url!r}: an ipc endpoint needs an absolute path")
+        if len(path.encode()) > SOCKET_PATH_MAX:
+            raise UsageError(f"--endpoint {url!r}: socket path longer than {SOCKET_PATH_MAX}")
+        return Endpoint(url, "ipc", path=Path(path))
+    if url.startswith("tcp://"):
+        host, sep, port = url[len("tcp://") :].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(
+                f"--endpoint {url!r}: expected tcp://HOST:PORT with a fixed port 1-65535 "
+                "(capture must know the port to keep the control channel out of interception)"
+            )
+        return Endpoint(url, "tcp", host=host, port=int(port))
+    raise UsageError(f"--endpoint {url!r}: only ipc://PATH and tcp://HOST:PORT are supported")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """Everything `up` needs; built from the command line or directly by tests."""
+
+    netns: str | None = None
+    policy: bool = True
+    endpoint: str | None = None
+    run_root: Path | None = None
+    curve_server_secret: Path | None = None
+    curve_clients: Path | None = None
+    policy_rules: Path | None = None
+    verdict_timeout: float | None = None
+    default_verdict: str | None = None
+    #: (actor, argument) pairs appended to that actor's command line, for options `up` does
+    #: not name itself (e.g. capture's redirect ports).
+    actor_args: tuple[tuple[str, str], ...] = ()
+    timeout: float = UP_TIMEOUT
+
+    @property
+    def run_dir(self) -> RuntimeDir:
+        return RuntimeDir.for_instance(self.netns, self.run_root)
+
+    def client_endpoint(self) -> Endpoint:
+        return parse_endpoint(self.endpoint or self.run_dir.kext_endpoint)
+
+
+def check_netns_name(name: str | None) -> None:
+    """A plain name (or None, the host): it becomes part of the run dir's name."""
+    if name is not None and not _NETNS_NAME.fullmatch(name):
+        raise UsageError(f"--netns {name!r}: not a valid namespace name")
+
+
+def validate_netns(name: str) -> None:
+    """The namespace must be a plain name that `ip netns add` already created."""
+    if not _NETNS_NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"--netns {name!r}: not a valid namespace name")
+    if not (NETNS_DIR / name).exists():
+        raise UsageError(
+            f"--netns {name!r}: no such network namespace ({NETNS_DIR / name} is missing; "
+            f"create it with `ip netns add {name}`)"
+        )
+
+
+def validate(opts: UpOptions) -> Endpoint:
+    """Reject every bad option before anything is started; returns the parsed client endpoint.
+    (Which actors `--actor-arg` may name is the program table's business: programs.py.)"""
+    if opts.netns is not None:
+        validate_netns(opts.netns)
+        if os.geteuid() != 0:
+            raise UsageError("--netns needs root (`ip netns exec` and eBPF)")
+    run = opts.run_dir
+    if any(c in str(run.path) for c in '"%\n\r\t') or re.search(r"\s[;#]", str(run.path)):
+        raise UsageError(f"--run-root {str(opts.run_root)!r}: unusable characters in the path")
+    # supervisord first binds "<socket>.<its pid>" and renames it, so leave room for that.
+    for sock, limit in (
+        (run.supervisor_socket, SOCKET_PATH_MAX - 8),
+        (run.path / "kext.sock", SOCKET_PATH_MAX),
+    ):
+        if len(str(sock).encode()) > limit:
+            raise UsageError(
+                f"--run-root: socket path {str(sock)!r} is longer than {limit} bytes; "
+                "choose a shorter --run-root"
+            )
+    endpoint = opts.client_endpoint()
+    curve = (opts.curve_server_secret, opts.curve_clients)
+    if endpoint.scheme == "tcp" and None in curve:
+        raise UsageError(
+            f"--endpoint {endpoint.url}: a tcp endpoint needs CURVE "
+            "(--curve-server-secret FILE and --curve-clients DIR); the broker refuses plain tcp"
+        )
+    if endpoint.scheme == "tcp" and opts.policy:
+        raise UsageError(
+            f"--endpoint {endpoint.url}: the built-in policy has no CURVE client options yet, "
+            "so it could not reach a tcp endpoint; add --no-policy and answer from your client"
+        )
+    if endpoint.scheme == "ipc" and curve != (None, None):
+        raise UsageError("--curve-* options only apply to a tcp:// endpoint")
+    if opts.curve_server_secret is not None and not opts.curve_server_secret.is_file():
+        raise UsageError(f"--curve-server-secret {opts.curve_server_secret}: no such file")
+    if opts.curve_clients is not None and not opts.curve_clients.is_dir():
+        raise UsageError(f"--curve-clients {opts.curve_clients}: no such directory")
+    if opts.policy_rules is not None and not opts.policy:
+        raise UsageError("--policy-rules makes no sense with --no-policy")
+    if opts.policy_rules is not None and not opts.policy_rules.is_file():
+        raise UsageError(f"--policy-rules {opts.policy_rules}: no such file")
+    if not opts.timeout > 0:
+        raise UsageError("--timeout must be positive")
+    if opts.verdict_timeout is not None and not 0 < opts.verdict_timeout <= 3600:
+        raise UsageError("--verdict-timeout must be > 0 and <= 3600 seconds")
+    if opts.default_verdict is not None:
+        names = [v.kext_name for v in Verdict]
+        if opts.default_verdict not in names:
+            raise UsageError(
+                f"--default-verdict {opts.default_verdict!r}: one of {', '.join(names)}"
+            )
+    return endpoint

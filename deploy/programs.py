@@ -1,0 +1,131 @@
+"""Which processes make up an instance and the argv each runs with: the actor table.
+
+Adding an actor (bandwidth, lifecycle) is one ActorSpec entry in ACTORS; everything else
+(config, start order, `--actor-arg`, `down`) follows from the table.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kextless.deploy.errors import UsageError
+from kextless.deploy.options import Endpoint, UpOptions
+
+#: How long supervisord waits after SIGTERM before it SIGKILLs a program.
+STOPWAITSECS = 10
+
+
+@dataclass(frozen=True)
+class Program:
+    """One supervisord [program:x]: its full argv and where it sits in the start order."""
+
+    name: str
+    argv: tuple[str, ...]
+    priority: int
+    startsecs: int = 1
+    stopwaitsecs: int = STOPWAITSECS
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """How one actor joins the system. Adding an actor (bandwidth, lifecycle) is one entry."""
+
+    name: str
+    priority: int
+    in_netns: bool = False
+    enabled: Callable[[UpOptions], bool] = lambda _opts: True
+    extra_args: Callable[[UpOptions, Endpoint], list[str]] = lambda _opts, _ep: []
+
+
+def _broker_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
+    args = []
+    if opts.endpoint is not None:
+        args += ["--endpoint", endpoint.url]
+    if opts.curve_server_secret is not None:
+        args += ["--curve-server-secret", str(opts.curve_server_secret)]
+    if opts.curve_clients is not None:
+        args += ["--curve-clients", str(opts.curve_clients)]
+    return args
+
+
+def _ale_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
+    args = []
+    if opts.verdict_timeout is not None:
+        args += ["--verdict-timeout", f"{opts.verdict_timeout:g}"]
+    if opts.default_verdict is not None:
+        args += ["--default-verdict", opts.default_verdict]
+    return args
+
+
+def _capture_args(_opts: UpOptions, endpoint: Endpoint) -> list[str]:
+    # The control channel must never wait on a verdict (issue 4, point 4).
+    return ["--exclude-port", str(endpoint.port)] if endpoint.scheme == "tcp" else []
+
+
+def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
+    # A custom ipc endpoint is where the broker listens; tcp needs CURVE, which policy lacks,
+    # so it keeps its default (the run dir's kext.sock).
+    args = ["--endpoint", endpoint.url] if opts.endpoint and endpoint.scheme == "ipc" else []
+    if opts.policy_rules is not None:
+        args += ["--rules", str(opts.policy_rules)]
+    return args
+
+
+ACTORS: tuple[ActorSpec, ...] = (
+    ActorSpec("broker", 100, extra_args=_broker_args),
+    ActorSpec("ale", 200, extra_args=_ale_args),
+    ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
+    ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
+)
+
+
+def kextless_command() -> list[str]:
+    """The `kextless` of this interpreter, so supervisord needs no PATH or activated venv."""
+    script = Path(sys.executable).parent / "kextless"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "kextless.deploy.cli"]
+
+
+def ip_command() -> str:
+    """iproute2's `ip` by absolute path: supervisord's children may have no useful PATH."""
+    return shutil.which("ip") or "/usr/sbin/ip"
+
+
+def check_actor_args(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> None:
+    """`--actor-arg` may only name an actor this instance runs (a typo must not be ignored)."""
+    enabled = {a.name for a in actors if a.enabled(opts)}
+    for actor, _arg in opts.actor_args:
+        if actor not in enabled:
+            raise UsageError(
+                f"--actor-arg {actor}=...: no such actor in this instance "
+                f"(running: {', '.join(sorted(enabled))})"
+            )
+
+
+def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[Program]:
+    """The argv of every enabled actor; netns actors run under `ip netns exec NAME`."""
+    endpoint = opts.client_endpoint()
+    run_dir = str(opts.run_dir.path)
+    programs = []
+    for actor in actors:
+        if not actor.enabled(opts):
+            continue
+        argv = [
+            *kextless_command(),
+            "run",
+            actor.name,
+            "--run-dir",
+            run_dir,
+            *actor.extra_args(opts, endpoint),
+            *(arg for name, arg in opts.actor_args if name == actor.name),
+        ]
+        if actor.in_netns and opts.netns is not None:
+            argv = [ip_command(), "netns", "exec", opts.netns, *argv]
+        programs.append(Program(actor.name, tuple(argv), actor.priority))
+    return programs

@@ -1,0 +1,196 @@
+"""`kextless up`: start one supervisord with every program of an instance and return once all
+are RUNNING, or fail with the reason and leave nothing behind.
+
+supervisord restarts a crashed actor and owns its logs; `up` only renders its config into the
+instance's 0700 run directory, starts it and waits, recording what it started in the instance
+file so `status` and `down` find it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kextless.base.rundir import RuntimeDir
+from kextless.deploy.config import SUPERVISORD_LOG, program_env, render_config, write_config
+from kextless.deploy.down import remove_state, teardown
+from kextless.deploy.errors import DeployError, UsageError
+from kextless.deploy.filters import divert_filters
+from kextless.deploy.instance import (
+    Instance,
+    ProgramRecord,
+    instance_name,
+    read_instance,
+    write_instance,
+)
+from kextless.deploy.options import UpOptions, validate
+from kextless.deploy.processes import instance_processes
+from kextless.deploy.programs import Program, check_actor_args, programs_for
+from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc, supervisord_alive
+
+
+@dataclass
+class UpResult:
+    """What `up` reports (and tests inspect): the endpoint and each program's pid."""
+
+    endpoint: str
+    supervisord_pid: int
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+def up(
+    opts: UpOptions, programs: Sequence[Program] | None = None, out: Callable[[str], None] = print
+) -> UpResult:
+    """Start supervisord with every program and return once all are RUNNING (or raise, clean).
+
+    `programs` replaces the actor list (tests prove the mechanics with trivial programs).
+    """
+    endpoint = validate(opts)
+    check_actor_args(opts)
+    run = opts.run_dir
+    progs = list(programs) if programs is not None else programs_for(opts)
+    for prog in progs:
+        if str(run.path) not in prog.argv:
+            raise UsageError(
+                f"program {prog.name}: its argv must name the run dir {run.path} "
+                "(that is how `down` finds it again if supervisord is gone)"
+            )
+    if supervisord_alive(run):
+        raise DeployError(
+            f"already running for {instance_name(opts.netns)} ({run.path}); "
+            f"run `kextless down{_flags(opts)}` first"
+        )
+    leftovers = instance_processes(run) if run.path.is_dir() else []
+    if leftovers:
+        raise DeployError(
+            f"processes of a previous instance are still alive: {leftovers}; "
+            f"run `kextless down{_flags(opts)}` first"
+        )
+    remove_state(run, read_instance(run))
+    if opts.netns is not None:
+        # Orphans of a killed capture still run on every packet; say so before adding ours.
+        with contextlib.suppress(DeployError, OSError, subprocess.SubprocessError):
+            for line in divert_filters(opts.netns):
+                out(f"WARNING: divert filter already attached in netns {opts.netns}: {line}")
+    run.create()
+    run.log_dir.mkdir(mode=0o700, exist_ok=True)
+    identifier = f"kextless-{opts.netns or 'host'}"
+    write_config(run, render_config(run, progs, program_env(opts, endpoint), identifier))
+    instance = Instance(
+        netns=opts.netns,
+        run_dir=str(run.path),
+        endpoint=endpoint.url,
+        connect=endpoint.connect_url,
+        curve_server_secret=str(opts.curve_server_secret or "") or None,
+        programs={
+            p.name: ProgramRecord(argv=list(p.argv), priority=p.priority)
+            for p in sorted(progs, key=lambda p: p.priority)
+        },
+        started=time.time(),
+    )
+    write_instance(run, instance)
+    try:
+        _launch_supervisord(run)
+        instance.supervisord_pid = int(rpc(run).supervisor.getPID())
+        write_instance(run, instance)
+        infos = _wait_running(run, [p.name for p in progs], opts.timeout)
+    except BaseException:
+        report = teardown(run, instance, opts.netns, check_filters=opts.netns is not None)
+        for line in report.problems:
+            out(f"kextless up: cleanup: {line}")
+        raise
+    for info in infos:
+        instance.programs[info["name"]].pid = info["pid"]
+    write_instance(run, instance)
+    result = UpResult(
+        endpoint.connect_url, instance.supervisord_pid, {i["name"]: i["pid"] for i in infos}
+    )
+    out(f"kextless is running for {instance_name(opts.netns)} (run dir {run.path})")
+    for info in infos:
+        out(f"  {info['name']:<10} RUNNING  pid {info['pid']}")
+    out(f"client endpoint: {endpoint.connect_url}")
+    return result
+
+
+def _launch_supervisord(run: RuntimeDir) -> None:
+    """Run supervisord with this interpreter; it daemonizes, so this returns once it forked."""
+    from supervisor import supervisord  # noqa: F401  (fail early and clearly if not installed)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(run.supervisor_conf)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        umask=0o077,
+    )
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip() or log_tail(run.path / SUPERVISORD_LOG)
+        raise DeployError(f"supervisord did not start (exit {proc.returncode}): {detail}")
+
+
+def _wait_running(run: RuntimeDir, names: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+    """Poll until every program is RUNNING; raise naming the first that failed or hung."""
+    deadline = time.monotonic() + timeout
+    proxy = rpc(run)
+    infos: list[dict[str, Any]] = []
+    while True:
+        try:
+            infos = proxy.supervisor.getAllProcessInfo()
+        except RPC_ERRORS:
+            if time.monotonic() > deadline:
+                raise DeployError("supervisord did not answer on its socket in time") from None
+            time.sleep(0.1)
+            continue
+        by_name = {i["name"]: i for i in infos}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DeployError(f"supervisord does not know program(s) {missing}")
+        failed = [
+            by_name[n]
+            for n in names
+            if by_name[n]["statename"] in ("FATAL", "EXITED", "STOPPED", "UNKNOWN")
+        ]
+        if failed:
+            raise _program_failed(run, failed[0])
+        if all(by_name[n]["statename"] == "RUNNING" for n in names):
+            return [by_name[n] for n in names]
+        if time.monotonic() > deadline:
+            slow = next(by_name[n] for n in names if by_name[n]["statename"] != "RUNNING")
+            raise _program_failed(run, slow, f"not RUNNING after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def _program_failed(run: RuntimeDir, info: dict[str, Any], why: str = "") -> DeployError:
+    why = why or f"{info['statename']}" + (f" ({info['spawnerr']})" if info["spawnerr"] else "")
+    log = run.log_dir / f"{info['name']}.log"
+    return DeployError(
+        f"program {info['name']} failed to start: {why}\n"
+        f"--- last lines of {log} ---\n{log_tail(log)}"
+    )
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The end of a log, for a failure message that says why without opening files."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _flags(opts: UpOptions) -> str:
+    """The --netns/--run-root part of a command we suggest, so it hits this instance."""
+    flags = [
+        *(["--netns", opts.netns] if opts.netns else []),
+        *(["--run-root", str(opts.run_root)] if opts.run_root else []),
+    ]
+    return " " + shlex.join(flags) if flags else ""
