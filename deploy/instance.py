@@ -41,6 +41,7 @@ class Instance(msgspec.Struct, kw_only=True):
 
     @property
     def client_url(self) -> str:
+        """Where `status` connects: `connect`, else the endpoint the broker binds."""
         return self.connect or self.endpoint
 
 

@@ -78,9 +78,11 @@ class UpOptions:
 
     @property
     def run_dir(self) -> RuntimeDir:
+        """The instance's directory: one per namespace, so two instances never share state."""
         return RuntimeDir.for_instance(self.netns, self.run_root)
 
     def client_endpoint(self) -> Endpoint:
+        """`--endpoint`, or the owner-only ipc socket in the run dir."""
         return parse_endpoint(self.endpoint or self.run_dir.kext_endpoint)
 
 
