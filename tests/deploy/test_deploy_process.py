@@ -345,6 +345,7 @@ def _actors(names: set[str]) -> list[ActorSpec]:
     return [a for a in ACTORS if a.name in names]
 
 
+@pytest.mark.slow
 def test_real_broker_ale_and_policy_register_and_stop_cleanly(inst: tuple[str, Path]) -> None:
     """The real actors that need no divert handle, under the config `up` renders for them."""
     ns, root = inst
