@@ -1,8 +1,13 @@
-"""The broker's session and command core: every decision, no sockets, no clock of its own.
+"""The broker's session and command core: every decision, no sockets, no clock, no /proc.
 
-The ZMQ shell (broker/server.py) hands it each received multipart message with `now_ns` and sends
-whatever it leaves in `to_clients` / `to_actors`. Keeping all semantics here lets the tests drive
-them directly and keeps the shell a thin, fast loop.
+The ZMQ shell (broker/server.py) hands it each received multipart message with `now_ns`; every
+input method returns the list of effects to carry out, in order (base/cores.py): `ToClient`
+(frames for a client DEALER), `ToActor` (frames for an actor DEALER) and `Event` (a line for
+the broker's own log). Facts about the process come in as arguments: its pid at construction,
+its memory (`Memory`, read by the shell) with the requests that report it (S and
+PrintMemoryStats). The only deadline is a parked read's timeout (`next_deadline_ns`,
+`on_deadline`). Keeping all semantics here lets the tests drive them directly and keeps the
+shell a thin, fast loop.
 
 Session model (docs/broker-wire.md, "Sessions"):
 * NONE  -> O -> OPEN (owned by the opener's routing id; a second opener gets "device busy");
@@ -18,9 +23,8 @@ owner opens and closes.
 from __future__ import annotations
 
 import json
-import os
-import resource
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -67,9 +71,43 @@ OPTIONAL_COMMANDS = frozenset(
     {CommandType.SHUTDOWN, CommandType.GET_BANDWIDTH_STATS, CommandType.CLEAN_ENDED_CONNECTIONS}
 )
 
-_VERSION_REPLY = [wire.VERSION, INTERFACE_VERSION]
+_VERSION_REPLY = (wire.VERSION, INTERFACE_VERSION)
 _OK = bytes((wire.Status.OK,))
+_W_OK = (wire.WRITE, _OK)
 _CMD_NAMES = {t: t.kext_name for t in CommandType}
+
+
+# ---- effects: what the shell carries out, in order ----------------------------------------------
+
+
+class ToClient(msgspec.Struct, frozen=True):
+    """Send `frames` (a reply: op byte first) to the client DEALER with routing id `peer`."""
+
+    peer: bytes
+    frames: tuple[bytes, ...]
+
+
+class ToActor(msgspec.Struct, frozen=True):
+    """Send `frames` (encoded protocol.messages) to the actor DEALER named `actor`."""
+
+    actor: bytes
+    frames: tuple[bytes, ...]
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One line for the broker's own log (stderr)."""
+
+    text: str
+
+
+Effect = ToClient | ToActor | Event
+
+
+class Memory(msgspec.Struct, frozen=True):
+    """The broker process's memory as the shell read it, for S and PrintMemoryStats."""
+
+    rss_kib: int
+    peak_kib: int
 
 
 class SessionState(Enum):
@@ -94,20 +132,20 @@ class ParkedRead(msgspec.Struct):
     deadline_ns: int | None
 
 
+Handler = Callable[[bytes, list[bytes], int, Memory | None], list[Effect]]
+
+
 class BrokerCore:
     """Sessions, the info queue, command validation and routing, counters."""
 
-    def __init__(self, queue_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
+    def __init__(self, queue_bytes: int = DEFAULT_QUEUE_BYTES, pid: int | None = None) -> None:
         self.queue = IOQueue(queue_bytes)
         self.ring = LogRing()
+        #: The broker process's id, for S (the shell knows it; None when unknown).
+        self.pid = pid
         self.state = SessionState.NONE
         self.owner: bytes | None = None
         self.parked: ParkedRead | None = None
-        #: Outgoing multipart messages, routing id first. The shell sends and clears them.
-        self.to_clients: list[list[bytes]] = []
-        self.to_actors: list[list[bytes]] = []
-        #: Human-readable events for the shell's stderr log (one line each).
-        self.events: list[str] = []
         self.actors: dict[bytes, ActorInfo] = {}
         self.owners: dict[CommandType, tuple[bytes, ...]] = {}
         self.sessions = {
@@ -127,7 +165,7 @@ class BrokerCore:
         self._delivered_at: dict[int, int] = {}
         self._latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self._warned_episode = 0
-        self._handlers = {
+        self._handlers: dict[bytes, Handler] = {
             wire.OPEN: self._op_open,
             wire.CLOSE: self._op_close,
             wire.READ: self._op_read,
@@ -138,126 +176,144 @@ class BrokerCore:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def log(self, severity: Severity, text: str) -> None:
-        """A line for Portmaster's log stream (fetched with GetLogs) and for stderr."""
+    def log(self, severity: Severity, text: str) -> Event:
+        """A line for Portmaster's log stream (fetched with GetLogs); returns it for stderr."""
         line = f"{source_tag(1)} {text}"
         self.ring.add(severity, line)
-        self.events.append(f"{severity.name.lower()}: {line}")
+        return Event(f"{severity.name.lower()}: {line}")
 
-    def _error(self, peer: bytes, message: str) -> None:
-        self.to_clients.append([peer, wire.ERROR, message.encode()])
+    @staticmethod
+    def _error(peer: bytes, message: str) -> ToClient:
+        return ToClient(peer, (wire.ERROR, message.encode()))
 
     # ---- client side ---------------------------------------------------------------------------
 
-    def client_message(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
-        """One request from a client DEALER (frames after the routing id); exactly one reply."""
+    def client_message(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None = None
+    ) -> list[Effect]:
+        """One request from a client DEALER (frames after the routing id); exactly one reply.
+
+        `memory` is the process's memory, which S and PrintMemoryStats report (the shell reads
+        it for those requests only; None shows as unknown)."""
         if not frames:
             self.frame_errors += 1
-            self._error(peer, "empty message: the first frame must be an op byte")
-            return
+            return [self._error(peer, "empty message: the first frame must be an op byte")]
         handler = self._handlers.get(frames[0])
         if handler is None:
             self.frame_errors += 1
             op = frames[0][:16]
-            self._error(peer, f"unknown op {op!r}: expected one of O C R W V S")
-            return
-        handler(peer, frames, now_ns)
+            return [self._error(peer, f"unknown op {op!r}: expected one of O C R W V S")]
+        return handler(peer, frames, now_ns, memory)
 
-    def _no_extra(self, peer: bytes, frames: list[bytes]) -> bool:
+    def _extra_frames(self, peer: bytes, frames: list[bytes]) -> list[Effect] | None:
+        """The refusal of an op that takes no frames but got some, else None."""
         if len(frames) != 1:
             self.frame_errors += 1
-            self._error(peer, f"op {frames[0].decode()} takes no frames, got {len(frames) - 1}")
-            return False
-        return True
+            why = f"op {frames[0].decode()} takes no frames, got {len(frames) - 1}"
+            return [self._error(peer, why)]
+        return None
 
-    def _op_version(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
-        if self._no_extra(peer, frames):
-            self.to_clients.append([peer, *_VERSION_REPLY])
+    def _op_version(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None
+    ) -> list[Effect]:
+        return self._extra_frames(peer, frames) or [ToClient(peer, _VERSION_REPLY)]
 
-    def _op_stats(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
-        if self._no_extra(peer, frames):
-            self.to_clients.append([peer, wire.STATS, json.dumps(self.stats(now_ns)).encode()])
+    def _op_stats(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None
+    ) -> list[Effect]:
+        refused = self._extra_frames(peer, frames)
+        if refused:
+            return refused
+        data = json.dumps(self.stats(now_ns, memory)).encode()
+        return [ToClient(peer, (wire.STATS, data))]
 
-    def _op_open(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
-        if not self._no_extra(peer, frames):
-            return
+    def _op_open(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None
+    ) -> list[Effect]:
+        refused = self._extra_frames(peer, frames)
+        if refused:
+            return refused
         if self.state is not SessionState.NONE and self.owner != peer:
             self.sessions["busy_refused"] += 1
-            self._error(peer, "device busy: another client has the session open")
-            return
+            return [self._error(peer, "device busy: another client has the session open")]
+        out: list[Effect] = []
         if self.state is not SessionState.OPEN:
             self.state = SessionState.OPEN
             self.owner = peer
             self.sessions["opened"] += 1
             self.queue.rewind_partial()
-            self.events.append(f"session opened by {peer.hex()}")
-        self.to_clients.append([peer, wire.OPEN])
+            out.append(Event(f"session opened by {peer.hex()}"))
+        out.append(ToClient(peer, (wire.OPEN,)))
+        return out
 
-    def _op_close(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
-        if not self._no_extra(peer, frames):
-            return
+    def _op_close(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None
+    ) -> list[Effect]:
+        refused = self._extra_frames(peer, frames)
+        if refused:
+            return refused
         if self.state is SessionState.NONE:
-            self._error(peer, "no open session")
-            return
+            return [self._error(peer, "no open session")]
         if peer != self.owner:
-            self._error(peer, "not the session owner: only the client that opened it closes it")
-            return
-        self._end_session("closed")
-        self.to_clients.append([peer, wire.CLOSE])
+            why = "not the session owner: only the client that opened it closes it"
+            return [self._error(peer, why)]
+        out: list[Effect] = []
+        self._end_session("closed", out)
+        out.append(ToClient(peer, (wire.CLOSE,)))
+        return out
 
-    def _end_session(self, why: str) -> None:
-        self._answer_parked_eof()
+    def _end_session(self, why: str, out: list[Effect]) -> None:
+        self._answer_parked_eof(out)
         self.state = SessionState.NONE
         self.owner = None
         self.sessions["closed"] += 1
         self.queue.rewind_partial()
-        self.events.append(f"session {why}")
+        out.append(Event(f"session {why}"))
 
-    def _answer_parked_eof(self) -> None:
+    def _answer_parked_eof(self, out: list[Effect]) -> None:
         parked = self.parked
         if parked is not None:
             self.parked = None
             self.reads["eof"] += 1
-            self.to_clients.append([parked.peer, wire.EOF])
+            out.append(ToClient(parked.peer, (wire.EOF,)))
 
-    def _op_read(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
+    def _op_read(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None
+    ) -> list[Effect]:
         n = len(frames)
         if n not in (2, 3) or any(len(f) != 4 for f in frames[1:]):
             self.frame_errors += 1
-            self._error(
-                peer,
-                "R takes one u32 LE max_bytes frame and an optional u32 LE "
-                "timeout_ms frame (4 bytes each)",
-            )
-            return
+            return [
+                self._error(
+                    peer,
+                    "R takes one u32 LE max_bytes frame and an optional u32 LE "
+                    "timeout_ms frame (4 bytes each)",
+                )
+            ]
         max_bytes = wire.U32.unpack(frames[1])[0]
         if not 1 <= max_bytes <= wire.MAX_READ_BYTES:
             self.frame_errors += 1
-            self._error(peer, f"max_bytes must be 1..{wire.MAX_READ_BYTES}, got {max_bytes}")
-            return
+            why = f"max_bytes must be 1..{wire.MAX_READ_BYTES}, got {max_bytes}"
+            return [self._error(peer, why)]
         timeout_ms = wire.U32.unpack(frames[2])[0] if n == 3 else 0
         state = self.state
         if state is SessionState.NONE:
-            self._error(peer, "no open session")
-            return
+            return [self._error(peer, "no open session")]
         if state is SessionState.SHUT:
             self.reads["eof"] += 1
-            self.to_clients.append([peer, wire.EOF])
-            return
+            return [ToClient(peer, (wire.EOF,))]
         if self.parked is not None:
-            self._error(peer, "another read is already waiting")
-            return
+            return [self._error(peer, "another read is already waiting")]
         data = self.queue.read(max_bytes)
         if data is not None:
-            self._delivered(peer, data, now_ns)
-            return
+            return [self._delivered(peer, data, now_ns)]
         self.reads["parked"] += 1
         deadline = now_ns + timeout_ms * 1_000_000 if timeout_ms else None
         self.parked = ParkedRead(peer, max_bytes, deadline)
+        return []
 
-    def _delivered(self, peer: bytes, data: bytes, now_ns: int) -> None:
+    def _delivered(self, peer: bytes, data: bytes, now_ns: int) -> ToClient:
         self.reads["answered"] += 1
-        self.to_clients.append([peer, wire.READ, data])
         ids = self.queue.last_delivered_ids
         if ids:
             at = self._delivered_at
@@ -269,8 +325,9 @@ class BrokerCore:
                 # front of a dict is quadratic.
                 keep = list(at.items())[len(at) // 2 :]
                 self._delivered_at = dict(keep)
+        return ToClient(peer, (wire.READ, data))
 
-    def service(self, now_ns: int) -> None:
+    def _serve_parked(self, now_ns: int, out: list[Effect]) -> None:
         """Answer the parked read if data arrived or its timeout passed."""
         parked = self.parked
         if parked is None:
@@ -278,114 +335,125 @@ class BrokerCore:
         data = self.queue.read(parked.max_bytes)
         if data is not None:
             self.parked = None
-            self._delivered(parked.peer, data, now_ns)
+            out.append(self._delivered(parked.peer, data, now_ns))
         elif parked.deadline_ns is not None and now_ns >= parked.deadline_ns:
             self.parked = None
             self.reads["timeouts"] += 1
-            self.to_clients.append([parked.peer, wire.TIMEOUT])
+            out.append(ToClient(parked.peer, (wire.TIMEOUT,)))
 
-    @property
     def next_deadline_ns(self) -> int | None:
+        """The parked read's timeout (None: no read waits, or it waits forever)."""
         return None if self.parked is None else self.parked.deadline_ns
 
-    def read_undeliverable(self, peer: bytes) -> None:
+    def on_deadline(self, now_ns: int) -> list[Effect]:
+        """Answer the parked read with T once its timeout has passed (or with data, if some
+        arrived); nothing before that."""
+        out: list[Effect] = []
+        self._serve_parked(now_ns, out)
+        return out
+
+    def read_undeliverable(self, peer: bytes) -> list[Effect]:
         """The shell could not send a read reply (the reader vanished): put the data back."""
         self.reads["undelivered"] += 1
         self.queue.undo_read()
-        self.events.append(f"read reply to {peer.hex()} undeliverable; infos put back")
+        return [Event(f"read reply to {peer.hex()} undeliverable; infos put back")]
 
-    def peer_gone(self, peer: bytes) -> None:
+    def peer_gone(self, peer: bytes) -> list[Effect]:
         """A client connection dropped: release its session and forget its parked read."""
+        out: list[Effect] = []
         if self.parked is not None and self.parked.peer == peer:
             self.parked = None
         if self.owner == peer and self.state is not SessionState.NONE:
             self.sessions["owner_disconnects"] += 1
-            self._end_session(f"closed: owner {peer.hex()} disconnected")
+            self._end_session(f"closed: owner {peer.hex()} disconnected", out)
+        return out
 
-    def stop(self) -> None:
+    def stop(self) -> list[Effect]:
         """The broker is stopping: a waiting reader gets EOF."""
-        self._answer_parked_eof()
+        out: list[Effect] = []
+        self._answer_parked_eof(out)
+        return out
 
     # ---- commands ------------------------------------------------------------------------------
 
-    def _op_write(self, peer: bytes, frames: list[bytes], now_ns: int) -> None:
+    def _op_write(
+        self, peer: bytes, frames: list[bytes], now_ns: int, memory: Memory | None
+    ) -> list[Effect]:
         if len(frames) != 2:
             self.frame_errors += 1
-            self._error(peer, f"W takes exactly one command frame, got {len(frames) - 1}")
-            return
+            why = f"W takes exactly one command frame, got {len(frames) - 1}"
+            return [self._error(peer, why)]
         if self.state is SessionState.NONE:
-            self._error(peer, "no open session")
-            return
+            return [self._error(peer, "no open session")]
         raw = frames[1]
         try:
             cmd = decode_command(raw)
         except ProtocolError as exc:
-            self._malformed(peer, raw, str(exc))
-            return
+            return self._malformed(peer, raw, str(exc))
         t = cmd.TYPE
         counts = self.commands[_CMD_NAMES[t]]
+        out: list[Effect] = []
         if type(cmd) is VerdictCommand:
             sent = self._delivered_at.pop(cmd.id, None)
             if sent is not None:
                 self._latencies.append(now_ns - sent)
         elif t == CommandType.SHUTDOWN:
-            self._shutdown(now_ns)
+            self._shutdown(out)
         elif t == CommandType.GET_LOGS:
-            self._flush_logs(now_ns)
+            self._flush_logs(now_ns, out)
             counts["ok"] += 1
-            self.to_clients.append([peer, wire.WRITE, _OK])
-            return
+            out.append(ToClient(peer, _W_OK))
+            return out
         elif t == CommandType.PRINT_MEMORY_STATS:
-            self.log(Severity.INFO, self._memory_line())
+            out.append(self.log(Severity.INFO, self._memory_line(memory)))
             counts["ok"] += 1
-            self.to_clients.append([peer, wire.WRITE, _OK])
-            return
+            out.append(ToClient(peer, _W_OK))
+            return out
         owners = self.owners.get(t)
-        if owners:
-            msg = encode(Command(t, raw, now_ns))
-            for o in owners:
-                self.to_actors.append([o, msg])
-        elif t not in OPTIONAL_COMMANDS:
+        if not owners and t not in OPTIONAL_COMMANDS:
             counts["unhandled"] += 1
-            self.to_clients.append(
-                [
-                    peer,
-                    wire.WRITE,
-                    bytes((wire.Status.UNHANDLED,)) + f"no actor handles {t.kext_name}".encode(),
-                ]
-            )
-            return
+            status = bytes((wire.Status.UNHANDLED,)) + f"no actor handles {t.kext_name}".encode()
+            out.append(ToClient(peer, (wire.WRITE, status)))
+            return out
         counts["ok"] += 1
-        self.to_clients.append([peer, wire.WRITE, _OK])
+        # The reply leaves before the command goes to its owners, as it always did: it is what
+        # the writer waits for.
+        out.append(ToClient(peer, _W_OK))
+        if owners:
+            msg = (encode(Command(t, raw, now_ns)),)
+            for o in owners:
+                out.append(ToActor(o, msg))
+        return out
 
-    def _malformed(self, peer: bytes, raw: bytes, why: str) -> None:
+    def _malformed(self, peer: bytes, raw: bytes, why: str) -> list[Effect]:
         if raw and raw[0] in _CMD_NAMES:
             self.commands[_CMD_NAMES[CommandType(raw[0])]]["malformed"] += 1
         else:
             self.malformed_unknown += 1
-        self.log(Severity.ERROR, f"Malformed command rejected: {why}")
-        self.to_clients.append([peer, wire.WRITE, bytes((wire.Status.MALFORMED,)) + why.encode()])
+        return [
+            self.log(Severity.ERROR, f"Malformed command rejected: {why}"),
+            ToClient(peer, (wire.WRITE, bytes((wire.Status.MALFORMED,)) + why.encode())),
+        ]
 
-    def _shutdown(self, now_ns: int) -> None:
+    def _shutdown(self, out: list[Effect]) -> None:
         self.sessions["shutdowns"] += 1
         self.state = SessionState.SHUT
-        self._answer_parked_eof()
+        self._answer_parked_eof(out)
         n = self.queue.discard()
         self._delivered_at.clear()
-        self.events.append(f"shutdown: session ended, {n} undelivered infos discarded")
+        out.append(Event(f"shutdown: session ended, {n} undelivered infos discarded"))
 
-    def _flush_logs(self, now_ns: int) -> None:
-        q = self.queue
+    def _flush_logs(self, now_ns: int, out: list[Effect]) -> None:
         for record in self.ring.flush():
-            self._push(None, InfoType.LOG_LINE, record, 0)
-        if q.readable():
-            self.service(now_ns)
+            self._push(None, InfoType.LOG_LINE, record, 0, out)
+        if self.queue.readable():
+            self._serve_parked(now_ns, out)
 
-    def _memory_line(self) -> str:
+    def _memory_line(self, memory: Memory | None) -> str:
         q = self.queue
-        rss = _rss_kib()
+        rss, peak = ("?", "?") if memory is None else (memory.rss_kib, memory.peak_kib)
         return (
-            f"memory: rss {rss} KiB (peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}"
+            f"memory: rss {rss} KiB (peak {peak}"
             f" KiB); queue {len(q)} infos / {q.bytes} of {q.max_bytes} bytes "
             f"(priority {q.depth_priority}, bulk {q.depth_bulk}, leftover "
             f"{q.leftover_bytes} B); log ring {len(self.ring)} lines; "
@@ -394,15 +462,16 @@ class BrokerCore:
 
     # ---- actor side ----------------------------------------------------------------------------
 
-    def actor_message(self, actor: bytes, frames: list[bytes], now_ns: int) -> None:
+    def actor_message(self, actor: bytes, frames: list[bytes], now_ns: int) -> list[Effect]:
         """One multipart message from an actor DEALER; every frame is one contract message.
 
         Emit/Emits are the hot path (hundreds of thousands of infos per second): an emitter
         batches infos in one Emits, which is one decode and one push loop here.
         """
+        out: list[Effect] = []
         info = self.actors.get(actor)
         if info is None:
-            info = self._new_actor(actor)
+            info = self._new_actor(actor, out)
         info.last_seen_ns = now_ns
         info.messages += len(frames)
         pushed = False
@@ -410,26 +479,28 @@ class BrokerCore:
             try:
                 msg = decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._garbage(info, f"undecodable message: {exc}")
+                self._garbage(info, f"undecodable message: {exc}", out)
                 continue
-            kind = type(msg)
-            if kind is Emits:
-                pushed |= self._push_emits(actor, info, msg.emits)
-            elif kind is Emit:
-                pushed |= self._push_emits(actor, info, (msg,))
-            elif kind is Log:
+            if type(msg) is Emits:
+                pushed |= self._push_emits(actor, info, msg.emits, out)
+            elif type(msg) is Emit:
+                pushed |= self._push_emits(actor, info, (msg,), out)
+            elif type(msg) is Log:
                 self.ring.add(msg.severity, msg.line)
-            elif kind is Health:
+            elif type(msg) is Health:
                 info.counters = msg.counters
                 info.pid = msg.pid
-            elif kind is Hello:
-                self._hello(actor, info, msg)
+            elif type(msg) is Hello:
+                self._hello(actor, info, msg, out)
             else:
-                self._garbage(info, f"{kind.__name__} is not a message for the broker")
+                self._garbage(info, f"{type(msg).__name__} is not a message for the broker", out)
         if pushed and self.parked is not None:
-            self.service(now_ns)
+            self._serve_parked(now_ns, out)
+        return out
 
-    def _push_emits(self, actor: bytes, info: ActorInfo, emits: tuple[Emit, ...]) -> bool:
+    def _push_emits(
+        self, actor: bytes, info: ActorInfo, emits: tuple[Emit, ...], out: list[Effect]
+    ) -> bool:
         """Queue each Emit whose record matches its kind; True if anything was queued."""
         pushed = False
         push = self.queue.push
@@ -445,16 +516,17 @@ class BrokerCore:
                     if result is queued:
                         pushed = True
                     else:
-                        pushed |= self._push_outcome(actor, result, emit.id)
+                        pushed |= self._push_outcome(actor, result, emit.id, out)
                     continue
             self._garbage(
                 info,
                 f"Emit of kind {emit.kind} whose record ({n} bytes, header "
                 f"{bytes(record[:HEADER_SIZE]).hex()}) does not match it",
+                out,
             )
         return pushed
 
-    def _new_actor(self, actor: bytes) -> ActorInfo:
+    def _new_actor(self, actor: bytes, out: list[Effect]) -> ActorInfo:
         """Register a sender. Any local process of our user can connect, so the table is
         bounded: past MAX_ACTORS the least recently seen sender (preferring ones that own no
         command) is forgotten."""
@@ -464,57 +536,54 @@ class BrokerCore:
             gone = actors.pop(victim)
             if gone.owns:
                 self._rebuild_owners()
-            self.events.append(f"actor table full: forgot {gone.name}")
+            out.append(Event(f"actor table full: forgot {gone.name}"))
         info = actors[actor] = ActorInfo(actor.decode("utf-8", "replace")[:64])
         return info
 
-    def _garbage(self, info: ActorInfo, why: str) -> None:
+    def _garbage(self, info: ActorInfo, why: str, out: list[Effect]) -> None:
         """Count and log a dropped actor message; the log is thinned out so a babbling peer
         cannot flood stderr."""
         self.actor_garbage += 1
         info.garbage += 1
         n = info.garbage
         if n <= GARBAGE_LOGGED or n % 1000 == 0:
-            self.events.append(f"actor {info.name}: dropped {why[:300]} ({n} dropped so far)")
+            out.append(Event(f"actor {info.name}: dropped {why[:300]} ({n} dropped so far)"))
 
-    def _push(self, actor: bytes | None, kind: int, record: bytes, id_: int) -> bool:
+    def _push(
+        self, actor: bytes | None, kind: int, record: bytes, id_: int, out: list[Effect]
+    ) -> bool:
         result = self.queue.push(kind, record, id_)
-        return result is PushResult.QUEUED or self._push_outcome(actor, result, id_)
+        return result is PushResult.QUEUED or self._push_outcome(actor, result, id_, out)
 
-    def _push_outcome(self, actor: bytes | None, result: PushResult, id_: int) -> bool:
+    def _push_outcome(
+        self, actor: bytes | None, result: PushResult, id_: int, out: list[Effect]
+    ) -> bool:
         """Apply the overflow policy's side effects; True if the info was queued."""
         q = self.queue
         if result is PushResult.REFUSED:
             if actor is not None:
-                self.to_actors.append(
-                    [
-                        actor,
-                        encode(
-                            EmitRefused(
-                                id_,
-                                f"queue full ({q.bytes} of {q.max_bytes} bytes held by connection "
-                                "infos)",
-                            )
-                        ),
-                    ]
-                )
+                why = f"queue full ({q.bytes} of {q.max_bytes} bytes held by connection infos)"
+                out.append(ToActor(actor, (encode(EmitRefused(id_, why)),)))
             return False
         episodes = q.overflow_episodes
         if q.overflowing and episodes != self._warned_episode:
             self._warned_episode = episodes
-            self.log(
-                Severity.WARNING,
-                f"info queue full ({q.max_bytes} bytes): dropping the oldest bandwidth "
-                "and log infos; see dropped counters",
+            out.append(
+                self.log(
+                    Severity.WARNING,
+                    f"info queue full ({q.max_bytes} bytes): dropping the oldest bandwidth "
+                    "and log infos; see dropped counters",
+                )
             )
         return result is PushResult.QUEUED_AFTER_DROP
 
-    def _hello(self, actor: bytes, info: ActorInfo, msg: Hello) -> None:
+    def _hello(self, actor: bytes, info: ActorInfo, msg: Hello, out: list[Effect]) -> None:
         if msg.contract != CONTRACT_VERSION:
             self._garbage(
                 info,
                 f"Hello with contract {msg.contract}, broker speaks "
                 f"{CONTRACT_VERSION}: ignored until it is upgraded",
+                out,
             )
             return
         claimed = tuple(t for t in msg.owns if t not in BROKER_COMMANDS)
@@ -526,14 +595,15 @@ class BrokerCore:
         self._rebuild_owners()
         if changed:
             names = ",".join(t.kext_name for t in claimed) or "nothing"
-            self.events.append(f"actor {msg.actor} (pid {msg.pid}) connected, owns {names}")
+            out.append(Event(f"actor {msg.actor} (pid {msg.pid}) connected, owns {names}"))
 
-    def actor_gone(self, actor: bytes) -> None:
+    def actor_gone(self, actor: bytes) -> list[Effect]:
         """A send to the actor failed: it is gone until it says Hello again."""
         info = self.actors.pop(actor, None)
-        if info is not None:
-            self._rebuild_owners()
-            self.events.append(f"actor {info.name} unreachable; its commands are unowned")
+        if info is None:
+            return []
+        self._rebuild_owners()
+        return [Event(f"actor {info.name} unreachable; its commands are unowned")]
 
     def _rebuild_owners(self) -> None:
         owners: dict[CommandType, list[bytes]] = {}
@@ -554,7 +624,8 @@ class BrokerCore:
             out["max"] = round(samples[-1] / 1000, 1)
         return out
 
-    def stats(self, now_ns: int) -> dict[str, Any]:
+    def stats(self, now_ns: int, memory: Memory | None = None) -> dict[str, Any]:
+        """The S counters (docs/broker-wire.md §6); `memory` as the shell read it."""
         q = self.queue
 
         def by_type(counts: list[int]) -> dict[str, int]:
@@ -564,7 +635,7 @@ class BrokerCore:
         counters = ale.counters if ale else {}
         return {
             "version": ".".join(str(b) for b in INTERFACE_VERSION),
-            "pid": os.getpid(),
+            "pid": self.pid,
             "queue": {
                 "depth": len(q),
                 "bytes": q.bytes,
@@ -606,16 +677,5 @@ class BrokerCore:
                 }
                 for a in self.actors.values()
             },
-            "rss_kib": _rss_kib(),
+            "rss_kib": None if memory is None else memory.rss_kib,
         }
-
-
-def _rss_kib() -> int:
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0

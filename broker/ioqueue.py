@@ -16,6 +16,7 @@ queue never re-parses them.
 
 from __future__ import annotations
 
+import builtins
 from collections import deque
 from enum import IntEnum
 
@@ -80,6 +81,7 @@ class IOQueue:
     def __len__(self) -> int:
         return len(self._prio) + len(self._bulk)
 
+    # Below this property, `bytes` in the class body names it: annotations say builtins.bytes.
     @property
     def bytes(self) -> int:
         return self.prio_bytes + self.bulk_bytes
@@ -108,7 +110,7 @@ class IOQueue:
 
     # ---- push ----------------------------------------------------------------------------------
 
-    def push(self, kind: int, record: bytes, id_: int = 0) -> PushResult:
+    def push(self, kind: int, record: builtins.bytes, id_: int = 0) -> PushResult:
         """Queue one encoded info, applying the overflow policy of the module docstring."""
         size = len(record)
         prio = kind in _PRIORITY_TYPES
@@ -128,7 +130,7 @@ class IOQueue:
         self._append(kind, record, id_, prio)
         return PushResult.QUEUED_AFTER_DROP
 
-    def _append(self, kind: int, record: bytes, id_: int, prio: bool) -> None:
+    def _append(self, kind: int, record: builtins.bytes, id_: int, prio: bool) -> None:
         if prio:
             self._prio.append((kind, record, id_))
             self.prio_bytes += len(record)
@@ -153,7 +155,7 @@ class IOQueue:
 
     # ---- read ----------------------------------------------------------------------------------
 
-    def read(self, max_bytes: int) -> bytes | None:
+    def read(self, max_bytes: int) -> builtins.bytes | None:
         """One kext read into a buffer of `max_bytes` (>= 1); None means the reader must wait.
 
         1. A leftover goes first, as much as fits, without waiting.
@@ -171,7 +173,7 @@ class IOQueue:
         self._undo = (lo, self._leftover_off, undo_popped)
         ids: list[int] = []
         self.last_delivered_ids = ids
-        parts: list[bytes] = []
+        parts: list[builtins.bytes] = []
         free = max_bytes
         if lo is not None:
             rec = lo[1]

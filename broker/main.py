@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kextless.base import logs
@@ -71,7 +72,8 @@ def main(argv: list[str]) -> int:
         if actors_endpoint is None:
             # Beside the client socket, in the same private directory.
             actors_endpoint = f"ipc://{Path(endpoint[len('ipc://') :]).parent / 'actors.sock'}"
-        server = BrokerServer(BrokerCore(args.queue_bytes), endpoint, actors_endpoint, curve, log)
+        core = BrokerCore(args.queue_bytes, pid=os.getpid())
+        server = BrokerServer(core, endpoint, actors_endpoint, curve, log)
         return server.run()
     except ConfigError as exc:
         log.error("%s", exc)

@@ -2,10 +2,13 @@
 
 * client ROUTER (docs/broker-wire.md): Portmaster-style clients, one DEALER each;
 * actors ROUTER: actors' DEALERs, identity = actor name, protocol.messages frames.
-The shell only moves frames and time; every decision is in the core. It never trusts a peer:
-frame errors are answered by the core, send failures (vanished peer, full pipe) are handled
-here, and a socket monitor tells it when a client's connection drops, so a crashed Portmaster
-does not keep the device "busy" forever.
+The shell only moves frames, time and facts about the process (its memory, for the S and
+PrintMemoryStats requests); every decision is in the core, and the shell carries out the
+effects the core returns, in order. It sleeps until the next message or the core's next
+deadline (a parked read's timeout). It never trusts a peer: frame errors are answered by the
+core, send failures (vanished peer, full pipe) are handled here, and a socket monitor tells it
+when a client's connection drops, so a crashed Portmaster does not keep the device "busy"
+forever.
 """
 
 from __future__ import annotations
@@ -14,20 +17,24 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from kextless.base.cores import wait_ms
 from kextless.broker import wire
-from kextless.broker.core import BrokerCore
+from kextless.broker.core import BrokerCore, Effect, Event, Memory, ToActor, ToClient
+from kextless.protocol.enums import CommandType
 
 _SRCFD = 2  # ZMQ_SRCFD: the file descriptor a message arrived on (libzmq 4.x, deprecated)
 #: Messages handled per socket before looking at the other sockets again (fairness).
@@ -40,15 +47,33 @@ _NB = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+#: First byte of a PrintMemoryStats command: the one write whose handling reports memory.
+_PRINT_MEMORY_STATS = bytes((CommandType.PRINT_MEMORY_STATS,))
 
 
-def _send_multipart(send: Callable[..., object], msg: list[bytes]) -> None:
-    """Non-blocking send of one multipart message. On a ROUTER a failure (EAGAIN, and
-    EHOSTUNREACH with ROUTER_MANDATORY) happens at the first frame, so nothing half-sent."""
-    last = len(msg) - 1
+def _send_multipart(send: Callable[..., object], ident: bytes, frames: tuple[bytes, ...]) -> None:
+    """Non-blocking send of one multipart message to routing id `ident`. On a ROUTER a failure
+    (EAGAIN, and EHOSTUNREACH with ROUTER_MANDATORY) happens at the first frame, so nothing is
+    half-sent."""
+    send(ident, _NB_MORE)
+    last = len(frames) - 1
     for i in range(last):
-        send(msg[i], _NB_MORE)
-    send(msg[last], _NB)
+        send(frames[i], _NB_MORE)
+    send(frames[last], _NB)
+
+
+def read_memory() -> Memory:
+    """This process's resident and peak memory (0 if /proc cannot be read)."""
+    rss = 0
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+                    break
+    except OSError:
+        pass
+    return Memory(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 class ConfigError(Exception):
@@ -142,7 +167,7 @@ class BrokerServer:
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def _bind(self, sock: zmq.Socket, endpoint: str) -> None:
+    def _bind(self, sock: zmq.Socket[bytes], endpoint: str) -> None:
         path = _prepare_ipc_dir(endpoint, self.log)
         old = os.umask(0o077)
         try:
@@ -218,8 +243,7 @@ class BrokerServer:
                 signal.signal(s, h)
             wake_r.close()
             wake_w.close()
-            self.core.stop()
-            self._flush()
+            self._carry_out(self.core.stop())
             self.close()
         self.log.info("stopped")
         return 0
@@ -234,18 +258,13 @@ class BrokerServer:
         poller.register(wake.fileno(), zmq.POLLIN)
         clock = time.monotonic_ns
         while not self._stop:
-            deadline = core.next_deadline_ns
-            timeout = None if deadline is None else max(0, (deadline - clock()) // 1_000_000 + 1)
+            timeout = wait_ms(core.next_deadline_ns(), clock())
             try:
                 events = dict(poller.poll(timeout))
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EINTR:
                     continue
                 raise
-            if not events:
-                core.service(clock())
-                self._flush()
-                continue
             if actors in events:
                 self._drain_actors()
             if client in events:
@@ -255,13 +274,16 @@ class BrokerServer:
             if wake.fileno() in events:
                 with contextlib.suppress(BlockingIOError):
                     wake.recv(4096)
-            if deadline is not None:
-                core.service(clock())
-                self._flush()
+            due = core.next_deadline_ns()
+            if due is not None:
+                now = clock()
+                if now >= due:
+                    self._carry_out(core.on_deadline(now))
 
     def _drain_actors(self) -> None:
         core, sock, clock = self.core, self._actors, time.monotonic_ns
-        recv, ready = sock.recv, sock.getsockopt
+        recv = sock.recv
+        ready = cast("Callable[[int], int]", sock.getsockopt)
         for _ in range(_ACTOR_BATCH):
             if not ready(_EVENTS) & _POLLIN:
                 break
@@ -271,16 +293,19 @@ class BrokerServer:
                 msg.append(recv(_NB, copy=False))
             frames = [f.bytes for f in msg]
             try:
-                core.actor_message(frames[0], frames[1:], clock())
+                effects = core.actor_message(frames[0], frames[1:], clock())
             except Exception:  # a bug must not take the firewall's control channel down
                 self.log.exception(
                     "actor message from %r crashed the handler; dropped", frames[0][:64]
                 )
-        self._flush()
+                continue
+            if effects:
+                self._carry_out(effects)
 
     def _drain_clients(self) -> None:
         core, sock, clock = self.core, self._client, time.monotonic_ns
-        recv, ready = sock.recv, sock.getsockopt
+        recv = sock.recv
+        ready = cast("Callable[[int], int]", sock.getsockopt)
         for _ in range(_CLIENT_BATCH):
             if not ready(_EVENTS) & _POLLIN:
                 break
@@ -290,19 +315,26 @@ class BrokerServer:
                 msg.append(recv(_NB, copy=False))
             peer = first.bytes
             frames = [f.bytes for f in msg[1:]]
-            if frames and frames[0] in (wire.OPEN, wire.READ):
-                # libzmq queues a connection's DISCONNECTED event before closing its fd, so
-                # every event about an earlier owner of this fd number is visible now: handle
-                # them first, or a reused fd would end this peer's new session.
-                self._drain_monitor()
-                with contextlib.suppress(zmq.ZMQError):
-                    self._fds[peer] = msg[1].get(_SRCFD)
+            memory = None
+            if frames:
+                op = frames[0]
+                if op in (wire.OPEN, wire.READ):
+                    # libzmq queues a connection's DISCONNECTED event before closing its fd, so
+                    # every event about an earlier owner of this fd number is visible now:
+                    # handle them first, or a reused fd would end this peer's new session.
+                    self._drain_monitor()
+                    with contextlib.suppress(zmq.ZMQError):
+                        self._fds[peer] = msg[1].get(_SRCFD)
+                elif op == wire.STATS or (
+                    op == wire.WRITE and len(frames) == 2 and frames[1][:1] == _PRINT_MEMORY_STATS
+                ):
+                    memory = read_memory()
             try:
-                core.client_message(peer, frames, clock())
+                effects = core.client_message(peer, frames, clock(), memory)
             except Exception:
                 self.log.exception("client message crashed the handler")
-                core.to_clients.append([peer, wire.ERROR, b"internal error; see broker log"])
-            self._flush()
+                effects = [ToClient(peer, (wire.ERROR, b"internal error; see broker log"))]
+            self._carry_out(effects)
             if len(self._fds) > 4:
                 self._prune_fds()
 
@@ -321,45 +353,39 @@ class BrokerServer:
             fd = event["value"]
             for peer in [p for p, f in self._fds.items() if f == fd]:
                 del self._fds[peer]
-                self.core.peer_gone(peer)
-            self._flush()
+                self._carry_out(self.core.peer_gone(peer))
 
-    def _flush(self) -> None:
+    def _carry_out(self, effects: list[Effect]) -> None:
+        """Send, in order, what the core decided. A failed send is reported back to the core,
+        and what it answers to that is carried out at once."""
         core = self.core
-        if core.to_clients:
-            out, core.to_clients = core.to_clients, []
-            send = self._client.send
-            for msg in out:
+        for effect in effects:
+            if type(effect) is ToClient:
+                peer, frames = effect.peer, effect.frames
                 try:
-                    _send_multipart(send, msg)
+                    _send_multipart(self._client.send, peer, frames)
                 except zmq.ZMQError as exc:
-                    peer = msg[0]
                     self.log.warning(
                         "reply %s to client %s not sent: %s",
-                        msg[1].decode(),
+                        frames[0].decode(),
                         peer.hex(),
                         exc.strerror,
                     )
-                    if msg[1] == wire.READ:
-                        core.read_undeliverable(peer)
+                    if frames[0] == wire.READ:
+                        self._carry_out(core.read_undeliverable(peer))
                     if exc.errno == errno.EHOSTUNREACH:
-                        core.peer_gone(peer)
-        if core.to_actors:
-            out, core.to_actors = core.to_actors, []
-            send = self._actors.send
-            for msg in out:
+                        self._carry_out(core.peer_gone(peer))
+            elif type(effect) is ToActor:
                 try:
-                    _send_multipart(send, msg)
+                    _send_multipart(self._actors.send, effect.actor, effect.frames)
                 except zmq.ZMQError as exc:
-                    self.log.warning("message to actor %r not sent: %s", msg[0][:64], exc.strerror)
+                    self.log.warning(
+                        "message to actor %r not sent: %s", effect.actor[:64], exc.strerror
+                    )
                     if exc.errno == errno.EHOSTUNREACH:
-                        core.actor_gone(msg[0])
-        if core.events:
-            events, core.events = core.events, []
-            for line in events:
-                self.log.info("%s", line)
-        if core.to_clients or core.to_actors:
-            self._flush()  # replies created while handling send failures
+                        self._carry_out(core.actor_gone(effect.actor))
+            elif isinstance(effect, Event):
+                self.log.info("%s", effect.text)
 
     def close(self) -> None:
         for sock in (

@@ -67,6 +67,46 @@ def kind(info: Info) -> InfoType:
     return info.TYPE
 
 
+# ---- malformed input, answered by the core (tests at both levels use these) -------------------
+
+#: Malformed W commands and the reason the broker gives (status 1, an Error LogLine).
+MALFORMED = [
+    (b"", "empty command"),
+    (b"\x01", "short Verdict command: 1 bytes, expected 10"),
+    (b"\x01" + bytes(8), "short Verdict command: 9 bytes, expected 10"),
+    (b"\x02", "short UpdateV4 command"),
+    (b"\x02" + bytes(13), "short UpdateV4 command: 14 bytes, expected 15"),
+    (b"\x03" + bytes(37), "short UpdateV6 command: 38 bytes, expected 39"),
+    (b"\x00\x00", "trailing bytes after Shutdown command: 2 bytes, expected 1"),
+    (b"\x01" + bytes(9) + b"\x07", "trailing bytes after Verdict command"),
+    (b"\x05" + b"junk", "trailing bytes after GetLogs command"),
+    (b"\x09", "unknown command type 9"),
+    (b"\xff" + bytes(9), "unknown command type 255"),
+    (b"\x01" + (7).to_bytes(8, "little") + b"\x0c", "Verdict: unknown verdict value 12"),
+    (b"\x02\x06" + bytes(12) + b"\xc8", "UpdateV4: unknown verdict value 200"),
+    (b"\x03\x11" + bytes(36) + b"\x0c", "UpdateV6: unknown verdict value 12"),
+]
+
+#: Requests refused with X for their framing (frames after the routing id), and the reason.
+BAD_FRAMES = [
+    ([b"Z"], b"unknown op"),
+    ([b""], b"unknown op"),
+    ([b"OO"], b"unknown op"),
+    ([b"o"], b"unknown op"),
+    ([wire.OPEN, b"x"], b"takes no frames"),
+    ([wire.VERSION, b""], b"takes no frames"),
+    ([wire.STATS, b"1", b"2"], b"takes no frames"),
+    ([wire.READ], b"R takes one u32"),
+    ([wire.READ, b"\x00\x04\x00"], b"R takes one u32"),
+    ([wire.READ, wire.U32.pack(10), b"\x01"], b"R takes one u32"),
+    ([wire.READ, wire.U32.pack(10), wire.U32.pack(1), wire.U32.pack(1)], b"R takes one u32"),
+    ([wire.READ, wire.U32.pack(0)], b"max_bytes must be"),
+    ([wire.READ, wire.U32.pack(0xFFFFFFFF)], b"max_bytes must be"),
+    ([wire.WRITE], b"W takes exactly one command frame"),
+    ([wire.WRITE, b"\x05", b"\x05"], b"W takes exactly one command frame"),
+]
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -1,4 +1,8 @@
-"""The session/command core driven directly: no sockets, time passed in."""
+"""The session/command core driven directly: no sockets, time passed in.
+
+The harness keeps the effects every input returns, split the way the shell carries them out:
+client replies, actor messages and log events.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,15 @@ import pytest
 
 import kextless.broker.core as core_mod
 from kextless.broker import wire
-from kextless.broker.core import BrokerCore, SessionState
+from kextless.broker.core import (
+    BrokerCore,
+    Effect,
+    Event,
+    Memory,
+    SessionState,
+    ToActor,
+    ToClient,
+)
 from kextless.broker.logring import RING_SLOTS, LogRing, clean_line
 from kextless.protocol.commands import decode_command
 from kextless.protocol.enums import CommandType, InfoType, Severity, Verdict
@@ -26,7 +38,7 @@ from kextless.protocol.messages import (
     encode,
 )
 from kextless.protocol.stream import InfoStreamDecoder
-from tests.broker.broker_testlib import bandwidth, conn, log
+from tests.broker.broker_testlib import BAD_FRAMES, MALFORMED, bandwidth, conn, log
 
 OWNER = b"\x00owner"
 OTHER = b"\x00other"
@@ -40,26 +52,44 @@ def verdict(id_: int, v: int = 2) -> bytes:
 
 class Harness:
     def __init__(self, queue_bytes: int = 1 << 20) -> None:
-        self.core = BrokerCore(queue_bytes)
+        self.core = BrokerCore(queue_bytes, pid=4242)
         self.now = 1_000_000_000
+        self.to_clients: list[list[bytes]] = []
+        self.to_actors: list[ToActor] = []
+        self.events: list[str] = []
 
-    def client(self, peer: bytes, *frames: bytes) -> list[list[bytes]]:
-        self.core.client_message(peer, list(frames), self.now)
+    def run(self, effects: list[Effect]) -> None:
+        """Keep what an input returned, as the shell would carry it out."""
+        assert isinstance(effects, list)
+        for e in effects:
+            if isinstance(e, ToClient):
+                self.to_clients.append([e.peer, *e.frames])
+            elif isinstance(e, ToActor):
+                self.to_actors.append(e)
+            else:
+                assert isinstance(e, Event)
+                self.events.append(e.text)
+
+    def client(
+        self, peer: bytes, *frames: bytes, memory: Memory | None = None
+    ) -> list[list[bytes]]:
+        self.run(self.core.client_message(peer, list(frames), self.now, memory))
         return self.take()
 
     def take(self) -> list[list[bytes]]:
-        out, self.core.to_clients = self.core.to_clients, []
+        out, self.to_clients = self.to_clients, []
         return out
 
     def actor_out(self) -> list[tuple[bytes, object]]:
-        out, self.core.to_actors = self.core.to_actors, []
-        return [(m[0], decode(m[1])) for m in out]
+        out, self.to_actors = self.to_actors, []
+        assert all(len(m.frames) == 1 for m in out)
+        return [(m.actor, decode(m.frames[0])) for m in out]
 
     def hello(self, actor: bytes, owns: tuple[CommandType, ...]) -> None:
         self.actor(actor, Hello(actor.decode(), 1, CONTRACT_VERSION, owns))
 
     def actor(self, actor: bytes, *msgs: object) -> None:
-        self.core.actor_message(actor, [encode(m) for m in msgs], self.now)
+        self.run(self.core.actor_message(actor, [encode(m) for m in msgs], self.now))
 
     def emit(self, *infos: Info, actor: bytes = ALE) -> None:
         self.actor(actor, *(Emit(i.TYPE, i.encode(), getattr(i, "id", 0)) for i in infos))
@@ -76,7 +106,7 @@ class Harness:
             reply = self.client(peer, wire.READ, wire.U32.pack(size), wire.U32.pack(10))
             if not reply:  # parked
                 self.now += 20_000_000
-                self.core.service(self.now)
+                self.run(self.core.on_deadline(self.now))
                 (reply,) = self.take()
                 assert reply == [peer, wire.TIMEOUT]
                 return out
@@ -128,13 +158,23 @@ def test_actor_log_lines_reach_getlogs(h: Harness) -> None:
 
 def test_print_memory_stats_logs_an_info_line(h: Harness) -> None:
     h.emit(conn(1))
-    assert h.write(OWNER, b"\x07") == b"\x00"
+    (reply,) = h.client(OWNER, wire.WRITE, b"\x07", memory=Memory(rss_kib=5120, peak_kib=6144))
+    assert reply == [OWNER, wire.WRITE, b"\x00"]
     h.read_all(OWNER)
     (line,) = h.logs()
     assert line.severity == Severity.INFO
     assert line.line.startswith("broker/core.py:")
-    assert "memory: rss " in line.line
+    assert "memory: rss 5120 KiB (peak 6144 KiB); " in line.line
     assert "queue 1 infos / 40 of 1048576 bytes (priority 1, bulk 0" in line.line
+
+
+def test_stats_report_the_process_facts_the_shell_passes_in(h: Harness) -> None:
+    (reply,) = h.client(OTHER, wire.STATS, memory=Memory(rss_kib=777, peak_kib=900))
+    s = json.loads(reply[2])
+    assert s["pid"] == 4242 and s["rss_kib"] == 777
+    (reply,) = h.client(OTHER, wire.STATS)  # nothing read: unknown, not made up
+    assert json.loads(reply[2])["rss_kib"] is None
+    assert json.loads(reply[2])["pid"] == 4242
 
 
 # ---- sessions ----------------------------------------------------------------------------------
@@ -152,13 +192,26 @@ def test_busy_and_owner_rules(h: Harness) -> None:
 
 def test_parked_read_times_out_without_consuming(h: Harness) -> None:
     assert h.client(OWNER, wire.READ, wire.U32.pack(100), wire.U32.pack(50)) == []
-    assert h.core.next_deadline_ns == h.now + 50_000_000
-    h.core.service(h.now + 49_000_000)
+    assert h.core.next_deadline_ns() == h.now + 50_000_000
+    h.run(h.core.on_deadline(h.now + 49_999_999))
     assert h.take() == []
-    h.core.service(h.now + 50_000_000)
+    h.run(h.core.on_deadline(h.now + 50_000_000))
     assert h.take() == [[OWNER, wire.TIMEOUT]]
     assert h.core.parked is None
     assert h.core.reads["timeouts"] == 1
+
+
+def test_a_parked_read_has_a_deadline_only_while_it_waits(h: Harness) -> None:
+    assert h.core.next_deadline_ns() is None and h.core.on_deadline(h.now) == []
+    h.client(OWNER, wire.READ, wire.U32.pack(100), wire.U32.pack(1000))
+    assert h.core.next_deadline_ns() == h.now + 1_000_000_000
+    h.emit(conn(1))  # answered by the info, long before its timeout
+    assert h.take() == [[OWNER, wire.READ, conn(1).encode()]]
+    assert h.core.next_deadline_ns() is None
+    assert h.core.on_deadline(h.now + 2_000_000_000) == []  # no late T after the data
+    h.client(OWNER, wire.READ, wire.U32.pack(100), wire.U32.pack(5))
+    h.run(h.core.peer_gone(OWNER))  # the reader went away: nothing left to time out
+    assert h.core.next_deadline_ns() is None
 
 
 def test_a_second_read_while_one_waits_is_refused(h: Harness) -> None:
@@ -169,7 +222,7 @@ def test_a_second_read_while_one_waits_is_refused(h: Harness) -> None:
 
 def test_emit_answers_the_parked_read(h: Harness) -> None:
     assert h.client(OWNER, wire.READ, wire.U32.pack(1000)) == []
-    assert h.core.next_deadline_ns is None  # waits forever
+    assert h.core.next_deadline_ns() is None  # waits forever
     h.emit(conn(1), conn(2))
     assert h.take() == [[OWNER, wire.READ, conn(1).encode() + conn(2).encode()]]
 
@@ -198,7 +251,7 @@ def test_shutdown_discards_and_ends_the_session(h: Harness) -> None:
 
 def test_shutdown_eof_reaches_the_parked_reader(h: Harness) -> None:
     h.client(OTHER, wire.READ, wire.U32.pack(1000))
-    h.core.client_message(OWNER, [wire.WRITE, b"\x00"], h.now)
+    h.run(h.core.client_message(OWNER, [wire.WRITE, b"\x00"], h.now))
     assert h.take() == [[OTHER, wire.EOF], [OWNER, wire.WRITE, b"\x00"]]
 
 
@@ -220,7 +273,7 @@ def test_close_rewinds_a_partial_info(h: Harness) -> None:
 
 def test_vanished_owner_and_reader(h: Harness) -> None:
     h.client(OWNER, wire.READ, wire.U32.pack(100))
-    h.core.peer_gone(OWNER)
+    h.run(h.core.peer_gone(OWNER))
     assert h.take() == []  # nobody to answer
     assert h.core.parked is None and h.core.state is SessionState.NONE
     assert h.core.sessions["owner_disconnects"] == 1
@@ -231,7 +284,7 @@ def test_undeliverable_read_reply_is_put_back(h: Harness) -> None:
     h.emit(conn(1, payload=100), conn(2))
     first = h.client(OWNER, wire.READ, wire.U32.pack(60))[0][2]
     second = h.client(OWNER, wire.READ, wire.U32.pack(4096))[0][2]
-    h.core.read_undeliverable(OWNER)
+    h.run(h.core.read_undeliverable(OWNER))
     again = h.client(OWNER, wire.READ, wire.U32.pack(4096))[0][2]
     assert again == second
     assert InfoStreamDecoder().feed(first + again) == [conn(1, payload=100), conn(2)]
@@ -239,7 +292,7 @@ def test_undeliverable_read_reply_is_put_back(h: Harness) -> None:
 
 def test_stop_answers_a_parked_read_with_eof(h: Harness) -> None:
     h.client(OWNER, wire.READ, wire.U32.pack(100))
-    h.core.stop()
+    h.run(h.core.stop())
     assert h.take() == [[OWNER, wire.EOF]]
 
 
@@ -266,8 +319,16 @@ def test_routing_by_ownership_and_unowned_commands(h: Harness) -> None:
     assert counts["Verdict"]["ok"] == 1
 
 
+def test_a_verdict_reply_leaves_before_its_command_goes_to_the_actor(h: Harness) -> None:
+    out = h.core.client_message(OWNER, [wire.WRITE, verdict(5)], h.now)
+    assert out == [
+        ToClient(OWNER, (wire.WRITE, b"\x00")),
+        ToActor(ALE, (encode(Command(CommandType.VERDICT, verdict(5), h.now)),)),
+    ]
+
+
 def test_actor_gone_drops_its_ownership(h: Harness) -> None:
-    h.core.actor_gone(ALE)
+    h.run(h.core.actor_gone(ALE))
     assert h.write(OWNER, verdict(1))[0] == wire.Status.UNHANDLED
     assert h.write(OWNER, b"\x00") == b"\x00"  # Shutdown always works
 
@@ -283,15 +344,52 @@ def test_hello_with_another_contract_or_broker_commands_claims_nothing() -> None
     assert h.core.actor_garbage == 1
 
 
-@pytest.mark.parametrize("raw", [b"", b"\x01", b"\x09", b"\x00\x00", verdict(1, 12)])
-def test_malformed_commands_change_nothing_and_log_an_error(h: Harness, raw: bytes) -> None:
+@pytest.mark.parametrize(("raw", "why"), MALFORMED)
+def test_malformed_commands_change_nothing_and_log_an_error(
+    h: Harness, raw: bytes, why: str
+) -> None:
     status = h.write(OWNER, raw)
-    assert status[0] == wire.Status.MALFORMED and len(status) > 1
+    assert status[0] == wire.Status.MALFORMED and why in status[1:].decode()
     assert h.actor_out() == []
     assert h.core.state is SessionState.OPEN
     (line,) = h.logs()
     assert line.severity == Severity.ERROR
-    assert line.line.endswith(status[1:].decode())
+    assert line.line.startswith("broker/core.py:")
+    assert line.line.endswith(f"Malformed command rejected: {status[1:].decode()}")
+    assert h.write(OWNER, verdict(3)) == b"\x00"  # and the broker carries on
+    assert [m.type for _, m in h.actor_out()] == [CommandType.VERDICT]
+
+
+def test_malformed_commands_are_counted_by_type() -> None:
+    h = Harness()
+    h.client(OWNER, wire.OPEN)
+    for raw, _ in MALFORMED:
+        h.write(OWNER, raw)
+    counts = h.core.commands
+    assert counts["Verdict"]["malformed"] == 4
+    assert counts["UpdateV4"]["malformed"] == 3 and counts["UpdateV6"]["malformed"] == 2
+    assert counts["Shutdown"]["malformed"] == 1 and counts["GetLogs"]["malformed"] == 1
+    assert h.core.malformed_unknown == 3  # empty, 9, 255
+
+
+@pytest.mark.parametrize(("frames", "why"), BAD_FRAMES)
+def test_bad_frames_get_x_and_change_nothing(h: Harness, frames: list[bytes], why: bytes) -> None:
+    h.emit(conn(1))
+    (reply,) = h.client(OWNER, *frames)
+    assert reply[:2] == [OWNER, wire.ERROR] and why in reply[2] and len(reply) == 3
+    assert h.core.frame_errors == 1
+    assert h.core.state is SessionState.OPEN and h.core.parked is None
+    assert h.core.queue.depth_priority == 1  # nothing was read
+    assert h.actor_out() == []
+    assert h.client(OWNER, wire.VERSION) == [[OWNER, wire.VERSION, bytes([2, 1, 0, 0])]]
+
+
+def test_an_empty_request_gets_x() -> None:
+    """Only the core can see this one: no DEALER sends a message without frames."""
+    h = Harness()
+    assert h.client(OWNER) == [
+        [OWNER, wire.ERROR, b"empty message: the first frame must be an op byte"]
+    ]
 
 
 # ---- queue policy and counters -------------------------------------------------------------------
@@ -320,22 +418,24 @@ def test_one_warning_per_overflow_episode(h: Harness) -> None:
 
 def test_bad_emits_and_foreign_messages_are_dropped(h: Harness) -> None:
     good = conn(1).encode()
-    h.core.actor_message(
-        ALE,
-        [
-            b"\x94\xa4Emit\x01",  # truncated
-            encode(Emit(InfoType.LOG_LINE, good, 1)),  # kind does not match the record
-            encode(Emit(InfoType.CONNECTION_IPV4, good[:-1], 1)),  # length does not match
-            encode(Emit(InfoType.CONNECTION_IPV4, b"\x01\x00", 1)),  # shorter than a header
-            encode(EmitRefused(1, "x")),
-            b"",
-            encode(Emit(InfoType.CONNECTION_IPV4, good, 1)),
-        ],
-        h.now,
+    h.run(
+        h.core.actor_message(
+            ALE,
+            [
+                b"\x94\xa4Emit\x01",  # truncated
+                encode(Emit(InfoType.LOG_LINE, good, 1)),  # kind does not match the record
+                encode(Emit(InfoType.CONNECTION_IPV4, good[:-1], 1)),  # length does not match
+                encode(Emit(InfoType.CONNECTION_IPV4, b"\x01\x00", 1)),  # shorter than a header
+                encode(EmitRefused(1, "x")),
+                b"",
+                encode(Emit(InfoType.CONNECTION_IPV4, good, 1)),
+            ],
+            h.now,
+        )
     )
     assert h.core.actor_garbage == 6
     assert h.read_all(OWNER) == [conn(1)]
-    assert any("does not match" in e for e in h.core.events)
+    assert any("does not match" in e for e in h.events)
 
 
 def test_stats_counters_and_latency(h: Harness) -> None:
@@ -387,11 +487,11 @@ def test_actor_table_is_bounded_and_keeps_owners(
 
 
 def test_garbage_logging_is_thinned_out(h: Harness) -> None:
-    h.core.events.clear()
+    h.events.clear()
     for _ in range(2000):
-        h.core.actor_message(b"babbler", [b"\xc1"], h.now)
+        h.run(h.core.actor_message(b"babbler", [b"\xc1"], h.now))
     assert h.core.actor_garbage == 2000
-    lines = [e for e in h.core.events if "babbler" in e]
+    lines = [e for e in h.events if "babbler" in e]
     assert len(lines) == core_mod.GARBAGE_LOGGED + 2  # the first 20, then #1000 and #2000
     assert lines[-1].endswith("(2000 dropped so far)")
 
@@ -406,15 +506,15 @@ def test_emits_batches_queue_in_order_and_skip_bad_items(h: Harness) -> None:
             *(Emit(InfoType.CONNECTION_IPV4, g.encode(), g.id) for g in good[1:]),
         )
     )
-    h.core.actor_message(ALE, [encode(batch), b"\x92\xa5Emits\x01"], h.now)
+    h.run(h.core.actor_message(ALE, [encode(batch), b"\x92\xa5Emits\x01"], h.now))
     assert h.core.actor_garbage == 2  # the mismatched item and the truncated batch
     assert h.read_all(OWNER) == good
 
 
 def test_repeated_hello_keepalive_logs_only_changes(h) -> None:  # type: ignore[no-untyped-def]
-    h.core.events.clear()  # the fixture's first Hello was logged
+    h.events.clear()  # the fixture's first Hello was logged
     for _ in range(3):
         h.hello(ALE, ALE_OWNS)
-    assert [e for e in h.core.events if "connected" in e] == []
+    assert [e for e in h.events if "connected" in e] == []
     h.hello(ALE, (CommandType.VERDICT,))  # a change of ownership is logged again
-    assert len([e for e in h.core.events if "connected" in e]) == 1
+    assert len([e for e in h.events if "connected" in e]) == 1
