@@ -6,6 +6,7 @@ import json
 import random
 import time
 
+import pytest
 import zmq
 
 from kextless.broker import wire
@@ -83,6 +84,7 @@ def run_fuzz(b: Broker, rng: random.Random, n: int) -> dict[bytes, int]:
     return seen
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_are_all_answered_and_memory_stays_flat() -> None:
     b = start_broker(["--queue-bytes", "65536"])
     try:

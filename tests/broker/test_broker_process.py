@@ -1,5 +1,11 @@
 """Against a real `kextless run broker` process: sessions, reads, writes, malformed input,
-permissions, and routing to real actor peers."""
+permissions, and routing to real actor peers.
+
+Every malformed command and frame is covered case by case by the core tests
+(test_broker_core.py); here they prove what the process adds: that such input arrives through
+the ROUTER's framing intact, reaches the core and is answered to the right routing id. The
+framing cases share one broker process (`shared_broker`), since none of them leaves state.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from kextless.protocol.infos import LogLine
 from kextless.protocol.messages import Command, Emit, EmitRefused, Health
 from kextless.protocol.stream import InfoStreamDecoder
 from tests.broker.broker_testlib import (
+    BAD_FRAMES,
+    MALFORMED,
     REPO,
     Broker,
     FakeActor,
@@ -76,14 +84,17 @@ def read_logs(k: KextClient) -> list[LogLine]:
 # ---- version, sessions ---------------------------------------------------------------------------
 
 
-def test_version_and_stats_need_no_session(broker: Broker) -> None:
-    s = broker.dealer()
-    assert broker.request(s, wire.VERSION) == [wire.VERSION, bytes([2, 1, 0, 0])]
-    reply = broker.request(s, wire.STATS)
+def test_version_and_stats_need_no_session(shared_broker: Broker) -> None:
+    s = shared_broker.dealer()
+    assert shared_broker.request(s, wire.VERSION) == [wire.VERSION, bytes([2, 1, 0, 0])]
+    reply = shared_broker.request(s, wire.STATS)
     assert reply[0] == wire.STATS
     counters = json.loads(reply[1])
     assert counters["session"]["state"] == "none"
     assert counters["queue"]["depth"] == 0
+    # The process facts the shell passes the core: its own pid and resident memory.
+    assert counters["pid"] == shared_broker.proc.pid
+    assert 0 < counters["rss_kib"] < 10 * shared_broker.rss_kib()
     s.close(0)
 
 
@@ -91,10 +102,10 @@ def test_version_and_stats_need_no_session(broker: Broker) -> None:
     "frames", [[wire.READ, wire.U32.pack(1024)], [wire.WRITE, b"\x05"], [wire.CLOSE]]
 )
 def test_reads_writes_and_close_without_session_are_refused(
-    broker: Broker, frames: list[bytes]
+    shared_broker: Broker, frames: list[bytes]
 ) -> None:
-    s = broker.dealer()
-    reply = broker.request(s, *frames)
+    s = shared_broker.dealer()
+    reply = shared_broker.request(s, *frames)
     assert reply[0] == wire.ERROR and b"no open session" in reply[1]
     s.close(0)
 
@@ -353,76 +364,45 @@ def test_unowned_commands(broker: Broker) -> None:
         k.shutdown()
 
 
-MALFORMED = [
-    (b"", "empty command"),
-    (b"\x01", "short Verdict command: 1 bytes, expected 10"),
-    (b"\x01" + bytes(8), "short Verdict command: 9 bytes, expected 10"),
-    (b"\x02", "short UpdateV4 command"),
-    (b"\x02" + bytes(13), "short UpdateV4 command: 14 bytes, expected 15"),
-    (b"\x03" + bytes(37), "short UpdateV6 command: 38 bytes, expected 39"),
-    (b"\x00\x00", "trailing bytes after Shutdown command: 2 bytes, expected 1"),
-    (b"\x01" + bytes(9) + b"\x07", "trailing bytes after Verdict command"),
-    (b"\x05" + b"junk", "trailing bytes after GetLogs command"),
-    (b"\x09", "unknown command type 9"),
-    (b"\xff" + bytes(9), "unknown command type 255"),
-    (b"\x01" + (7).to_bytes(8, "little") + b"\x0c", "Verdict: unknown verdict value 12"),
-    (b"\x02\x06" + bytes(12) + b"\xc8", "UpdateV4: unknown verdict value 200"),
-    (b"\x03\x11" + bytes(36) + b"\x0c", "UpdateV6: unknown verdict value 12"),
-]
-
-
-@pytest.mark.parametrize(("raw", "why"), MALFORMED)
-def test_malformed_commands_are_rejected_and_logged(broker: Broker, raw: bytes, why: str) -> None:
+def test_malformed_commands_reach_the_core_and_are_answered(broker: Broker) -> None:
     ale = FakeActor(broker, "ale", ALE_OWNS)
     with KextClient(broker.endpoint) as k:
-        with pytest.raises(KextError) as e:
-            k.write(raw)
-        assert e.value.status == wire.Status.MALFORMED
-        assert why in str(e.value)
+        for raw, why in MALFORMED:
+            with pytest.raises(KextError) as e:
+                k.write(raw)
+            assert e.value.status == wire.Status.MALFORMED
+            assert why in str(e.value)
         assert ale.nothing(), "a malformed command must change nothing"
         lines = read_logs(k)
-        assert len(lines) == 1
-        assert lines[0].severity == Severity.ERROR
-        assert lines[0].line.startswith("broker/core.py:")
-        assert f"Malformed command rejected: {why}" in lines[0].line
+        assert [ln.severity for ln in lines] == [Severity.ERROR] * len(MALFORMED)
+        for line, (_, why) in zip(lines, MALFORMED, strict=True):
+            assert line.line.startswith("broker/core.py:")
+            assert f"Malformed command rejected: {why}" in line.line
         k.send_verdict(3, Verdict.ACCEPT)  # and the broker carries on
         assert ale.recv().type == CommandType.VERDICT
+    counts = stats(broker)["commands"]
+    assert counts["Verdict"] == {"ok": 1, "malformed": 4, "unhandled": 0}
     ale.close()
 
 
 # ---- frame-level garbage ------------------------------------------------------------------------
 
 
-BAD_FRAMES = [
-    ([b"Z"], b"unknown op"),
-    ([b""], b"unknown op"),
-    ([b"OO"], b"unknown op"),
-    ([b"o"], b"unknown op"),
-    ([wire.OPEN, b"x"], b"takes no frames"),
-    ([wire.VERSION, b""], b"takes no frames"),
-    ([wire.STATS, b"1", b"2"], b"takes no frames"),
-    ([wire.READ], b"R takes one u32"),
-    ([wire.READ, b"\x00\x04\x00"], b"R takes one u32"),
-    ([wire.READ, wire.U32.pack(10), b"\x01"], b"R takes one u32"),
-    ([wire.READ, wire.U32.pack(10), wire.U32.pack(1), wire.U32.pack(1)], b"R takes one u32"),
-    ([wire.READ, wire.U32.pack(0)], b"max_bytes must be"),
-    ([wire.READ, wire.U32.pack(0xFFFFFFFF)], b"max_bytes must be"),
-    ([wire.WRITE], b"W takes exactly one command frame"),
-    ([wire.WRITE, b"\x05", b"\x05"], b"W takes exactly one command frame"),
-]
-
-
 @pytest.mark.parametrize(("frames", "why"), BAD_FRAMES)
 def test_bad_frames_get_x_and_the_broker_carries_on(
-    broker: Broker, frames: list[bytes], why: bytes
+    shared_broker: Broker, frames: list[bytes], why: bytes
 ) -> None:
-    s = broker.dealer()
-    assert broker.request(s, wire.OPEN) == [wire.OPEN]
-    reply = broker.request(s, *frames)
-    assert reply[0] == wire.ERROR and why in reply[1], reply
-    assert broker.request(s, wire.VERSION)[0] == wire.VERSION
-    assert broker.request(s, wire.CLOSE) == [wire.CLOSE]
+    b = shared_broker
+    s, other = b.dealer(), b.dealer()
+    assert b.request(s, wire.OPEN) == [wire.OPEN]
+    other.send(wire.VERSION)  # a request from another routing id, in flight meanwhile
+    reply = b.request(s, *frames)
+    assert reply[0] == wire.ERROR and why in reply[1] and len(reply) == 2, reply
+    assert other.poll(5000) and other.recv_multipart()[0] == wire.VERSION  # its own answer
+    assert b.request(s, wire.VERSION)[0] == wire.VERSION
+    assert b.request(s, wire.CLOSE) == [wire.CLOSE]
     s.close(0)
+    other.close(0)
 
 
 def test_actor_garbage_is_dropped(broker: Broker) -> None:
@@ -500,11 +480,12 @@ def test_verdict_latency_is_measured(broker: Broker) -> None:
 # ---- endpoint security --------------------------------------------------------------------------
 
 
-def test_endpoint_directory_and_socket_permissions(broker: Broker) -> None:
-    assert stat.S_IMODE(broker.sock_path.parent.stat().st_mode) == 0o700
-    assert stat.S_IMODE(broker.sock_path.stat().st_mode) == 0o600
-    assert stat.S_ISSOCK(broker.sock_path.stat().st_mode)
-    assert stat.S_IMODE((broker.sock_path.parent / "actors.sock").stat().st_mode) == 0o600
+def test_endpoint_directory_and_socket_permissions(shared_broker: Broker) -> None:
+    path = shared_broker.sock_path
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE((path.parent / "actors.sock").stat().st_mode) == 0o600
 
 
 def test_tcp_is_refused_without_curve(tmp_path: Path) -> None:
@@ -583,14 +564,14 @@ def test_tcp_with_curve_serves_authorized_clients_only(tmp_path: Path) -> None:
         proc.wait(10)
 
 
-def test_client_errors_are_typed(broker: Broker) -> None:
-    with KextClient(broker.endpoint) as k:
-        other = KextClient(broker.endpoint)
+def test_client_errors_are_typed(shared_broker: Broker) -> None:
+    with KextClient(shared_broker.endpoint) as k:
+        other = KextClient(shared_broker.endpoint)
         with pytest.raises(KextError, match="device busy"):
             other.open()
         assert k.version() == bytes([2, 1, 0, 0])
     with pytest.raises(KextError, match="client is closed"):
-        KextClient(broker.endpoint).write(b"\x05")  # never opened: refused locally
+        KextClient(shared_broker.endpoint).write(b"\x05")  # never opened: refused locally
 
 
 def test_default_endpoint_lives_in_the_run_dir(tmp_path: Path) -> None:
@@ -615,13 +596,13 @@ def test_default_endpoint_lives_in_the_run_dir(tmp_path: Path) -> None:
     assert not (run_dir / "kext.sock").exists()
 
 
-def test_an_oversized_request_frame_drops_only_that_peer(broker: Broker) -> None:
-    big = broker.dealer()
+def test_an_oversized_request_frame_drops_only_that_peer(shared_broker: Broker) -> None:
+    big = shared_broker.dealer()
     big.send_multipart([wire.WRITE, bytes(1024 * 1024)])
     assert not big.poll(300)  # libzmq disconnected it: MAXMSGSIZE
     big.close(0)
-    s = broker.dealer()
-    assert broker.request(s, wire.VERSION)[0] == wire.VERSION
+    s = shared_broker.dealer()
+    assert shared_broker.request(s, wire.VERSION)[0] == wire.VERSION
     s.close(0)
 
 
