@@ -1,1 +1,1 @@
-"""ALE: the decision state machine (connection cache, pending ids, verdicts)."""
+"""ALE: the decision state machine (the kext's connection cache and id cache, verdicts)."""
