@@ -1,9 +1,18 @@
 """The capture actor's decision core: packets and ALE messages in, actions out.
 
 No sockets, no handles, no clocks: the shell passes `now_ns` and opaque packet tokens, and
-executes the returned actions. That keeps every verdict rule testable with crafted bytes.
+executes the returned actions. That keeps every verdict rule testable with crafted bytes. It
+has the shape of every actor core (`kextless.base.cores`): each input method takes the input
+and `now_ns` and returns a list of `Action`s; `next_deadline_ns()` says when `on_deadline` next
+has work (a held packet to expire, a connection to forget, a filter to re-derive).
 
-What needs Python (kext-spec §4, §5.2, §7, §9, improved per §15):
+Two tables, named as the kext names them:
+* the connection cache (`connections`): one `Connection` record per flow, with its verdict
+  (or none yet), whether every packet of it is diverted, whether it is live, ended, held or
+  redirected;
+* the id cache (`held`): packets waiting for a verdict, by hold_id, oldest first.
+
+What needs Python:
 * TCP connection openers, FIN/RST, all UDP and all non-TCP/UDP reach us through the base
   filter. Established TCP of a permanently accepted connection never does (bulk speed).
 * TCP connections that need every packet (temporary verdicts, redirects, blocked/dropped
@@ -14,7 +23,9 @@ What needs Python (kext-spec §4, §5.2, §7, §9, improved per §15):
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -36,6 +47,11 @@ log = logging.getLogger("capture.core")
 _REJECTS = frozenset({Verdict.PERMANENT_BLOCK, Verdict.UNDETERMINABLE, Verdict.FAILED})
 _BLOCKS = _REJECTS | {Verdict.BLOCK}
 _DROPS = frozenset({Verdict.DROP, Verdict.PERMANENT_DROP, Verdict.UNDECIDED})
+
+#: A port set that shrank because a connection was forgotten outside `on_deadline` is
+#: re-derived this much later, not at once: the port is often wanted again right away (a new
+#: SYN reusing an ended connection's tuple), and a handle swap costs ~30 ms of kernel work.
+_FILTER_RECHECK_NS = 1_000_000_000
 
 
 # ---- actions --------------------------------------------------------------------------------
@@ -118,6 +134,7 @@ class Config:
     #: connections we let through: their established packets never reach us, so silence
     #: means nothing; they end with the FIN/RST we do see, or by the max_flows bound.
     idle_ns: int = 600_000_000_000
+    #: Most connections with a verdict in the connection cache; past it the oldest is forgotten.
     max_flows: int = 200_000
 
     @property
@@ -125,8 +142,62 @@ class Config:
         return frozenset({self.nameserver_port, self.tunnel_port, self.split_tunnel_port})
 
 
+#: Where a redirect target's answers come from and go to: (protocol, target address, target
+#: port, local address, local port), the key its reply packets are looked up by.
+ReplyKey = tuple[int, bytes, int, bytes, int]
+#: A held packet's retransmit key: TCP (flow, outbound, seq, flags, payload length), UDP
+#: (flow, outbound, payload).
+RetransKey = tuple[Flow, bool, int, int, int] | tuple[Flow, bool, bytes]
+#: A retransmit that joined a held packet: (token, raw, parsed, outbound, loopback).
+Follower = tuple[object, bytes, Parsed, bool, bool]
+
+
+@dataclass(slots=True)
+class Connection:
+    """One entry of the connection cache: all the capture knows about one flow.
+
+    A record may exist without a verdict (`verdict is None`, so the next packet is asked):
+    a connection whose first packets are still held (`pending`), a live TCP connection whose
+    verdict CacheClear forgot (`reask`), an ended one waiting out its grace period, or a
+    redirect whose replies are still rewritten after CacheClear.
+    """
+
+    flow: Flow
+    #: The cached verdict; None: none cached, ask about the next packet.
+    verdict: Verdict | None = None
+    #: TCP whose every packet must be diverted: its local port is in the filter.
+    per_packet: bool = False
+    #: Live, but CacheClear forgot its verdict: ask on its next packet, even a FIN/RST.
+    reask: bool = False
+    #: TCP we let a packet through for: it may be established, so silence means nothing.
+    live: bool = False
+    #: When its FIN/RST was seen or we reset it; forgotten `ended_grace_ns` later.
+    ended_ns: int | None = None
+    #: The last packet (or CacheSet) while it had a verdict; None while it has none.
+    last_seen_ns: int | None = None
+    #: Its packets held for a verdict: while > 0 and not live, an attempt in progress.
+    pending: int = 0
+    #: Its replies' key while it is redirected (`CaptureCore.replies` maps it back here).
+    redirect: ReplyKey | None = None
+    #: When `on_deadline` next looks at it (its entry in the expiry heap), or None.
+    check_ns: int | None = None
+
+
+def _unused(conn: Connection) -> bool:
+    """Nothing left to know: the record can go."""
+    return (
+        conn.verdict is None
+        and conn.pending == 0
+        and conn.ended_ns is None
+        and conn.redirect is None
+        and not (conn.live or conn.reask or conn.per_packet)
+    )
+
+
 @dataclass(slots=True)
 class Held:
+    """One entry of the id cache: a packet waiting for its verdict."""
+
     token: object
     flow: Flow
     parsed: Parsed
@@ -134,15 +205,8 @@ class Held:
     outbound: bool
     loopback: bool
     seen_ns: int
-    retrans_key: tuple | None
-    followers: list[tuple[object, bytes, Parsed, bool, bool]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Redirect:
-    flow: Flow
-    target_ip: bytes
-    target_port: int
+    retrans_key: RetransKey | None
+    followers: list[Follower] = field(default_factory=list)
 
 
 class CaptureCore:
@@ -151,27 +215,37 @@ class CaptureCore:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
         self._targets = self.config.target_ports
-        self.cache: dict[Flow, Verdict] = {}
+        #: The connection cache. Insertion order is the order connections got their verdict
+        #: (a record that gets one is moved to the end), so the max_flows bound forgets the
+        #: oldest verdict first.
+        self.connections: dict[Flow, Connection] = {}
+        #: Connections in the cache that have a verdict (what max_flows bounds).
+        self._cached = 0
+        #: A second index into the connection cache, by the redirect reply key: a target's
+        #: answer is a packet from the target to the app, whose own flow is not the
+        #: redirected connection's, and it must be found without asking (per packet).
+        self.replies: dict[ReplyKey, Connection] = {}
+        #: Local port -> per-packet connections on it: the filter's port set is its keys,
+        #: kept up to date as records change instead of derived from every record.
+        self._port_refs: dict[int, int] = {}
+        self._ports_dirty = False
+        #: The id cache: hold_id order is arrival order.
         self.held: dict[int, Held] = {}
         self._next_hold_id = 1
-        self._retrans: dict[tuple, int] = {}
-        #: TCP connections whose every packet must be diverted.
-        self.per_packet: set[Flow] = set()
-        #: Live TCP connections forgotten by CacheClear: ask on their next packet.
-        self.reask: set[Flow] = set()
-        #: TCP connections we let a packet through for: they may be established.
-        self.live: set[Flow] = set()
-        self.ended: dict[Flow, int] = {}
-        self._seen: dict[Flow, int] = {}
-        #: Held requests per connection: a connection with one is an attempt in progress.
-        self._pending: dict[Flow, int] = {}
-        self._redirects: dict[Flow, tuple] = {}
-        self._replies: dict[tuple, _Redirect] = {}
+        #: No hold_id below this is still held (moved forward lazily).
+        self._oldest_hold_id = 1
+        self._retrans: dict[RetransKey, int] = {}
+        #: (check_ns, tie, connection): when to look at a connection that may expire (ended or
+        #: idle). Lazy: an entry whose `check_ns` is not its connection's (moved earlier, or
+        #: the record deleted: `_delete` clears it) is skipped when it comes up; `_compact`
+        #: drops such entries when they pile up.
+        self._expiry: list[tuple[int, int, Connection]] = []
+        self._tie = itertools.count()
+        self._recheck_ns: int | None = None
         self._gen_requested = 0
         self._ports_requested: frozenset[int] | None = frozenset()
         self._ports_active: frozenset[int] | None = frozenset()
         self._parked: list[tuple[int, list[Action]]] = []
-        self._last_sweep_ns = 0
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "packets",
@@ -191,7 +265,7 @@ class CaptureCore:
 
     # ---- start ------------------------------------------------------------------------------
 
-    def start(self, pid: int) -> list[Action]:
+    def start(self, pid: int, now_ns: int) -> list[Action]:
         """Announce ourselves; the ALE answers with CacheSet for every connection it knows."""
         return [ToAle(CaptureReady(pid))]
 
@@ -199,10 +273,10 @@ class CaptureCore:
         """The hold_id the next held packet will get (a mark for `resync`)."""
         return self._next_hold_id
 
-    def resync(self, pid: int, before_hold_id: int) -> list[Action]:
+    def resync(self, pid: int, before_hold_id: int, now_ns: int) -> list[Action]:
         """The ALE came back (restarted): announce ourselves again and re-ask every packet
-        still held that was sent before it went away (`before_hold_id`), under the same hold_ids -
-        the ones sent while it was gone are still queued and reach it anyway."""
+        still held that was sent before it went away (`before_hold_id`), under the same
+        hold_ids - the ones sent while it was gone are still queued and reach it anyway."""
         out: list[Action] = [ToAle(CaptureReady(pid))]
         for hold_id, h in self.held.items():
             if hold_id < before_hold_id:
@@ -241,21 +315,20 @@ class CaptureCore:
             if proto == pk.ICMPV6 and p.icmp_type in pk.ICMPV6_LINK_TYPES:
                 c["passed"] += 1  # neighbour discovery / MLD: IPv6's ARP, never a connection
                 return [Pass(token)]
-            return self._ask(
-                token, raw, p, self._flow(p, outbound), outbound, loopback, now_ns, retrans=False
-            )
+            flow = self._flow(p, outbound)
+            return self._ask(token, raw, p, flow, None, outbound, loopback, now_ns, retrans=False)
         excl = self.config.exclude_ports
         if excl and (p.sport in excl or p.dport in excl):
             c["passed"] += 1
             return [Pass(token)]
         # Only build the reply key while some redirect exists (rare; this runs per packet).
-        redirect = (
-            self._replies.get((proto, p.src, p.sport, p.dst, p.dport)) if self._replies else None
+        redirected = (
+            self.replies.get((proto, p.src, p.sport, p.dst, p.dport)) if self.replies else None
         )
-        if redirect is not None:
+        if redirected is not None:
             # A redirect target answering the app: make it look like the host it contacted.
             c["rerouted"] += 1
-            f = redirect.flow
+            f = redirected.flow
             return [
                 Reroute(
                     token, bytes(pk.rewrite(raw, p, src=f.remote_ip, sport=f.remote_port)), True
@@ -263,37 +336,40 @@ class CaptureCore:
             ]
         flow = self._flow(p, outbound)
         if flow.local_port in self._targets and flow.local_ip == flow.remote_ip:
-            c["passed"] += 1  # a local redirect target's own traffic (kext §5.2.3, plus 719)
+            c["passed"] += 1  # a local redirect target's own traffic (same host on both sides)
             return [Pass(token)]
-        verdict = self.cache.get(flow)
+        conn = self.connections.get(flow)
+        verdict = None if conn is None else conn.verdict
         if verdict is None and loopback:
             rev = Flow(proto, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port)
-            verdict = self.cache.get(rev)
-            if verdict is not None:
-                flow = rev
+            rconn = self.connections.get(rev)
+            if rconn is not None and rconn.verdict is not None:
+                flow, conn, verdict = rev, rconn, rconn.verdict
         if proto == pk.TCP:
             flags = p.flags
             if flags & pk.TCP_SYN and not flags & pk.TCP_ACK:
-                if flow in self.ended:  # a new connection reusing the 5-tuple: ask afresh
-                    self._forget(flow)
+                if conn is not None and conn.ended_ns is not None:
+                    # A new connection reusing the 5-tuple: ask afresh.
+                    self._forget(flow, now_ns)
+                    conn = self.connections.get(flow)  # only its held-packet count, if any
                     verdict = None
             elif flags & (pk.TCP_FIN | pk.TCP_RST):
-                if verdict is None and flow not in self.reask:
+                if conn is None or (verdict is None and not conn.reask):
                     c["passed"] += 1  # end of a connection we never judged: not ours to stop
                     return [Pass(token)]
-                self.ended.setdefault(flow, now_ns)
-        if verdict is not None:
-            self._seen[flow] = now_ns
-        if verdict is None:
-            return self._ask(token, raw, p, flow, outbound, loopback, now_ns, retrans=True)
+                if conn.ended_ns is None:
+                    self._mark_ended(conn, now_ns)
+        if verdict is None or conn is None:  # (a verdict always has a record)
+            return self._ask(token, raw, p, flow, conn, outbound, loopback, now_ns, True)
+        conn.last_seen_ns = now_ns
         if verdict is Verdict.PERMANENT_ACCEPT:
             c["passed"] += 1
             if proto == pk.TCP:
-                self.live.add(flow)  # may become established: an Update must divert it
+                conn.live = True  # may become established: an Update must divert it
             return [Pass(token)]
         if not verdict.is_permanent:
-            return self._ask(token, raw, p, flow, outbound, loopback, now_ns, retrans=True)
-        return self._enforce(token, raw, p, flow, verdict, outbound, loopback, now_ns)
+            return self._ask(token, raw, p, flow, conn, outbound, loopback, now_ns, True)
+        return self._enforce(token, raw, p, flow, conn, verdict, outbound, loopback, now_ns)
 
     def _flow(self, p: Parsed, outbound: bool) -> Flow:
         if outbound:
@@ -306,13 +382,14 @@ class CaptureCore:
         raw: bytes | bytearray | memoryview,
         p: Parsed,
         flow: Flow,
+        conn: Connection | None,
         outbound: bool,
         loopback: bool,
         now_ns: int,
         retrans: bool,
     ) -> list[Action]:
         c = self.counters
-        key = None
+        key: RetransKey | None = None
         if retrans:
             if p.protocol == pk.TCP:
                 key = (flow, outbound, p.seq, p.flags, p.payload_len)
@@ -334,7 +411,11 @@ class CaptureCore:
         self._next_hold_id += 1
         data = bytes(raw)
         self.held[hold_id] = Held(token, flow, p, data, outbound, loopback, now_ns, key)
-        self._pending[flow] = self._pending.get(flow, 0) + 1
+        if conn is None:
+            conn = self.connections.get(flow)
+            if conn is None:
+                conn = self.connections[flow] = Connection(flow)
+        conn.pending += 1
         if key is not None:
             self._retrans[key] = hold_id
         c["asked"] += 1
@@ -358,6 +439,7 @@ class CaptureCore:
         raw: bytes | bytearray | memoryview,
         p: Parsed,
         flow: Flow,
+        conn: Connection | None,
         verdict: Verdict,
         outbound: bool,
         loopback: bool,
@@ -368,7 +450,9 @@ class CaptureCore:
         if verdict.passes:
             if verdict.is_redirect and outbound and p.protocol in (pk.TCP, pk.UDP):
                 target_ip, target_port, local = self._target(flow, verdict)
-                self._add_redirect(flow, target_ip, target_port)
+                if conn is None:
+                    conn = self._record(flow)
+                self._add_redirect(conn, target_ip, target_port)
                 c["rerouted"] += 1
                 return [
                     Reroute(
@@ -382,7 +466,7 @@ class CaptureCore:
             c["passed"] += 1
             return [Pass(token)]
         if verdict in _BLOCKS:
-            return self._reject(token, raw, p, flow, outbound, loopback, now_ns)
+            return self._reject(token, raw, p, conn, outbound, now_ns)
         c["dropped"] += 1
         return [Drop(token)]
 
@@ -391,9 +475,8 @@ class CaptureCore:
         token: object,
         raw: bytes | bytearray | memoryview,
         p: Parsed,
-        flow: Flow,
+        conn: Connection | None,
         outbound: bool,
-        loopback: bool,
         now_ns: int,
     ) -> list[Action]:
         """Block: make the sender fail at once (TCP RST, UDP port unreachable, else drop);
@@ -401,8 +484,8 @@ class CaptureCore:
         self.counters["rejected"] += 1
         inbound = outbound  # the answer goes back to whoever sent the packet
         if p.protocol == pk.TCP:
-            if flow in self.live:
-                self.ended.setdefault(flow, now_ns)  # we are resetting it
+            if conn is not None and conn.live and conn.ended_ns is None:
+                self._mark_ended(conn, now_ns)  # we are resetting it
             if p.flags & pk.TCP_RST:
                 return [Drop(token)]  # never answer a reset with a reset
             out: list[Action] = [Drop(token), Inject(token, bytes(pk.build_rst(p)), inbound)]
@@ -415,7 +498,8 @@ class CaptureCore:
         return [Drop(token)]
 
     def _target(self, flow: Flow, verdict: Verdict) -> tuple[bytes, int, bool]:
-        """(address, port, is-local) a redirected connection goes to (kext §7)."""
+        """(address, port, is-local) a redirected connection goes to: the name server, or
+        the connection's own local address at the tunnel / split-tunnel port."""
         cfg = self.config
         if verdict is Verdict.REDIRECT_NAME_SERVER:
             ip = cfg.nameserver_v6 if flow.is_v6 else cfg.nameserver_v4
@@ -423,20 +507,23 @@ class CaptureCore:
         port = cfg.tunnel_port if verdict is Verdict.REDIRECT_TUNNEL else cfg.split_tunnel_port
         return flow.local_ip, port, True  # "unify": the connection's own local address
 
-    def _add_redirect(self, flow: Flow, target_ip: bytes, target_port: int) -> None:
+    def _add_redirect(self, conn: Connection, target_ip: bytes, target_port: int) -> None:
+        flow = conn.flow
         key = (flow.protocol, target_ip, target_port, flow.local_ip, flow.local_port)
-        old = self._redirects.get(flow)
-        if old == key:
+        if conn.redirect == key:
             return
-        if old is not None:
-            self._replies.pop(old, None)
-        self._redirects[flow] = key
-        self._replies[key] = _Redirect(flow, target_ip, target_port)
+        self._drop_redirect(conn)
+        conn.redirect = key
+        self.replies[key] = conn
 
-    def _drop_redirect(self, flow: Flow) -> None:
-        key = self._redirects.pop(flow, None)
+    def _drop_redirect(self, conn: Connection) -> None:
+        key = conn.redirect
         if key is not None:
-            self._replies.pop(key, None)
+            conn.redirect = None
+            # Two connections from one local port redirected to one target share a reply
+            # key; the later one owns it, and the earlier one's end must not take it away.
+            if self.replies.get(key) is conn:
+                del self.replies[key]
 
     # ---- ALE messages -----------------------------------------------------------------------
 
@@ -465,54 +552,68 @@ class CaptureCore:
             if h.retrans_key is not None and self._retrans.get(h.retrans_key) == hold_id:
                 del self._retrans[h.retrans_key]
             flow = h.flow
-            cacheable = flow.protocol in (pk.TCP, pk.UDP)
-            if cacheable and flow not in self.cache:
+            tcp = flow.protocol == pk.TCP
+            conn = self.connections.get(flow)
+            if (tcp or flow.protocol == pk.UDP) and (conn is None or conn.verdict is None):
                 # The ALE also sends CacheSet; taking the verdict here too keeps later packets
                 # right whichever of the two messages arrives first.
                 out += self._on_cache_set(flow, verdict, now_ns)
+                conn = self.connections.get(flow)
             self._unpend(flow)
             acts = self._enforce(
-                h.token, h.raw, h.parsed, flow, verdict, h.outbound, h.loopback, now_ns
+                h.token, h.raw, h.parsed, flow, conn, verdict, h.outbound, h.loopback, now_ns
             )
             for token, raw, p, outbound, loopback in h.followers:
-                acts += self._enforce(token, raw, p, flow, verdict, outbound, loopback, now_ns)
-            if flow.protocol == pk.TCP and verdict.passes and flow not in self.live:
-                self.live.add(flow)
-                out += self._refresh(flow)
-            if (
-                flow.protocol == pk.TCP
-                and flow in self.per_packet
-                and verdict.passes
-                and not self._covered(flow)
-            ):
-                # Its next packets (SYN-ACK, data, redirect replies) must already be diverted.
-                self._parked.append((self._gen_requested, acts))
-            else:
-                out += acts
+                acts += self._enforce(
+                    token, raw, p, flow, conn, verdict, outbound, loopback, now_ns
+                )
+            if tcp and verdict.passes:
+                if conn is None:
+                    conn = self._record(flow)
+                if not conn.live:
+                    conn.live = True
+                    out += self._refresh(conn)
+                if conn.per_packet and not self._covered(flow):
+                    # Its next packets (SYN-ACK, data, redirect replies) must already be
+                    # diverted.
+                    self._parked.append((self._gen_requested, acts))
+                    continue
+            out += acts
         return out
 
     def _on_cache_set(self, flow: Flow, verdict: Verdict, now_ns: int) -> list[Action]:
         if flow.protocol not in (pk.TCP, pk.UDP):
             log.warning("CacheSet for non-TCP/UDP %s ignored (never cached)", _fmt(flow))
             return []
-        self.cache[flow] = verdict
-        self.reask.discard(flow)
+        conns = self.connections
+        conn = conns.get(flow)
+        if conn is None:
+            conn = conns[flow] = Connection(flow)
+            self._cached += 1
+        elif conn.verdict is None:
+            del conns[flow]  # to the end: the order is the order verdicts arrived
+            conns[flow] = conn
+            self._cached += 1
+        conn.verdict = verdict
+        conn.reask = False
         if verdict.is_redirect:
             ip, port, _ = self._target(flow, verdict)
-            self._add_redirect(flow, ip, port)
+            self._add_redirect(conn, ip, port)
         else:
-            self._drop_redirect(flow)
-        if len(self.cache) > self.config.max_flows:
-            oldest = next(iter(self.cache))
-            log.warning("flow table full: forgetting %s", _fmt(oldest))
-            self._forget(oldest)
-        self._seen[flow] = now_ns
+            self._drop_redirect(conn)
+        if self._cached > self.config.max_flows:
+            oldest = next(x for x in conns.values() if x.verdict is not None)
+            log.warning("flow table full: forgetting %s", _fmt(oldest.flow))
+            self._forget(oldest.flow, now_ns)
+        conn.last_seen_ns = now_ns
+        if not conn.live:
+            self._check_at(conn, now_ns + self.config.idle_ns + 1)
         if flow.protocol == pk.TCP:
-            return self._refresh(flow)
+            return self._refresh(conn)
         return []
 
-    def _refresh(self, flow: Flow) -> list[Action]:
-        """Re-decide whether every packet of TCP `flow` must be diverted.
+    def _refresh(self, conn: Connection) -> list[Action]:
+        """Re-decide whether every packet of TCP connection `conn` must be diverted.
 
         Temporary accepts and redirects: always (each packet is asked / rewritten). Blocks and
         drops: unless it is a connection attempt we are asking about right now and never let
@@ -520,40 +621,66 @@ class CaptureCore:
         a handle swap per blocked attempt. A connection we know nothing about (e.g. resent by
         the ALE after our restart) may be established: divert it. After CacheClear: always.
         """
-        verdict = self.cache.get(flow)
-        if flow in self.reask:
+        verdict = conn.verdict
+        if conn.reask:
             need = True
         elif verdict is None or verdict is Verdict.PERMANENT_ACCEPT:
             need = False
         else:
-            attempt = flow not in self.live and flow in self._pending
+            attempt = not conn.live and conn.pending > 0
             need = verdict is Verdict.ACCEPT or verdict.is_redirect or not attempt
-        if need:
-            self.per_packet.add(flow)
-        else:
-            self.per_packet.discard(flow)
+        self._set_per_packet(conn, need)
         return self._filter_actions()
 
     def _on_cache_clear(self) -> list[Action]:
-        live = [f for f in self.live if f not in self.ended]
+        """Forget every verdict. Live TCP connections are asked about again on their next
+        packet, and diverted until then; ended ones still wait out their grace period."""
+        forgotten, live = self._cached, 0
+        for flow, conn in list(self.connections.items()):
+            conn.verdict = None
+            conn.last_seen_ns = None
+            again = conn.live and conn.ended_ns is None
+            if again:
+                conn.reask = True
+                live += 1
+            self._set_per_packet(conn, again)
+            if _unused(conn):
+                self._delete(flow, conn)
+        self._cached = 0
         log.info(
-            "CacheClear: forgetting %d verdicts, %d live TCP connections will be re-asked",
-            len(self.cache),
-            len(live),
+            "CacheClear: forgot %d verdicts, %d live TCP connections will be re-asked",
+            forgotten,
+            live,
         )
-        self.cache.clear()
-        self._seen.clear()
-        self.reask.update(live)
-        self.per_packet = set(live)
         return self._filter_actions()
 
     # ---- filter -----------------------------------------------------------------------------
 
+    def _set_per_packet(self, conn: Connection, need: bool) -> None:
+        if need == conn.per_packet:
+            return
+        conn.per_packet = need
+        refs = self._port_refs
+        port = conn.flow.local_port
+        n = refs.get(port, 0)
+        if need:
+            refs[port] = n + 1
+            self._ports_dirty |= n == 0
+        elif n > 1:
+            refs[port] = n - 1
+        else:
+            del refs[port]
+            self._ports_dirty = True
+
     def _wanted_ports(self) -> frozenset[int] | None:
-        ports = frozenset(f.local_port for f in self.per_packet)
-        return None if len(ports) > self.config.max_filter_ports else ports
+        ports = self._port_refs
+        return None if len(ports) > self.config.max_filter_ports else frozenset(ports)
 
     def _filter_actions(self) -> list[Action]:
+        self._recheck_ns = None
+        if not self._ports_dirty:
+            return []  # the port set is what was last requested
+        self._ports_dirty = False
         ports = self._wanted_ports()
         if ports == self._ports_requested:
             return []
@@ -566,29 +693,44 @@ class CaptureCore:
         active = self._ports_active
         return active is None or flow.local_port in active
 
-    def filter_active(self, generation: int, ports: frozenset[int] | None) -> list[Action]:
+    def filter_active(
+        self, generation: int, ports: frozenset[int] | None, now_ns: int
+    ) -> list[Action]:
         """The shell's handle for `generation` now diverts `ports`: release what waited on it."""
         self._ports_active = ports
         ready = [acts for gen, acts in self._parked if gen <= generation]
         self._parked = [(gen, acts) for gen, acts in self._parked if gen > generation]
         return [a for acts in ready for a in acts]
 
-    # ---- housekeeping -----------------------------------------------------------------------
+    # ---- deadlines --------------------------------------------------------------------------
 
-    def tick(self, now_ns: int) -> list[Action]:
-        """Expire held packets and forgotten connections; call a few times per second."""
+    def next_deadline_ns(self) -> int | None:
+        """When `on_deadline` next has work: the oldest held packet's expiry, the earliest
+        ended/idle connection check, a pending filter re-derivation; None if none."""
+        best = self._recheck_ns
+        hold_id = self._oldest_held()
+        if hold_id is not None:
+            at = self.held[hold_id].seen_ns + self.config.hold_ttl_ns + 1
+            best = at if best is None or at < best else best
+        heap = self._expiry
+        while heap and heap[0][2].check_ns != heap[0][0]:
+            heapq.heappop(heap)  # its connection is gone or will be looked at earlier
+        if heap:
+            at = heap[0][0]
+            best = at if best is None or at < best else best
+        return best
+
+    def on_deadline(self, now_ns: int) -> list[Action]:
+        """Expire held packets (fail closed) and forget ended or idle connections whose time
+        has come (calling it early is harmless: nothing is due yet)."""
         out: list[Action] = []
         ttl = self.config.hold_ttl_ns
-        expired = []
-        for (
-            hold_id,
-            h,
-        ) in self.held.items():  # hold_id order is arrival order: stop at the first young
+        held = self.held
+        while (hold_id := self._oldest_held()) is not None:
+            h = held[hold_id]
             if now_ns - h.seen_ns <= ttl:
-                break
-            expired.append(hold_id)
-        for hold_id in expired:
-            h = self.held.pop(hold_id)
+                break  # hold_id order is arrival order: the rest are younger
+            del held[hold_id]
             self._unpend(h.flow)
             if h.retrans_key is not None and self._retrans.get(h.retrans_key) == hold_id:
                 del self._retrans[h.retrans_key]
@@ -601,33 +743,110 @@ class CaptureCore:
             )
             out.append(Drop(h.token))
             out += [Drop(t) for t, *_ in h.followers]
-        if now_ns - self._last_sweep_ns >= 1_000_000_000:
-            self._last_sweep_ns = now_ns
-            grace = self.config.ended_grace_ns
-            for f in [f for f, t in self.ended.items() if now_ns - t > grace]:
-                self._forget(f)
-            idle = self.config.idle_ns
-            live = self.live
-            for f in [f for f, t in self._seen.items() if now_ns - t > idle and f not in live]:
-                self._forget(f)
+        heap = self._expiry
+        forgot = False
+        while heap and heap[0][0] <= now_ns:
+            at, _, conn = heapq.heappop(heap)
+            if conn.check_ns != at:
+                continue  # its connection is gone, or was looked at earlier
+            conn.check_ns = None
+            due = self._expires_at(conn)
+            if due is None:
+                continue
+            if due <= now_ns:
+                self._forget(conn.flow, None)
+                forgot = True
+            else:
+                self._check_at(conn, due)  # seen since: look again when it can expire
+        if forgot or (self._recheck_ns is not None and now_ns >= self._recheck_ns):
             out += self._filter_actions()
         return out
 
-    def _unpend(self, flow: Flow) -> None:
-        n = self._pending.get(flow, 0) - 1
-        if n > 0:
-            self._pending[flow] = n
-        else:
-            self._pending.pop(flow, None)
+    def _oldest_held(self) -> int | None:
+        """The oldest held packet's hold_id (amortised O(1): each hold_id is passed once)."""
+        held = self.held
+        if not held:
+            self._oldest_hold_id = self._next_hold_id
+            return None
+        i = self._oldest_hold_id
+        while i not in held:
+            i += 1
+        self._oldest_hold_id = i
+        return i
 
-    def _forget(self, flow: Flow) -> None:
-        self.cache.pop(flow, None)
-        self.ended.pop(flow, None)
-        self._seen.pop(flow, None)
-        self.per_packet.discard(flow)
-        self.reask.discard(flow)
-        self.live.discard(flow)
-        self._drop_redirect(flow)
+    def _expires_at(self, conn: Connection) -> int | None:
+        """When `conn` is forgotten if nothing happens: ended_grace_ns after its end, idle_ns
+        after its last packet unless it is live TCP (never, without an end)."""
+        cfg = self.config
+        at = None if conn.ended_ns is None else conn.ended_ns + cfg.ended_grace_ns + 1
+        if conn.last_seen_ns is not None and not conn.live:
+            idle = conn.last_seen_ns + cfg.idle_ns + 1
+            at = idle if at is None or idle < at else at
+        return at
+
+    def _check_at(self, conn: Connection, at: int) -> None:
+        """Make sure `on_deadline` looks at `conn` no later than `at`."""
+        if conn.check_ns is not None and conn.check_ns <= at:
+            return  # an earlier look re-schedules it
+        conn.check_ns = at
+        heap = self._expiry
+        heapq.heappush(heap, (at, next(self._tie), conn))
+        if len(heap) > 2 * len(self.connections) + 1024:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the expiry heap from the live records: forgotten connections and superseded
+        checks would otherwise stay in it until their time came (idle_ns: 10 minutes)."""
+        self._expiry = [
+            (x.check_ns, next(self._tie), x)
+            for x in self.connections.values()
+            if x.check_ns is not None
+        ]
+        heapq.heapify(self._expiry)
+
+    # ---- housekeeping -----------------------------------------------------------------------
+
+    def _record(self, flow: Flow) -> Connection:
+        conn = self.connections.get(flow)
+        if conn is None:
+            conn = self.connections[flow] = Connection(flow)
+        return conn
+
+    def _mark_ended(self, conn: Connection, now_ns: int) -> None:
+        conn.ended_ns = now_ns
+        self._check_at(conn, now_ns + self.config.ended_grace_ns + 1)
+
+    def _unpend(self, flow: Flow) -> None:
+        conn = self.connections.get(flow)
+        if conn is None:
+            return
+        if conn.pending > 0:
+            conn.pending -= 1
+        if _unused(conn):
+            self._delete(flow, conn)  # e.g. ICMP: asked per packet, never cached
+
+    def _delete(self, flow: Flow, conn: Connection) -> None:
+        del self.connections[flow]
+        conn.check_ns = None  # its expiry entries are void
+
+    def _forget(self, flow: Flow, now_ns: int | None) -> None:
+        """Drop everything known about `flow`: its record and its reply key.
+
+        `now_ns`: called outside `on_deadline`, which re-derives the filter itself; a port
+        set that shrank is then re-derived `_FILTER_RECHECK_NS` later."""
+        conn = self.connections.get(flow)
+        if conn is None:
+            return
+        self._delete(flow, conn)
+        if conn.verdict is not None:
+            self._cached -= 1
+        self._drop_redirect(conn)
+        self._set_per_packet(conn, False)
+        if self._ports_dirty and now_ns is not None and self._recheck_ns is None:
+            self._recheck_ns = now_ns + _FILTER_RECHECK_NS
+        if conn.pending:
+            # Its held packets still wait for their Decision, which counts them off here.
+            self.connections[flow] = Connection(flow, pending=conn.pending)
 
 
 def _fmt(flow: Flow) -> str:

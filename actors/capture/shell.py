@@ -155,7 +155,7 @@ class CaptureShell:
             first, priority=self.cfg.priority, ring_bytes=self.cfg.ring_bytes
         ).open()
         log.info("handle open (priority %d): %s", self.cfg.priority, first)
-        self._run_actions(self.core.start(os.getpid()))
+        self._run_actions(self.core.start(os.getpid(), time.monotonic_ns()))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -183,7 +183,7 @@ class CaptureShell:
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + _TICK_S
-                    self._run_actions(self.core.tick(time.monotonic_ns()))
+                    self._run_actions(self.core.on_deadline(time.monotonic_ns()))
                 if now >= next_stats:
                     next_stats = now + _STATS_S
                     self._check_stats()
@@ -204,11 +204,8 @@ class CaptureShell:
             self._connects += 1
             if self._connects > 1:
                 mark = self._lost_before
-                self._run_actions(
-                    self.core.resync(
-                        os.getpid(), self.core.next_hold_id() if mark is None else mark
-                    )
-                )
+                before = self.core.next_hold_id() if mark is None else mark
+                self._run_actions(self.core.resync(os.getpid(), before, time.monotonic_ns()))
             self._lost_before = None
 
     def _event_fd(self, h: EBPFDivert) -> int:
@@ -345,7 +342,7 @@ class CaptureShell:
         newfd = None
         if new is None:
             log.error("opening handle generation %d failed: %s (keeping the old one)", gen, err)
-            self._run_actions(self.core.filter_active(gen, None if ports is None else ports))
+            self._run_actions(self.core.filter_active(gen, ports, time.monotonic_ns()))
         else:
             old, self.handle = self.handle, new
             # The new handle shadows the old one from now on: whatever the old one still
@@ -371,7 +368,7 @@ class CaptureShell:
                 secs * 1000,
                 desc,
             )
-            self._run_actions(self.core.filter_active(gen, ports))
+            self._run_actions(self.core.filter_active(gen, ports, time.monotonic_ns()))
         self._maybe_open()
         return newfd
 

@@ -6,8 +6,10 @@ import pytest
 
 from kextless.actors.capture import packets as pk
 from kextless.actors.capture.core import (
+    Action,
     CaptureCore,
     Config,
+    Connection,
     Drop,
     Inject,
     Pass,
@@ -15,6 +17,7 @@ from kextless.actors.capture.core import (
     SetFilter,
     ToAle,
 )
+from kextless.base.cores import Core
 from kextless.protocol.enums import Direction, Verdict
 from kextless.protocol.messages import (
     CacheClear,
@@ -74,12 +77,12 @@ def accept_connection(core: CaptureCore, verdict: Verdict = Verdict.PERMANENT_AC
     out = core.on_message(Decision((held.hold_id,), verdict), NOW)
     for x in out:
         if isinstance(x, SetFilter):
-            out += core.filter_active(x.generation, x.ports)
+            out += core.filter_active(x.generation, x.ports, NOW)
     return held.flow
 
 
 def test_start_announces_capture_ready() -> None:
-    assert CaptureCore().start(42) == [ToAle(CaptureReady(42))]
+    assert CaptureCore().start(42, NOW) == [ToAle(CaptureReady(42))]
 
 
 def test_miss_asks_with_a_direction_agnostic_flow() -> None:
@@ -206,7 +209,7 @@ def test_temporary_verdict_asks_for_every_packet_and_diverts_the_connection() ->
     assert out == [SetFilter(1, frozenset({40000}))]
     # The SYN must not leave before the SYN-ACK is sure to be diverted.
     assert core.on_message(Decision((held.hold_id,), Verdict.ACCEPT), NOW) == []
-    assert core.filter_active(1, frozenset({40000})) == [Pass(t)]
+    assert core.filter_active(1, frozenset({40000}), NOW) == [Pass(t)]
     hold_ids = set()
     for i, (raw, out_) in enumerate(
         [
@@ -313,7 +316,7 @@ def test_redirect_tunnel_targets_the_own_address_and_configured_port() -> None:
     _t, acts = feed(core, c.v6(L6, "fd00::99", c.tcp(40000, 443, c.SYN)))
     (held,) = asked(acts)
     core.on_message(CacheSet(held.flow, Verdict.REDIRECT_TUNNEL), NOW)
-    core.filter_active(1, frozenset({40000}))
+    core.filter_active(1, frozenset({40000}), NOW)
     (r,) = core.on_message(Decision((held.hold_id,), Verdict.REDIRECT_TUNNEL), NOW)
     assert isinstance(r, Reroute)
     q = pk.parse(r.raw)
@@ -364,8 +367,8 @@ def test_unknown_and_foreign_messages_are_ignored() -> None:
 def test_held_packets_expire_fail_closed() -> None:
     core = CaptureCore(Config(hold_ttl_ns=5_000_000_000))
     t, _acts = feed(core, syn_out())
-    assert core.tick(NOW + 4_000_000_000) == []
-    assert Drop(t) in core.tick(NOW + 6_000_000_000)
+    assert core.on_deadline(NOW + 4_000_000_000) == []
+    assert Drop(t) in core.on_deadline(NOW + 6_000_000_000)
     assert core.held == {}
 
 
@@ -380,10 +383,12 @@ def test_new_syn_after_the_connection_ended_is_asked_again() -> None:
 def test_ended_connections_are_forgotten_after_the_grace_period() -> None:
     core = CaptureCore(Config(ended_grace_ns=1_000_000_000))
     flow = accept_connection(core, Verdict.ACCEPT)
-    assert flow in core.per_packet
-    feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False)
-    out = core.tick(NOW + 3_000_000_000)
-    assert flow not in core.cache and SetFilter(2, frozenset()) in out
+    assert core.connections[flow].per_packet
+    feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False)  # asked: held
+    out = core.on_deadline(NOW + 3_000_000_000)
+    assert SetFilter(2, frozenset()) in out
+    # Forgotten; only the count of its packets still held remains, for their Decision.
+    assert core.connections[flow] == Connection(flow, pending=1)
 
 
 def test_block_for_an_unknown_connection_diverts_it() -> None:
@@ -405,17 +410,17 @@ def test_block_decision_without_cache_set_needs_no_filter_change() -> None:
 def test_idle_connections_are_forgotten() -> None:
     core = CaptureCore(Config(idle_ns=10_000_000_000))
     core.on_message(CacheSet(Flow(17, a(L4), 5000, a(R4), 53), Verdict.PERMANENT_ACCEPT), NOW)
-    core.tick(NOW + 5_000_000_000)
-    assert core.cache
-    core.tick(NOW + 11_000_000_000)
-    assert not core.cache
+    core.on_deadline(NOW + 5_000_000_000)
+    assert core.connections
+    core.on_deadline(NOW + 11_000_000_000)
+    assert not core.connections
 
 
 def test_quiet_established_tcp_is_not_forgotten() -> None:
     core = CaptureCore(Config(idle_ns=10_000_000_000))
     flow = accept_connection(core)
-    core.tick(NOW + 3600_000_000_000)
-    assert core.cache[flow] is Verdict.PERMANENT_ACCEPT
+    core.on_deadline(NOW + 3600_000_000_000)
+    assert core.connections[flow].verdict is Verdict.PERMANENT_ACCEPT
     assert core.on_message(CacheClear(), NOW) == [SetFilter(1, frozenset({40000}))]
 
 
@@ -425,5 +430,137 @@ def test_resync_reasks_what_was_held_before_the_ale_went_away() -> None:
     (first,) = asked(acts)
     mark = core.next_hold_id()
     _, acts = feed(core, syn_out(sport=40001))  # sent while the ALE was away: still queued
-    out = core.resync(7, mark)
+    out = core.resync(7, mark, NOW)
     assert out == [ToAle(CaptureReady(7)), ToAle(first)]
+
+
+# ---- the shape of a core, deadlines, and the connection cache --------------------------------
+
+S = 1_000_000_000
+
+
+def test_core_has_the_shape_of_every_actor_core() -> None:
+    core: Core[Action] = CaptureCore()
+    assert core.next_deadline_ns() is None  # nothing to do on its own
+    assert core.on_deadline(NOW) == []
+
+
+def test_held_packet_expires_at_its_deadline_and_not_before() -> None:
+    core = CaptureCore(Config(hold_ttl_ns=5 * S))
+    t1, _ = feed(core, syn_out(sport=40000), now=NOW)
+    t2, _ = feed(core, syn_out(sport=40001), now=NOW + 2 * S)
+    deadline = core.next_deadline_ns()
+    assert deadline == NOW + 5 * S + 1  # the oldest held packet's
+    assert core.on_deadline(deadline - 1) == [] and len(core.held) == 2
+    assert core.on_deadline(deadline) == [Drop(t1)]
+    assert core.next_deadline_ns() == NOW + 7 * S + 1
+    assert core.on_deadline(NOW + 7 * S + 1) == [Drop(t2)]
+    assert core.next_deadline_ns() is None and core.connections == {}
+
+
+def test_a_decided_packet_no_longer_sets_the_deadline() -> None:
+    core = CaptureCore(Config(hold_ttl_ns=5 * S))
+    _, acts = feed(core, c.v4(L4, R4, c.icmp_echo()), now=NOW)
+    feed(core, c.v4(L4, R4, c.icmp_echo(seq=2)), now=NOW + S)
+    core.on_message(Decision((asked(acts)[0].hold_id,), Verdict.ACCEPT), NOW + S)
+    assert core.next_deadline_ns() == NOW + 6 * S + 1
+
+
+def test_ended_connection_is_forgotten_at_its_deadline_and_not_before() -> None:
+    core = CaptureCore(Config(ended_grace_ns=2 * S))
+    flow = accept_connection(core)
+    feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.FIN | c.ACK)), outbound=False, now=NOW + S)
+    deadline = core.next_deadline_ns()
+    assert deadline == NOW + 3 * S + 1
+    assert core.on_deadline(deadline - 1) == [] and flow in core.connections
+    core.on_deadline(deadline)
+    assert flow not in core.connections
+    assert core.next_deadline_ns() is None
+
+
+def test_idle_connection_is_forgotten_at_its_deadline_and_not_before() -> None:
+    core = CaptureCore(Config(idle_ns=10 * S))
+    flow = Flow(17, a(L4), 5000, a(R4), 53)
+    core.on_message(CacheSet(flow, Verdict.PERMANENT_ACCEPT), NOW)
+    feed(core, c.v4(L4, R4, c.udp(5000, 53)), now=NOW + 4 * S)  # a cache hit: seen again
+    # The first look comes 10 s after the CacheSet; the packet since then moves the expiry.
+    assert core.next_deadline_ns() == NOW + 10 * S + 1
+    assert core.on_deadline(NOW + 10 * S + 1) == [] and flow in core.connections
+    deadline = core.next_deadline_ns()
+    assert deadline == NOW + 14 * S + 1
+    core.on_deadline(deadline - 1)
+    assert flow in core.connections
+    core.on_deadline(deadline)
+    assert flow not in core.connections and core.next_deadline_ns() is None
+
+
+def test_quiet_live_tcp_sets_no_deadline() -> None:
+    core = CaptureCore(Config(idle_ns=10 * S))
+    accept_connection(core)
+    core.on_deadline(core.next_deadline_ns() or 0)  # its first look finds it live
+    assert core.next_deadline_ns() is None
+
+
+def test_forget_leaves_no_trace() -> None:
+    core = CaptureCore(Config(ended_grace_ns=S))
+    _, acts = feed(core, c.v4(L4, R4, c.tcp(40000, 443, c.SYN)))
+    (held,) = asked(acts)
+    flow = held.flow
+    core.on_message(CacheSet(flow, Verdict.REDIRECT_TUNNEL), NOW)
+    core.filter_active(1, frozenset({40000}), NOW)
+    core.on_message(Decision((held.hold_id,), Verdict.REDIRECT_TUNNEL), NOW)
+    conn = core.connections[flow]
+    assert conn.live and conn.per_packet and conn.redirect in core.replies
+    fin = c.v4(L4, R4, c.tcp(40000, 443, c.FIN | c.ACK))
+    feed(core, fin, now=NOW + S)  # redirected, not held
+    out = core.on_deadline(NOW + 2 * S + 1)
+    assert out == [SetFilter(2, frozenset())]
+    assert core.connections == {} and core.replies == {} and core.held == {}
+    assert core._port_refs == {} and core._cached == 0
+    assert core.next_deadline_ns() is None
+
+
+def test_a_port_freed_by_a_new_syn_leaves_the_filter_a_second_later() -> None:
+    """One re-derivation per second at most, as the per-second sweep did: the port is often
+    wanted again at once (the new connection gets the same verdict)."""
+    core = CaptureCore()
+    accept_connection(core, Verdict.ACCEPT)  # per-packet on 40000
+    feed(core, c.v4(R4, L4, c.tcp(80, 40000, c.RST)), outbound=False)
+    _, acts = feed(core, syn_out(seq=7), now=NOW + S)  # reuses the ended tuple: forgotten
+    assert len(asked(acts)) == 1 and not [x for x in acts if isinstance(x, SetFilter)]
+    assert core.next_deadline_ns() == NOW + 2 * S
+    assert core.on_deadline(NOW + 2 * S - 1) == []
+    assert core.on_deadline(NOW + 2 * S) == [SetFilter(2, frozenset())]
+
+
+def test_flow_table_bound_forgets_the_oldest_verdict() -> None:
+    core = CaptureCore(Config(max_flows=2))
+    _, acts = feed(core, syn_out(sport=39999))  # its record exists first, with no verdict
+    (held,) = asked(acts)
+    first, second = tcp_flow(40001), tcp_flow(40002)
+    core.on_message(CacheSet(first, Verdict.PERMANENT_ACCEPT), NOW)
+    core.on_message(CacheSet(second, Verdict.PERMANENT_ACCEPT), NOW)
+    core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_ACCEPT), NOW)
+    assert first not in core.connections  # the oldest verdict, not the oldest record
+    assert {held.flow, second} <= core.connections.keys()
+
+
+def test_a_shared_reply_key_outlives_the_connection_that_set_it_first() -> None:
+    core = CaptureCore(Config(idle_ns=10 * S))
+    to_r4, to_r6 = Flow(17, a(L4), 40000, a(R4), 53), Flow(17, a(L4), 40000, a("10.0.0.6"), 53)
+    core.on_message(CacheSet(to_r4, Verdict.REDIRECT_NAME_SERVER), NOW)
+    core.on_message(CacheSet(to_r6, Verdict.REDIRECT_NAME_SERVER), NOW + 5 * S)
+    core.on_deadline(NOW + 10 * S + 1)  # the first one idles out
+    assert to_r4 not in core.connections
+    reply = c.v4("127.0.0.1", L4, c.udp(53, 40000, b"answer"))
+    (r,) = feed(core, reply, loopback=True)[1]
+    q = pk.parse(r.raw) if isinstance(r, Reroute) else None
+    assert q is not None and (q.src, q.sport) == (a("10.0.0.6"), 53)
+
+
+def test_expiry_schedule_stays_bounded_under_churn() -> None:
+    core = CaptureCore(Config(max_flows=10))
+    for port in range(1, 5001):
+        core.on_message(CacheSet(Flow(17, a(L4), port, a(R4), 53), Verdict.ACCEPT), NOW)
+        assert len(core._expiry) <= 2 * len(core.connections) + 1025
+    assert len(core.connections) == 10
