@@ -1,7 +1,10 @@
 """The capture actor's I/O: one pydivert NETWORK handle and one ZMQ DEALER, in one thread.
 
 The handle's event fd and the DEALER are multiplexed with zmq.Poller (pydivert's asyncio path
-was measured slowest). The core decides; this file only receives, sends and swaps handles.
+was measured slowest). The core decides; this file only receives, sends and swaps handles. The
+loop sleeps until the first of: an input (packet, ALE message, opened handle), the core's next
+deadline (`next_deadline_ns`: a held packet or a connection to expire), or `_RECV_TIMEOUT_NS`
+after the handle was last read.
 
 Handle swaps: a filter is fixed at open, so a new per-connection port set means a new handle.
 It is opened at the same priority in a helper thread (open takes ~30 ms; the loop keeps
@@ -42,13 +45,20 @@ from kextless.actors.capture.core import (
     SetFilter,
     ToAle,
 )
+from kextless.base.cores import wait_ms
 from kextless.protocol.messages import decode, encode
 
 log = logging.getLogger("capture")
 
 _BATCH = 256
-_TICK_S = 0.1
-_STATS_S = 5.0
+#: The longest the handle goes unread, whatever its event fd says. libebpfdivert 0.0.5 can
+#: miss a ring-buffer wakeup when two CPUs produce at once: the packet then sits in the ring,
+#: the event fd quiet, until some later wakeup. A non-blocking recv consumes the ring whether
+#: or not a wakeup came, so reading the handle at least this often bounds how long such a
+#: packet waits. 100 ms is the fixed poll timeout the loop had before it slept until the
+#: core's deadlines; keeping it keeps an idle capture at 10 wake-ups a second, as before.
+_RECV_TIMEOUT_NS = 100_000_000
+_STATS_NS = 5_000_000_000
 
 
 @dataclass(frozen=True)
@@ -162,10 +172,24 @@ class CaptureShell:
         poller.register(self._opener.rfd, zmq.POLLIN)
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
-        next_tick = next_stats = time.monotonic()
+        core = self.core
+        last_read = next_stats = time.monotonic_ns()
         try:
             while not self._stop:
-                for item, _ev in poller.poll(_TICK_S * 1000):
+                now = time.monotonic_ns()
+                if now - last_read >= _RECV_TIMEOUT_NS:
+                    self._drain_handle(self.handle)  # a packet whose wakeup was missed
+                    last_read = now
+                deadline = core.next_deadline_ns()
+                if deadline is not None and now >= deadline:
+                    self._run_actions(core.on_deadline(now))
+                    deadline = core.next_deadline_ns()
+                if now >= next_stats:
+                    next_stats = now + _STATS_NS
+                    self._check_stats()
+                # Sleep until the core's next deadline, the next input, or the read bound.
+                read_ms = wait_ms(last_read + _RECV_TIMEOUT_NS, now)
+                for item, _ev in poller.poll(wait_ms(deadline, now, read_ms)):
                     if item is sock:
                         self._drain_ale()
                     elif item is monitor:
@@ -180,13 +204,7 @@ class CaptureShell:
                             poller.register(hfd, zmq.POLLIN)
                     elif item == hfd:
                         self._drain_handle(self.handle)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + _TICK_S
-                    self._run_actions(self.core.on_deadline(time.monotonic_ns()))
-                if now >= next_stats:
-                    next_stats = now + _STATS_S
-                    self._check_stats()
+                        last_read = time.monotonic_ns()
         finally:
             self._shutdown()
             sock.disable_monitor()
@@ -272,7 +290,7 @@ class CaptureShell:
     def _run(self, a: Action) -> None:
         h = self.handle
         if isinstance(a, Pass):
-            h.send(a.token, recalculate_checksum=False)  # type: ignore[union-attr,arg-type]
+            h.send(a.token, recalculate_checksum=False)  # type: ignore[union-attr]
         elif isinstance(a, Drop):
             pass
         elif isinstance(a, ToAle):
@@ -283,14 +301,14 @@ class CaptureShell:
                     "ALE queue full: %s not sent (the packet expires)", type(a.msg).__name__
                 )
         elif isinstance(a, Reroute):
-            p: Packet = a.token  # type: ignore[assignment]
+            p: Packet = a.token
             p.raw = a.raw
             if a.loopback:
                 p.interface = self._lo
                 p.is_loopback = True
             h.send(p, recalculate_checksum=False)  # type: ignore[union-attr]
         elif isinstance(a, Inject):
-            like: Packet = a.like  # type: ignore[assignment]
+            like: Packet = a.like
             # A fresh address: re-using the captured packet's address (even with Outbound
             # flipped) re-injects towards where the original came from (measured: an RST for
             # an inbound SYN never reached the remote that way).
