@@ -707,17 +707,24 @@ class CaptureCore:
     def next_deadline_ns(self) -> int | None:
         """When `on_deadline` next has work: the oldest held packet's expiry, the earliest
         ended/idle connection check, a pending filter re-derivation; None if none."""
+        # (Called once per shell wakeup: kept to a few lookups.)
         best = self._recheck_ns
-        hold_id = self._oldest_held()
-        if hold_id is not None:
-            at = self.held[hold_id].seen_ns + self.config.hold_ttl_ns + 1
-            best = at if best is None or at < best else best
+        held = self.held
+        if held:
+            h = held.get(self._oldest_hold_id) or held[self._oldest_held()]
+            at = h.seen_ns + self.config.hold_ttl_ns + 1
+            if best is None or at < best:
+                best = at
         heap = self._expiry
-        while heap and heap[0][2].check_ns != heap[0][0]:
-            heapq.heappop(heap)  # its connection is gone or will be looked at earlier
         if heap:
-            at = heap[0][0]
-            best = at if best is None or at < best else best
+            top = heap[0]
+            while top[2].check_ns != top[0]:  # its connection is gone, or looked at earlier
+                heapq.heappop(heap)
+                if not heap:
+                    return best
+                top = heap[0]
+            if best is None or top[0] < best:
+                best = top[0]
         return best
 
     def on_deadline(self, now_ns: int) -> list[Action]:
@@ -726,7 +733,8 @@ class CaptureCore:
         out: list[Action] = []
         ttl = self.config.hold_ttl_ns
         held = self.held
-        while (hold_id := self._oldest_held()) is not None:
+        while held:
+            hold_id = self._oldest_held()
             h = held[hold_id]
             if now_ns - h.seen_ns <= ttl:
                 break  # hold_id order is arrival order: the rest are younger
@@ -762,12 +770,10 @@ class CaptureCore:
             out += self._filter_actions()
         return out
 
-    def _oldest_held(self) -> int | None:
-        """The oldest held packet's hold_id (amortised O(1): each hold_id is passed once)."""
+    def _oldest_held(self) -> int:
+        """The oldest held packet's hold_id, while there is one (amortised O(1): the search
+        passes each hold_id once)."""
         held = self.held
-        if not held:
-            self._oldest_hold_id = self._next_hold_id
-            return None
         i = self._oldest_hold_id
         while i not in held:
             i += 1

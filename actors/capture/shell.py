@@ -188,7 +188,7 @@ class CaptureShell:
                     next_stats = now + _STATS_NS
                     self._check_stats()
                 # Sleep until the core's next deadline, the next input, or the read bound.
-                read_ms = wait_ms(last_read + _RECV_TIMEOUT_NS, now)
+                read_ms = (last_read + _RECV_TIMEOUT_NS - now + 999_999) // 1_000_000
                 for item, _ev in poller.poll(wait_ms(deadline, now, read_ms)):
                     if item is sock:
                         self._drain_ale()
