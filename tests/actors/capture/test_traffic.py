@@ -177,6 +177,7 @@ def test_loopback_connections_are_asked_and_obeyed(
         assert {m.flow.protocol for m in env.held_for(18003)} == {6, 17}
 
 
+@pytest.mark.slow  # ~2 s: it waits out the kernel's first SYN retransmit
 def test_retransmitted_syn_waits_for_the_pending_request() -> None:
     """A slow ALE: the SYN retransmit (~1 s) joins the pending request; one answer frees both."""
     with capture_env(lambda m: None) as env:  # the ALE peer holds its answer back
