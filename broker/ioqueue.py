@@ -1,6 +1,6 @@
 """The event queue and the kext's read algorithm, as a pure core (no sockets, no clocks).
 
-Two FIFOs replace the kext's single unbounded KQUEUE (kext-spec §3, §15.2):
+Two FIFOs replace the kext's single unbounded KQUEUE (kext-contract C3, C15-2):
 * priority: connection infos and connection-end infos, so verdict requests never wait behind a
   backlog of bandwidth tables or log lines;
 * bulk: bandwidth and log infos.

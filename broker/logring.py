@@ -1,4 +1,4 @@
-"""The kext's log ring (kext-spec §12), kept honest.
+"""The kext's log ring (kext-contract C12), kept honest.
 
 Like the kext: 1024 line slots, the oldest overwritten, lines reach Portmaster only when it sends
 GetLogs. Unlike the kext: overwriting is counted and reported by a marker line at the next flush,

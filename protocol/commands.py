@@ -1,6 +1,6 @@
-"""Commands (Portmaster -> kext): one per write, byte 0 the type, then a packed payload (kext-spec
-§2.6). Decoding is strict where the kext was not (§2.7, §15.1): empty, short, trailing bytes,
-unknown type and unknown verdict value all raise ProtocolError and nothing else."""
+"""Commands (Portmaster -> kext): one per write, byte 0 the type, then a packed payload
+(kext-contract C2-6). Decoding is strict where the kext was not (C2-7, C15-1): empty, short,
+trailing bytes, unknown type and unknown verdict value all raise ProtocolError and nothing else."""
 
 from __future__ import annotations
 

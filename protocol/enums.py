@@ -1,4 +1,4 @@
-"""Named values of the kext protocol (kext-spec §2, §4). Only the codecs see raw integers."""
+"""Named values of the kext protocol (kext-contract C2, C4). Only the codecs see raw integers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Infos (kext -> Portmaster): byte-exact codecs for the seven record types (kext-spec §2.2-§2.5).
+"""Infos (kext -> Portmaster): byte-exact codecs for the seven record types
+(kext-contract C2-2 to C2-5).
 
 Every record is a 5-byte header (type u8, body length u32 LE) and a packed little-endian body.
 Addresses are raw network-order bytes; ports are host-order numbers written as u16 LE. Note the
@@ -317,7 +318,7 @@ def _decode_log(body: bytes) -> Info:
     if len(body) < 1:
         raise ProtocolError("LogLine: empty body, expected a severity byte")
     if len(body) == 1:
-        # Portmaster fails to read a zero-length text (portmaster-client §1.5).
+        # Portmaster fails to read a zero-length text (kext-contract C14-1).
         raise ProtocolError("LogLine: no text after the severity byte")
     return LogLine(_u8_enum(Severity, body[0]), bytes(body[1:]).decode("utf-8", errors="replace"))
 

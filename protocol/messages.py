@@ -1,9 +1,9 @@
 """The actors' message contract: every message kextless processes send each other.
 
-One tagged msgspec union, encoded as msgpack arrays (small, and ~1 us per message). Bump
-CONTRACT_VERSION on any incompatible change; actors announce it in Hello and the broker refuses
-a mismatch loudly instead of misreading fields. Addresses are raw network-order bytes, exactly
-as on the kext wire, so codecs never re-parse text.
+One tagged msgspec union, encoded as msgpack arrays (small and cheap: docs/measurements.md
+M14). Bump CONTRACT_VERSION on any incompatible change; actors announce it in Hello and the
+broker refuses a mismatch loudly instead of misreading fields. Addresses are raw network-order
+bytes, exactly as on the kext wire, so codecs never re-parse text.
 
 Framing: every ZeroMQ frame holds exactly one encoded message. A sender may put several messages
 in one multipart message; the receiver handles the frames in order, as if they had come one by

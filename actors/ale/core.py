@@ -7,10 +7,10 @@ wrapper record: Decision, CacheSet and CacheClear go to the capture actor, every
 (monotonic) the shell passes in; `next_deadline_ns()` is when the oldest held packet's verdict
 timeout falls due, and `on_deadline(now_ns)` applies the default verdict to what has timed out.
 
-It follows kext-spec §4, §6, §8-§10 and fixes the weaknesses of §15 that live here: the cache
-entry exists before its event is emitted (§15.4), keys include the local address (§15.6),
-pending packets time out (§15.2), ClearCache keeps answering pending packets (§15.19), an end is
-recorded once (§15.8), and expiry uses a monotonic clock (§15.9).
+It follows kext-contract C4, C6, C8-C10 and fixes the weaknesses of C15 that live here: the cache
+entry exists before its event is emitted (C15-4), keys include the local address (C15-6),
+pending packets time out (C15-2), ClearCache keeps answering pending packets (C15-19), an end is
+recorded once (C15-8), and expiry uses a monotonic clock (C15-9).
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ class AleCore:
         ]
 
     def connection_ended(self, msg: m.ConnectionEnded, now_ns: int) -> list[m.Message]:
-        """Record an end once and report it (the kext re-ended entries, §15.8)."""
+        """Record an end once and report it (the kext re-ended entries, kext-contract C15-8)."""
         conn = self.connection_cache.get(msg.flow)
         if conn is None or conn.ended_ns:
             return []
@@ -304,7 +304,7 @@ class AleCore:
             conn = self.connection_cache.get(flow)
             if conn is None:
                 # ClearCache ran while this packet waited: the verdict still describes the
-                # connection, so remember it rather than asking again (§15.19).
+                # connection, so remember it rather than asking again (kext-contract C15-19).
                 conn = Connection(verdict, 0, Direction.OUTBOUND, now_ns)
                 self.connection_cache[flow] = conn
             conn.last_seen_ns = now_ns
@@ -336,7 +336,7 @@ class AleCore:
         return [m.CacheClear()]
 
     def _shutdown(self, now_ns: int) -> list[m.Message]:
-        """Resolve every held packet as PermanentBlock (kext-spec §8.6)."""
+        """Resolve every held packet as PermanentBlock (kext-contract C8-6)."""
         self.counters["shutdowns"] += 1
         out: list[m.Message] = []
         for pending_id in list(self.id_cache):

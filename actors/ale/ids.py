@@ -1,4 +1,4 @@
-"""Pending ids survive an ALE restart: they are u64, global and never reused (kext-spec §10).
+"""Pending ids survive an ALE restart: they are u64, global and never reused (kext-contract C10).
 
 A restarted ALE must not hand Portmaster an id it already used in the same broker session, so
 the shell reserves ids in blocks and records the end of the current block in a file before

@@ -50,7 +50,7 @@ _DROPS = frozenset({Verdict.DROP, Verdict.PERMANENT_DROP, Verdict.UNDECIDED})
 
 #: A port set that shrank because a connection was forgotten outside `on_deadline` is
 #: re-derived this much later, not at once: the port is often wanted again right away (a new
-#: SYN reusing an ended connection's tuple), and a handle swap costs ~30 ms of kernel work.
+#: SYN reusing an ended connection's tuple), and a handle swap costs an open (measurements M1).
 _FILTER_RECHECK_NS = 1_000_000_000
 
 
@@ -75,7 +75,7 @@ class Drop:
 class Reroute:
     """Reinject `raw` (rewritten, checksums already fixed) in place of the captured packet.
 
-    `loopback`: deliver it through `lo` (needed for local redirect targets, see the reference).
+    `loopback`: deliver it through `lo` (needed for local redirect targets, see kext-contract C7-1).
     """
 
     token: object

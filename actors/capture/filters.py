@@ -3,7 +3,7 @@
 A handle's filter is fixed at open, so the set of TCP connections that need every packet is
 expressed as local ports and the handle is swapped when it changes (see shell.py). The
 filter language only negates single tests (`not tcp`; `not (...)` is a parse error) and a
-compiled filter holds ~250 terms (measured: 252 `localPort == N` terms, 126 port pairs).
+compiled filter holds a few hundred terms (docs/measurements.md M4).
 The in-kernel matcher is only exact for positive tests (see OTHER_PROTOCOLS).
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Iterable
 #: UDP-Lite. A list, not "everything but TCP/UDP", because the in-kernel matcher only
 #: approximates negated and ranged protocol tests: `ip and not tcp and not udp` (and
 #: `ip.Protocol != 6`, `ip.Protocol > 17`) made the kernel divert every bulk TCP packet
-#: to the library, which re-checks and reinjects it - halving throughput (measured,
-#: 1.0 vs 2.1 GB/s). Unlisted protocols pass unasked (documented deviation).
+#: to the library, which re-checks and reinjects it - halving throughput (docs/measurements.md
+#: M10). Unlisted protocols pass unasked (documented deviation).
 OTHER_PROTOCOLS = (2, 4, 41, 47, 50, 51, 89, 103, 112, 115, 132, 136)
 
 #: What always needs Python: TCP connection openers in both directions, FIN/RST (so we see

@@ -1,7 +1,7 @@
 """Raw IP packet parsing, rewriting and reject-packet building, with struct on the bytes.
 
 The hot path never touches pydivert's Packet properties (measured to halve throughput). IPv4
-options (IHL) and IPv6 extension headers are walked properly (kext weakness §15.11). Checksum
+options (IHL) and IPv6 extension headers are walked properly (kext-contract C15-11). Checksum
 flags from the capture are not trusted (offloaded packets carry 0 / partial sums), so every
 packet we change or build gets its checksums computed here in full.
 """

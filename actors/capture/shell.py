@@ -7,11 +7,10 @@ deadline (`next_deadline_ns`: a held packet or a connection to expire), or `_REC
 after the handle was last read.
 
 Handle swaps: a filter is fixed at open, so a new per-connection port set means a new handle.
-It is opened at the same priority in a helper thread (open takes ~30 ms; the loop keeps
+It is opened at the same priority in a helper thread (an open takes tens of ms, the loop keeps
 serving the old handle meanwhile). Once open, the newest handle shadows the old one, which is
-shut down for receiving, drained through the core and closed in another thread (a close takes
-20-30 ms under load). Measured (20 k UDP packets at 5 k/s, 17-19 swaps): no packet lost, ~2
-packets per swap passed unexamined while the new handle attached.
+shut down for receiving, drained through the core and closed in another thread (a close waits
+for the kernel). What a swap costs and loses: docs/measurements.md M1-M3.
 """
 
 from __future__ import annotations
@@ -367,8 +366,8 @@ class CaptureShell:
             # holds is handled by the core and sent through the new handle.
             # Stop the old handle taking packets (unshut, it would also catch packets the new
             # one reinjects), drain what it holds, and close it off the loop: a close waits
-            # for the kernel to detach its programs, 20-30 ms under load (measured), during
-            # which the new handle's packets would wait. 17 swaps at 5 k pkt/s: no loss.
+            # for the kernel to detach its programs (docs/measurements.md M2), during which
+            # the new handle's packets would wait.
             if old is not None:
                 with contextlib.suppress(OSError):
                     old.shutdown(SHUTDOWN_RECV)

@@ -1,4 +1,4 @@
-"""The info queue and the kext read algorithm (kext-spec §3), checked by reassembling every byte
+"""The info queue and the kext read algorithm (kext-contract C3), checked by reassembling every byte
 with the protocol's stream decoder."""
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ def test_down_reports_divert_filters_left_in_the_namespace(
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     up(opts, [sleeper(opts.run_dir, ns)], out=lambda _line: None)
     assert divert_filters(ns) == []
-    # A divert holder killed -9 leaves its tc programs attached (reference §4.3).
+    # A divert holder killed -9 leaves its tc programs attached (docs/measurements.md M15).
     code = (
         "import os, pydivert\nh = pydivert.EBPFDivert('false')\nh.open()\nos.kill(os.getpid(), 9)"
     )

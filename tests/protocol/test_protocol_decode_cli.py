@@ -165,7 +165,7 @@ EVERY_INFO = [
     ),
 ]
 
-# The kext's own size-mismatch record: a v6 connection whose type byte says v4 (kext-spec §2.3).
+# The kext's own size-mismatch record: a v6 connection whose type byte says v4 (kext-contract C2-3).
 MISMATCHED = (
     b"\x01"
     + encode_info(

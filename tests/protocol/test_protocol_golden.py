@@ -1,4 +1,4 @@
-"""Golden byte vectors, written by hand from the spec tables (kext-spec §2.3, §2.6), never
+"""Golden byte vectors, written by hand from the kext's layouts (kext-contract C2-3, C2-6), never
 produced by our encoder. They pin the wire format in both directions: encode(struct) == bytes
 and decode(bytes) == struct. The first vector of each type uses the original kext's own test
 values (protocol/src/info.rs, kextinterface/protocol_test.go), including its out-of-enum
@@ -47,7 +47,7 @@ TEN = bytes(range(1, 11))
 
 
 def h(*parts: str) -> bytes:
-    """Join hex fragments (one per wire field) so each vector reads like the spec table."""
+    """Join hex fragments (one per wire field) so each vector reads like the layout table."""
     return bytes.fromhex("".join(parts))
 
 
@@ -296,7 +296,7 @@ def test_every_command_type_has_a_golden_vector() -> None:
     assert {wire[0] for _, wire, _ in GOLDEN_COMMANDS} == set(range(9))
 
 
-# Body sizes the spec verified against the kext's rust_info_test.bin (kext-spec §2.3).
+# Body sizes verified against the kext's rust_info_test.bin (kext-contract C2-3).
 @pytest.mark.parametrize(
     ("name", "body_size"),
     [
@@ -316,7 +316,7 @@ def test_spec_verified_body_sizes(name: str, body_size: int) -> None:
         assert int.from_bytes(record[1:5], "little") == body_size
 
 
-# Total command sizes from kext-spec §2.6 / portmaster-client §1.3.
+# Total command sizes from kext-contract C2-6.
 @pytest.mark.parametrize(
     ("name", "size"),
     [

@@ -1,5 +1,5 @@
-"""InfoStreamDecoder: reassembly across reads and Portmaster's resync rules (portmaster-client
-§1.5): a known type with a bad body is reported and skipped by its length, an unknown type ends
+"""InfoStreamDecoder: reassembly across reads and Portmaster's resync rules (kext-contract
+C14-1): a known type with a bad body is reported and skipped by its length, an unknown type ends
 the stream, and a record cut off by the end of the stream is reported by close()."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_records_come_out_as_soon_as_they_are_complete() -> None:
 
 
 def test_v6_body_labelled_v4_in_the_middle_is_reported_and_skipped() -> None:
-    # The kext's own test stream opens with exactly this record (kext-spec §2.3).
+    # The kext's own test stream opens with exactly this record (kext-contract C2-3).
     bad = b"\x01" + encode_info(V6)[1:]
     stream = encode_info(LOG) + bad + encode_info(END)
     out = decode_all([stream])
@@ -90,7 +90,7 @@ def test_body_length_mismatch_of_every_type_is_skipped_by_its_length(
 
 @pytest.mark.parametrize("body", [b"", b"\x03"], ids=["no-severity", "no-text"])
 def test_log_line_without_text_is_reported_and_skipped(body: bytes) -> None:
-    # Portmaster cannot read a LogLine with an empty text (portmaster-client §1.5).
+    # Portmaster cannot read a LogLine with an empty text (kext-contract C14-1).
     bad = b"\x00" + len(body).to_bytes(4, "little") + body
     out = decode_all([encode_info(END) + bad + encode_info(LOG)])
     assert [type(x) for x in out] == [ConnectionEndEventV4, DecodeError, LogLine]

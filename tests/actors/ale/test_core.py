@@ -73,7 +73,7 @@ def test_miss_issues_ids_from_one_and_emits_full_packet_info() -> None:
     )
     assert broker(out1)[0].id == 1 and broker(out1)[0].kind == InfoType.CONNECTION_IPV4
     assert capture(out1) == [] and set(core.id_cache) == {1, 2}
-    # The cache entry exists before the event leaves (kext race §15.4).
+    # The cache entry exists before the event leaves (kext-contract C15-4).
     assert core.connection_cache[TCP4].verdict == Verdict.UNDECIDED
 
 
@@ -153,7 +153,7 @@ def test_update_v6_and_unknown_tuple() -> None:
 
 
 def test_local_address_is_part_of_the_key() -> None:
-    """The kext ignored the local IP (§15.6); two flows differing only there are distinct."""
+    """The kext ignored the local IP (kext-contract C15-6): flows differing only there are two."""
     core = AleCore()
     other = m.Flow(6, bytes([10, 0, 0, 9]), 40000, R4, 443)
     core.packet_held(held(1), 0)

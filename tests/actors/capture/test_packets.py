@@ -22,7 +22,8 @@ def test_parse_ipv4_tcp_fields() -> None:
 
 
 def test_parse_ipv4_options_shift_the_transport_header() -> None:
-    # Record-route style options (8 bytes): the kext read ports at a fixed offset 20 (§15.11).
+    # Record-route style options (8 bytes): the kext read ports at a fixed offset 20
+    # (kext-contract C15-11).
     raw = c.v4("10.0.0.1", "10.0.0.2", c.udp(5353, 53), options=b"\x07\x07\x04" + b"\0" * 5)
     p = pk.parse(raw)
     assert p is not None and p.l4 == 28

@@ -88,7 +88,7 @@ def test_verdict_outcomes_both_directions_v4_v6_tcp_udp(verdict: Verdict, expect
     [(Verdict.PERMANENT_ACCEPT, "ok"), (Verdict.PERMANENT_BLOCK, "refused")],
 )
 def test_ipv4_options_do_not_hide_the_ports(verdict: Verdict, expected: str) -> None:
-    """Kext weakness §15.11: ports were read at a fixed offset 20."""
+    """Kext weakness (kext-contract C15-11): ports were read at a fixed offset 20."""
     with capture_env(verdict) as env:
         _servers(env)
         p = env.pair
