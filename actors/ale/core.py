@@ -133,21 +133,8 @@ class AleCore:
         self.counters["ids_issued"] += 1
         self.id_cache[new_id] = IdCacheEntry(msg.hold_id, flow, now_ns)
         self._timeout_order.append(new_id)
-        if flow.is_v6:
-            record = ConnectionIpv6(
-                new_id,
-                pid,
-                msg.direction,
-                flow.protocol,
-                flow.local_ip,
-                flow.remote_ip,
-                flow.local_port,
-                flow.remote_port,
-                PayloadLayer.NETWORK,
-                msg.packet,
-            ).encode()
-            return [m.Emit(InfoType.CONNECTION_IPV6, record, new_id)]
-        record = ConnectionIpv4(
+        info = ConnectionIpv6 if flow.is_v6 else ConnectionIpv4
+        record = info(
             new_id,
             pid,
             msg.direction,
@@ -159,7 +146,7 @@ class AleCore:
             PayloadLayer.NETWORK,
             msg.packet,
         ).encode()
-        return [m.Emit(InfoType.CONNECTION_IPV4, record, new_id)]
+        return [m.Emit(info.TYPE, record, new_id)]
 
     def command(self, cmd: Command, now_ns: int) -> list[m.Message]:
         """Apply one validated kext command routed to us by the broker."""

@@ -18,8 +18,7 @@ from kextless.broker import wire
 from tests.broker.broker_testlib import Broker, start_broker, stop_broker
 
 
-@pytest.fixture
-def broker() -> Iterator[Broker]:
+def _running_broker() -> Iterator[Broker]:
     b = start_broker()
     try:
         yield b
@@ -28,14 +27,8 @@ def broker() -> Iterator[Broker]:
         shutil.rmtree(b.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def _module_broker() -> Iterator[Broker]:
-    b = start_broker()
-    try:
-        yield b
-    finally:
-        stop_broker(b)
-        shutil.rmtree(b.dir, ignore_errors=True)
+broker = pytest.fixture(_running_broker, name="broker")
+_module_broker = pytest.fixture(_running_broker, scope="module", name="_module_broker")
 
 
 def _assert_idle(b: Broker) -> None:
