@@ -23,10 +23,13 @@ What needs Python:
 
 from __future__ import annotations
 
+import enum
 import heapq
 import ipaddress
 import itertools
 import logging
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kextless.actors.capture import filters
@@ -108,7 +111,29 @@ class SetFilter:
     ports: frozenset[int] | None
 
 
-Action = Pass | Drop | Reroute | Inject | ToAle | SetFilter
+@dataclass(frozen=True, slots=True)
+class ScanExisting:
+    """Read the namespace's existing connections and pass them to `CaptureCore.existing`."""
+
+
+Action = Pass | Drop | Reroute | Inject | ToAle | SetFilter | ScanExisting
+
+
+class ExistingMode(enum.Enum):
+    """What to do about connections that existed before the capture started."""
+
+    #: Report each like a new connection (a synthetic held packet), so the client decides it.
+    ASK = "ask"
+    #: Cache PermanentAccept for each, silently.
+    ACCEPT = "accept"
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingFlow:
+    """A connection found in the kernel's socket table at start, with its direction."""
+
+    flow: Flow
+    direction: Direction
 
 
 # ---- configuration and state ------------------------------------------------------------------
@@ -136,6 +161,15 @@ class Config:
     idle_ns: int = 600_000_000_000
     #: Most connections with a verdict in the connection cache; past it the oldest is forgotten.
     max_flows: int = 200_000
+    #: Connections that existed before the start: asked about, or accepted silently.
+    existing: ExistingMode = ExistingMode.ASK
+    #: The scan for them waits this long after CaptureReady, so the ALE's replay of the
+    #: verdicts it knows arrives first (a flow with a replayed verdict is not asked again).
+    existing_wait_ns: int = 500_000_000
+    #: ... and until no CacheSet came for this long (a big replay is still arriving) ...
+    existing_quiet_ns: int = 100_000_000
+    #: ... but never longer than this after CaptureReady.
+    existing_max_wait_ns: int = 5_000_000_000
 
     @property
     def target_ports(self) -> frozenset[int]:
@@ -181,6 +215,9 @@ class Connection:
     redirect: ReplyKey | None = None
     #: When `on_deadline` next looks at it (its entry in the expiry heap), or None.
     check_ns: int | None = None
+    #: The hold_id of the synthetic packet that asks about it, when it existed before the
+    #: start: its real packets join that request instead of being asked again.
+    existing_hold: int | None = None
 
 
 def _unused(conn: Connection) -> bool:
@@ -207,6 +244,8 @@ class Held:
     seen_ns: int
     retrans_key: RetransKey | None
     followers: list[Follower] = field(default_factory=list)
+    #: Built by us to ask about an existing connection: never reinjected, whatever the verdict.
+    synthetic: bool = False
 
 
 class CaptureCore:
@@ -259,15 +298,99 @@ class CaptureCore:
                 "expired",
                 "unknown_hold_id",
                 "filter_changes",
+                "existing_asked",
+                "existing_accepted",
+                "existing_known",
             ),
             0,
         )
+        #: When to scan for existing connections (`ScanExisting`), and the latest that may be.
+        self._scan_ns: int | None = None
+        self._scan_limit_ns = 0
 
     # ---- start ------------------------------------------------------------------------------
 
     def start(self, pid: int, now_ns: int) -> list[Action]:
-        """Announce ourselves; the ALE answers with CacheSet for every connection it knows."""
+        """Announce ourselves; the ALE answers with CacheSet for every connection it knows.
+
+        The scan for connections that predate us (`ScanExisting`) comes once that replay has
+        arrived: the ALE sends it in one burst as soon as it reads CaptureReady, and there is
+        no end marker, so the scan waits `existing_wait_ns`, longer while CacheSets still
+        arrive (`existing_quiet_ns` of silence), at most `existing_max_wait_ns`. A restarted
+        capture is a started one: this is its path too. The shell opens the handle first, so
+        a connection made after the scan's snapshot was already caught by its SYN."""
+        cfg = self.config
+        self._scan_ns = now_ns + cfg.existing_wait_ns
+        self._scan_limit_ns = now_ns + max(cfg.existing_wait_ns, cfg.existing_max_wait_ns)
         return [ToAle(CaptureReady(pid))]
+
+    def existing(self, flows: Iterable[ExistingFlow], now_ns: int) -> list[Action]:
+        """Connections the kernel had before we started: report each we know nothing about.
+
+        ASK: like a new connection - a synthetic packet (IP+TCP, ACK, no payload, agreeing
+        with the flow and direction, since the client reads the connection from it) is held
+        and sent as PacketHeld. It is never reinjected; the connection is diverted per packet
+        meanwhile, its real packets join that request, and the verdict is enforced on them:
+        a block resets it at both ends on its next packet, like any established connection.
+        ACCEPT: PermanentAccept is cached, nobody is asked."""
+        c = self.counters
+        cfg = self.config
+        asks: list[Action] = []
+        for e in flows:
+            flow = e.flow
+            if flow.protocol != pk.TCP:
+                continue  # UDP: every packet reaches us, one without a verdict is asked
+            if self._unjudged(flow):
+                continue
+            rev = Flow(
+                flow.protocol, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port
+            )
+            if flow in self.connections or rev in self.connections:
+                c["existing_known"] += 1  # caught by its SYN/FIN, or replayed by the ALE
+                continue
+            conn = self._record(flow)
+            conn.live = True  # established: silence means nothing
+            if cfg.existing is ExistingMode.ACCEPT:
+                c["existing_accepted"] += 1
+                self._on_cache_set(flow, Verdict.PERMANENT_ACCEPT, now_ns)
+                continue
+            if len(self.held) >= cfg.max_held:
+                log.warning("held-packet limit reached: existing %s not asked", _fmt(flow))
+                conn.reask = True  # asked on its next packet instead
+                self._set_per_packet(conn, True)
+                continue
+            outbound = e.direction is Direction.OUTBOUND
+            raw = _synthetic_ack(flow, outbound)
+            p = pk.parse(raw)
+            assert p is not None  # we just built it
+            hold_id = self._next_hold_id
+            self._next_hold_id += 1
+            self.held[hold_id] = Held(
+                None, flow, p, raw, outbound, False, now_ns, None, synthetic=True
+            )
+            conn.pending += 1
+            conn.reask = True
+            conn.existing_hold = hold_id
+            self._set_per_packet(conn, True)
+            c["asked"] += 1
+            c["existing_asked"] += 1
+            asks.append(ToAle(PacketHeld(hold_id, flow, e.direction, raw, now_ns)))
+            log.info("existing connection %s %s: asked", e.direction.name.lower(), _fmt(flow))
+        log.info(
+            "existing connections: %d asked, %d accepted silently, %d already known",
+            c["existing_asked"],
+            c["existing_accepted"],
+            c["existing_known"],
+        )
+        return self._filter_actions() + asks
+
+    def _unjudged(self, flow: Flow) -> bool:
+        """Traffic `on_packet` passes without asking: excluded ports, a local redirect
+        target's own connections."""
+        excl = self.config.exclude_ports
+        if flow.local_port in excl or flow.remote_port in excl:
+            return True
+        return flow.local_port in self._targets and flow.local_ip == flow.remote_ip
 
     def next_hold_id(self) -> int:
         """The hold_id the next held packet will get (a mark for `resync`)."""
@@ -389,6 +512,14 @@ class CaptureCore:
         retrans: bool,
     ) -> list[Action]:
         c = self.counters
+        if conn is not None and conn.existing_hold is not None:
+            first = self.held.get(conn.existing_hold)
+            if first is not None:
+                # An existing connection being asked about: join its request.
+                c["retransmits_held"] += 1
+                first.followers.append((token, bytes(raw), p, outbound, loopback))
+                return []
+            conn.existing_hold = None
         key: RetransKey | None = None
         if retrans:
             if p.protocol == pk.TCP:
@@ -532,6 +663,9 @@ class CaptureCore:
         if isinstance(msg, Decision):
             return self._on_decision(msg, now_ns)
         if isinstance(msg, CacheSet):
+            if self._scan_ns is not None:  # the ALE's replay may still be arriving
+                later = min(self._scan_limit_ns, now_ns + self.config.existing_quiet_ns)
+                self._scan_ns = max(self._scan_ns, later)
             return self._on_cache_set(msg.flow, msg.verdict, now_ns)
         if isinstance(msg, CacheClear):
             return self._on_cache_clear()
@@ -560,9 +694,14 @@ class CaptureCore:
                 out += self._on_cache_set(flow, verdict, now_ns)
                 conn = self.connections.get(flow)
             self._unpend(flow)
-            acts = self._enforce(
-                h.token, h.raw, h.parsed, flow, conn, verdict, h.outbound, h.loopback, now_ns
-            )
+            if h.synthetic:
+                acts = []  # built by us: nothing to release
+                if conn is not None:
+                    conn.existing_hold = None
+            else:
+                acts = self._enforce(
+                    h.token, h.raw, h.parsed, flow, conn, verdict, h.outbound, h.loopback, now_ns
+                )
             for token, raw, p, outbound, loopback in h.followers:
                 acts += self._enforce(
                     token, raw, p, flow, conn, verdict, outbound, loopback, now_ns
@@ -709,6 +848,9 @@ class CaptureCore:
         ended/idle connection check, a pending filter re-derivation; None if none."""
         # (Called once per shell wakeup: kept to a few lookups.)
         best = self._recheck_ns
+        scan = self._scan_ns
+        if scan is not None and (best is None or scan < best):
+            best = scan
         held = self.held
         if held:
             h = held.get(self._oldest_hold_id) or held[self._oldest_held()]
@@ -731,6 +873,9 @@ class CaptureCore:
         """Expire held packets (fail closed) and forget ended or idle connections whose time
         has come (calling it early is harmless: nothing is due yet)."""
         out: list[Action] = []
+        if self._scan_ns is not None and now_ns >= self._scan_ns:
+            self._scan_ns = None
+            out.append(ScanExisting())
         ttl = self.config.hold_ttl_ns
         held = self.held
         while held:
@@ -749,7 +894,12 @@ class CaptureCore:
                 _fmt(h.flow),
                 (now_ns - h.seen_ns) / 1e9,
             )
-            out.append(Drop(h.token))
+            if h.synthetic:
+                conn = self.connections.get(h.flow)
+                if conn is not None:
+                    conn.existing_hold = None  # still re-asked (reask) on its next packet
+            else:
+                out.append(Drop(h.token))
             out += [Drop(t) for t, *_ in h.followers]
         heap = self._expiry
         forgot = False
@@ -853,6 +1003,22 @@ class CaptureCore:
         if conn.pending:
             # Its held packets still wait for their Decision, which counts them off here.
             self.connections[flow] = Connection(flow, pending=conn.pending)
+
+
+_TCP_HDR = struct.Struct("!HHIIBBHHH")
+
+
+def _synthetic_ack(flow: Flow, outbound: bool) -> bytes:
+    """A minimal packet of `flow` as the client expects one: IP + TCP with only ACK set, no
+    payload, in the flow's direction (from the local side if outbound), checksums valid."""
+    src, sport, dst, dport = flow.local_ip, flow.local_port, flow.remote_ip, flow.remote_port
+    if not outbound:
+        src, sport, dst, dport = dst, dport, src, sport
+    version = 6 if flow.is_v6 else 4
+    tcp = _TCP_HDR.pack(sport, dport, 0, 0, 5 << 4, pk.TCP_ACK, 0xFFFF, 0, 0)
+    buf = pk._ip_header(version, pk.TCP, src, dst, len(tcp)) + tcp
+    pk.fix_checksums(buf, version, 20 if version == 4 else 40, pk.TCP)
+    return bytes(buf)
 
 
 def _fmt(flow: Flow) -> str:

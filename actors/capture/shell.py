@@ -33,7 +33,7 @@ from pydivert.consts import Direction as DivertDirection
 from pydivert.ebpf import SHUTDOWN_RECV
 from zmq.utils.monitor import recv_monitor_message
 
-from kextless.actors.capture import filters
+from kextless.actors.capture import existing, filters
 from kextless.actors.capture.core import (
     Action,
     CaptureCore,
@@ -41,6 +41,7 @@ from kextless.actors.capture.core import (
     Inject,
     Pass,
     Reroute,
+    ScanExisting,
     SetFilter,
     ToAle,
 )
@@ -328,6 +329,9 @@ class CaptureShell:
         elif isinstance(a, SetFilter):
             self._wanted = (a.generation, a.ports)
             self._maybe_open()
+        elif isinstance(a, ScanExisting):
+            # Connections that predate us (a failed read is logged by _run_actions).
+            self._run_actions(self.core.existing(existing.read(), time.monotonic_ns()))
 
     # ---- handle swaps -----------------------------------------------------------------------
 

@@ -1,0 +1,111 @@
+"""The TCP connections that already exist in this namespace, read from the kernel.
+
+A connection established before the capture's handle opened is invisible to the base filter
+(established TCP is not diverted), so nobody would ever be asked about it. At start the shell
+reads the namespace's sockets with socket diagnostics (NETLINK_SOCK_DIAG, through pyroute2's
+DiagSocket) and hands the flows to the core (`CaptureCore.existing`).
+
+Only TCP in synchronized states is read (established, and closing but not yet closed):
+SYN_SENT's retransmitted SYN and a new SYN_RECV's next SYN match the base filter anyway, and
+UDP needs nothing - every UDP packet reaches the core, and one of a flow with no verdict is
+asked about. A socket whose local port is a listening port is an accepted (inbound) connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pyroute2 import DiagSocket
+from pyroute2.netlink.diag import (
+    SS_CLOSE_WAIT,
+    SS_CLOSING,
+    SS_ESTABLISHED,
+    SS_FIN_WAIT1,
+    SS_FIN_WAIT2,
+    SS_LAST_ACK,
+    SS_LISTEN,
+)
+
+from kextless.actors.capture.core import ExistingFlow
+from kextless.protocol.enums import Direction, IpProtocol
+from kextless.protocol.messages import Flow
+
+log = logging.getLogger("capture.existing")
+
+#: Synchronized TCP states: data may still flow without any SYN, so only a scan finds them.
+SYNCHRONIZED = frozenset(
+    {SS_ESTABLISHED, SS_FIN_WAIT1, SS_FIN_WAIT2, SS_CLOSE_WAIT, SS_CLOSING, SS_LAST_ACK}
+)
+_CONNECTED_MASK = sum(1 << s for s in SYNCHRONIZED)
+_LISTEN_MASK = 1 << SS_LISTEN
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def _packed(text: str) -> bytes:
+    """An address as raw bytes; a v4-mapped v6 address (a dual-stack socket) as plain v4,
+    which is what its packets carry."""
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.packed
+    return ip.packed
+
+
+def flows_from(
+    connected: Iterable[Mapping[str, Any]], listening: Iterable[Mapping[str, Any]]
+) -> list[ExistingFlow]:
+    """Turn sock_diag answers (inet_diag_msg fields) into flows with their direction.
+
+    Both ends of a connection inside this namespace (loopback, or between two local
+    addresses) are two sockets; the capture reports such a connection once, as outbound
+    (what its packets look like on `lo`), so only the client's end is kept.
+    """
+    listen_ports = {int(m["idiag_sport"]) for m in listening}
+    out: list[ExistingFlow] = []
+    seen: set[Flow] = set()
+    for m in connected:
+        if int(m["idiag_state"]) not in SYNCHRONIZED:
+            continue
+        try:
+            flow = Flow(
+                int(IpProtocol.TCP),
+                _packed(m["idiag_src"]),
+                int(m["idiag_sport"]),
+                _packed(m["idiag_dst"]),
+                int(m["idiag_dport"]),
+            )
+        except (KeyError, ValueError) as e:
+            log.warning("unreadable socket diagnostics entry skipped: %s", e)
+            continue
+        if flow in seen:
+            continue  # a v4-mapped dual-stack socket also answered as v6
+        seen.add(flow)
+        inbound = flow.local_port in listen_ports
+        out.append(ExistingFlow(flow, Direction.INBOUND if inbound else Direction.OUTBOUND))
+    local = {(e.flow.local_ip, e.flow.local_port) for e in out}
+    return [
+        e
+        for e in out
+        if e.direction is Direction.OUTBOUND or (e.flow.remote_ip, e.flow.remote_port) not in local
+    ]
+
+
+_FIELDS = ("idiag_state", "idiag_src", "idiag_sport", "idiag_dst", "idiag_dport")
+
+
+def read() -> list[ExistingFlow]:
+    """The namespace's synchronized TCP connections (IPv4 and IPv6), from the kernel.
+
+    Raises OSError if socket diagnostics are unavailable (the caller logs it)."""
+    connected: list[Mapping[str, Any]] = []
+    listening: list[Mapping[str, Any]] = []
+    with DiagSocket() as ds:
+        ds.bind()
+        for family in _FAMILIES:
+            for mask, into in ((_CONNECTED_MASK, connected), (_LISTEN_MASK, listening)):
+                answers = ds.get_sock_stats(family=family, states=mask, protocol=socket.IPPROTO_TCP)
+                into.extend({k: msg.get(k) for k in _FIELDS} for msg in answers)
+    return flows_from(connected, listening)
