@@ -23,6 +23,8 @@ _SUBCOMMANDS: dict[str, str] = {
     "status": "show process states and broker counters",
 }
 _DECODE = "kextless.protocol.dissect"
+#: capture's ExistingMode values (not imported: parsing `up` loads no actor).
+EXISTING_CHOICES = ("ask", "accept")
 _ACTORS: dict[str, str] = {
     "broker": "kextless.broker.main",
     "ale": "kextless.actors.ale.main",
@@ -117,6 +119,13 @@ def _parser(name: str) -> argparse.ArgumentParser:
             help="ALE: the verdict a timed-out packet gets (default Block)",
         )
         p.add_argument(
+            "--existing-connections",
+            choices=EXISTING_CHOICES,
+            default="ask",
+            help="capture: TCP connections that exist at start are asked about like new "
+            "ones (ask, the default) or accepted silently (accept)",
+        )
+        p.add_argument(
             "--actor-arg",
             metavar="ACTOR=ARG",
             action="append",
@@ -142,6 +151,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from kextless.actors.capture.core import ExistingMode
     from kextless.deploy.options import UpOptions
     from kextless.deploy.up import up
 
@@ -155,6 +165,7 @@ def _up(args: argparse.Namespace) -> int:
         policy_rules=args.policy_rules,
         verdict_timeout=args.verdict_timeout,
         default_verdict=args.default_verdict,
+        existing_connections=ExistingMode(args.existing_connections),
         actor_args=tuple(args.actor_arg),
         timeout=args.timeout,
     )

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kextless.actors.capture.core import ExistingMode
 from kextless.base.rundir import RuntimeDir
 from kextless.deploy.errors import UsageError
 from kextless.protocol.enums import Verdict
@@ -71,6 +72,8 @@ class UpOptions:
     policy_rules: Path | None = None
     verdict_timeout: float | None = None
     default_verdict: str | None = None
+    #: Capture: TCP connections that exist at start are asked about, or accepted silently.
+    existing_connections: ExistingMode = ExistingMode.ASK
     #: (actor, argument) pairs appended to that actor's command line, for options `up` does
     #: not name itself (e.g. capture's redirect ports).
     actor_args: tuple[tuple[str, str], ...] = ()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kextless.actors.capture.core import ExistingMode
 from kextless.deploy.errors import UsageError
 from kextless.deploy.options import Endpoint, UpOptions
 
@@ -62,9 +63,12 @@ def _ale_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
     return args
 
 
-def _capture_args(_opts: UpOptions, endpoint: Endpoint) -> list[str]:
+def _capture_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
     # The control channel must never wait on a verdict (issue 4, point 4).
-    return ["--exclude-port", str(endpoint.port)] if endpoint.scheme == "tcp" else []
+    args = ["--exclude-port", str(endpoint.port)] if endpoint.scheme == "tcp" else []
+    if opts.existing_connections is not ExistingMode.ASK:  # (the default stays unsaid)
+        args += ["--existing-connections", opts.existing_connections.value]
+    return args
 
 
 def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from kextless.actors.capture.core import CaptureCore, Config
+from kextless.actors.capture.core import CaptureCore, Config, ExistingMode
 from kextless.actors.capture.shell import CaptureShell, ShellConfig, install_signals
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
@@ -60,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="eBPF ring buffer per handle (a full ring passes packets unexamined)",
     )
+    ap.add_argument(
+        "--existing-connections",
+        choices=[m.value for m in ExistingMode],
+        default=ExistingMode.ASK.value,
+        help="TCP connections that exist at start: ask the client about each like a new "
+        "one (default), or accept them silently",
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             nameserver_port=args.nameserver_port,
             tunnel_port=args.tunnel_port,
             split_tunnel_port=args.split_tunnel_port,
+            existing=ExistingMode(args.existing_connections),
         )
     )
     shell = CaptureShell(core, ShellConfig(endpoint, args.priority, excl, args.ring_bytes))
