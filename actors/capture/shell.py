@@ -45,6 +45,7 @@ from kextless.actors.capture.core import (
     SetFilter,
     ToAle,
 )
+from kextless.actors.capture.links import LinkGuard
 from kextless.base.cores import wait_ms
 from kextless.protocol.messages import decode, encode
 
@@ -138,6 +139,10 @@ class CaptureShell:
         self._closers: list[threading.Thread] = []
         self._connects = 0
         self._lost_before: int | None = None
+        # Links that appear later (links.py): guarded at once, then a new handle generation.
+        self._links: LinkGuard | None = None
+        self._active: tuple[int, frozenset[int] | None] = (0, frozenset())
+        self._open_started_ns = 0
         self.errors = 0
 
     def stop(self, *_: object) -> None:
@@ -172,6 +177,10 @@ class CaptureShell:
         poller.register(self._opener.rfd, zmq.POLLIN)
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
+        self._links = LinkGuard(self.cfg.priority)
+        lfd = self._links.fileno()
+        poller.register(lfd, zmq.POLLIN)
+        self._on_links(self._links.start(time.monotonic_ns()))
         core = self.core
         last_read = next_stats = time.monotonic_ns()
         try:
@@ -205,6 +214,8 @@ class CaptureShell:
                     elif item == hfd:
                         self._drain_handle(self.handle)
                         last_read = time.monotonic_ns()
+                    elif item == lfd:
+                        self._on_links(self._links.on_event(time.monotonic_ns()))
         finally:
             self._shutdown()
             sock.disable_monitor()
@@ -351,7 +362,25 @@ class CaptureShell:
             )
             ports = None
             filt = filters.build(None, self.cfg.exclude_ports)
+        self._open_started_ns = time.monotonic_ns()
         self._opener.start(gen, ports, filt, self.cfg)
+
+    def _on_links(self, need_handle: bool) -> None:
+        """After a link check: refusals to the ALE as Error Logs; a new handle if one is due."""
+        for msg in self._links.take_logs() if self._links is not None else []:
+            try:
+                self.sock.send(encode(msg), zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("ALE queue full: %s not sent", msg.line)
+        if need_handle:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """A new handle generation with the active filter, for links the handle lacks; a swap
+        already wanted or under way does (links.py re-checks after every swap)."""
+        if not self._opener.busy and self._wanted is None:
+            self._wanted = self._active
+            self._maybe_open()
 
     def _finish_swap(self) -> int | None:
         """Adopt the freshly opened handle: drain and close the old one; new event fd or None."""
@@ -380,6 +409,7 @@ class CaptureShell:
                 closer.start()
                 self._closers = [t for t in self._closers if t.is_alive()] + [closer]
             newfd = self._event_fd(new)
+            self._active = (gen, ports)
             self._stats_prev = {}
             desc = "all TCP" if ports is None else f"{len(ports)} port(s)"
             log.info(
@@ -390,6 +420,8 @@ class CaptureShell:
                 desc,
             )
             self._run_actions(self.core.filter_active(gen, ports, time.monotonic_ns()))
+            if self._links is not None:
+                self._on_links(self._links.after_swap(self._open_started_ns))
         self._maybe_open()
         return newfd
 
@@ -436,6 +468,8 @@ class CaptureShell:
                 if late is not None:
                     late.close()
         self._opener.close()
+        if self._links is not None:
+            self._links.close()  # guards still attached (links never diverted) come off
         log.info("handles closed; %d held packet(s) dropped; counters %s", held, self.core.counters)
 
 

@@ -1,0 +1,171 @@
+"""Links that appear after the capture started: the pure decisions, then real traffic."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from kextless.actors.capture.links import (
+    Coverage,
+    GuardLink,
+    Link,
+    LinkEvent,
+    LinkTable,
+    NeedHandle,
+    Refuse,
+    Seen,
+    UnguardLink,
+)
+from kextless.protocol.enums import Verdict
+from tests import apps
+from tests.actors.capture.harness import CaptureEnv, capture_env
+
+LO = Link(1, "lo", "device", True)
+VA = Link(2, "va", "veth", True)
+NEW = Link(7, "vc", "veth", False)
+FULL, NONE = Coverage(True, True), Coverage(False, False)
+
+
+def _seeded() -> LinkTable:
+    t = LinkTable()
+    assert t.seed([LO, VA], {1: FULL, 2: FULL}, 10) == []
+    return t
+
+
+def test_links_covered_at_start_need_nothing_an_uncovered_one_is_guarded() -> None:
+    t = LinkTable()
+    out = t.seed([LO, VA], {1: FULL, 2: Coverage(True, False)}, 10)
+    assert out == [GuardLink(VA), NeedHandle((VA,))]
+
+
+def test_a_new_link_is_guarded_then_unguarded_once_diverted() -> None:
+    t = _seeded()
+    out = t.on_links([LO, VA, NEW], 100)
+    assert out == [Seen(LinkEvent.APPEARED, NEW), GuardLink(NEW), NeedHandle((NEW,))]
+    t.guard_attached(NEW.index)
+    assert t.unguarded() == [NEW]
+    assert t.on_coverage({1: FULL, 2: FULL, 7: FULL}, 150) == [UnguardLink(NEW)]
+    assert t.unguarded() == []
+    up = Link(7, "vc", "veth", True)
+    assert t.on_links([LO, VA, up], 200) == [Seen(LinkEvent.CHANGED, up)]  # no new handle
+
+
+def test_a_link_still_undiverted_after_a_later_open_is_refused_and_stays_guarded() -> None:
+    t = _seeded()
+    t.on_links([LO, VA, NEW], 100)
+    t.guard_attached(NEW.index)
+    (refuse,) = t.on_coverage({1: FULL, 2: FULL, 7: Coverage(True, False)}, 120)
+    assert isinstance(refuse, Refuse) and refuse.link == NEW and "egress" in refuse.reason
+    assert NEW.index in t.guarded  # fail closed
+    assert t.on_links([LO, VA, NEW], 130) == []  # refused once, not re-opened in a loop
+
+
+def test_a_link_that_appeared_during_an_open_asks_again() -> None:
+    t = _seeded()
+    t.on_links([LO, VA, NEW], 100)
+    assert t.on_coverage({1: FULL, 2: FULL, 7: NONE}, 90) == [NeedHandle((NEW,))]
+
+
+def test_removed_and_readded_under_the_same_name_is_a_new_link() -> None:
+    t = _seeded()
+    t.on_links([LO, VA, NEW], 100)
+    t.on_coverage({1: FULL, 2: FULL, 7: FULL}, 150)
+    again = Link(8, "vc", "veth", True)
+    out = t.on_links([LO, VA, again], 300)
+    assert out == [
+        Seen(LinkEvent.GONE, NEW),
+        Seen(LinkEvent.APPEARED, again),
+        GuardLink(again),
+        NeedHandle((again,)),
+    ]
+
+
+def test_a_link_that_lost_its_programs_is_guarded_and_reattached() -> None:
+    t = _seeded()
+    assert t.on_coverage({1: FULL, 2: NONE}, 50) == [GuardLink(VA), NeedHandle((VA,))]
+
+
+# ---- real traffic -------------------------------------------------------------------------
+
+PORT = 18011
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+
+
+def _tc_names(ns: str, dev: str, where: str) -> str:
+    r = subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, where],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return r.stdout
+
+
+def _wait_diverted(env: CaptureEnv, dev: str, timeout: float = 5.0) -> float:
+    """Seconds until the divert programs are on both hooks of `dev` and the guard is gone."""
+    t0 = time.monotonic()
+    ns = env.pair.a
+    while time.monotonic() - t0 < timeout:
+        i, e = _tc_names(ns, dev, "ingress"), _tc_names(ns, dev, "egress")
+        if "tc_divert_ingre" in i and "tc_divert_egres" in e and "kextless_guard" not in i + e:
+            return time.monotonic() - t0
+        time.sleep(0.01)
+    raise AssertionError(f"{dev} never diverted:\n{env.log()[-3000:]}")
+
+
+def _veth_later(env: CaptureEnv, n: int, mac: str, move_from_b: bool = False) -> str:
+    """A second link pair a:vcN <-> b:vdN on 10.232.S.0/24 added after the capture started."""
+    p = env.pair
+    a_dev, b_dev = f"vc{n}", f"vd{n}"
+    net = f"10.232.{p.subnet}"
+    if move_from_b:  # created in b (ours), one end moved into a
+        _ip("-n", p.b, "link", "add", a_dev, "address", mac, "type", "veth", "peer", "name", b_dev)
+        _ip("-n", p.b, "link", "set", a_dev, "netns", p.a)
+    else:
+        _ip("-n", p.a, "link", "add", a_dev, "address", mac, "type", "veth", "peer", "name", b_dev)
+        _ip("-n", p.a, "link", "set", b_dev, "netns", p.b)
+    _ip("-n", p.a, "addr", "add", f"{net}.1/24", "dev", a_dev)
+    _ip("-n", p.b, "addr", "replace", f"{net}.2/24", "dev", b_dev)
+    _ip("-n", p.a, "link", "set", a_dev, "up")
+    _ip("-n", p.b, "link", "set", b_dev, "up")
+    return f"{net}.1"
+
+
+def _asked_and_obeyed(env: CaptureEnv, host: str) -> None:
+    p = env.pair
+    env.set_policy(Verdict.PERMANENT_BLOCK)
+    seen = len(env.held_for(PORT))
+    res = apps.run(p, p.b, apps.TCP_CLIENT, host, PORT, 3)
+    assert res["result"] == "refused", (res, env.log()[-2000:])
+    assert len(env.held_for(PORT)) > seen
+    env.set_policy(Verdict.PERMANENT_ACCEPT)
+    res = apps.run(p, p.b, apps.TCP_CLIENT, host, PORT, 3)
+    assert res["result"] == "ok", (res, env.log()[-2000:])
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_links_added_later_are_asked_about_and_obeyed() -> None:
+    with capture_env(Verdict.PERMANENT_ACCEPT) as env:
+        p = env.pair
+        apps.start(p, p.a, apps.ECHO_SERVER, PORT)
+        # A veth created in the namespace after start.
+        host = _veth_later(env, 1, "02:6b:6c:00:01:0a")
+        print(f"veth created -> diverted in {_wait_diverted(env, 'vc1') * 1000:.0f} ms")
+        _asked_and_obeyed(env, host)
+        # Removed and re-added under the same name (a new ifindex).
+        _ip("-n", p.a, "link", "del", "vc1")
+        time.sleep(0.2)
+        host = _veth_later(env, 1, "02:6b:6c:00:02:0a")
+        print(f"re-added -> diverted in {_wait_diverted(env, 'vc1') * 1000:.0f} ms")
+        _asked_and_obeyed(env, host)
+        # Moved in from another namespace of ours.
+        host = _veth_later(env, 2, "02:6b:6c:00:03:0a", move_from_b=True)
+        print(f"moved in -> diverted in {_wait_diverted(env, 'vc2') * 1000:.0f} ms")
+        _asked_and_obeyed(env, host)
+        assert "refused" not in env.log()
