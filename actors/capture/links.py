@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -249,6 +250,15 @@ class LinkWatcher:
     def close(self) -> None:
         self._events.close()
         self.ipr.close()
+
+
+def in_initial_netns() -> bool:
+    """True in the machine's own network namespace (pid 1's), where the capture must never
+    attach a guard: unit tests run the shell there with a fake handle."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return True  # cannot tell: assume the host
 
 
 class LinkGuard:

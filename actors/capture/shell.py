@@ -45,7 +45,7 @@ from kextless.actors.capture.core import (
     SetFilter,
     ToAle,
 )
-from kextless.actors.capture.links import LinkGuard
+from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
 from kextless.protocol.messages import decode, encode
 
@@ -177,10 +177,14 @@ class CaptureShell:
         poller.register(self._opener.rfd, zmq.POLLIN)
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
-        self._links = LinkGuard(self.cfg.priority)
-        lfd = self._links.fileno()
-        poller.register(lfd, zmq.POLLIN)
-        self._on_links(self._links.start(time.monotonic_ns()))
+        lfd = -1
+        if in_initial_netns():  # never drop traffic of the machine's own namespace
+            log.error("in the host's network namespace: links added later are NOT guarded")
+        else:
+            self._links = LinkGuard(self.cfg.priority)
+            lfd = self._links.fileno()
+            poller.register(lfd, zmq.POLLIN)
+            self._on_links(self._links.start(time.monotonic_ns()))
         core = self.core
         last_read = next_stats = time.monotonic_ns()
         try:
@@ -214,7 +218,7 @@ class CaptureShell:
                     elif item == hfd:
                         self._drain_handle(self.handle)
                         last_read = time.monotonic_ns()
-                    elif item == lfd:
+                    elif item == lfd and self._links is not None:
                         self._on_links(self._links.on_event(time.monotonic_ns()))
         finally:
             self._shutdown()
