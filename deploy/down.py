@@ -2,7 +2,9 @@
 
 Stopping supervisord stops every program; what survives it (orphans of a killed supervisord,
 sockets, divert filters in the namespace) is ended or removed, and reported, so a non-empty
-report always means something needed cleaning up.
+report always means something needed cleaning up. Divert programs a killed capture left in the
+namespace are removed inside it and listed as REMOVED (the namespace is clean afterwards, so they
+do not fail `down`); one that cannot be removed is a LEFTOVER problem.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from kextless.base.rundir import RuntimeDir
 from kextless.deploy.config import PIDFILE, SUPERVISORD_LOG
 from kextless.deploy.errors import DeployError
-from kextless.deploy.filters import divert_filters
+from kextless.deploy.filters import remove_divert_filters
 from kextless.deploy.instance import INSTANCE_FILE, Instance, instance_name, read_instance
 from kextless.deploy.options import NETNS_DIR, check_netns_name
 from kextless.deploy.processes import (
@@ -45,6 +46,8 @@ class DownReport:
     #: Programs that ignored SIGTERM for stopwaitsecs and were killed (a bug in that program:
     #: a killed capture cannot detach its divert filters).
     killed: list[str] = field(default_factory=list)
+    #: Divert programs left in the namespace (a SIGKILLed capture's) that `down` removed.
+    removed: list[str] = field(default_factory=list)
 
 
 def down(
@@ -64,6 +67,8 @@ def down(
         )
     for name in report.killed:
         out(f"WARNING: {name} ignored SIGTERM for its stopwaitsecs and was SIGKILLed")
+    for what in report.removed:
+        out(f"REMOVED: divert program left in netns {netns}: {what}")
     for problem in report.problems:
         out(f"LEFTOVER: {problem}")
     return report
@@ -121,11 +126,12 @@ def teardown(
     report.problems += remove_state(run, inst)
     if check_filters and netns is not None and (NETNS_DIR / netns).exists():
         try:
-            filters = divert_filters(netns)
-        except (DeployError, OSError, subprocess.SubprocessError) as e:
+            removed, errors = remove_divert_filters(netns)
+        except (DeployError, OSError) as e:
             report.problems.append(f"could not check divert filters: {e}")
         else:
-            report.problems += [f"divert filter left in netns {netns}: {f}" for f in filters]
+            report.removed += removed
+            report.problems += [f"divert filter left in netns {netns}: {e}" for e in errors]
     return report
 
 

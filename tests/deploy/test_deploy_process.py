@@ -253,7 +253,7 @@ def test_restart_and_recovery_from_a_killed_supervisord(
 
 
 @pytest.mark.slow
-def test_down_reports_divert_filters_left_in_the_namespace(
+def test_down_removes_divert_filters_left_in_the_namespace(
     inst: tuple[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     ns, root = inst
@@ -275,11 +275,18 @@ def test_down_reports_divert_filters_left_in_the_namespace(
     left = divert_filters(ns)
     hooks = {line.split(":")[0] for line in left}  # on every interface: lo and the veth
     assert hooks == {"lo ingress", "lo egress", "va ingress", "va egress"}
-    assert cli.main(["down", "--netns", ns, "--run-root", str(root)]) == 1
+    # down removes them inside the namespace, saying what it removed...
+    assert cli.main(["down", "--netns", ns, "--run-root", str(root)]) == 0
     out = capsys.readouterr().out
-    assert f"LEFTOVER: divert filter left in netns {ns}: lo ingress" in out
-    assert f"LEFTOVER: divert filter left in netns {ns}: lo egress" in out
-    # ...and the next up warns before adding its own.
+    assert f"REMOVED: divert program left in netns {ns}: lo ingress pref 30001 tc_divert_" in out
+    assert f"REMOVED: divert program left in netns {ns}: va egress pref 30001 tc_divert_" in out
+    assert len([x for x in out.splitlines() if x.startswith("REMOVED")]) == 4
+    assert "LEFTOVER" not in out
+    assert divert_filters(ns) == []
+    # ...and an up that finds some (left while nothing ran) warns before adding its own.
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], timeout=30)
+    left = divert_filters(ns)
+    assert len(left) == 4
     lines: list[str] = []
     up(opts, [sleeper(opts.run_dir, ns)], out=lines.append)
     assert [x for x in lines if x.startswith("WARNING")] == [

@@ -1,0 +1,159 @@
+"""The divert programs attached in a namespace, read and removed over rtnetlink (pyroute2).
+
+A divert handle attaches a `tc_divert_ingress`/`tc_divert_egress` BPF filter (pref 30001 minus
+its priority) to every interface; a clean close removes them, a SIGKILL leaves them attached
+(../shared/reference/pydivert-linux.md §4.3), still run on every packet. The capture is its
+namespace's only divert user by design, so before it opens its first handle it removes every
+such program (`remove_orphans`); `kextless down` does the same from the host through
+pyroute2's NetNS, and `kextless status` reads the same list to show which interfaces are guarded.
+
+Every function takes an open IPRoute-like object (IPRoute() in the namespace itself, NetNS(name)
+from outside it), so the caller decides where it acts and nothing here can reach another
+namespace by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("capture")
+
+#: Kernel program names are cut to 15 characters (`tc_divert_ingre`): match the stem.
+DIVERT_PREFIX = "tc_divert_"
+
+
+class Hook(enum.Enum):
+    """A clsact hook, valued by its tc parent handle (TC_H_CLSACT:TC_H_MIN_INGRESS/EGRESS)."""
+
+    INGRESS = 0xFFFFFFF2
+    EGRESS = 0xFFFFFFF3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class DivertProgram:
+    """One divert tc filter: where it hangs and what the kernel calls it."""
+
+    ifname: str
+    index: int
+    hook: Hook
+    pref: int
+    name: str
+
+    def describe(self) -> str:
+        return f"{self.ifname} {self.hook.label} pref {self.pref} {self.name}"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Whether an interface has a divert program on each hook (a packet on an unguarded hook
+    passes kextless unseen)."""
+
+    ifname: str
+    index: int
+    kind: str
+    up: bool
+    ingress: bool
+    egress: bool
+
+    @property
+    def guarded(self) -> bool:
+        return self.ingress and self.egress
+
+
+def _links(ipr: Any) -> list[tuple[int, str, str, bool]]:
+    """(index, name, kind, up) of every interface the handle's namespace has."""
+    out = []
+    for link in ipr.get_links():
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or (
+            "loopback" if link["index"] == 1 else "device"
+        )
+        out.append(
+            (link["index"], str(link.get_attr("IFLA_IFNAME")), str(kind), bool(link["flags"] & 1))
+        )
+    return out
+
+
+def _programs_on(ipr: Any, index: int, ifname: str) -> list[DivertProgram]:
+    found = []
+    for hook in Hook:
+        try:
+            filters = ipr.get_filters(index=index, parent=hook.value)
+        except Exception as e:  # no clsact qdisc, or the interface just vanished
+            log.debug("no filters on %s %s: %s", ifname, hook.label, e)
+            continue
+        for f in filters:
+            opts = f.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+            if f.get_attr("TCA_KIND") == "bpf" and name and name.startswith(DIVERT_PREFIX):
+                found.append(DivertProgram(ifname, index, hook, f["info"] >> 16, str(name)))
+    return found
+
+
+def divert_programs(ipr: Any) -> list[DivertProgram]:
+    """Every divert program attached to any interface of the handle's namespace."""
+    found = []
+    for index, ifname, _kind, _up in _links(ipr):
+        found += _programs_on(ipr, index, ifname)
+    return found
+
+
+def coverage(ipr: Any) -> list[Coverage]:
+    """Each interface of the namespace with its guarded hooks, in interface index order."""
+    out = []
+    for index, ifname, kind, up in sorted(_links(ipr)):
+        hooks = {p.hook for p in _programs_on(ipr, index, ifname)}
+        out.append(Coverage(ifname, index, kind, up, Hook.INGRESS in hooks, Hook.EGRESS in hooks))
+    return out
+
+
+def remove(ipr: Any, programs: list[DivertProgram]) -> tuple[list[DivertProgram], list[str]]:
+    """Delete the prefs holding these programs: (removed, errors). A pref holds one filter
+    kind, and a divert pref only the handle's program, so deleting the pref deletes exactly
+    it."""
+    removed, errors = [], []
+    done: set[tuple[int, Hook, int]] = set()
+    for p in programs:
+        key = (p.index, p.hook, p.pref)
+        if key in done:
+            removed.append(p)
+            continue
+        try:
+            # tcm_info = pref << 16 (protocol 0: any). Not `prio=`: without `kind` pyroute2
+            # drops it, and the kernel then deletes every filter of the hook (measured).
+            ipr.tc("del-filter", index=p.index, parent=p.hook.value, info=p.pref << 16)
+        except Exception as e:
+            errors.append(f"could not remove {p.describe()}: {e}")
+            continue
+        done.add(key)
+        removed.append(p)
+    return removed, errors
+
+
+def remove_orphans(ipr: Any | None = None) -> list[DivertProgram]:
+    """Remove every divert program of this namespace (IPRoute() unless given), one log line
+    each; called by the capture before its first open, when any such program is an orphan."""
+    opened = ipr is None
+    if ipr is None:
+        from pyroute2 import IPRoute
+
+        ipr = IPRoute()
+    try:
+        removed, errors = remove(ipr, divert_programs(ipr))
+    finally:
+        if opened:
+            with contextlib.suppress(Exception):
+                ipr.close()
+    for p in removed:
+        log.warning("removed orphan divert program: %s", p.describe())
+    for e in errors:
+        log.error("orphan divert program: %s", e)
+    return removed
