@@ -252,13 +252,19 @@ class LinkWatcher:
         self.ipr.close()
 
 
-def in_initial_netns() -> bool:
-    """True in the machine's own network namespace (pid 1's), where the capture must never
-    attach a guard: unit tests run the shell there with a fake handle."""
+def in_initial_netns(run_netns: str = "/run/netns") -> bool:
+    """True unless this is a named namespace (`ip netns`, as `kextless up --netns` runs us):
+    the guard must never drop traffic of the machine's own namespace, where unit tests run
+    the shell with a fake handle (pid 1's namespace cannot be read in every container)."""
     try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+        mine = os.stat("/proc/self/ns/net")
+        for name in os.listdir(run_netns):
+            st = os.stat(os.path.join(run_netns, name))
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return False
     except OSError:
-        return True  # cannot tell: assume the host
+        pass
+    return True
 
 
 class LinkGuard:
