@@ -466,7 +466,12 @@ class CaptureCore:
         if verdict is None and loopback:
             rev = Flow(proto, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port)
             rconn = self.connections.get(rev)
-            if rconn is not None and rconn.verdict is not None:
+            if rconn is not None and (
+                rconn.verdict is not None
+                # The server's end of an existing local connection being asked about: its
+                # packets join that request (it is reported once, as the client's end).
+                or (conn is None and rconn.existing_hold is not None)
+            ):
                 flow, conn, verdict = rev, rconn, rconn.verdict
         if proto == pk.TCP:
             flags = p.flags

@@ -224,3 +224,18 @@ def test_an_unanswered_synthetic_request_expires_quietly() -> None:
     t2 = Tok("again")
     (m,) = asked(core.on_packet(t2, data_out(seq=5002), True, False, NOW + 30 * MS))
     assert m.flow == OUT4.flow and m.packet == data_out(seq=5002)
+
+
+def test_the_server_end_of_an_existing_local_connection_joins_its_request() -> None:
+    core = CaptureCore()
+    lo = a("127.0.0.1")
+    e = ExistingFlow(Flow(6, lo, 50000, lo, 7100), Direction.OUTBOUND)
+    acts = core.existing([e], NOW)
+    (held,) = asked(acts)
+    activate(core, acts)
+    # On lo every packet is seen once, as outbound: the server's reply has the flow reversed.
+    reply = c.v4("127.0.0.1", "127.0.0.1", c.tcp(7100, 50000, c.ACK | c.PSH, payload=b"r"))
+    t = Tok("reply")
+    assert core.on_packet(t, reply, True, True, NOW + MS) == []  # joined, not a new request
+    out = core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_BLOCK), NOW + 2 * MS)
+    assert out[0] == Drop(t) and any(isinstance(x, Inject) for x in out)
