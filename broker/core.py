@@ -147,6 +147,9 @@ class BrokerCore:
         self.owner: bytes | None = None
         self.parked: ParkedRead | None = None
         self.actors: dict[bytes, ActorInfo] = {}
+        #: Health relayed by another actor (the capture's, through the ALE), by its `actor` name:
+        #: filed apart so it never overwrites the relaying actor's own counters.
+        self.relayed: dict[str, ActorInfo] = {}
         self.owners: dict[CommandType, tuple[bytes, ...]] = {}
         self.sessions = {
             "opened": 0,
@@ -488,8 +491,11 @@ class BrokerCore:
             elif type(msg) is Log:
                 self.ring.add(msg.severity, msg.line)
             elif type(msg) is Health:
-                info.counters = msg.counters
-                info.pid = msg.pid
+                if msg.actor == info.name:
+                    info.counters = msg.counters
+                    info.pid = msg.pid
+                else:
+                    self._relayed_health(msg, now_ns)
             elif type(msg) is Hello:
                 self._hello(actor, info, msg, out)
             else:
@@ -497,6 +503,15 @@ class BrokerCore:
         if pushed and self.parked is not None:
             self._serve_parked(now_ns, out)
         return out
+
+    def _relayed_health(self, msg: Health, now_ns: int) -> None:
+        """File another actor's Health under its name; the table is bounded like `actors`."""
+        name = msg.actor[:64]
+        if name not in self.relayed and len(self.relayed) >= MAX_ACTORS:
+            del self.relayed[min(self.relayed, key=lambda k: self.relayed[k].last_seen_ns)]
+        self.relayed[name] = ActorInfo(
+            name, msg.pid, counters=msg.counters, last_seen_ns=now_ns, messages=1
+        )
 
     def _push_emits(
         self, actor: bytes, info: ActorInfo, emits: tuple[Emit, ...], out: list[Effect]
@@ -676,6 +691,16 @@ class BrokerCore:
                     "last_seen_s_ago": round((now_ns - a.last_seen_ns) / 1e9, 3),
                 }
                 for a in self.actors.values()
+            }
+            | {
+                a.name: {
+                    "pid": a.pid,
+                    "relayed": True,
+                    "counters": a.counters,
+                    "last_seen_s_ago": round((now_ns - a.last_seen_ns) / 1e9, 3),
+                }
+                for a in self.relayed.values()
+                if all(a.name != d.name for d in self.actors.values())
             },
             "rss_kib": None if memory is None else memory.rss_kib,
         }

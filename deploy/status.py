@@ -1,15 +1,20 @@
 """`kextless status`: supervisord's view of every program plus the broker's own counters, asked
 through the public KextClient like any other client (without opening a session, which the
-policy may hold)."""
+policy may hold); each interface of the namespace with its guarded hooks, read from its tc
+filters (an unguarded one means packets pass kextless unseen: degraded); and the divert loss
+counters the capture reports through the ALE, with the time each last rose."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from kextless.actors.capture.counters import LAST_RISE, LOSS_COUNTERS, PREFIX
 from kextless.base.rundir import RuntimeDir
 from kextless.broker.client import KextClient, KextError, KextTimeout
 from kextless.deploy.errors import DeployError
+from kextless.deploy.filters import interface_coverage
 from kextless.deploy.instance import Instance, instance_name, read_instance
 from kextless.deploy.options import check_netns_name
 from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc, supervisord_alive
@@ -62,6 +67,9 @@ def status(
         "programs": [],
         "broker": None,
         "broker_error": None,
+        "interfaces": [],
+        "interfaces_error": None,
+        "divert_counters": None,
     }
     if inst is None or not supervisord_alive(run):
         report["broker_error"] = "not running"
@@ -91,7 +99,53 @@ def status(
     except DeployError as e:
         report["broker_error"] = str(e)
         code = 1
+    else:
+        report["divert_counters"] = divert_counters(report["broker"])
+    # Only an instance with a capture guards its namespace; without one nothing is expected.
+    guarding = "capture" in inst.programs
+    try:
+        report["interfaces"] = interfaces(netns)
+    except DeployError as e:
+        report["interfaces_error"] = str(e)
+        code = 1 if guarding else code
+    if guarding and any(not i["guarded"] for i in report["interfaces"]):
+        code = 1
     return code, report
+
+
+def interfaces(netns: str | None) -> list[dict[str, Any]]:
+    """Each interface of the namespace and whether divert programs sit on its hooks."""
+    return [
+        {
+            "name": c.ifname,
+            "index": c.index,
+            "kind": c.kind,
+            "up": c.up,
+            "ingress": c.ingress,
+            "egress": c.egress,
+            "guarded": c.guarded,
+        }
+        for c in interface_coverage(netns)
+    ]
+
+
+def divert_counters(broker: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The capture's loss counters from the broker's S (`actors.capture.counters`), each with
+    the time it last rose (None: never); None when the capture has not reported yet."""
+    capture = broker.get("actors", {}).get("capture")
+    counters = capture.get("counters") if isinstance(capture, dict) else None
+    if not isinstance(counters, dict) or not counters:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for key in LOSS_COUNTERS:
+        rose = counters.get(PREFIX + key + LAST_RISE) or 0
+        out[key] = {
+            "count": int(counters.get(PREFIX + key, 0)),
+            "last_rise": (
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rose)) if rose else None
+            ),
+        }
+    return out
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -104,6 +158,22 @@ def format_status(report: dict[str, Any]) -> str:
         uptime = "" if p["uptime_s"] is None else f"  uptime {_hms(p['uptime_s'])}"
         pid = f"pid {p['pid']}" if p["pid"] else "-"
         lines.append(f"  {p['name']:<10} {p['state']:<9} {pid}{uptime}")
+    if report.get("interfaces_error"):
+        lines.append(f"interfaces: UNKNOWN ({report['interfaces_error']})")
+    elif report.get("interfaces"):
+        lines.append("interfaces (divert programs on ingress / egress):")
+        for i in report["interfaces"]:
+            hooks = " ".join(
+                f"{hook} {'guarded' if i[hook] else 'UNGUARDED'}" for hook in ("ingress", "egress")
+            )
+            flag = "" if i["guarded"] else "  <- UNGUARDED: its packets pass kextless unseen"
+            state = "up" if i["up"] else "down"
+            lines.append(f"  {i['name']:<10} {i['kind']:<8} {state:<4} {hooks}{flag}")
+    if report.get("divert_counters") is not None:
+        lines.append("divert loss counters (capture):")
+        for key, c in report["divert_counters"].items():
+            when = f"last rose {c['last_rise']}" if c["last_rise"] else "never rose"
+            lines.append(f"  {key}: {c['count']} ({when})")
     if report["broker"] is not None:
         lines.append("broker counters:")
         lines += [f"  {k}: {v}" for k, v in _flatten(report["broker"])]

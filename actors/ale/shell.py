@@ -129,6 +129,10 @@ class AleShell:
             self._carry_out(self.core.capture_ready(now))
         elif isinstance(msg, m.ConnectionEnded):
             self._carry_out(self.core.connection_ended(msg, now))
+        elif isinstance(msg, m.Log | m.Health):
+            # The capture's LogLines and counters (it has no broker socket): relayed as they
+            # are; the broker files the Health under its `actor` name, not the ALE's.
+            self._to_broker.append(msg)
         else:
             log.warning("unexpected %s from capture dropped", type(msg).__name__)
 

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             existing=ExistingMode(args.existing_connections),
         )
     )
-    shell = CaptureShell(core, ShellConfig(endpoint, args.priority, excl, args.ring_bytes))
+    shell = CaptureShell(
+        core,
+        ShellConfig(endpoint, args.priority, excl, args.ring_bytes, remove_orphans=True),
+    )
     install_signals(shell)
     logging.getLogger("capture").info(
         "capture starting: ALE %s, priority %d, excluded ports %s",

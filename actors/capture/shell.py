@@ -33,7 +33,7 @@ from pydivert.consts import Direction as DivertDirection
 from pydivert.ebpf import SHUTDOWN_RECV
 from zmq.utils.monitor import recv_monitor_message
 
-from kextless.actors.capture import existing, filters
+from kextless.actors.capture import existing, filters, orphans
 from kextless.actors.capture.core import (
     Action,
     CaptureCore,
@@ -45,9 +45,10 @@ from kextless.actors.capture.core import (
     SetFilter,
     ToAle,
 )
+from kextless.actors.capture.counters import LossCounters
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
-from kextless.protocol.messages import decode, encode
+from kextless.protocol.messages import Health, Log, decode, encode
 
 log = logging.getLogger("capture")
 
@@ -69,6 +70,10 @@ class ShellConfig:
     exclude_ports: frozenset[int] = frozenset()
     #: eBPF ring size per handle (0: library default). A full ring lets packets pass unexamined.
     ring_bytes: int = 0
+    #: Remove every divert program of the namespace before the first open (orphans.py). Only
+    #: `kextless run capture` sets it, running inside the namespace it guards; a shell built in
+    #: a test (fake handles, the host's namespace) must never touch the host's tc filters.
+    remove_orphans: bool = False
 
 
 class _Opener:
@@ -135,7 +140,7 @@ class CaptureShell:
         self.handle: EBPFDivert | None = None
         self._opener = _Opener()
         self._wanted: tuple[int, frozenset[int] | None] | None = None
-        self._stats_prev: dict[str, int] = {}
+        self.loss = LossCounters()
         self._closers: list[threading.Thread] = []
         self._connects = 0
         self._lost_before: int | None = None
@@ -165,6 +170,13 @@ class CaptureShell:
             # Verdicts and handle swaps must not queue behind the traffic they police: a
             # saturated CPU (bulk apps + softirq) otherwise adds tens of ms to a block.
             os.setpriority(os.PRIO_PROCESS, 0, -10)
+        # The namespace's only divert user: anything attached now is a killed capture's orphan,
+        # still run on every packet. Remove it before our own programs join it.
+        if self.cfg.remove_orphans:
+            try:
+                orphans.remove_orphans()
+            except Exception as e:  # never fatal: the new handle still guards the namespace
+                log.error("orphan divert programs not checked: %s", e)
         first = filters.build(frozenset(), self.cfg.exclude_ports)
         self.handle = EBPFDivert(
             first, priority=self.cfg.priority, ring_bytes=self.cfg.ring_bytes
@@ -406,6 +418,7 @@ class CaptureShell:
             # for the kernel to detach its programs (docs/measurements.md M2), during which
             # the new handle's packets would wait.
             if old is not None:
+                self._read_loss(old)  # what the old handle lost since the last check
                 with contextlib.suppress(OSError):
                     old.shutdown(SHUTDOWN_RECV)
                 self._drain_all(old, quiet=True)
@@ -414,7 +427,7 @@ class CaptureShell:
                 self._closers = [t for t in self._closers if t.is_alive()] + [closer]
             newfd = self._event_fd(new)
             self._active = (gen, ports)
-            self._stats_prev = {}
+            self.loss.new_handle()
             desc = "all TCP" if ports is None else f"{len(ports)} port(s)"
             log.info(
                 "handle generation %d active in %.1f ms (open %.1f ms; per-packet: %s)",
@@ -437,25 +450,31 @@ class CaptureShell:
                 return
 
     def _check_stats(self) -> None:
-        h = self.handle
-        if h is None:
+        """Every _STATS_NS: loss counters to the capture log, Warning Logs and Health (which the
+        ALE forwards to the broker, so `kextless status` shows them)."""
+        if self.handle is None:
             return
+        self._read_loss(self.handle)
+        self._to_ale([self.loss.health(os.getpid(), self.core.counters)])
+
+    def _read_loss(self, h: EBPFDivert) -> None:
         try:
             st = h.stats()
         except Exception as e:
             log.warning("stats unavailable: %s", e)
             return
-        for key in ("ringbuf_full", "queue_full"):
-            prev = self._stats_prev.get(key, 0)
-            if st.get(key, 0) > prev:
-                what = (
-                    "passed UNEXAMINED (ring buffer full)"
-                    if key == "ringbuf_full"
-                    else "dropped (userspace queue full)"
-                )
-                log.warning("%s rose by %d: packets %s", key, st[key] - prev, what)
-        self._stats_prev = dict(st)
+        logs = self.loss.observe(st, time.time())
+        for msg in logs:
+            log.warning("%s", msg.line)
+        self._to_ale(logs)
         log.debug("stats %s counters %s", st, self.core.counters)
+
+    def _to_ale(self, msgs: list[Log] | list[Health]) -> None:
+        for msg in msgs:
+            try:
+                self.sock.send(encode(msg), zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("ALE queue full: %s not sent", type(msg).__name__)
 
     def _shutdown(self) -> None:
         h, self.handle = self.handle, None
