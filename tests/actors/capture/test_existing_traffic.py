@@ -182,3 +182,22 @@ def test_a_flow_whose_verdict_the_ale_replays_is_not_asked_again() -> None:
             assert [m.flow.local_port for m in ale.held] == [PORT_A]  # only the inbound one
             assert out.ping() in {"reset", "eof"}  # the replayed verdict is enforced
             assert inc.ping() == "ok"
+
+
+def test_a_restarted_capture_asks_about_connections_made_under_its_predecessor() -> None:
+    """A capture restart is a start: the connection its predecessor let through (and this
+    ALE peer does not replay) is asked about again, and blocked."""
+    with NetnsPair() as pair:
+        apps.start(pair, pair.b, apps.ECHO_SERVER, PORT_B)
+        with _capture(pair, Verdict.PERMANENT_ACCEPT) as (ale, _log):
+            out = _client(pair, pair.a, pair.ip4_b, PORT_B)
+            assert out.ping() == "ok"
+            flow = Flow(6, _packed(pair.ip4_a), out.local[1], _packed(pair.ip4_b), PORT_B)
+            (syn,) = ale.held_matching(lambda m: m.flow == flow)  # asked by its SYN
+            assert syn.packet[33] & 0x12 == 0x02
+        with _capture(pair, Verdict.PERMANENT_BLOCK) as (ale, log_path):
+            assert ale.wait_for(lambda: bool(ale.held_matching(lambda m: m.flow == flow)), 8), (
+                log_path.read_text()
+            )
+            time.sleep(0.3)
+            assert out.ping() in {"reset", "eof"}, log_path.read_text()[-3000:]
