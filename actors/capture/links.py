@@ -16,6 +16,7 @@ import contextlib
 import enum
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -77,6 +78,8 @@ class GuardLink:
 @dataclass(frozen=True)
 class UnguardLink:
     link: Link
+    #: When the link was first seen undiverted (the start of its guarded window).
+    since_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class LinkTable:
                 self.covered.add(index)
                 if index in self.guarded:
                     self.guarded.discard(index)
-                    out.append(UnguardLink(link))
+                    out.append(UnguardLink(link, since))
             elif opened_ns is not None and since <= opened_ns:
                 del self.pending[index]
                 self.refused.add(index)
@@ -325,7 +328,11 @@ class LinkGuard:
                     with contextlib.suppress(OSError, NetlinkError):
                         self.guard.detach(e.link.index)
                 log.info(
-                    "link %s (ifindex %d) diverted on ingress and egress", e.link.name, e.link.index
+                    "link %s (ifindex %d) diverted on ingress and egress, %.1f ms after it "
+                    "was seen (guarded meanwhile)",
+                    e.link.name,
+                    e.link.index,
+                    (time.monotonic_ns() - e.since_ns) / 1e6,
                 )
             elif isinstance(e, NeedHandle):
                 need = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import pytest
@@ -46,7 +47,7 @@ def test_a_new_link_is_guarded_then_unguarded_once_diverted() -> None:
     assert out == [Seen(LinkEvent.APPEARED, NEW), GuardLink(NEW), NeedHandle((NEW,))]
     t.guard_attached(NEW.index)
     assert t.unguarded() == [NEW]
-    assert t.on_coverage({1: FULL, 2: FULL, 7: FULL}, 150) == [UnguardLink(NEW)]
+    assert t.on_coverage({1: FULL, 2: FULL, 7: FULL}, 150) == [UnguardLink(NEW, 100)]
     assert t.unguarded() == []
     up = Link(7, "vc", "veth", True)
     assert t.on_links([LO, VA, up], 200) == [Seen(LinkEvent.CHANGED, up)]  # no new handle
@@ -169,3 +170,92 @@ def test_links_added_later_are_asked_about_and_obeyed() -> None:
         print(f"moved in -> diverted in {_wait_diverted(env, 'vc2') * 1000:.0f} ms")
         _asked_and_obeyed(env, host)
         assert "refused" not in env.log()
+
+
+_SINK = r"""
+import socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", int(sys.argv[1]))); u.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+n = 0
+try:
+    while True:
+        u.recv(2048); n += 1
+except OSError:
+    pass
+print(n, flush=True)
+"""
+
+_BLAST = r"""
+import socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[3]); n = 0
+print("ready", flush=True)
+gap = 1 / float(sys.argv[4]); nxt = time.monotonic()
+while time.monotonic() < end:
+    try:
+        u.sendto(b"x" * 32, (sys.argv[1], int(sys.argv[2]))); n += 1
+    except OSError:
+        pass
+    nxt += gap
+    while time.monotonic() < nxt:
+        pass
+print(n, flush=True)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_window_of_a_link_moved_in_up_at_once_lets_no_packet_pass_unexamined() -> None:
+    """A sender sends 5000 UDP packets/s (below the divert ring's fail-open rate) at an address
+    of a link before it is moved in, addressed and up; PermanentBlock: every packet that
+    reaches the sink passed unexamined (target 0)."""
+    port = 18021
+    with capture_env(Verdict.PERMANENT_BLOCK) as env:
+        p = env.pair
+        net, mac = f"10.233.{p.subnet}", "02:6b:6c:00:04:0a"
+        _ip("-n", p.b, "link", "add", "vm3", "address", mac, "type", "veth", "peer", "name", "ve3")
+        _ip("-n", p.b, "addr", "add", f"{net}.2/24", "dev", "ve3")
+        _ip("-n", p.b, "link", "set", "ve3", "up")
+        _ip(
+            "-n",
+            p.b,
+            "neigh",
+            "replace",
+            f"{net}.1",
+            "lladdr",
+            mac,
+            "dev",
+            "ve3",
+            "nud",
+            "permanent",
+        )
+        sink = p.popen(p.a, [sys.executable, "-c", _SINK, str(port), "1.5"], text=True)
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        blast = p.popen(
+            p.b, [sys.executable, "-c", _BLAST, f"{net}.1", str(port), "1.5", "5000"], text=True
+        )
+        assert blast.stdout is not None and blast.stdout.readline().strip() == "ready"
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        subprocess.run(
+            f"ip -n {p.b} link set vm3 netns {p.a} && ip -n {p.a} addr add {net}.1/24 dev vm3 "
+            f"&& ip -n {p.a} link set vm3 up",
+            shell=True,
+            check=True,
+            timeout=10,
+        )
+        t_up = time.monotonic() - t0
+        window = t_up + _wait_diverted(env, "vm3")
+        sent = int(blast.communicate(timeout=10)[0].strip())
+        passed = int(sink.communicate(timeout=10)[0].strip())
+        asked = len(env.held_for(port))
+        print(
+            f"window: moved in -> up {t_up * 1000:.0f} ms, -> diverted {window * 1000:.0f} ms; "
+            f"sent {sent}, passed unexamined {passed}, asked {asked}"
+        )
+        seen = [ln for ln in env.log().splitlines() if "vm3" in ln and "ms after" in ln]
+        print(seen[-1] if seen else "no window line")
+        assert asked >= 1, env.log()[-2000:]
+        assert passed == 0
+        assert window < 0.1 + t_up
