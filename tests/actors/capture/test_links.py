@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -259,3 +260,84 @@ def test_window_of_a_link_moved_in_up_at_once_lets_no_packet_pass_unexamined() -
         assert asked >= 1, env.log()[-2000:]
         assert passed == 0
         assert window < 0.1 + t_up
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_bridge_added_later_with_an_address_is_asked_about_and_obeyed() -> None:
+    """A bridge with the address and a new veth as its port: both links are guarded, then
+    diverted (this kernel has no dummy device; the bridge is the software link it has)."""
+    with capture_env(Verdict.PERMANENT_ACCEPT) as env:
+        p = env.pair
+        apps.start(p, p.a, apps.ECHO_SERVER, PORT)
+        net = f"10.234.{p.subnet}"
+        _ip("-n", p.a, "link", "add", "br5", "address", "02:6b:6c:00:05:0c", "type", "bridge")
+        _ip(
+            "-n", p.a, "link", "add", "vc5", "address", "02:6b:6c:00:05:0a",
+            "type", "veth", "peer", "name", "vd5", "address", "02:6b:6c:00:05:0b",
+        )  # fmt: skip
+        _ip("-n", p.a, "link", "set", "vd5", "netns", p.b)
+        _ip("-n", p.a, "link", "set", "vc5", "master", "br5")
+        _ip("-n", p.a, "addr", "add", f"{net}.1/24", "dev", "br5")
+        _ip("-n", p.b, "addr", "add", f"{net}.2/24", "dev", "vd5")
+        for ns, dev in ((p.a, "vc5"), (p.a, "br5"), (p.b, "vd5")):
+            _ip("-n", ns, "link", "set", dev, "up")
+        _wait_diverted(env, "br5")
+        _wait_diverted(env, "vc5")
+        _asked_and_obeyed(env, f"{net}.1")
+        assert "refused" not in env.log()
+
+
+_TUN = r"""
+import fcntl, json, os, select, struct, sys, time
+from tests.actors.capture import crafted as c
+local, peer, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"t6", 0x0001 | 0x1000))  # TUN, NO_PI
+print("ready", flush=True)
+for line in sys.stdin:
+    sport = int(line)
+    os.write(fd, c.v4(peer, local, c.tcp(sport, port)))
+    end, flags = time.monotonic() + 1.0, None
+    while flags is None and time.monotonic() < end:
+        if select.select([fd], [], [], 0.05)[0]:
+            pkt = os.read(fd, 2048)
+            ihl = (pkt[0] & 15) * 4
+            dport = struct.unpack_from("!H", pkt, ihl + 2)[0]
+            if pkt[0] >> 4 == 4 and pkt[9] == 6 and dport == sport:
+                flags = pkt[ihl + 13]
+    print(json.dumps({"flags": flags}), flush=True)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_tun_device_added_later_is_asked_about_and_obeyed() -> None:
+    """A tun device (no Ethernet header) created by an application after start: a SYN written
+    into it is asked about; PermanentBlock answers RST, PermanentAccept lets the SYN-ACK out."""
+    with capture_env(Verdict.PERMANENT_BLOCK) as env:
+        p = env.pair
+        apps.start(p, p.a, apps.ECHO_SERVER, PORT)
+        local, peer = f"10.236.{p.subnet}.1", f"10.236.{p.subnet}.2"
+        tun = p.popen(
+            p.a,
+            [sys.executable, "-c", _TUN, local, peer, str(PORT)],
+            text=True,
+            stdin=subprocess.PIPE,
+        )
+        assert tun.stdout is not None and tun.stdin is not None
+        assert tun.stdout.readline().strip() == "ready"
+        _ip("-n", p.a, "addr", "add", local, "peer", peer, "dev", "t6")
+        _ip("-n", p.a, "link", "set", "t6", "up")
+        _wait_diverted(env, "t6")
+
+        def syn(sport: int) -> int | None:
+            tun.stdin.write(f"{sport}\n")  # type: ignore[union-attr]
+            tun.stdin.flush()  # type: ignore[union-attr]
+            return json.loads(tun.stdout.readline())["flags"]  # type: ignore[union-attr, no-any-return]
+
+        assert syn(40001) == 0x14, env.log()[-2000:]  # RST+ACK: refused
+        assert env.held_for(PORT), "no PacketHeld for the tun's SYN"
+        env.set_policy(Verdict.PERMANENT_ACCEPT)
+        assert syn(40002) == 0x12, env.log()[-2000:]  # SYN+ACK: accepted
+        assert "refused" not in env.log()
