@@ -117,6 +117,40 @@ def load() -> int:
     return fd
 
 
+def remove_stale(ipr: IPRoute) -> list[str]:
+    """Remove guards a killed capture left (SIGKILL in a guarded window): on a link that is
+    diverted now they would drop every IP packet the divert filter lets by. Returns
+    "link/ingress"-style names of what was removed."""
+    removed = []
+    for link in ipr.get_links():
+        index, name = int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
+        for parent, where in ((INGRESS, "ingress"), (EGRESS, "egress")):
+            try:
+                filters = ipr.get_filters(index=index, parent=parent)
+            except NetlinkError:
+                continue  # no clsact here
+            for f in filters:
+                opts = f.get_attr("TCA_OPTIONS")
+                if opts is None or opts.get_attr("TCA_BPF_NAME") != GUARD_NAME:
+                    continue
+                try:
+                    ipr.tc(
+                        "del-filter",
+                        "bpf",
+                        index=index,
+                        handle=f["handle"],
+                        parent=parent,
+                        prio=f["info"] >> 16,
+                        protocol=_ETH_P_ALL,
+                    )
+                    removed.append(f"{name}/{where}")
+                except NetlinkError as e:
+                    log.warning("removing a stale guard from %s %s failed: %s", name, where, e)
+    for what in removed:
+        log.warning("removed a guard a previous capture left on %s", what)
+    return removed
+
+
 @dataclass
 class Guard:
     """The loaded guard program and the links it is attached to (ifindex -> name)."""

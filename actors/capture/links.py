@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kextless.actors.capture.guard import EGRESS, GUARD_PREF, INGRESS, Guard
+from kextless.actors.capture.guard import EGRESS, GUARD_PREF, INGRESS, Guard, remove_stale
 from kextless.protocol.enums import Severity
 from kextless.protocol.messages import Log
 
@@ -296,6 +296,10 @@ class LinkGuard:
         return out
 
     def start(self, now_ns: int) -> bool:
+        try:
+            remove_stale(self.watcher.ipr)
+        except (OSError, NetlinkError) as e:
+            log.error("stale guards not checked: %s", e)
         snap = self.watcher.snapshot()
         cov = self.watcher.coverage([link.index for link in snap])
         return self._apply(self.table.seed(snap, cov, now_ns))

@@ -80,3 +80,28 @@ def test_guard_drops_ip_passes_arp_and_reinjected_packets_and_comes_off() -> Non
         assert out["reinjected"] == "refused"
         assert "kextless_guard" not in out["filters_left"]
         assert out["after"] == "refused"
+
+
+_STALE = r"""
+import json, subprocess
+from pyroute2 import IPRoute
+from kextless.actors.capture.guard import Guard, remove_stale
+ipr = IPRoute()
+g = Guard.open(ipr)  # never closed: a capture killed while the link was guarded
+g.attach(ipr.link_lookup(ifname="va")[0], "va")
+removed = remove_stale(ipr)
+show = ["tc", "filter", "show", "dev", "va", "egress"]
+left = subprocess.run(show, capture_output=True, text=True)
+print(json.dumps({"removed": removed, "left": left.stdout, "again": remove_stale(ipr)}))
+"""
+
+
+@pytest.mark.root
+def test_a_guard_a_killed_capture_left_is_removed_at_start() -> None:
+    with NetnsPair("gs") as p:
+        r = p.run_py(p.a, _STALE, timeout=30)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert sorted(out["removed"]) == ["va/egress", "va/ingress"]
+        assert "kextless_guard" not in out["left"]
+        assert out["again"] == []
