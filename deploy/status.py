@@ -20,6 +20,8 @@ from kextless.deploy.options import check_netns_name
 from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc, supervisord_alive
 
 STATUS_TIMEOUT = 2.0
+#: The capture reports every 5 s; three missed reports mean its counters are out of date.
+STALE_S = 15.0
 
 
 def broker_counters(
@@ -101,6 +103,9 @@ def status(
         code = 1
     else:
         report["divert_counters"] = divert_counters(report["broker"])
+        capture = report["broker"].get("actors", {}).get("capture")
+        if report["divert_counters"] is not None and isinstance(capture, dict):
+            report["divert_counters_age_s"] = capture.get("last_seen_s_ago")
     # Only an instance with a capture guards its namespace; without one nothing is expected.
     guarding = "capture" in inst.programs
     try:
@@ -170,7 +175,12 @@ def format_status(report: dict[str, Any]) -> str:
             state = "up" if i["up"] else "down"
             lines.append(f"  {i['name']:<10} {i['kind']:<8} {state:<4} {hooks}{flag}")
     if report.get("divert_counters") is not None:
-        lines.append("divert loss counters (capture):")
+        age = report.get("divert_counters_age_s")
+        if isinstance(age, int | float):
+            stale = "; STALE: the capture stopped reporting" if age > STALE_S else ""
+            lines.append(f"divert loss counters (capture, reported {age:.1f} s ago{stale}):")
+        else:
+            lines.append("divert loss counters (capture):")
         for key, c in report["divert_counters"].items():
             when = f"last rose {c['last_rise']}" if c["last_rise"] else "never rose"
             lines.append(f"  {key}: {c['count']} ({when})")

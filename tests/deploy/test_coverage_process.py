@@ -142,6 +142,7 @@ def test_three_sigkills_of_the_capture_then_down_leave_no_divert_program(
     assert code == 0, rep
     assert all(i["guarded"] for i in rep["interfaces"]), rep["interfaces"]
     assert set(rep["divert_counters"]) >= {"ringbuf_full", "queue_full"}
+    assert 0 <= rep["divert_counters_age_s"] < 15
     assert rep["broker"]["actors"]["capture"]["pid"] == pid
 
     stopped = subprocess.run(

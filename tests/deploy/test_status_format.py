@@ -74,6 +74,10 @@ def test_loss_counters_come_from_the_captures_relayed_health() -> None:
     assert "divert loss counters (capture):\n" in text
     assert f"  ringbuf_full: 7 (last rose {when})\n" in text
     assert "  queue_full: 0 (never rose)\n" in text
+    aged = format_status(report(divert_counters=counters, divert_counters_age_s=4.25))
+    assert "divert loss counters (capture, reported 4.2 s ago):\n" in aged
+    stale = format_status(report(divert_counters=counters, divert_counters_age_s=31.0))
+    assert "reported 31.0 s ago; STALE: the capture stopped reporting):" in stale
 
 
 def test_no_capture_health_yet_means_no_counters() -> None:
