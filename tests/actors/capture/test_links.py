@@ -52,6 +52,8 @@ def test_a_new_link_is_guarded_then_unguarded_once_diverted() -> None:
     assert t.unguarded() == []
     up = Link(7, "vc", "veth", True)
     assert t.on_links([LO, VA, up], 200) == [Seen(LinkEvent.CHANGED, up)]  # no new handle
+    renamed = Link(7, "eth9", "veth", True)  # same ifindex: its tc programs stay
+    assert t.on_links([LO, VA, renamed], 210) == [Seen(LinkEvent.CHANGED, renamed)]
 
 
 def test_a_link_still_undiverted_after_a_later_open_is_refused_and_stays_guarded() -> None:
