@@ -172,6 +172,12 @@ def test_links_added_later_are_asked_about_and_obeyed() -> None:
         host = _veth_later(env, 2, "02:6b:6c:00:03:0a", move_from_b=True)
         print(f"moved in -> diverted in {_wait_diverted(env, 'vc2') * 1000:.0f} ms")
         _asked_and_obeyed(env, host)
+        # Renamed (down, rename, up): same ifindex, its programs stay.
+        _ip("-n", p.a, "link", "set", "vc2", "down")
+        _ip("-n", p.a, "link", "set", "vc2", "name", "vc2r")
+        _ip("-n", p.a, "link", "set", "vc2r", "up")
+        _wait_diverted(env, "vc2r")
+        _asked_and_obeyed(env, host)
         assert "refused" not in env.log()
 
 
