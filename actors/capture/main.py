@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     shell = CaptureShell(
         core,
-        ShellConfig(endpoint, args.priority, excl, args.ring_bytes, remove_orphans=True),
+        ShellConfig(endpoint, args.priority, excl, args.ring_bytes, owns_namespace=True),
     )
     install_signals(shell)
     logging.getLogger("capture").info(

@@ -70,10 +70,12 @@ class ShellConfig:
     exclude_ports: frozenset[int] = frozenset()
     #: eBPF ring size per handle (0: library default). A full ring lets packets pass unexamined.
     ring_bytes: int = 0
-    #: Remove every divert program of the namespace before the first open (orphans.py). Only
-    #: `kextless run capture` sets it, running inside the namespace it guards; a shell built in
-    #: a test (fake handles, the host's namespace) must never touch the host's tc filters.
-    remove_orphans: bool = False
+    #: This shell is the namespace's capture process, so it may change the namespace's tc
+    #: filters: remove every divert program before the first open (orphans.py) and put the
+    #: fail-closed guard on links that appear later (links.py, never in the host's namespace).
+    #: Only `kextless run capture` sets it, running inside the namespace it guards; a shell
+    #: built in a test (fake handles, the host's namespace) must never touch tc filters.
+    owns_namespace: bool = False
 
 
 class _Opener:
@@ -172,7 +174,7 @@ class CaptureShell:
             os.setpriority(os.PRIO_PROCESS, 0, -10)
         # The namespace's only divert user: anything attached now is a killed capture's orphan,
         # still run on every packet. Remove it before our own programs join it.
-        if self.cfg.remove_orphans:
+        if self.cfg.owns_namespace:
             try:
                 orphans.remove_orphans()
             except Exception as e:  # never fatal: the new handle still guards the namespace
@@ -190,9 +192,10 @@ class CaptureShell:
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
         lfd = -1
-        if in_initial_netns():  # never drop traffic of the machine's own namespace
+        # Never drop traffic of the machine's own namespace, nor touch a test's tc filters.
+        if self.cfg.owns_namespace and in_initial_netns():
             log.error("in the host's network namespace: links added later are NOT guarded")
-        else:
+        elif self.cfg.owns_namespace:
             self._links = LinkGuard(self.cfg.priority)
             lfd = self._links.fileno()
             poller.register(lfd, zmq.POLLIN)

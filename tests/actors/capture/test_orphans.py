@@ -114,9 +114,9 @@ def test_remove_orphans_removes_only_divert_programs() -> None:
 
 
 def test_only_the_capture_process_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A shell built elsewhere (a test's, in the host namespace) never removes tc filters;
-    `kextless run capture`, which runs inside the namespace it guards, does."""
-    assert ShellConfig("ipc:///nowhere").remove_orphans is False
+    """A shell built elsewhere (a test's, in the host namespace) never removes or adds tc
+    filters; `kextless run capture`, which runs inside the namespace it guards, does."""
+    assert ShellConfig("ipc:///nowhere").owns_namespace is False
     built: list[ShellConfig] = []
 
     def fake_run(self: CaptureShell) -> int:
@@ -127,4 +127,4 @@ def test_only_the_capture_process_cleans_up(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(capture_main, "install_signals", lambda _shell: None)
     monkeypatch.setattr(capture_main.logs, "setup", lambda *_a, **_k: None)  # pytest's handlers
     assert capture_main.main(["--ale-endpoint", "ipc:///nowhere"]) == 0
-    assert [c.remove_orphans for c in built] == [True]
+    assert [c.owns_namespace for c in built] == [True]
