@@ -179,6 +179,9 @@ def test_a_flow_whose_verdict_the_ale_replays_is_not_asked_again() -> None:
             # What the ALE's CaptureReady replay does for a connection it already knows.
             ale.send(CacheSet(out_flow, Verdict.PERMANENT_BLOCK))
             assert ale.wait_for(lambda: "existing connections:" in log_path.read_text(), 8)
+            # The scan's requests leave together, after its log line: wait for them to arrive.
+            assert ale.wait_for(lambda: bool(ale.held), 5), log_path.read_text()[-3000:]
+            time.sleep(0.3)
             assert [m.flow.local_port for m in ale.held] == [PORT_A]  # only the inbound one
             assert out.ping() in {"reset", "eof"}  # the replayed verdict is enforced
             assert inc.ping() == "ok"
