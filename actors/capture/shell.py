@@ -46,6 +46,7 @@ from kextless.actors.capture.core import (
     ToAle,
 )
 from kextless.actors.capture.counters import LossCounters
+from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
 from kextless.protocol.messages import Health, Log, decode, encode
@@ -148,6 +149,7 @@ class CaptureShell:
         self._lost_before: int | None = None
         # Links that appear later (links.py): guarded at once, then a new handle generation.
         self._links: LinkGuard | None = None
+        self._l2pass: L2Pass | None = None
         self._active: tuple[int, frozenset[int] | None] = (0, frozenset())
         self._open_started_ns = 0
         self.errors = 0
@@ -167,7 +169,16 @@ class CaptureShell:
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.cfg.ale_endpoint)
         self.sock = sock
-        warn_risky_macs()
+        # Non-IP frames skip the divert program (l2pass.py): ARP is never misread as IP and
+        # lost by the filter's "every protocol" clauses. Only in a namespace we own.
+        if self.cfg.owns_namespace and not in_initial_netns():
+            try:
+                self._l2pass = L2Pass.open()
+                self._l2pass.sync()
+            except Exception as e:  # ARP may then be lost (below); the capture still guards
+                log.error("l2pass not attached: %s", e)
+        if self._l2pass is None:
+            warn_risky_macs()
         with contextlib.suppress(OSError):
             # Verdicts and handle swaps must not queue behind the traffic they police: a
             # saturated CPU (bulk apps + softirq) otherwise adds tens of ms to a block.
@@ -234,7 +245,10 @@ class CaptureShell:
                         self._drain_handle(self.handle)
                         last_read = time.monotonic_ns()
                     elif item == lfd and self._links is not None:
-                        self._on_links(self._links.on_event(time.monotonic_ns()))
+                        need = self._links.on_event(time.monotonic_ns())
+                        if self._l2pass is not None:  # before the new link's handle opens
+                            self._l2pass.sync()
+                        self._on_links(need)
         finally:
             self._shutdown()
             sock.disable_monitor()
@@ -496,6 +510,8 @@ class CaptureShell:
         self._opener.close()
         if self._links is not None:
             self._links.close()  # guards still attached (links never diverted) come off
+        if self._l2pass is not None:
+            self._l2pass.close()
         log.info("handles closed; %d held packet(s) dropped; counters %s", held, self.core.counters)
 
 

@@ -43,8 +43,46 @@ def test_base_filter_selects_openers_ends_udp_and_other_protocols() -> None:
     assert not matches(f, c.v6("fd00::1", "ff02::1:ff00:2", nd))
     gre = (47, b"\0" * 8)
     assert matches(f, c.v4(L, R, gre))
-    assert not matches(f, c.v4(L, R, (253, b"\0" * 8)))  # unlisted: see OTHER_PROTOCOLS
-    assert not matches(f, c.v6("fd00::1", "fd00::2", gre))  # see filters.BASE: ARP misparse
+
+
+L6, R6 = "fd00::1", "fd00::2"
+#: Hop-by-hop header with a router alert, as MLD is sent (RFC 2711 option 5, then PadN).
+HBH_RA = (0, bytes([5, 2, 0, 0, 1, 0]))
+
+
+@pytest.mark.parametrize("proto", [2, 47, 61, 132, 200, 253, 255])
+def test_every_protocol_but_tcp_is_asked_in_both_families(proto: int) -> None:
+    f = filters.build(frozenset())
+    assert matches(f, c.v4(L, R, (proto, b"\0" * 8)))
+    assert matches(f, c.v4(R, L, (proto, b"\0" * 8)), outbound=False)
+    assert matches(f, c.v6(L6, R6, (proto, b"\0" * 8)))
+    assert matches(f, c.v6(R6, L6, (proto, b"\0" * 8)), outbound=False)
+    # behind extension headers (destination options; hop-by-hop) too
+    assert matches(f, c.v6(L6, R6, (proto, b"\0" * 8), ext=[(60, b"\0" * 6)]))
+    assert matches(f, c.v6(L6, R6, (proto, b"\0" * 8), ext=[HBH_RA]))
+
+
+def test_udp_icmp_asked_in_both_families_also_behind_extension_headers() -> None:
+    f = filters.build(frozenset())
+    assert matches(f, c.v6(L6, R6, c.udp(5000, 53)))
+    assert matches(f, c.v6(L6, R6, c.udp(5000, 53), ext=[HBH_RA]))
+    assert matches(f, c.v6(L6, R6, c.icmp_echo(v6=True), ext=[(60, b"\0" * 6)]))
+    assert matches(f, c.v4(L, R, c.udp(5000, 53)))
+    # established TCP stays in the kernel, also behind an extension header
+    assert not matches(f, c.v6(L6, R6, c.tcp(40000, 80, c.ACK, payload=b"x")))
+    assert not matches(f, c.v6(L6, R6, c.tcp(40000, 80, c.ACK, payload=b"x"), ext=[HBH_RA]))
+    assert matches(f, c.v6(L6, R6, c.tcp(40000, 80, c.SYN), ext=[(60, b"\0" * 6)]))
+
+
+@pytest.mark.parametrize("icmp_type", [130, 131, 132, 133, 134, 135, 136, 137, 143])
+def test_neighbour_discovery_and_mld_are_not_asked(icmp_type: int) -> None:
+    f = filters.build(frozenset(), [5555])
+    msg = (58, bytes([icmp_type, 0, 0, 0]) + b"\0" * 20)
+    assert not matches(f, c.v6(L6, "ff02::1:ff00:2", msg))
+    assert not matches(f, c.v6("fe80::1", "ff02::16", msg, ext=[HBH_RA]))
+    assert not matches(f, c.v6("fe80::1", "ff02::16", msg, ext=[HBH_RA]), outbound=False)
+    other = (58, bytes([icmp_type - 2 if icmp_type == 130 else 138, 0, 0, 0]) + b"\0" * 20)
+    assert matches(f, c.v6(L6, R6, other))
 
 
 def test_per_packet_ports_select_both_directions_and_exclusions_win() -> None:
@@ -54,4 +92,11 @@ def test_per_packet_ports_select_both_directions_and_exclusions_win() -> None:
     assert not matches(f, c.v4(L, R, c.tcp(40001, 80, c.ACK, payload=b"x")))
     assert not matches(f, c.v4(L, R, c.tcp(40000, 5555, c.SYN)))
     assert not matches(f, c.v4(L, R, c.udp(5555, 53)))
+    assert not matches(f, c.v4(L, R, c.udp(53, 5555)))
+    assert not matches(f, c.v6(L6, R6, c.udp(5555, 53)))
+    assert not matches(f, c.v6(L6, R6, c.tcp(40000, 5555, c.SYN)))
+    assert matches(f, c.v6(L6, R6, c.udp(5556, 53)))
+    assert matches(f, c.v4(L, R, (253, b"5555")))  # other protocols have no ports
     assert matches(filters.build(None), c.v4(L, R, c.tcp(1, 2, c.ACK)))
+    assert matches(filters.build(None), c.v6(L6, R6, c.tcp(1, 2, c.ACK)))
+    assert not matches(filters.build(None, [5555]), c.v4(L, R, c.tcp(1, 5555, c.ACK)))
