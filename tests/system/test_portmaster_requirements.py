@@ -26,7 +26,7 @@ a second System of its own in a second NetnsPair.
 | R7 DNS payload | `test_r07_dns_payload_agrees_with_metadata` |
 | R8 redirects keep the source | `test_interception.py::test_dns_redirect_to_local_resolver` |
 | R8 (SPN tunnel) | `test_interception.py::test_tcp_redirect_to_tunnel` |
-| R9 self-check, protocol 61 | `test_r09_self_check_protocol_61_is_surfaced` (xfail, strict) |
+| R9 self-check, protocol 61 | `test_r09_self_check_protocol_61_is_surfaced` |
 | R9 (the probe itself) | `test_r09_probe_is_sound_with_a_diverted_protocol` |
 | R10 lifecycle | `test_r10_shutdown_close_reopen_resets_state` |
 | R11 Update idempotent, any direction | `test_r11_update_twice_blocks_in_either_direction` |
@@ -743,14 +743,13 @@ def self_check(pair: NetnsPair, answerer: Answerer, proto: int) -> None:
     assert check_payload(info)[:19] == b"kextless self-check"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 point 4: protocol 61 not yet diverted")
 def test_r09_self_check_protocol_61_is_surfaced(pair: NetnsPair, answerer: Answerer) -> None:
     self_check(pair, answerer, 61)
 
 
 def test_r09_probe_is_sound_with_a_diverted_protocol(pair: NetnsPair, answerer: Answerer) -> None:
-    """The same probe with GRE (47), a protocol kextless asks about today: the xfail above
-    fails for the protocol, not for the probe."""
+    """The same probe with GRE (47), a protocol kextless has long asked about: the probe itself
+    is sound."""
     self_check(pair, answerer, 47)
 
 
