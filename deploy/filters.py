@@ -45,7 +45,7 @@ def remove_divert_filters(netns: str) -> tuple[list[str], list[str]]:
     """Remove every divert program in the namespace: (what was removed, what could not be)."""
     with _netlink(netns) as ipr:
         try:
-            removed, errors = orphans.remove(ipr, orphans.divert_programs(ipr))
+            removed, errors = orphans.remove(ipr, orphans.leftover_programs(ipr))
         except Exception as e:
             raise DeployError(f"cannot remove tc filters of netns {netns}: {e}") from None
     return [p.describe() for p in removed], errors

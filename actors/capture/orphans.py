@@ -24,6 +24,8 @@ log = logging.getLogger("capture")
 
 #: Kernel program names are cut to 15 characters (`tc_divert_ingre`): match the stem.
 DIVERT_PREFIX = "tc_divert_"
+#: Our own programs beside it (l2pass.py, guard.py): left behind by a killed capture too.
+OURS_PREFIX = "kextless_"
 
 
 class Hook(enum.Enum):
@@ -82,7 +84,9 @@ def _links(ipr: Any) -> list[tuple[int, str, str, bool]]:
     return out
 
 
-def _programs_on(ipr: Any, index: int, ifname: str) -> list[DivertProgram]:
+def _programs_on(
+    ipr: Any, index: int, ifname: str, prefixes: tuple[str, ...] = (DIVERT_PREFIX,)
+) -> list[DivertProgram]:
     found = []
     for hook in Hook:
         try:
@@ -93,7 +97,7 @@ def _programs_on(ipr: Any, index: int, ifname: str) -> list[DivertProgram]:
         for f in filters:
             opts = f.get_attr("TCA_OPTIONS")
             name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-            if f.get_attr("TCA_KIND") == "bpf" and name and name.startswith(DIVERT_PREFIX):
+            if f.get_attr("TCA_KIND") == "bpf" and name and name.startswith(prefixes):
                 found.append(DivertProgram(ifname, index, hook, f["info"] >> 16, str(name)))
     return found
 
@@ -103,6 +107,14 @@ def divert_programs(ipr: Any) -> list[DivertProgram]:
     found = []
     for index, ifname, _kind, _up in _links(ipr):
         found += _programs_on(ipr, index, ifname)
+    return found
+
+
+def leftover_programs(ipr: Any) -> list[DivertProgram]:
+    """Divert programs and our own (l2pass, guard): what a killed capture leaves behind."""
+    found = []
+    for index, ifname, _kind, _up in _links(ipr):
+        found += _programs_on(ipr, index, ifname, (DIVERT_PREFIX, OURS_PREFIX))
     return found
 
 
@@ -147,7 +159,7 @@ def remove_orphans(ipr: Any | None = None) -> list[DivertProgram]:
 
         ipr = IPRoute()
     try:
-        removed, errors = remove(ipr, divert_programs(ipr))
+        removed, errors = remove(ipr, leftover_programs(ipr))
     finally:
         if opened:
             with contextlib.suppress(Exception):

@@ -169,6 +169,14 @@ class CaptureShell:
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.cfg.ale_endpoint)
         self.sock = sock
+        # The namespace's only divert user: anything attached now (divert programs, our own
+        # l2pass and guards) is a killed capture's orphan, still run on every packet. Remove
+        # it before our own programs join it.
+        if self.cfg.owns_namespace:
+            try:
+                orphans.remove_orphans()
+            except Exception as e:  # never fatal: the new handle still guards the namespace
+                log.error("orphan divert programs not checked: %s", e)
         # Non-IP frames skip the divert program (l2pass.py): ARP is never misread as IP and
         # lost by the filter's "every protocol" clauses. Only in a namespace we own.
         if self.cfg.owns_namespace and not in_initial_netns():
@@ -183,13 +191,6 @@ class CaptureShell:
             # Verdicts and handle swaps must not queue behind the traffic they police: a
             # saturated CPU (bulk apps + softirq) otherwise adds tens of ms to a block.
             os.setpriority(os.PRIO_PROCESS, 0, -10)
-        # The namespace's only divert user: anything attached now is a killed capture's orphan,
-        # still run on every packet. Remove it before our own programs join it.
-        if self.cfg.owns_namespace:
-            try:
-                orphans.remove_orphans()
-            except Exception as e:  # never fatal: the new handle still guards the namespace
-                log.error("orphan divert programs not checked: %s", e)
         first = filters.build(frozenset(), self.cfg.exclude_ports)
         self.handle = EBPFDivert(
             first, priority=self.cfg.priority, ring_bytes=self.cfg.ring_bytes

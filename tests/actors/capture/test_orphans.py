@@ -26,6 +26,12 @@ def programs(ns: str) -> list[DivertProgram]:
         return orphans.divert_programs(ipr)
 
 
+def ours(ns: str) -> list[DivertProgram]:
+    """Our own programs beside the divert ones (l2pass on every link but lo, guards)."""
+    with NetNS(ns) as ipr:
+        return [p for p in orphans.leftover_programs(ipr) if p.name.startswith("kextless_")]
+
+
 def hooks(progs: list[DivertProgram]) -> list[tuple[str, str]]:
     return sorted((p.ifname, p.hook.label) for p in progs)
 
@@ -40,9 +46,12 @@ def test_the_next_capture_removes_a_killed_captures_programs(tmp_path: Path) -> 
         ns = env.pair.a
         first = programs(ns)
         assert hooks(first) == EVERY_HOOK
+        first_ours = ours(ns)
+        assert hooks(first_ours) == [("va", "egress"), ("va", "ingress")]  # l2pass
         env.proc.send_signal(signal.SIGKILL)
         env.proc.wait(10)
         assert programs(ns) == first  # SIGKILL: the programs stay attached (orphans)
+        assert ours(ns) == first_ours
 
         readies = sum(isinstance(m, CaptureReady) for m in env.ale.received)
         log_path = tmp_path / "capture2.log"
@@ -62,8 +71,9 @@ def test_the_next_capture_removes_a_killed_captures_programs(tmp_path: Path) -> 
         assert hooks(second) == EVERY_HOOK
         assert not {p.name for p in second} & {p.name for p in first}
         log = env.log()
-        for p in first:
+        for p in first + first_ours:
             assert f"removed orphan divert program: {p.describe()}" in log, log
+        assert hooks(ours(ns)) == hooks(first_ours)  # the new capture's own l2pass, once
         assert log.index("removed orphan divert program") < log.index("handle open")
     # A clean stop detaches the rest (the namespace still exists until capture_env exits).
 
