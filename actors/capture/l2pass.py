@@ -11,13 +11,11 @@ the guard at 65000): a frame whose ethertype is not IPv4, IPv6 or a VLAN tag get
 which ends the filter chain, so the divert program never reads it; every other frame goes on
 (TC_ACT_UNSPEC). VLAN-tagged frames go on to the divert program, which parses the tag.
 
-Nine hand-assembled instructions, loaded with bpf(2) like the guard (`guard.py`).
+Nine hand-assembled instructions, loaded and attached like the guard (`tcbpf.py`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import socket
@@ -26,17 +24,16 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kextless.actors.capture.guard import (
-    _BPF_PROG_LOAD,
-    _BPF_PROG_TYPE_SCHED_CLS,
-    _ETH_P_ALL,
-    _SKB_PROTOCOL,
-    _SYS_BPF,
-    _TC_ACT_UNSPEC,
-    EGRESS,
-    INGRESS,
-    _insn,
-    _ProgLoadAttr,
+from kextless.actors.capture import tcbpf
+from kextless.actors.capture.tcbpf import (
+    EXIT,
+    JEQ_K,
+    LDXW,
+    MOV64_K,
+    SKB_PROTOCOL,
+    TC_ACT_OK,
+    TC_ACT_UNSPEC,
+    insn,
 )
 
 log = logging.getLogger("capture.l2pass")
@@ -45,51 +42,29 @@ log = logging.getLogger("capture.l2pass")
 #: (../shared/reference/kernel-flow-cache.md §b).
 L2PASS_PREF = 5
 L2PASS_NAME = "kextless_l2pass"
-_TC_ACT_OK = 0
 #: Ethertypes that go on to the divert program (network byte order in skb->protocol).
 IP_ETHERTYPES = (0x0800, 0x86DD, 0x8100, 0x88A8)
 
 
 def program() -> bytes:
     """IPv4 / IPv6 / VLAN -> UNSPEC (on to the divert program); anything else -> OK."""
-    ldxw, jeq_k, mov64_k, exit_ = 0x61, 0x15, 0xB7, 0x95
     n = len(IP_ETHERTYPES)
-    insns = [_insn(ldxw, 2, 1, _SKB_PROTOCOL)]  # r2 = skb->protocol
+    insns = [insn(LDXW, 2, 1, SKB_PROTOCOL)]  # r2 = skb->protocol
     for i, et in enumerate(IP_ETHERTYPES):
         # jump over the remaining tests and the OK return (2 insns) to the UNSPEC return
-        insns.append(_insn(jeq_k, 2, 0, (n - 1 - i) + 2, socket.htons(et)))
+        insns.append(insn(JEQ_K, 2, 0, (n - 1 - i) + 2, socket.htons(et)))
     insns += [
-        _insn(mov64_k, 0, 0, 0, _TC_ACT_OK),  # not IP: pass, the divert program never sees it
-        _insn(exit_),
-        _insn(mov64_k, 0, 0, 0, _TC_ACT_UNSPEC),  # IP: on down the chain
-        _insn(exit_),
+        insn(MOV64_K, 0, 0, 0, TC_ACT_OK),  # not IP: pass, the divert program never sees it
+        insn(EXIT),
+        insn(MOV64_K, 0, 0, 0, TC_ACT_UNSPEC),  # IP: on down the chain
+        insn(EXIT),
     ]
     return b"".join(insns)
 
 
 def load() -> int:
     """Load the program; its fd (the caller closes it). OSError with the verifier log."""
-    code = program()
-    insns = ctypes.create_string_buffer(code, len(code))
-    lic = ctypes.create_string_buffer(b"GPL")
-    vlog = ctypes.create_string_buffer(4096)
-    attr = _ProgLoadAttr(
-        prog_type=_BPF_PROG_TYPE_SCHED_CLS,
-        insn_cnt=len(code) // 8,
-        insns=ctypes.addressof(insns),
-        license=ctypes.addressof(lic),
-        log_level=1,
-        log_size=len(vlog),
-        log_buf=ctypes.addressof(vlog),
-        prog_name=L2PASS_NAME.encode()[:15],
-    )
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = int(libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr)))
-    if fd < 0:
-        err = ctypes.get_errno() or errno.EIO
-        text = vlog.value.decode(errors="replace").strip()
-        raise OSError(err, f"loading the l2pass program: {os.strerror(err)}: {text}")
-    return fd
+    return tcbpf.load(program(), L2PASS_NAME)
 
 
 @dataclass
@@ -132,45 +107,14 @@ class L2Pass:
     def attach(self, index: int, name: str = "") -> None:
         """Let non-IP frames on `index` skip the divert program (ingress and egress); replaces
         one a previous capture left. OSError/NetlinkError."""
-        try:
-            self.ipr.tc("add", "clsact", index=index)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
-        for parent in (INGRESS, EGRESS):
-            self.ipr.tc(
-                "replace-filter",
-                "bpf",
-                index=index,
-                handle=1,
-                fd=self.fd,
-                name=L2PASS_NAME,
-                parent=parent,
-                prio=L2PASS_PREF,
-                protocol=_ETH_P_ALL,
-                classid=1,
-                direct_action=True,
-            )
+        tcbpf.attach(self.ipr, index, self.fd, L2PASS_NAME, L2PASS_PREF, replace=True)
         self.attached[index] = name
         log.debug("l2pass on %s (ifindex %d)", name or "?", index)
 
     def detach(self, index: int) -> None:
         """Remove it from `index` (a link that is gone took its filters with it)."""
         self.attached.pop(index, None)
-        for parent in (INGRESS, EGRESS):
-            try:
-                self.ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    index=index,
-                    handle=1,
-                    parent=parent,
-                    prio=L2PASS_PREF,
-                    protocol=_ETH_P_ALL,
-                )
-            except NetlinkError as e:
-                if e.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                    raise
+        tcbpf.detach(self.ipr, index, L2PASS_PREF)
 
     def close(self) -> None:
         """Detach from every link, then close the program fd and the rtnetlink socket."""

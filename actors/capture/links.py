@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kextless.actors.capture.guard import EGRESS, GUARD_PREF, INGRESS, Guard, remove_stale
+from kextless.actors.capture.guard import GUARD_PREF, Guard, remove_stale
+from kextless.actors.capture.tcbpf import EGRESS, INGRESS
 from kextless.protocol.enums import Severity
 from kextless.protocol.messages import Log
 
