@@ -342,9 +342,7 @@ class CaptureCore:
                 continue  # UDP: every packet reaches us, one without a verdict is asked
             if self._unjudged(flow):
                 continue
-            rev = Flow(
-                flow.protocol, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port
-            )
+            rev = _reversed(flow)
             if flow in self.connections or rev in self.connections:
                 c["existing_known"] += 1  # caught by its SYN/FIN, or replayed by the ALE
                 continue
@@ -464,7 +462,7 @@ class CaptureCore:
         conn = self.connections.get(flow)
         verdict = None if conn is None else conn.verdict
         if verdict is None and loopback:
-            rev = Flow(proto, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port)
+            rev = _reversed(flow)
             rconn = self.connections.get(rev)
             if rconn is not None and (
                 rconn.verdict is not None
@@ -1024,6 +1022,11 @@ def _synthetic_ack(flow: Flow, outbound: bool) -> bytes:
     buf = pk._ip_header(version, pk.TCP, src, dst, len(tcp)) + tcp
     pk.fix_checksums(buf, version, 20 if version == 4 else 40, pk.TCP)
     return bytes(buf)
+
+
+def _reversed(flow: Flow) -> Flow:
+    """The same connection seen from its other end (loopback: both ends are ours)."""
+    return Flow(flow.protocol, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port)
 
 
 def _fmt(flow: Flow) -> str:

@@ -22,6 +22,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from kextless.actors.ale.shell import OWNED_COMMANDS
 from kextless.broker import wire
 from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
 from kextless.protocol.commands import decode_command
@@ -43,14 +44,7 @@ from tests.broker.broker_testlib import (
 )
 from tests.entry import KEXTLESS
 
-ALE_OWNS = (
-    CommandType.VERDICT,
-    CommandType.UPDATE_V4,
-    CommandType.UPDATE_V6,
-    CommandType.CLEAR_CACHE,
-    CommandType.SHUTDOWN,
-    CommandType.CLEAN_ENDED_CONNECTIONS,
-)
+ALE_OWNS = OWNED_COMMANDS  # what the real ALE claims
 
 
 def stats(b: Broker) -> dict:

@@ -55,15 +55,6 @@ def pair() -> Iterator[NetnsPair]:
         yield p
 
 
-@pytest.fixture(scope="module")
-def system(pair: NetnsPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    s = System(pair, tmp_path_factory.mktemp("run"), "--verdict-timeout", "3")
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @pytest.fixture()
 def answerer(system: System) -> Iterator[Answerer]:
     a = Answerer(system.endpoint).start()
