@@ -91,15 +91,6 @@ def pair() -> Iterator[NetnsPair]:
         yield p
 
 
-@pytest.fixture(scope="module")
-def system(pair: NetnsPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    s = System(pair, tmp_path_factory.mktemp("run"), "--verdict-timeout", "3")
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @pytest.fixture()
 def port() -> int:
     return next(_PORTS)
@@ -563,7 +554,12 @@ def test_r05_ids_unique_never_0_one_verdict_each(pair: NetnsPair, answerer: Answ
     assert len(ids) >= 4 * 6 + 3, len(ids)
     assert all(1 <= i < 2**64 for i in ids), ids
     assert len(set(ids)) == len(ids), "an id was issued twice"
-    assert set(answerer.answered) >= set(ids)  # each answered once, and that was enough
+    # Each answered once, and that was enough. The answerer records a verdict just after the
+    # info it read (a late FIN may still be between the two): give it a moment.
+    deadline = time.monotonic() + 2
+    while not set(answerer.answered) >= set(ids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert set(answerer.answered) >= set(ids), set(ids) - set(answerer.answered)
 
 
 def test_r03_r05_fresh_ids_from_1_and_eof_on_kextless_down(
