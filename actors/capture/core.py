@@ -116,7 +116,19 @@ class ScanExisting:
     """Read the namespace's existing connections and pass them to `CaptureCore.existing`."""
 
 
-Action = Pass | Drop | Reroute | Inject | ToAle | SetFilter | ScanExisting
+@dataclass(frozen=True, slots=True)
+class DestroySocket:
+    """Abort the local socket of existing TCP connection `flow` (sock_diag SOCK_DESTROY).
+
+    For a blocked connection that predates us and may be idle: no packet of it may ever come
+    to reset it. The local application sees ECONNABORTED at once, and the kernel's abort sends
+    the remote its RST, numbered right (we never saw a sequence number); the core passes that
+    RST. Only in the namespace the capture owns."""
+
+    flow: Flow
+
+
+Action = Pass | Drop | Reroute | Inject | ToAle | SetFilter | ScanExisting | DestroySocket
 
 
 class ExistingMode(enum.Enum):
@@ -218,6 +230,8 @@ class Connection:
     #: The hold_id of the synthetic packet that asks about it, when it existed before the
     #: start: its real packets join that request instead of being asked again.
     existing_hold: int | None = None
+    #: Its local socket was aborted by us (`DestroySocket`): the kernel's RST must pass.
+    destroyed: bool = False
 
 
 def _unused(conn: Connection) -> bool:
@@ -301,6 +315,7 @@ class CaptureCore:
                 "existing_asked",
                 "existing_accepted",
                 "existing_known",
+                "existing_destroyed",
             ),
             0,
         )
@@ -324,15 +339,22 @@ class CaptureCore:
         self._scan_limit_ns = now_ns + max(cfg.existing_wait_ns, cfg.existing_max_wait_ns)
         return [ToAle(CaptureReady(pid))]
 
-    def existing(self, flows: Iterable[ExistingFlow], now_ns: int) -> list[Action]:
+    def existing(
+        self, flows: Iterable[ExistingFlow], now_ns: int, last: bool = True
+    ) -> list[Action]:
         """Connections the kernel had before we started: report each we know nothing about.
 
         ASK: like a new connection - a synthetic packet (IP+TCP, ACK, no payload, agreeing
         with the flow and direction, since the client reads the connection from it) is held
         and sent as PacketHeld. It is never reinjected; the connection is diverted per packet
-        meanwhile, its real packets join that request, and the verdict is enforced on them:
-        a block resets it at both ends on its next packet, like any established connection.
-        ACCEPT: PermanentAccept is cached, nobody is asked."""
+        meanwhile, and its real packets join that request. A block verdict aborts its local
+        socket at once (`DestroySocket`: it may be idle, with no packet to reset it by); its
+        packets meanwhile are reset at both ends like any established connection's.
+        ACCEPT: PermanentAccept is cached, nobody is asked. A known flow whose cached verdict
+        (the ALE's replay) blocks is aborted the same way: the scan proves it is established.
+
+        The shell may hand a large scan over in parts, so that packets are served between
+        them; `last` marks the final part (the summary is logged once)."""
         c = self.counters
         cfg = self.config
         asks: list[Action] = []
@@ -343,8 +365,11 @@ class CaptureCore:
             if self._unjudged(flow):
                 continue
             rev = _reversed(flow)
-            if flow in self.connections or rev in self.connections:
+            known = self.connections.get(flow) or self.connections.get(rev)
+            if known is not None:
                 c["existing_known"] += 1  # caught by its SYN/FIN, or replayed by the ALE
+                if known.verdict in _BLOCKS and known.ended_ns is None:
+                    asks += self._destroy(known, now_ns)
                 continue
             conn = self._record(flow)
             conn.live = True  # established: silence means nothing
@@ -374,13 +399,29 @@ class CaptureCore:
             c["existing_asked"] += 1
             asks.append(ToAle(PacketHeld(hold_id, flow, e.direction, raw, now_ns)))
             log.info("existing connection %s %s: asked", e.direction.name.lower(), _fmt(flow))
-        log.info(
-            "existing connections: %d asked, %d accepted silently, %d already known",
-            c["existing_asked"],
-            c["existing_accepted"],
-            c["existing_known"],
-        )
+        if last:
+            log.info(
+                "existing connections: %d asked, %d accepted silently, %d already known",
+                c["existing_asked"],
+                c["existing_accepted"],
+                c["existing_known"],
+            )
         return self._filter_actions() + asks
+
+    def _destroy(self, conn: Connection, now_ns: int) -> list[Action]:
+        """Abort a blocked existing connection's socket now, not on its next packet.
+
+        Block only: the kext sends nothing for a drop (kext-spec §4.2, note 16: packets are
+        absorbed silently), so a dropped one keeps having its packets dropped, as there."""
+        if conn.destroyed:
+            return []
+        conn.destroyed = True
+        conn.live = True
+        if conn.ended_ns is None:
+            self._mark_ended(conn, now_ns)  # we are resetting it
+        self.counters["existing_destroyed"] += 1
+        log.info("existing connection %s blocked: aborting its socket", _fmt(conn.flow))
+        return [DestroySocket(conn.flow)]
 
     def _unjudged(self, flow: Flow) -> bool:
         """Traffic `on_packet` passes without asking: excluded ports, a local redirect
@@ -480,6 +521,9 @@ class CaptureCore:
                     conn = self.connections.get(flow)  # only its held-packet count, if any
                     verdict = None
             elif flags & (pk.TCP_FIN | pk.TCP_RST):
+                if conn is not None and conn.destroyed and flags & pk.TCP_RST:
+                    c["passed"] += 1  # the kernel's own reset of a socket we aborted
+                    return [Pass(token)]
                 if conn is None or (verdict is None and not conn.reask):
                     c["passed"] += 1  # end of a connection we never judged: not ours to stop
                     return [Pass(token)]
@@ -701,6 +745,8 @@ class CaptureCore:
                 acts = []  # built by us: nothing to release
                 if conn is not None:
                     conn.existing_hold = None
+                    if tcp and verdict in _BLOCKS:
+                        acts = self._destroy(conn, now_ns)
             else:
                 acts = self._enforce(
                     h.token, h.raw, h.parsed, flow, conn, verdict, h.outbound, h.loopback, now_ns

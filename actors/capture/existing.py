@@ -13,6 +13,7 @@ asked about. A socket whose local port is a listening port is an accepted (inbou
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -20,7 +21,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pyroute2 import DiagSocket
+from pyroute2.netlink import NETLINK_SOCK_DIAG, NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.diag import (
+    SOCK_DESTROY,
     SS_CLOSE_WAIT,
     SS_CLOSING,
     SS_ESTABLISHED,
@@ -28,7 +31,10 @@ from pyroute2.netlink.diag import (
     SS_FIN_WAIT2,
     SS_LAST_ACK,
     SS_LISTEN,
+    inet_diag_req,
 )
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nlsocket import NetlinkSocket
 
 from kextless.actors.capture.core import ExistingFlow
 from kextless.protocol.enums import Direction, IpProtocol
@@ -109,3 +115,78 @@ def read() -> list[ExistingFlow]:
                 answers = ds.get_sock_stats(family=family, states=mask, protocol=socket.IPPROTO_TCP)
                 into.extend({k: msg.get(k) for k in _FIELDS} for msg in answers)
     return flows_from(connected, listening)
+
+
+#: inet_diag_sockid's "any socket with this tuple" cookie (INET_DIAG_NOCOOKIE, ~0).
+_NOCOOKIE = (1 << 64) - 1
+
+
+def _words(ip: bytes) -> tuple[int, int, int, int]:
+    """An address as inet_diag_sockid's four big-endian 32-bit words (v4 in the first)."""
+    padded = ip.ljust(16, b"\0")
+    return (
+        int.from_bytes(padded[0:4], "big"),
+        int.from_bytes(padded[4:8], "big"),
+        int.from_bytes(padded[8:12], "big"),
+        int.from_bytes(padded[12:16], "big"),
+    )
+
+
+def destroy_request(flow: Flow) -> inet_diag_req:
+    """The SOCK_DESTROY request for the TCP socket whose local end is `flow`'s local side.
+
+    pyroute2 has the message (inet_diag_req) and the type, but no call that sends it."""
+    req = inet_diag_req()
+    req["sdiag_family"] = socket.AF_INET6 if flow.is_v6 else socket.AF_INET
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_states"] = _CONNECTED_MASK
+    req["idiag_sport"] = flow.local_port
+    req["idiag_dport"] = flow.remote_port
+    req["idiag_src"] = _words(flow.local_ip)
+    req["idiag_dst"] = _words(flow.remote_ip)
+    req["idiag_if"] = 0
+    req["idiag_cookie"] = _NOCOOKIE
+    return req
+
+
+class Destroyer:
+    """Aborts local TCP sockets through sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY).
+
+    The kernel's abort (tcp_abort) reports ECONNABORTED to the socket's owner and sends the
+    peer an RST numbered from the socket's own state. One netlink socket, opened on first use:
+    a plain pyroute2 NetlinkSocket, whose marshal reads the kernel's NLMSG_ERROR answer (the
+    DiagSocket's does not: it takes type 2 for an AF_INET socket entry, so a refusal would
+    go unseen).
+    """
+
+    def __init__(self) -> None:
+        self._ds: NetlinkSocket | None = None
+
+    def destroy(self, flow: Flow) -> int:
+        """Abort the sockets of `flow` here: its local end and, when both ends are local
+        (loopback), the other one. Returns how many there were; raises OSError if the
+        kernel refuses (e.g. EOPNOTSUPP without CONFIG_INET_DIAG_DESTROY)."""
+        if self._ds is None:
+            ds = NetlinkSocket(NETLINK_SOCK_DIAG)
+            ds.bind()
+            self._ds = ds
+        done = 0
+        rev = Flow(flow.protocol, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port)
+        for f in (flow, rev):  # the reverse is there only if the remote end is local too
+            try:
+                tuple(
+                    self._ds.nlm_request(
+                        destroy_request(f), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK
+                    )
+                )
+            except NetlinkError as e:
+                if e.code == errno.ENOENT:
+                    continue  # no such socket (the other end of a remote connection)
+                raise OSError(e.code, f"SOCK_DESTROY refused: {e}") from e
+            done += 1
+        return done
+
+    def close(self) -> None:
+        if self._ds is not None:
+            self._ds.close()
+            self._ds = None

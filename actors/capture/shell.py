@@ -11,6 +11,11 @@ It is opened at the same priority in a helper thread (an open takes tens of ms, 
 serving the old handle meanwhile). Once open, the newest handle shadows the old one, which is
 shut down for receiving, drained through the core and closed in another thread (a close waits
 for the kernel). What a swap costs and loses: docs/measurements.md M1-M3.
+
+The scan for connections that predate us (existing.py) also runs off the loop: reading 10 000
+sockets takes about a second (M21), which on the loop would hold every packet that long. Its
+result comes back through a pipe and is handed to the core in parts of `_EXISTING_PART`, with
+packets served between them.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from kextless.actors.capture import existing, filters, orphans
 from kextless.actors.capture.core import (
     Action,
     CaptureCore,
+    DestroySocket,
     Drop,
+    ExistingFlow,
     Inject,
     Pass,
     Reroute,
@@ -62,6 +69,9 @@ _BATCH = 256
 #: core's deadlines; keeping it keeps an idle capture at 10 wake-ups a second, as before.
 _RECV_TIMEOUT_NS = 100_000_000
 _STATS_NS = 5_000_000_000
+#: Existing connections handed to the core per loop pass (the core takes ~25 us each, so a
+#: part keeps packets waiting a few ms at most).
+_EXISTING_PART = 128
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,36 @@ class _Opener:
         os.close(self._wfd)
 
 
+class _Scanner:
+    """Reads the namespace's existing connections off the loop thread (existing.read) and
+    wakes the loop through a pipe when done."""
+
+    def __init__(self) -> None:
+        self.rfd, self._wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        self.results: queue.Queue[tuple[list[ExistingFlow] | None, float, str]] = queue.Queue()
+        self.busy = False
+
+    def start(self) -> None:
+        self.busy = True
+        threading.Thread(target=self._scan, name="existing-scan", daemon=True).start()
+
+    def _scan(self) -> None:
+        t0 = time.perf_counter()
+        flows: list[ExistingFlow] | None
+        try:
+            flows, err = existing.read(), ""
+        except Exception as e:  # reported to the loop, which logs it
+            flows, err = None, repr(e)
+        self.results.put((flows, time.perf_counter() - t0, err))
+        with contextlib.suppress(OSError):  # the shell stopped (and closed the pipe) meanwhile
+            os.write(self._wfd, b"x")
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        os.close(self._wfd)
+
+
 def warn_risky_macs(sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Warn about interfaces whose ARP replies libebpfdivert may misread as IP (filters.py)."""
     risky = []
@@ -153,6 +193,12 @@ class CaptureShell:
         self._active: tuple[int, frozenset[int] | None] = (0, frozenset())
         self._open_started_ns = 0
         self.errors = 0
+        # Connections that predate us: scanned off the loop, handed to the core in parts;
+        # blocked ones have their sockets aborted, only in the namespace this shell owns.
+        self._scanner = _Scanner()
+        self._existing: list[ExistingFlow] = []
+        self._existing_at = 0
+        self._destroyer: existing.Destroyer | None = None
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -201,6 +247,7 @@ class CaptureShell:
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._opener.rfd, zmq.POLLIN)
+        poller.register(self._scanner.rfd, zmq.POLLIN)
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
         lfd = -1
@@ -208,6 +255,7 @@ class CaptureShell:
         if self.cfg.owns_namespace and in_initial_netns():
             log.error("in the host's network namespace: links added later are NOT guarded")
         elif self.cfg.owns_namespace:
+            self._destroyer = existing.Destroyer()
             self._links = LinkGuard(self.cfg.priority)
             lfd = self._links.fileno()
             poller.register(lfd, zmq.POLLIN)
@@ -229,6 +277,9 @@ class CaptureShell:
                     self._check_stats()
                 # Sleep until the core's next deadline, the next input, or the read bound.
                 read_ms = (last_read + _RECV_TIMEOUT_NS - now + 999_999) // 1_000_000
+                if self._existing:  # a scan's parts still to hand over: do not sleep
+                    self._existing_part()
+                    read_ms = 0
                 for item, _ev in poller.poll(wait_ms(deadline, now, read_ms)):
                     if item is sock:
                         self._drain_ale()
@@ -242,6 +293,10 @@ class CaptureShell:
                             poller.unregister(hfd)
                             hfd = newfd
                             poller.register(hfd, zmq.POLLIN)
+                    elif item == self._scanner.rfd:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._scanner.rfd, 64)
+                        self._finish_scan()
                     elif item == hfd:
                         self._drain_handle(self.handle)
                         last_read = time.monotonic_ns()
@@ -375,8 +430,52 @@ class CaptureShell:
             self._wanted = (a.generation, a.ports)
             self._maybe_open()
         elif isinstance(a, ScanExisting):
-            # Connections that predate us (a failed read is logged by _run_actions).
-            self._run_actions(self.core.existing(existing.read(), time.monotonic_ns()))
+            if not self._scanner.busy:  # the one under way reports what is there
+                self._scanner.start()
+        elif isinstance(a, DestroySocket):
+            self._destroy(a)
+
+    # ---- connections that predate us --------------------------------------------------------
+
+    def _finish_scan(self) -> None:
+        """The scan thread is done: queue its flows for the core (`_existing_part`)."""
+        try:
+            flows, secs, err = self._scanner.results.get_nowait()
+        except queue.Empty:
+            return
+        self._scanner.busy = False
+        if flows is None:
+            log.error("existing connections not read (never asked about): %s", err)
+            return
+        log.info("existing connections: %d read in %.1f ms, off the loop", len(flows), secs * 1e3)
+        self._existing, self._existing_at = flows, 0
+        if not flows:
+            self._run_actions(self.core.existing([], time.monotonic_ns()))
+
+    def _existing_part(self) -> None:
+        """Hand the core the next part of the scan; packets are served before the next one."""
+        i = self._existing_at
+        part = self._existing[i : i + _EXISTING_PART]
+        self._existing_at = i + len(part)
+        last = self._existing_at >= len(self._existing)
+        if last:
+            self._existing, self._existing_at = [], 0
+        self._run_actions(self.core.existing(part, time.monotonic_ns(), last=last))
+
+    def _destroy(self, a: DestroySocket) -> None:
+        """Abort a blocked existing connection's socket (the kernel then resets the peer)."""
+        if self._destroyer is None:  # a test's shell, or the host's namespace: never
+            log.warning(
+                "not aborting the socket of a blocked existing connection: namespace not ours"
+            )
+            return
+        t0 = time.perf_counter()
+        n = self._destroyer.destroy(a.flow)
+        log.info(
+            "aborted %d socket(s) of a blocked existing connection in %.2f ms",
+            n,
+            (time.perf_counter() - t0) * 1e3,
+        )
 
     # ---- handle swaps -----------------------------------------------------------------------
 
@@ -509,6 +608,9 @@ class CaptureShell:
                 if late is not None:
                     late.close()
         self._opener.close()
+        self._scanner.close()
+        if self._destroyer is not None:
+            self._destroyer.close()
         if self._links is not None:
             self._links.close()  # guards still attached (links never diverted) come off
         if self._l2pass is not None:

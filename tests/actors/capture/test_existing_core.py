@@ -9,6 +9,7 @@ from kextless.actors.capture.core import (
     Action,
     CaptureCore,
     Config,
+    DestroySocket,
     Drop,
     ExistingFlow,
     ExistingMode,
@@ -108,8 +109,54 @@ def test_the_synthetic_packet_is_never_reinjected() -> None:
     assert core.held == {}
 
 
+@pytest.mark.parametrize("verdict", [Verdict.PERMANENT_BLOCK, Verdict.BLOCK, Verdict.FAILED])
+@pytest.mark.parametrize("cache_set_first", [True, False])
+def test_a_blocked_existing_connection_has_its_socket_aborted_at_once(
+    verdict: Verdict, cache_set_first: bool
+) -> None:
+    core = CaptureCore()
+    acts = core.existing([OUT4], NOW)
+    (held,) = asked(acts)
+    activate(core, acts)
+    if cache_set_first:
+        core.on_message(CacheSet(held.flow, verdict), NOW)
+    out = core.on_message(Decision((held.hold_id,), verdict), NOW)
+    # No packet of it may ever come (idle): its socket is aborted now, nothing is injected.
+    assert out == [DestroySocket(OUT4.flow)]
+    assert core.counters["existing_destroyed"] == 1
+    # The kernel's abort resets the remote: that RST (from the local end) must pass.
+    rst = c.v4(L4, R4, c.tcp(40000, 80, c.RST | c.ACK, seq=5000, ack=9000))
+    t = Tok("kernel rst")
+    assert core.on_packet(t, rst, True, False, NOW + MS) == [Pass(t)]
+    # Aborted once: a later CacheSet or scan does not abort it again.
+    if not cache_set_first:
+        core.on_message(CacheSet(held.flow, verdict), NOW + 2 * MS)
+    assert core.existing([OUT4], NOW + 3 * MS) == []
+
+
+def test_a_rst_of_a_blocked_connection_we_did_not_abort_is_still_dropped() -> None:
+    core = CaptureCore()
+    core.on_message(CacheSet(OUT4.flow, Verdict.PERMANENT_BLOCK), NOW)
+    rst = c.v4(L4, R4, c.tcp(40000, 80, c.RST | c.ACK, seq=5000, ack=9000))
+    t = Tok("rst")
+    assert core.on_packet(t, rst, True, False, NOW + MS) == [Drop(t)]
+
+
+@pytest.mark.parametrize("verdict", [Verdict.PERMANENT_ACCEPT, Verdict.ACCEPT])
+def test_an_accepted_existing_connection_is_left_alone(verdict: Verdict) -> None:
+    core = CaptureCore()
+    acts = core.existing([OUT4], NOW)
+    (held,) = asked(acts)
+    activate(core, acts)
+    out = core.on_message(Decision((held.hold_id,), verdict), NOW)
+    assert not [x for x in out if isinstance(x, DestroySocket)], out
+    assert core.counters["existing_destroyed"] == 0
+
+
 @pytest.mark.parametrize("verdict", [Verdict.PERMANENT_BLOCK, Verdict.PERMANENT_DROP])
-def test_a_blocked_existing_connection_is_enforced_on_its_next_packet(verdict: Verdict) -> None:
+def test_a_blocked_or_dropped_existing_connection_is_enforced_on_its_next_packet(
+    verdict: Verdict,
+) -> None:
     core = CaptureCore()
     acts = core.existing([OUT4], NOW)
     (held,) = asked(acts)
@@ -117,6 +164,9 @@ def test_a_blocked_existing_connection_is_enforced_on_its_next_packet(verdict: V
     core.on_message(CacheSet(held.flow, verdict), NOW)
     out = core.on_message(Decision((held.hold_id,), verdict), NOW)
     assert not [x for x in out if isinstance(x, Pass | Inject | Drop)], out  # nothing to reset yet
+    # A drop is silent, as the kext's (no RST, no abort: kext-spec 4.2); a block aborts it.
+    destroys = [x for x in out if isinstance(x, DestroySocket)]
+    assert destroys == ([] if verdict is Verdict.PERMANENT_DROP else [DestroySocket(OUT4.flow)])
     assert core.connections[OUT4.flow].per_packet  # still diverted: the next packet is ours
     t = Tok("data")
     out = core.on_packet(t, data_out(), True, False, NOW + MS)
@@ -147,7 +197,8 @@ def test_packets_while_it_is_asked_join_the_request_and_get_its_verdict() -> Non
     t = Tok("data")
     assert core.on_packet(t, data_out(), True, False, NOW + MS) == []  # held, not asked again
     out = core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_BLOCK), NOW + 2 * MS)
-    assert out[0] == Drop(t) and len([x for x in out if isinstance(x, Inject)]) == 2
+    assert out[0] == DestroySocket(OUT4.flow)
+    assert out[1] == Drop(t) and len([x for x in out if isinstance(x, Inject)]) == 2
 
 
 def test_permanent_accept_stops_diverting_it() -> None:
@@ -238,4 +289,43 @@ def test_the_server_end_of_an_existing_local_connection_joins_its_request() -> N
     t = Tok("reply")
     assert core.on_packet(t, reply, True, True, NOW + MS) == []  # joined, not a new request
     out = core.on_message(Decision((held.hold_id,), Verdict.PERMANENT_BLOCK), NOW + 2 * MS)
-    assert out[0] == Drop(t) and any(isinstance(x, Inject) for x in out)
+    assert out[0] == DestroySocket(e.flow)  # the shell aborts both local ends
+    assert out[1] == Drop(t) and any(isinstance(x, Inject) for x in out)
+    # The kernel's RST from either end (the server's seen reversed, on lo) passes.
+    for rst in (
+        c.v4("127.0.0.1", "127.0.0.1", c.tcp(50000, 7100, c.RST | c.ACK)),
+        c.v4("127.0.0.1", "127.0.0.1", c.tcp(7100, 50000, c.RST | c.ACK)),
+    ):
+        t = Tok("rst")
+        assert core.on_packet(t, rst, True, True, NOW + 3 * MS) == [Pass(t)]
+
+
+def test_a_known_flow_whose_replayed_verdict_blocks_is_aborted_by_the_scan() -> None:
+    core = CaptureCore()
+    core.on_message(CacheSet(OUT4.flow, Verdict.PERMANENT_BLOCK), NOW)  # the ALE's replay
+    core.on_message(CacheSet(IN6.flow, Verdict.PERMANENT_ACCEPT), NOW)
+    out = core.existing([OUT4, IN6], NOW + MS)
+    assert out == [DestroySocket(OUT4.flow)]  # established (the scan says so) and blocked
+    assert core.counters["existing_known"] == 2
+
+
+def test_a_scan_handed_over_in_parts_asks_as_the_whole_would() -> None:
+    flows = [
+        ExistingFlow(Flow(6, a(L4), 30000 + i, a(R4), 80), Direction.OUTBOUND) for i in range(10)
+    ]
+    whole = CaptureCore()
+    parted = CaptureCore()
+    w = whole.existing(flows, NOW)
+    p: list[Action] = []
+    for i in range(0, 10, 3):
+        p += parted.existing(flows[i : i + 3], NOW, last=i + 3 >= 10)
+    assert [(m.hold_id, m.flow) for m in asked(p)] == [(m.hold_id, m.flow) for m in asked(w)]
+    assert len(asked(p)) == 10
+    # Each part may ask for a wider filter (the shell opens only the newest of those waiting);
+    # the last one asked for is the whole scan's.
+    sets_w = [x for x in w if isinstance(x, SetFilter)]
+    sets_p = [x for x in p if isinstance(x, SetFilter)]
+    assert sets_p[-1].ports == sets_w[-1].ports == frozenset(range(30000, 30010))
+    assert {k: v for k, v in whole.counters.items() if k != "filter_changes"} == {
+        k: v for k, v in parted.counters.items() if k != "filter_changes"
+    }

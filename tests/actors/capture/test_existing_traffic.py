@@ -25,7 +25,7 @@ import pytest
 from kextless.protocol.enums import Direction, Verdict
 from kextless.protocol.messages import CacheSet, Flow, PacketHeld
 from tests import apps
-from tests.actors.capture.ale_peer import AlePeer
+from tests.actors.capture.ale_peer import AlePeer, Policy
 from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
 
@@ -48,6 +48,8 @@ for _ in sys.stdin:
         r = "ok" if d.startswith(b"echo") else ("eof" if not d else "other")
     except ConnectionResetError:
         r = "reset"
+    except ConnectionAbortedError:  # its socket aborted by the capture (SOCK_DESTROY)
+        r = "aborted"
     except (socket.timeout, TimeoutError):
         r = "timeout"
     except OSError as e:
@@ -80,12 +82,15 @@ def _client(pair: NetnsPair, ns: str, host: str, port: int) -> Client:
 
 
 @contextmanager
-def _capture(pair: NetnsPair, policy: Verdict, *args: str) -> Iterator[tuple[AlePeer, Path]]:
+def _capture(
+    pair: NetnsPair, policy: Verdict | Policy, *args: str
+) -> Iterator[tuple[AlePeer, Path]]:
     """The capture in namespace a (started now), answered by an ALE peer with `policy`."""
+    answer: Policy = policy if callable(policy) else (lambda _m: policy)
     with tempfile.TemporaryDirectory(prefix="klt-ex-") as tmp:
         endpoint = f"ipc://{tmp}/ale.sock"
         log_path = Path(tmp) / "capture.log"
-        with AlePeer(endpoint, lambda _m: policy) as ale, log_path.open("wb") as log_file:
+        with AlePeer(endpoint, answer) as ale, log_path.open("wb") as log_file:
             proc = pair.popen(
                 pair.a,
                 [*KEXTLESS, "run", "capture", "--ale-endpoint", endpoint, *args],
@@ -123,7 +128,7 @@ def _packed(text: str) -> bytes:
 
 @pytest.mark.parametrize(
     ("verdict", "expected"),
-    [(Verdict.PERMANENT_BLOCK, {"reset", "eof"}), (Verdict.PERMANENT_ACCEPT, {"ok"})],
+    [(Verdict.PERMANENT_BLOCK, {"reset", "eof", "aborted"}), (Verdict.PERMANENT_ACCEPT, {"ok"})],
     ids=["PermanentBlock", "PermanentAccept"],
 )
 def test_connections_from_before_the_start_are_reported_and_decided(
@@ -183,7 +188,8 @@ def test_a_flow_whose_verdict_the_ale_replays_is_not_asked_again() -> None:
             assert ale.wait_for(lambda: bool(ale.held), 5), log_path.read_text()[-3000:]
             time.sleep(0.3)
             assert [m.flow.local_port for m in ale.held] == [PORT_A]  # only the inbound one
-            assert out.ping() in {"reset", "eof"}  # the replayed verdict is enforced
+            # The replayed verdict is enforced: its socket is aborted by the scan itself.
+            assert out.ping() in {"reset", "eof", "aborted"}
             assert inc.ping() == "ok"
 
 
@@ -203,4 +209,87 @@ def test_a_restarted_capture_asks_about_connections_made_under_its_predecessor()
                 log_path.read_text()
             )
             time.sleep(0.3)
-            assert out.ping() in {"reset", "eof"}, log_path.read_text()[-3000:]
+            assert out.ping() in {"reset", "eof", "aborted"}, log_path.read_text()[-3000:]
+
+
+#: One end of an idle connection: the server accepts one and says hello, the client reads
+#: it; then each waits in recv() without sending and reports how that ended, and when.
+_IDLE = r"""
+import errno, json, socket, sys, time
+role, host, port, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+if role == "server":
+    l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind((host, port)); l.listen(4)
+    print(json.dumps({"ready": True}), flush=True)
+    s, _ = l.accept(); s.sendall(b"hi")
+else:
+    s = socket.create_connection((host, port), timeout=5); s.recv(10)
+print(json.dumps({"local": list(s.getsockname()[:2])}), flush=True)
+s.settimeout(wait)
+try:
+    r = "eof" if not s.recv(100) else "data"
+except ConnectionResetError:
+    r = "reset"
+except ConnectionAbortedError:
+    r = "aborted"
+except (socket.timeout, TimeoutError):
+    r = "timeout"
+except OSError as e:
+    r = "error " + errno.errorcode.get(e.errno or 0, str(e.errno))
+print(json.dumps({"result": r, "at": time.time()}), flush=True)
+"""
+
+#: How long an idle blocked connection may take to be reset at both ends after the verdict.
+_RESET_BOUND_S = 1.0
+
+
+def _idle(pair: NetnsPair, ns: str, *args: object) -> subprocess.Popen[bytes]:
+    return pair.popen(ns, [sys.executable, "-c", _IDLE, *map(str, args)])
+
+
+def _line(proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read() if proc.stderr else "no output"
+    out: dict[str, object] = json.loads(line)
+    return out
+
+
+def test_an_idle_blocked_connection_from_before_the_start_is_reset_at_both_ends_at_once() -> None:
+    """Neither end sends after the verdict, so no packet of theirs can carry the reset: the
+    capture aborts the local socket (ECONNABORTED here) and the kernel's RST resets the
+    remote (ECONNRESET there), within `_RESET_BOUND_S` of the Decision."""
+    with NetnsPair() as pair:
+        wait = 10  # each end gives up this long after the start: "timeout" fails the test
+        srv_b = _idle(pair, pair.b, "server", "0.0.0.0", PORT_B, wait)
+        srv_a = _idle(pair, pair.a, "server", "::", PORT_A, wait)
+        _line(srv_b), _line(srv_a)
+        cli_a = _idle(pair, pair.a, "client", pair.ip4_b, PORT_B, wait)  # outbound, v4
+        cli_b = _idle(pair, pair.b, "client", pair.ip6_a, PORT_A, wait)  # inbound, v6
+        for p in (srv_b, srv_a, cli_a, cli_b):
+            _line(p)  # connected, idle from now on
+        decided: dict[Direction, float] = {}
+
+        def block(m: PacketHeld) -> Verdict:
+            decided[m.direction] = time.time()  # the Decision leaves right after this
+            return Verdict.PERMANENT_BLOCK
+
+        with _capture(pair, block) as (ale, log_path):
+            assert ale.wait_for(lambda: len(decided) == 2, 8), log_path.read_text()[-3000:]
+            ends = {
+                "a client (outbound)": (cli_a, Direction.OUTBOUND, "aborted"),
+                "b server (outbound's remote)": (srv_b, Direction.OUTBOUND, "reset"),
+                "a server (inbound)": (srv_a, Direction.INBOUND, "aborted"),
+                "b client (inbound's remote)": (cli_b, Direction.INBOUND, "reset"),
+            }
+            seen: dict[str, tuple[str, float]] = {}
+            for name, (proc, direction, _want) in ends.items():
+                r = _line(proc)
+                seen[name] = (str(r["result"]), float(str(r["at"])) - decided[direction])
+            print({k: (r, f"{dt * 1000:.1f} ms") for k, (r, dt) in seen.items()})
+            for name, (_proc, _direction, want) in ends.items():
+                result, dt = seen[name]
+                assert result == want, (name, seen, log_path.read_text()[-3000:])
+                assert 0 <= dt < _RESET_BOUND_S, (name, seen)
+            assert "aborted" in log_path.read_text()
