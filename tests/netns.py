@@ -155,3 +155,64 @@ def netns_pair(tag: str = "") -> Iterator[NetnsPair]:
     """Context-manager spelling of `NetnsPair`, convenient for `yield`-style pytest fixtures."""
     with NetnsPair(tag) as pair:
         yield pair
+
+
+# ---- links added after a system started (tests/system/test_interfaces_system.py) ------------
+
+
+def add_veth_later(
+    pair: NetnsPair, a_dev: str, b_dev: str, net: str, mac_byte: int, move_from_b: bool = False
+) -> tuple[str, str]:
+    """A veth `a_dev` (in a, address NET.1/24) <-> `b_dev` (in b, NET.2/24), both up.
+
+    Created in a with the peer moved to b, or (move_from_b) created in b with `a_dev` moved
+    into a: the two ways a link appears in a firewalled namespace. Fixed 02: MACs (see
+    _setup). Returns (address in a, address in b)."""
+    mac_a, mac_b = f"02:6b:6c:{mac_byte:02x}:00:0a", f"02:6b:6c:{mac_byte:02x}:00:0b"
+    home, other = (pair.b, pair.a) if move_from_b else (pair.a, pair.b)
+    _ip("-n", home, "link", "add", a_dev, "address", mac_a, "type", "veth", "peer", "name",
+        b_dev, "address", mac_b)  # fmt: skip
+    if move_from_b:
+        _ip("-n", home, "link", "set", a_dev, "netns", other)
+    else:
+        _ip("-n", home, "link", "set", b_dev, "netns", other)
+    _ip("-n", pair.a, "addr", "add", f"{net}.1/24", "dev", a_dev)
+    _ip("-n", pair.b, "addr", "add", f"{net}.2/24", "dev", b_dev)
+    _ip("-n", pair.a, "link", "set", a_dev, "up")
+    _ip("-n", pair.b, "link", "set", b_dev, "up")
+    return f"{net}.1", f"{net}.2"
+
+
+def tc_filters(ns: str, dev: str, hook: str) -> str:
+    """`tc filter show dev DEV HOOK` inside `ns` (read-only)."""
+    return subprocess.run(
+        netns_exec(ns, ["tc", "filter", "show", "dev", dev, hook]),
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+
+
+def wait_diverted(ns: str, dev: str, timeout: float = 5.0) -> float:
+    """Seconds until divert programs sit on both hooks of `dev` in `ns` and no fail-closed
+    guard is left; AssertionError after `timeout`."""
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        i, e = tc_filters(ns, dev, "ingress"), tc_filters(ns, dev, "egress")
+        if "tc_divert_ingre" in i and "tc_divert_egres" in e and "kextless_guard" not in i + e:
+            return time.monotonic() - t0
+        time.sleep(0.01)
+    raise AssertionError(
+        f"{dev} in {ns} never diverted: ingress {tc_filters(ns, dev, 'ingress')!r}, "
+        f"egress {tc_filters(ns, dev, 'egress')!r}"
+    )
+
+
+def link_names(ns: str) -> list[str]:
+    """Every interface name of `ns` (`ip -j link show`)."""
+    import json
+
+    out = _ip("-n", ns, "-j", "link", "show").stdout
+    return [str(link["ifname"]) for link in json.loads(out)]

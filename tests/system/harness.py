@@ -156,3 +156,43 @@ class System:
     def close(self) -> None:
         self.down()
         shutil.rmtree(self.run_root, ignore_errors=True)
+
+
+# ---- status and verdict timing (tests/system/test_interfaces_system.py) -----------------------
+
+
+def status(system: System, as_json: bool = True) -> tuple[int, str]:
+    """`kextless status` of the system: (exit code, stdout); JSON when `as_json`."""
+    res = subprocess.run(
+        [
+            *KEXTLESS,
+            "status",
+            "--netns",
+            system.pair.a,
+            "--run-root",
+            str(system.run_root),
+            *(["--json"] if as_json else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return res.returncode, res.stdout
+
+
+class Rules:
+    """A `decide` for the Answerer: a verdict per (protocol, port) seen on either end, a
+    default otherwise, and the wall-clock time each rule's verdict was last sent."""
+
+    def __init__(self, default: Verdict = Verdict.PERMANENT_ACCEPT) -> None:
+        self.default = default
+        self.by_port: dict[tuple[int, int], Verdict] = {}
+        self.sent_at: dict[tuple[int, int], float] = {}
+
+    def __call__(self, info: Conn) -> Verdict | None:
+        for port in (info.remote_port, info.local_port):
+            key = (info.protocol, port)
+            if key in self.by_port:
+                self.sent_at[key] = time.time()
+                return self.by_port[key]
+        return self.default
