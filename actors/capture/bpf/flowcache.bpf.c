@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kextless_pre: the kernel flow verdict cache (the kext's connection cache, in the kernel).
+ *
+ * Attached first (clsact, direct-action, pref 10) on ingress and egress of every guarded
+ * link, before the divert library's program (pref 30001 - priority) and the fail-closed
+ * guard (guard.bpf.c, pref 65000). Its answers:
+ *   TC_ACT_OK     ends the filter chain: the packet passes, the divert program never sees it;
+ *   TC_ACT_SHOT   drops it;
+ *   TC_ACT_UNSPEC goes on down the chain, to the divert program (and so to Python).
+ *
+ * A flow not in `flows` always goes on (a miss), so an LRU eviction can only cause a re-ask,
+ * never a wrong pass. Python (actors/capture/kernel_cache.py) writes both orientations of a
+ * decided flow; the key is the 5-tuple as seen in the packet.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmpv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+/* Key of `flows`, 40 bytes; kernel_cache.FlowKey.pack() writes the same layout. */
+struct flow_key {
+	__u8 family;  /* 4 or 6 */
+	__u8 proto;   /* IPPROTO_TCP / IPPROTO_UDP */
+	__be16 sport; /* network byte order, as in the packet */
+	__be16 dport;
+	__u16 pad;    /* always 0 */
+	__u8 src[16]; /* IPv4: first 4 bytes, the rest 0 */
+	__u8 dst[16];
+};
+
+/* What the cache does with a flow it finds; any other value is treated as a miss. */
+enum flow_action {
+	ACTION_PASS = 1,
+	ACTION_DROP = 2,
+};
+
+/* Value of `flows`, 32 bytes: Python writes action/verdict with zero counters; the program
+ * counts this direction's packets and bytes (skb->len, L2 header included). */
+struct flow_val {
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet, 0 = none since the put */
+	__u64 packets;
+	__u64 bytes;
+	__u8 action;        /* enum flow_action */
+	__u8 verdict;       /* opaque to the kernel: the verdict Python decided */
+	__u8 pad[6];
+};
+
+/* Key of `pass_ports`: traffic with either port here skips the divert (our own control). */
+struct pass_port {
+	__u16 port; /* host byte order */
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Index of the per-CPU counters in `stats` (kernel_cache.PreStat mirrors it). */
+enum stat {
+	ST_PASSED = 0,    /* cached PASS: TC_ACT_OK */
+	ST_DROPPED,       /* cached DROP: TC_ACT_SHOT */
+	ST_MISSED,        /* TCP/UDP not in the cache: on to divert */
+	ST_NON_IP,        /* not IPv4/IPv6 (ARP...): TC_ACT_OK */
+	ST_NEIGHBOUR,     /* IPv6 ND / MLD: TC_ACT_OK */
+	ST_PASS_PORT,     /* a port in pass_ports: TC_ACT_OK */
+	ST_TCP_CONTROL,   /* TCP SYN/FIN/RST: on to divert */
+	ST_UNCACHED,      /* other protocols, fragments, VLAN, unparsable: on to divert */
+	ST_COUNT,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* the loader sets the real size before load */
+	__type(key, struct flow_key);
+	__type(value, struct flow_val);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct pass_port);
+	__type(value, __u8);
+} pass_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ST_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline int count(__u32 what, int verdict)
+{
+	__u64 *n = bpf_map_lookup_elem(&stats, &what);
+
+	if (n)
+		*n += 1; /* per-CPU slot: no atomics needed */
+	return verdict;
+}
+
+/* ICMPv6 types of neighbour discovery and MLD: the link must keep working unasked. */
+static __always_inline int is_neighbour(__u8 type)
+{
+	return (type >= 130 && type <= 137) || type == 143;
+}
+
+static __always_inline int passed_port(__u8 proto, __be16 port)
+{
+	struct pass_port k = { .port = bpf_ntohs(port), .proto = proto };
+
+	return bpf_map_lookup_elem(&pass_ports, &k) != NULL;
+}
+
+SEC("tc")
+int kextless_pre(struct __sk_buff *skb)
+{
+	struct flow_key key = {};
+	__u32 l4; /* offset of the L4 header from the network header */
+	__u8 proto;
+
+	/* Offsets below are from the network header (BPF_HDR_START_NET), so VLAN offload and
+	 * devices without an L2 header need no special case. */
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes_relative(skb, 0, &ip, sizeof(ip), BPF_HDR_START_NET))
+			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		/* A fragment has no (or not only) ports: leave it to the divert program. */
+		if (ip.ihl < 5 || (ip.frag_off & bpf_htons(0x3fff)))
+			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		key.family = 4;
+		__builtin_memcpy(key.src, &ip.saddr, 4);
+		__builtin_memcpy(key.dst, &ip.daddr, 4);
+		proto = ip.protocol;
+		l4 = ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes_relative(skb, 0, &ip6, sizeof(ip6), BPF_HDR_START_NET))
+			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		key.family = 6;
+		__builtin_memcpy(key.src, &ip6.saddr, 16);
+		__builtin_memcpy(key.dst, &ip6.daddr, 16);
+		proto = ip6.nexthdr;
+		l4 = sizeof(ip6);
+		/* One hop-by-hop options header (MLD carries a router alert in it). */
+		if (proto == IPPROTO_HOPOPTS) {
+			__u8 ext[2]; /* next header, length in 8-byte units beyond the first 8 */
+
+			if (bpf_skb_load_bytes_relative(skb, l4, ext, sizeof(ext), BPF_HDR_START_NET))
+				return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			proto = ext[0];
+			l4 += (ext[1] + 1) * 8;
+		}
+		if (proto == IPPROTO_ICMPV6) {
+			__u8 type;
+
+			if (bpf_skb_load_bytes_relative(skb, l4, &type, 1, BPF_HDR_START_NET))
+				return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			if (is_neighbour(type))
+				return count(ST_NEIGHBOUR, TC_ACT_OK);
+		}
+	} else if (skb->protocol == bpf_htons(ETH_P_8021Q) ||
+		   skb->protocol == bpf_htons(ETH_P_8021AD)) {
+		/* An un-offloaded VLAN tag: the divert program parses it. */
+		return count(ST_UNCACHED, TC_ACT_UNSPEC);
+	} else {
+		/* ARP and every other ethertype: the divert program must never see them, it would
+		 * misread them as IP (actors/capture/filters.py). */
+		return count(ST_NON_IP, TC_ACT_OK);
+	}
+
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr th;
+
+		if (bpf_skb_load_bytes_relative(skb, l4, &th, sizeof(th), BPF_HDR_START_NET))
+			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		key.sport = th.source;
+		key.dport = th.dest;
+		if (passed_port(proto, th.source) || passed_port(proto, th.dest))
+			return count(ST_PASS_PORT, TC_ACT_OK);
+		/* Openers and ends go to Python: it sees every connection start and finish. */
+		if (th.syn || th.fin || th.rst)
+			return count(ST_TCP_CONTROL, TC_ACT_UNSPEC);
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr uh;
+
+		if (bpf_skb_load_bytes_relative(skb, l4, &uh, sizeof(uh), BPF_HDR_START_NET))
+			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		key.sport = uh.source;
+		key.dport = uh.dest;
+		if (passed_port(proto, uh.source) || passed_port(proto, uh.dest))
+			return count(ST_PASS_PORT, TC_ACT_OK);
+	} else {
+		return count(ST_UNCACHED, TC_ACT_UNSPEC);
+	}
+	key.proto = proto;
+
+	struct flow_val *v = bpf_map_lookup_elem(&flows, &key);
+
+	if (!v)
+		return count(ST_MISSED, TC_ACT_UNSPEC);
+	if (v->action == ACTION_DROP) {
+		__sync_fetch_and_add(&v->packets, 1);
+		return count(ST_DROPPED, TC_ACT_SHOT);
+	}
+	if (v->action != ACTION_PASS)
+		return count(ST_MISSED, TC_ACT_UNSPEC);
+	/* The entry is shared by all CPUs: atomic adds, a plain store of the time. */
+	v->last_seen_ns = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, skb->len);
+	return count(ST_PASSED, TC_ACT_OK);
+}
+
+char LICENSE[] SEC("license") = "GPL";

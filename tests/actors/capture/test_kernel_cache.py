@@ -1,0 +1,467 @@
+"""The kernel flow cache and the fail-closed guard (actors/capture/kernel_cache.py and bpf/):
+key packing and the committed objects without root, then real packets in namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kextless.actors.capture import kernel_cache as kcm
+from kextless.actors.capture import tcbpf
+from kextless.actors.capture.kernel_cache import (
+    Action,
+    FlowEntry,
+    FlowKey,
+    GuardStats,
+    KernelCache,
+    PreStat,
+)
+from kextless.protocol.messages import Flow
+from tests.netns import NetnsPair
+
+BPF = Path(kcm.__file__).with_name("bpf")
+
+# ---- without root --------------------------------------------------------------------------
+
+
+def test_v4_key_layout_matches_struct_flow_key() -> None:
+    k = FlowKey.of(17, "10.1.2.3", 5353, "10.9.8.7", 53)
+    raw = k.pack()
+    assert len(raw) == 40
+    assert raw[0] == 4 and raw[1] == 17
+    assert raw[2:4] == (5353).to_bytes(2, "big") and raw[4:6] == (53).to_bytes(2, "big")
+    assert raw[6:8] == b"\0\0"
+    assert raw[8:24] == bytes([10, 1, 2, 3]) + bytes(12)
+    assert raw[24:40] == bytes([10, 9, 8, 7]) + bytes(12)
+    assert FlowKey.unpack(raw) == k
+
+
+def test_v6_key_round_trips_and_reverses() -> None:
+    k = FlowKey.of(6, "fd31::1", 40000, "fd31::2", 443)
+    raw = k.pack()
+    assert raw[0] == 6 and raw[8:24] == k.src and len(k.src) == 16
+    assert FlowKey.unpack(raw) == k
+    r = k.reversed()
+    assert (r.src, r.sport, r.dst, r.dport) == (k.dst, 443, k.src, 40000)
+    assert r.reversed() == k
+    assert r.pack() != raw
+    assert str(k) == "proto 6 fd31::1:40000 -> fd31::2:443"
+
+
+def test_key_from_the_capture_flow_is_its_outbound_packet() -> None:
+    flow = Flow(17, bytes([10, 0, 0, 1]), 1234, bytes([10, 0, 0, 2]), 53)
+    assert FlowKey.from_flow(flow) == FlowKey.of(17, "10.0.0.1", 1234, "10.0.0.2", 53)
+    with pytest.raises(ValueError):
+        FlowKey.of(6, "10.0.0.1", 1, "fd31::1", 2)
+
+
+def test_entry_unpacks_struct_flow_val() -> None:
+    raw = (7).to_bytes(8, "little") + (3).to_bytes(8, "little") + (300).to_bytes(8, "little")
+    raw += bytes([2, 9]) + bytes(6)
+    assert FlowEntry.unpack(raw) == FlowEntry(Action.DROP, 9, 3, 300, 7)
+
+
+def test_python_enums_mirror_the_c_source() -> None:
+    src = (BPF / "flowcache.bpf.c").read_text()
+    body = re.search(r"enum stat \{(.*?)\};", src, re.S)
+    assert body is not None
+    names = re.findall(r"^\s*ST_(\w+)", body.group(1), re.M)
+    assert names[:-1] == [s.name for s in PreStat] and names[-1] == "COUNT"
+    assert "ACTION_PASS = 1" in src and "ACTION_DROP = 2" in src
+    assert "REINJECT_MARK_HI 0x4D49" in (BPF / "guard.bpf.c").read_text()
+
+
+@pytest.mark.skipif(
+    shutil.which("clang-14") is None or shutil.which("make") is None,
+    reason="clang-14 (Debian's clang) and make are needed to rebuild the BPF objects",
+)
+def test_committed_objects_are_a_fresh_build_of_their_sources() -> None:
+    if not Path("/usr/include/bpf/bpf_helpers.h").exists():
+        pytest.skip("libbpf-dev (the bpf headers) is not installed")
+    r = subprocess.run(
+        ["make", "-s", "-C", str(BPF), "check"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_objects_carry_no_build_path() -> None:
+    for obj in ("flowcache.bpf.o", "guard.bpf.o"):
+        data = (BPF / obj).read_bytes()
+        assert str(BPF).encode() not in data
+        assert b".BTF" in data  # the loader needs the BTF the strip keeps
+
+
+# ---- real packets ----------------------------------------------------------------------------
+
+_ECHO = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"""
+
+# Reads a count per line from stdin, sends that many datagrams from a fixed port, prints
+# how many replies came back (waiting at most 0.3 s for each).
+_CLIENT = r"""
+import socket, sys
+host, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+v6 = ":" in host
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("::" if v6 else "0.0.0.0", sport))
+s.settimeout(0.3)
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    for i in range(n):
+        s.sendto(b"k" * 32, (host, port))
+    got = 0
+    try:
+        while got < n:
+            s.recv(2048)
+            got += 1
+    except TimeoutError:
+        pass
+    print(got, flush=True)
+"""
+
+
+class _Echo:
+    """A UDP echo server in `a` and a client in `b` that sends on request."""
+
+    def __init__(self, p: NetnsPair, v6: bool, port: int = 7007, sport: int = 41000) -> None:
+        self.a_ip, self.b_ip = (p.ip6_a, p.ip6_b) if v6 else (p.ip4_a, p.ip4_b)
+        self.port, self.sport = port, sport
+        srv = p.popen(p.a, [sys.executable, "-c", _ECHO, self.a_ip, port])
+        assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+        self.cli = p.popen(
+            p.b, [sys.executable, "-c", _CLIENT, self.a_ip, port, sport], stdin=subprocess.PIPE
+        )
+        assert self.cli.stdout is not None and self.cli.stdout.readline().strip() == b"ready"
+
+    @property
+    def key(self) -> FlowKey:
+        """The request as it arrives on `va` (ingress); its reverse is the reply (egress)."""
+        return FlowKey.of(17, self.b_ip, self.sport, self.a_ip, self.port)
+
+    def send(self, n: int) -> int:
+        assert self.cli.stdin is not None and self.cli.stdout is not None
+        self.cli.stdin.write(f"{n}\n".encode())
+        self.cli.stdin.flush()
+        return int(self.cli.stdout.readline())
+
+
+def _ns_ipr(ns: str) -> Any:
+    from pyroute2 import NetNS
+
+    return NetNS(ns)
+
+
+@contextlib.contextmanager
+def _cache_on_va(p: NetnsPair, **load: Any) -> Iterator[tuple[KernelCache, Any, int]]:
+    ipr = _ns_ipr(p.a)
+    kc = KernelCache.load(**load)
+    index = ipr.link_lookup(ifname="va")[0]
+    try:
+        kc.attach(ipr, index, "va")
+        yield kc, ipr, index
+    finally:
+        kc.detach(ipr, index)
+        kc.close()
+        ipr.close()
+
+
+def _deltas(kc: KernelCache, before: dict[PreStat, int]) -> dict[PreStat, int]:
+    now = kc.stats()
+    return {s: now[s] - before[s] for s in PreStat}
+
+
+def _dropped(kc: KernelCache) -> int:
+    g = kc.guard_stats()
+    assert g is not None
+    return g.dropped
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_pass_skips_the_chain_drop_drops_miss_goes_on_to_the_guard(v6: bool) -> None:
+    with NetnsPair("kc") as p, _cache_on_va(p, flows_max=1024) as (kc, _ipr, _index):
+        echo = _Echo(p, v6)
+        # Neighbours resolved afresh: ARP / ND must pass with only our two programs there
+        # (the guard would drop ND: only kextless_pre's early pass lets it by).
+        p.run(p.a, ["ip", "neigh", "flush", "dev", "va"], check=True)
+        p.run(p.b, ["ip", "neigh", "flush", "dev", "vb"], check=True)
+        kc.put(echo.key, Action.PASS, verdict=7)
+        before, g0 = kc.stats(), _dropped(kc)
+        t0 = time.monotonic_ns()
+        assert echo.send(10) == 10
+        d = _deltas(kc, before)
+        assert d[PreStat.PASSED] == 20  # 10 requests in, 10 replies out
+        assert _dropped(kc) == g0  # the guard never saw them
+        assert d[PreStat.NEIGHBOUR if v6 else PreStat.NON_IP] >= 2  # NS/NA or ARP
+        req, rep = kc.get(echo.key), kc.get(echo.key.reversed())
+        assert req is not None and rep is not None
+        assert (req.action, req.verdict, req.packets) == (Action.PASS, 7, 10)
+        assert rep.packets == 10 and rep.nbytes >= 10 * (32 + 8 + (40 if v6 else 20))
+        assert t0 <= req.last_seen_ns <= time.monotonic_ns()
+
+        # PASS -> DROP: dropped by kextless_pre from the next packet on.
+        kc.put(echo.key, Action.DROP)
+        before, g0 = kc.stats(), _dropped(kc)
+        assert echo.send(5) == 0
+        assert _deltas(kc, before)[PreStat.DROPPED] == 5
+        assert _dropped(kc) == g0
+        got = kc.get(echo.key)
+        assert got is not None and got.packets == 5
+
+        # Deleted: a miss goes on down the chain, to the guard (no divert here): dropped.
+        assert kc.delete(echo.key) and kc.get(echo.key.reversed()) is None
+        before, g0 = kc.stats(), _dropped(kc)
+        assert echo.send(5) == 0
+        assert _deltas(kc, before)[PreStat.MISSED] == 5
+        assert _dropped(kc) == g0 + 5
+
+        # Flipping the verdict before each packet: each packet sees the entry of its time.
+        seen = []
+        for i in range(6):
+            kc.put(echo.key, Action.PASS if i % 2 == 0 else Action.DROP)
+            seen.append(echo.send(1))
+        assert seen == [1, 0, 1, 0, 1, 0]
+        assert kc.delete(echo.key) and not kc.delete(echo.key)
+
+
+@pytest.mark.root
+def test_pass_ports_skip_everything_and_entries_list_both_orientations() -> None:
+    with NetnsPair("kp") as p, _cache_on_va(p, flows_max=4096) as (kc, _ipr, _index):
+        echo = _Echo(p, False, port=7100)
+        assert echo.send(2) == 0  # miss: the guard drops
+        kc.set_pass_port(17, 7100)
+        assert kc.pass_port_list() == [(17, 7100)]
+        before = kc.stats()
+        assert echo.send(3) == 3
+        assert _deltas(kc, before)[PreStat.PASS_PORT] == 6
+        assert kc.clear_pass_port(17, 7100) and kc.pass_port_list() == []
+        assert echo.send(1) == 0
+        keys = [FlowKey.of(17, "10.0.0.1", 1000 + i, "10.0.0.2", 53) for i in range(300)]
+        for k in keys:
+            kc.put(k, Action.PASS, verdict=i % 256 if (i := k.sport - 1000) else 0)
+        listed = dict(kc.entries())
+        assert set(listed) == set(keys) | {k.reversed() for k in keys}  # > one batch of 256
+        assert listed[keys[5]].verdict == 5
+        assert kc.clear() == 600 and list(kc.entries()) == []
+
+
+@pytest.mark.root
+def test_lru_eviction_only_ever_causes_a_re_ask() -> None:
+    with NetnsPair("ke") as p, _cache_on_va(p, flows_max=16) as (kc, _ipr, _index):
+        echo = _Echo(p, False, port=7200)
+        kc.put(echo.key, Action.PASS)
+        for i in range(200):  # push the flow out of a 16-entry LRU
+            kc.put(FlowKey.of(17, "10.0.0.1", 2000 + i, "10.0.0.2", 53), Action.PASS)
+        assert kc.flows.max_entries == 16
+        assert kc.get(echo.key) is None
+        g0 = _dropped(kc)
+        assert echo.send(3) == 0  # gone: it goes on, and the guard drops it; never a pass
+        assert _dropped(kc) == g0 + 3
+
+
+# A TCP client in `a` behind a re-injecting divert handle (priority 0) between our programs:
+# a cached connection's data never reaches Python, an uncached one's does; the guard passes
+# the handle's re-injected (marked) packets and drops what nobody re-injects.
+_TCP_PROBE = r"""
+import json, socket, sys, threading, time, collections
+from pyroute2 import IPRoute
+from pydivert import EBPFDivert
+from kextless.actors.capture.kernel_cache import Action, FlowKey, KernelCache
+host, port, v6 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+fam = socket.AF_INET6 if v6 else socket.AF_INET
+me = sys.argv[4]
+ipr = IPRoute()
+index = ipr.link_lookup(ifname="va")[0]
+kc = KernelCache.load(flows_max=1024)
+kc.attach(ipr, index, "va")
+seen = collections.Counter()
+h = EBPFDivert("tcp", priority=0).open()
+stop = False
+def loop():
+    while not stop:
+        try:
+            pkt = h.recv(timeout=0.1)
+        except TimeoutError:
+            continue
+        except Exception:
+            return
+        seen[pkt.src_port] += 1
+        seen[pkt.dst_port] += 1
+        h.send(pkt)
+t = threading.Thread(target=loop, daemon=True)
+t.start()
+def transfer(sport):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(3)
+    s.bind((me, sport))
+    s.connect((host, port))
+    s.sendall(b"x" * 2_000_000)
+    s.shutdown(socket.SHUT_WR)
+    s.recv(10)
+    s.close()
+    time.sleep(0.3)
+out = {}
+kc.put(FlowKey.of(6, me, 42001, host, port), Action.PASS)
+transfer(42001)
+transfer(42002)
+out["cached"], out["uncached"] = seen[42001], seen[42002]
+e = kc.get(FlowKey.of(6, me, 42001, host, port))
+out["cached_out_packets"] = e.packets if e else -1
+stop = True
+t.join()
+h.close()
+g0 = kc.guard_stats().dropped
+try:
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    s.connect((host, port))
+    out["without_handle"] = "connected"
+except OSError as e:
+    out["without_handle"] = type(e).__name__
+out["guard_drops"] = kc.guard_stats().dropped - g0
+kc.detach(ipr, index)
+kc.close()
+print(json.dumps(out))
+"""
+
+_SINK = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(1 << 16):
+        pass
+    c.sendall(b"done")
+    c.close()
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_cached_tcp_connection_skips_python_and_the_guard_passes_reinjected(v6: bool) -> None:
+    with NetnsPair("kt") as p:
+        a_ip, b_ip = (p.ip6_a, p.ip6_b) if v6 else (p.ip4_a, p.ip4_b)
+        sink = p.popen(p.b, [sys.executable, "-c", _SINK, b_ip, 8080])
+        assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
+        code = _TCP_PROBE.replace("sys.argv[1]", repr(b_ip)).replace("sys.argv[2]", "8080")
+        code = code.replace("sys.argv[3]", repr("1" if v6 else "0"))
+        code = code.replace("sys.argv[4]", repr(a_ip))
+        r = p.run_py(p.a, code, timeout=60)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        print(out, file=sys.stderr)
+        # 2 MB is > 30 segments (GSO-sized); Python saw only SYN / SYN-ACK / FINs of the
+        # cached one, every segment of the uncached one.
+        assert out["uncached"] > 30
+        assert 2 <= out["cached"] <= 8
+        assert out["cached_out_packets"] > 10
+        assert out["without_handle"] in ("TimeoutError", "timeout")
+        assert out["guard_drops"] >= 1
+
+
+# Loads, attaches, decides a flow, then dies by SIGKILL without closing anything.
+_LOADER = r"""
+import json, os, signal, sys
+from pyroute2 import NetNS
+from kextless.actors.capture.kernel_cache import Action, FlowKey, KernelCache
+ipr = NetNS(sys.argv[1])
+kc = KernelCache.load(flows_max=2048)
+kc.attach(ipr, ipr.link_lookup(ifname="va")[0], "va")
+kc.put(FlowKey.of(17, sys.argv[2], 41000, sys.argv[3], 7007), Action.PASS, verdict=3)
+kc.set_pass_port(6, 9999)
+print(json.dumps({"flows": kc.flows.map_id, "stats": kc.stats_map.map_id}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.root
+def test_a_restarted_capture_adopts_the_maps_and_detach_removes_everything() -> None:
+    with NetnsPair("ka") as p:
+        code = _LOADER.replace("sys.argv[1]", repr(p.a))
+        code = code.replace("sys.argv[2]", repr(p.ip4_b)).replace("sys.argv[3]", repr(p.ip4_a))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert r.returncode == -9, r.stderr[-3000:]
+        ids = json.loads(r.stdout.strip().splitlines()[-1])
+        echo = _Echo(p, False)
+        assert echo.send(4) == 4  # the dead loader's entry still passes
+
+        ipr = _ns_ipr(p.a)
+        try:
+            with contextlib.closing(_ns_ipr(p.b)) as ipr_b:
+                assert KernelCache.adopt(ipr_b) is None  # nothing of ours in b
+            kc = KernelCache.adopt(ipr)
+            assert kc is not None
+            index = ipr.link_lookup(ifname="va")[0]
+            assert kc.attached == {index: "va"}
+            assert (kc.flows.map_id, kc.stats_map.map_id) == (ids["flows"], ids["stats"])
+            assert kc.flows.max_entries == 2048
+            assert kc.pass_port_list() == [(6, 9999)]
+            entries = dict(kc.entries())
+            assert entries[echo.key].verdict == 3 and entries[echo.key].packets == 4
+            assert kc.stats()[PreStat.PASSED] == 8
+            assert isinstance(kc.guard_stats(), GuardStats)
+            # The adopted maps drive the attached program: a DROP written now applies.
+            kc.put(echo.key, Action.DROP)
+            assert echo.send(2) == 0
+            prog_ids = {f.prog_id for f in tcbpf.filters(ipr, index)}
+            assert len(prog_ids) == 2
+            assert kc.detach(ipr, index)
+            assert tcbpf.filters(ipr, index) == []
+            kc.close()
+            assert echo.send(2) == 2  # no programs left: nothing holds or drops
+            # Nothing kept them: the programs and maps leave the kernel (freed after an RCU
+            # grace period, so give it a moment).
+            assert _gone(prog_ids, ids["flows"])
+            assert KernelCache.adopt(ipr) is None
+        finally:
+            ipr.close()
+
+
+def _gone(prog_ids: set[int], map_id: int, within_s: float = 5.0) -> bool:
+    lib = kcm._libbpf().lib
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        fds = [lib.bpf_prog_get_fd_by_id(pid) for pid in prog_ids]
+        fds.append(lib.bpf_map_get_fd_by_id(map_id))
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        if all(fd == -errno.ENOENT for fd in fds):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_prog_info_struct_matches_the_uapi_offsets() -> None:
+    # struct bpf_prog_info: nr_map_ids at 52, map_ids at 56, name at 64 (uapi/linux/bpf.h).
+    assert kcm._ProgInfo.nr_map_ids.offset == 52
+    assert kcm._ProgInfo.map_ids.offset == 56
+    assert kcm._ProgInfo.name.offset == 64
+    assert kcm._MapInfo.name.offset == 24
+    assert ctypes.sizeof(kcm._MapInfo) == 40
