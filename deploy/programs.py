@@ -41,6 +41,12 @@ class ActorSpec:
     in_netns: bool = False
     enabled: Callable[[UpOptions], bool] = lambda _opts: True
     extra_args: Callable[[UpOptions, Endpoint], list[str]] = lambda _opts, _ep: []
+    #: Enter only the namespace's network (`nsenter --net=`), not `ip netns exec`: the divert
+    #: FLOW/SOCKET layers need it (pydivert-linux.md 2.6).
+    nsenter: bool = False
+    #: Run as `python -m MODULE` instead of `kextless run NAME` (an actor `kextless run` does
+    #: not list yet).
+    module: str | None = None
 
 
 def _broker_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
@@ -83,6 +89,17 @@ def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
 ACTORS: tuple[ActorSpec, ...] = (
     ActorSpec("broker", 100, extra_args=_broker_args),
     ActorSpec("ale", 200, extra_args=_ale_args),
+    # After the ALE (its ale.sock) and before the capture, so the owners of connections that
+    # exist at start are known before the capture reports them. Off with `--no-lifecycle`
+    # once UpOptions has `lifecycle` (deploy/options.py).
+    ActorSpec(
+        "lifecycle",
+        250,
+        in_netns=True,
+        nsenter=True,
+        enabled=lambda opts: bool(getattr(opts, "lifecycle", True)),
+        module="kextless.actors.lifecycle.main",
+    ),
     ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
     ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
 )
@@ -99,6 +116,11 @@ def kextless_command() -> list[str]:
 def ip_command() -> str:
     """iproute2's `ip` by absolute path: supervisord's children may have no useful PATH."""
     return shutil.which("ip") or "/usr/sbin/ip"
+
+
+def nsenter_command() -> str:
+    """util-linux's `nsenter` by absolute path (see ip_command)."""
+    return shutil.which("nsenter") or "/usr/bin/nsenter"
 
 
 def check_actor_args(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> None:
@@ -120,16 +142,21 @@ def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[
     for actor in actors:
         if not actor.enabled(opts):
             continue
+        command = (
+            [sys.executable, "-m", actor.module]
+            if actor.module is not None
+            else [*kextless_command(), "run", actor.name]
+        )
         argv = [
-            *kextless_command(),
-            "run",
-            actor.name,
+            *command,
             "--run-dir",
             run_dir,
             *actor.extra_args(opts, endpoint),
             *(arg for name, arg in opts.actor_args if name == actor.name),
         ]
-        if actor.in_netns and opts.netns is not None:
+        if actor.in_netns and opts.netns is not None and actor.nsenter:
+            argv = [nsenter_command(), f"--net=/var/run/netns/{opts.netns}", *argv]
+        elif actor.in_netns and opts.netns is not None:
             argv = [ip_command(), "netns", "exec", opts.netns, *argv]
         programs.append(Program(actor.name, tuple(argv), actor.priority))
     return programs

@@ -13,6 +13,8 @@ one decode), see docs/broker-wire.md §9.
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 from kextless.protocol.enums import CommandType, Direction, InfoType, Severity, Verdict
@@ -148,6 +150,32 @@ class BandwidthDelta(_Msg, frozen=True):
     received: int
 
 
+class AttributionKind(enum.IntEnum):
+    """What an Attribution says about its flow (which fields of it are meaningful)."""
+
+    #: The lifecycle actor is running and attributing (sent every second, flow all zero):
+    #: only then does the ALE hold a connection info back waiting for its pid.
+    PRESENT = 0
+    #: A process is connecting to (protocol, remote_ip, remote_port); local side unknown yet
+    #: (SOCKET CONNECT comes before the kernel picks the local port).
+    OPENER = 1
+    #: The exact 5-tuple belongs to this process (FLOW ESTABLISHED, or a socket table read).
+    FLOW = 2
+    #: This process listens on (protocol, local_ip, local_port); local_ip all zero = any.
+    LISTENER = 3
+    #: That listener is gone.
+    UNLISTEN = 4
+
+
+class Attribution(_Msg, frozen=True):
+    """Lifecycle -> ALE: which process owns a flow, so connection infos carry its pid."""
+
+    kind: AttributionKind
+    flow: Flow
+    process_id: int
+    seen_ns: int
+
+
 Message = (
     Hello
     | Health
@@ -163,6 +191,7 @@ Message = (
     | CaptureReady
     | ConnectionEnded
     | BandwidthDelta
+    | Attribution
 )
 
 _encoder = msgspec.msgpack.Encoder()

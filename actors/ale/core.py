@@ -15,8 +15,9 @@ recorded once (C15-8), and expiry uses a monotonic clock (C15-9).
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
@@ -37,6 +38,8 @@ from kextless.protocol.infos import (
 )
 from kextless.protocol.logtag import source_tag
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 _CACHED_PROTOCOLS = frozenset({IpProtocol.TCP, IpProtocol.UDP})
 _SECOND = 1_000_000_000
 #: Verdict timeouts are applied at most this often, so a stream of unanswered packets costs
@@ -55,6 +58,17 @@ class AleConfig:
     default_verdict: Verdict = Verdict.BLOCK
     #: CleanEndedConnections forgets connections that ended longer ago than this (kext: 60 s).
     ended_grace_ns: int = 60 * _SECOND
+    #: An outbound connection info whose pid is not known yet waits at most this long for the
+    #: lifecycle actor's Attribution (only while the lifecycle actor is present; the pid is then
+    #: released at once when it arrives). 0 never waits. See actors/lifecycle/README.md.
+    attribution_wait_ns: int = 5_000_000
+    #: The lifecycle actor counts as present this long after its last Attribution (it sends
+    #: PRESENT every second).
+    lifecycle_present_ns: int = 3 * _SECOND
+    #: An OPENER hint (SOCKET CONNECT: pid and remote, no local port) is used within this time.
+    opener_ttl_ns: int = 2 * _SECOND
+    #: Bound of each attribution table (flows, openers, listeners); the oldest entry goes first.
+    attribution_cap: int = 65_536
 
 
 @dataclass(slots=True)
@@ -69,12 +83,34 @@ class Connection:
 
 
 @dataclass(slots=True)
+class _Waiting:
+    """Held packets of one outbound flow whose connection info waits for its pid."""
+
+    since_ns: int
+    held: list[m.PacketHeld] = field(default_factory=list)
+
+
+_RemoteKey = tuple[int, bytes, int]  # protocol, remote_ip, remote_port
+_LocalKey = tuple[int, bytes, int]  # protocol, local_ip (all zero: any), local_port
+
+
+@dataclass(slots=True)
 class IdCacheEntry:
     """An id cache entry: a held packet waiting for the verdict on its pending id."""
 
     hold_id: int | None  # the capture's handle; None once that capture process is gone
     flow: m.Flow
     created_ns: int
+
+
+def _with_pid(msg: m.PacketHeld, pid: int) -> m.PacketHeld:
+    return m.PacketHeld(msg.hold_id, msg.flow, msg.direction, msg.packet, msg.seen_ns, pid)
+
+
+def _trim(table: OrderedDict[_K, _V], cap: int) -> None:
+    """Keep a table within its bound by forgetting its oldest entries."""
+    while len(table) > cap:
+        table.popitem(last=False)
 
 
 def _log(severity: Severity, message: str) -> m.Log:
@@ -96,6 +132,13 @@ class AleCore:
         self._timeout_order: deque[int] = deque()
         #: When on_deadline last applied verdict timeouts (see TIMEOUT_BATCH_NS).
         self._timeouts_applied_ns: int | None = None
+        #: Attribution tables (from the lifecycle actor), each bounded by attribution_cap.
+        self.flow_pids: OrderedDict[m.Flow, int] = OrderedDict()
+        self.openers: OrderedDict[_RemoteKey, deque[tuple[int, int]]] = OrderedDict()
+        self.listeners: OrderedDict[_LocalKey, int] = OrderedDict()
+        #: Outbound flows whose info waits for a pid, in arrival order (deadline order).
+        self.waiting: dict[m.Flow, _Waiting] = {}
+        self._lifecycle_seen_ns: int | None = None
         self.counters: dict[str, float] = {
             "ids_issued": 0,
             "verdicts": 0,
@@ -108,12 +151,112 @@ class AleCore:
             "shutdowns": 0,
             "ended": 0,
             "expired": 0,
+            "pid_waits": 0,
+            "pid_wait_timeouts": 0,
+            "pid_wait_max_us": 0,
+            "pid_found": 0,
+            "pid_unknown": 0,
         }
 
     # ---- inputs -------------------------------------------------------------------------
 
     def packet_held(self, msg: m.PacketHeld, now_ns: int) -> list[m.Message]:
-        """Capture holds a packet: answer from the cache, or issue a new pending id + event."""
+        """Capture holds a packet: answer from the cache, or issue a new pending id + event.
+
+        An outbound connection whose pid nobody knows yet waits (bounded by
+        attribution_wait_ns) while the lifecycle actor is present: its pid is on its way."""
+        flow = msg.flow
+        waiting = self.waiting.get(flow)
+        if waiting is not None:
+            waiting.held.append(msg)
+            return []
+        if msg.process_id == 0:
+            conn = self.connection_cache.get(flow)
+            if conn is None or not conn.process_id:
+                pid = self._lookup_pid(flow, msg.direction, now_ns)
+                if pid:
+                    msg = _with_pid(msg, pid)
+                elif self._should_wait(msg, now_ns) and conn is None:
+                    self.counters["pid_waits"] += 1
+                    self.waiting[flow] = _Waiting(now_ns, [msg])
+                    return []
+        return self._emit_held(msg, now_ns)
+
+    def attribution(self, msg: m.Attribution, now_ns: int) -> list[m.Message]:
+        """Learn who owns a flow; release the infos that were waiting for exactly this."""
+        self._lifecycle_seen_ns = now_ns
+        kind, flow, pid = msg.kind, msg.flow, msg.process_id
+        cap = self.config.attribution_cap
+        if kind is m.AttributionKind.FLOW and pid:
+            self.flow_pids[flow] = pid
+            self.flow_pids.move_to_end(flow)
+            _trim(self.flow_pids, cap)
+            conn = self.connection_cache.get(flow)
+            if conn is not None and not conn.process_id:
+                conn.process_id = pid
+            if flow in self.waiting:
+                return self._release(flow, pid, now_ns)
+        elif kind is m.AttributionKind.OPENER and pid:
+            key = (flow.protocol, flow.remote_ip, flow.remote_port)
+            for wflow in self.waiting:  # oldest first: connects and SYNs keep their order
+                if (wflow.protocol, wflow.remote_ip, wflow.remote_port) == key:
+                    return self._release(wflow, pid, now_ns)
+            hints = self.openers.get(key)
+            if hints is None:
+                hints = self.openers[key] = deque(maxlen=64)
+                _trim(self.openers, cap)
+            hints.append((pid, msg.seen_ns or now_ns))
+        elif kind is m.AttributionKind.LISTENER and pid:
+            lkey = (flow.protocol, flow.local_ip, flow.local_port)
+            self.listeners[lkey] = pid
+            self.listeners.move_to_end(lkey)
+            _trim(self.listeners, cap)
+        elif kind is m.AttributionKind.UNLISTEN:
+            lkey = (flow.protocol, flow.local_ip, flow.local_port)
+            if self.listeners.get(lkey) == pid or not pid:
+                self.listeners.pop(lkey, None)
+        return []
+
+    def _should_wait(self, msg: m.PacketHeld, now_ns: int) -> bool:
+        seen = self._lifecycle_seen_ns
+        return (
+            self.config.attribution_wait_ns > 0
+            and seen is not None
+            and now_ns - seen <= self.config.lifecycle_present_ns
+            and msg.direction is Direction.OUTBOUND
+            and msg.flow.protocol in _CACHED_PROTOCOLS
+        )
+
+    def _lookup_pid(self, flow: m.Flow, direction: Direction, now_ns: int) -> int:
+        """The pid the attribution tables give this flow now, or 0."""
+        pid = self.flow_pids.get(flow, 0)
+        if pid:
+            return pid
+        if direction is Direction.INBOUND:
+            for lip in (flow.local_ip, bytes(len(flow.local_ip)), bytes(16)):  # [::] dual
+                pid = self.listeners.get((flow.protocol, lip, flow.local_port), 0)
+                if pid:
+                    return pid
+            return 0
+        hints = self.openers.get((flow.protocol, flow.remote_ip, flow.remote_port))
+        while hints:
+            hint_pid, seen = hints.popleft()
+            if now_ns - seen <= self.config.opener_ttl_ns:
+                return hint_pid
+        return 0
+
+    def _release(self, flow: m.Flow, pid: int, now_ns: int) -> list[m.Message]:
+        """Emit the infos of a flow that waited for its pid (pid 0: it did not come)."""
+        waiting = self.waiting.pop(flow)
+        waited_us = (now_ns - waiting.since_ns) // 1000
+        if pid:
+            self.counters["pid_wait_max_us"] = max(self.counters["pid_wait_max_us"], waited_us)
+        out: list[m.Message] = []
+        for held in waiting.held:
+            out += self._emit_held(_with_pid(held, pid) if pid else held, now_ns)
+        return out
+
+    def _emit_held(self, msg: m.PacketHeld, now_ns: int) -> list[m.Message]:
         flow = msg.flow
         cached = flow.protocol in _CACHED_PROTOCOLS
         conn = self.connection_cache.get(flow) if cached else None
@@ -128,6 +271,7 @@ class AleCore:
         pid = msg.process_id or (conn.process_id if conn else 0)
         if conn is not None and msg.process_id and not conn.process_id:
             conn.process_id = msg.process_id
+        self.counters["pid_found" if pid else "pid_unknown"] += 1
         new_id = self.next_id
         self.next_id += 1
         self.counters["ids_issued"] += 1
@@ -177,6 +321,27 @@ class AleCore:
         return out
 
     def next_deadline_ns(self) -> int | None:
+        """The earlier of the verdict deadline and the oldest pid wait's end."""
+        due = self._verdict_deadline_ns()
+        if self.waiting:
+            first = next(iter(self.waiting.values()))
+            wait_due = first.since_ns + self.config.attribution_wait_ns
+            due = wait_due if due is None else min(due, wait_due)
+        return due
+
+    def on_deadline(self, now_ns: int) -> list[m.Message]:
+        """Emit infos whose pid wait is over (pid 0), then apply verdict timeouts."""
+        out: list[m.Message] = []
+        limit = now_ns - self.config.attribution_wait_ns
+        while self.waiting:
+            flow, first = next(iter(self.waiting.items()))
+            if first.since_ns > limit:
+                break
+            self.counters["pid_wait_timeouts"] += 1
+            out += self._release(flow, 0, now_ns)
+        return out + self._verdict_timeouts(now_ns)
+
+    def _verdict_deadline_ns(self) -> int | None:
         """When the oldest held packet's verdict timeout falls due (None: nothing is held).
 
         Within TIMEOUT_BATCH_NS of the last timeouts applied, the deadline waits for the end
@@ -196,9 +361,9 @@ class AleCore:
             return last + TIMEOUT_BATCH_NS
         return due
 
-    def on_deadline(self, now_ns: int) -> list[m.Message]:
+    def _verdict_timeouts(self, now_ns: int) -> list[m.Message]:
         """Resolve held packets older than the verdict timeout with the default verdict."""
-        due = self.next_deadline_ns()
+        due = self._verdict_deadline_ns()
         if due is None or now_ns < due:
             return []
         cutoff = now_ns - self.config.verdict_timeout_ns
@@ -232,6 +397,7 @@ class AleCore:
         """A (re)started capture holds nothing: orphan old hold_ids and replay every verdict."""
         for entry in self.id_cache.values():
             entry.hold_id = None
+        self.waiting.clear()  # their packets died with the old capture
         return [
             m.CacheSet(flow, conn.verdict)
             for flow, conn in self.connection_cache.items()
@@ -265,6 +431,9 @@ class AleCore:
             "pending": len(self.id_cache),
             "connections": len(self.connection_cache),
             "next_id": self.next_id,
+            "pid_waiting": len(self.waiting),
+            "attributed_flows": len(self.flow_pids),
+            "listeners": len(self.listeners),
         }
 
     # ---- commands -------------------------------------------------------------------------
@@ -326,6 +495,9 @@ class AleCore:
         """Resolve every held packet as PermanentBlock (kext-contract C8-6)."""
         self.counters["shutdowns"] += 1
         out: list[m.Message] = []
+        for waiting in self.waiting.values():  # never reported: blocked without an id
+            out.append(m.Decision(tuple(h.hold_id for h in waiting.held), Verdict.PERMANENT_BLOCK))
+        self.waiting.clear()
         for pending_id in list(self.id_cache):
             self._resolve(pending_id, Verdict.PERMANENT_BLOCK, now_ns, out)
         return out
@@ -342,5 +514,9 @@ class AleCore:
         gone = [f for f, c in cache.items() if c.ended_ns and c.ended_ns < deadline]
         for flow in gone:
             del cache[flow]
+            self.flow_pids.pop(flow, None)
         self.counters["expired"] += len(gone)
+        ttl = self.config.opener_ttl_ns
+        for key in [k for k, h in self.openers.items() if not h or now_ns - h[-1][1] > ttl]:
+            del self.openers[key]
         return []

@@ -110,6 +110,8 @@ class AleShell:
             return None
 
     def _on_capture(self, ident: bytes, payload: bytes) -> None:
+        """A message on ale.sock: from the capture, or from the lifecycle actor (its
+        Attribution, ConnectionEnded, Log and Health); only the capture's set `_capture_id`."""
         msg = self._decode(payload, "capture")
         if msg is None:
             return
@@ -127,6 +129,8 @@ class AleShell:
             )
             self._capture_id = ident
             self._carry_out(self.core.capture_ready(now))
+        elif isinstance(msg, m.Attribution):  # from the lifecycle actor, same socket
+            self._carry_out(self.core.attribution(msg, now))
         elif isinstance(msg, m.ConnectionEnded):
             self._carry_out(self.core.connection_ended(msg, now))
         elif isinstance(msg, m.Log | m.Health):
