@@ -21,7 +21,9 @@ _SUBCOMMANDS: dict[str, str] = {
     "up": "start the whole system under supervisord",
     "down": "stop everything `up` started",
     "status": "show process states and broker counters",
+    "bench": "measure the hot path against a baseline, in throw-away namespaces (root)",
 }
+_BENCH = "kextless.deploy.bench.runner"
 _DECODE = "kextless.protocol.dissect"
 #: capture's ExistingMode values (not imported: parsing `up` loads no actor).
 EXISTING_CHOICES = ("ask", "accept")
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return deploy_main(name, rest)
     if name == "decode":
         return int(importlib.import_module(_DECODE).main(rest) or 0)
+    if name == "bench":
+        return int(importlib.import_module(_BENCH).main(rest) or 0)
     print(f"kextless: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
