@@ -2,9 +2,10 @@
 
 Stopping supervisord stops every program; what survives it (orphans of a killed supervisord,
 sockets, divert filters in the namespace) is ended or removed, and reported, so a non-empty
-report always means something needed cleaning up. Divert programs a killed capture left in the
-namespace are removed inside it and listed as REMOVED (the namespace is clean afterwards, so they
-do not fail `down`); one that cannot be removed is a LEFTOVER problem.
+report always means something needed cleaning up. Divert programs and the nft guard tables a
+killed capture left in the namespace are removed inside it and listed as REMOVED (the namespace
+is clean afterwards, so they do not fail `down`); one that cannot be removed is a LEFTOVER
+problem.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kextless.actors.capture import orphans
 from kextless.base.rundir import RuntimeDir
 from kextless.deploy.config import PIDFILE, SUPERVISORD_LOG
 from kextless.deploy.errors import DeployError
@@ -68,7 +70,11 @@ def down(
     for name in report.killed:
         out(f"WARNING: {name} ignored SIGTERM for its stopwaitsecs and was SIGKILLed")
     for what in report.removed:
-        out(f"REMOVED: divert program left in netns {netns}: {what}")
+        table = what.removeprefix("nft table ")
+        if table != what:
+            out(f"REMOVED: nft table left in netns {netns}: {table}")
+        else:
+            out(f"REMOVED: divert program left in netns {netns}: {what}")
     for problem in report.problems:
         out(f"LEFTOVER: {problem}")
     return report
@@ -132,6 +138,10 @@ def teardown(
         else:
             report.removed += removed
             report.problems += [f"divert filter left in netns {netns}: {e}" for e in errors]
+        # A killed capture's nft guard (nftguard.py) still drops IP on every later link.
+        removed, errors = orphans.remove_nft_tables(netns)
+        report.removed += removed
+        report.problems += [f"nft table left in netns {netns}: {e}" for e in errors]
     return report
 
 

@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kextless.actors.capture.guard import GUARD_PREF, Guard, remove_stale
+from kextless.actors.capture.nftguard import NftError, NftGuard
 from kextless.actors.capture.tcbpf import EGRESS, INGRESS
 from kextless.protocol.enums import Severity
 from kextless.protocol.messages import Log
@@ -187,6 +188,11 @@ class LinkTable:
             out.append(NeedHandle(tuple(again)))
         return out
 
+    def admitted(self) -> set[int]:
+        """Links whose IP the nft guard lets by: a TC guard or the divert programs are on both
+        hooks (a refused link keeps its TC guard, so it stays admitted and fail closed)."""
+        return {i for i in self.links if i in self.guarded or i in self.covered}
+
     def unguarded(self) -> list[Link]:
         """Links not (yet) verified as diverted, for status and logs."""
         return [link for i, link in self.links.items() if i not in self.covered]
@@ -272,12 +278,16 @@ def in_initial_netns(run_netns: str = "/run/netns") -> bool:
 
 
 class LinkGuard:
-    """The shell's part: watcher + table + guard. Each method says whether a new handle is due."""
+    """The shell's part: watcher + table + TC guard + nft guard. Each method says whether a new
+    handle is due."""
 
-    def __init__(self, priority: int = 0) -> None:
+    def __init__(self, priority: int = 0, nft: bool = True) -> None:
         self.watcher = LinkWatcher(priority)
         self.table = LinkTable()
         self.guard: Guard | None = None
+        #: The namespace-wide guard (nftguard.py); None until start() or when it failed.
+        self.nft: NftGuard | None = None
+        self._want_nft = nft
         self._logs: list[Log] = []
         try:
             self.guard = Guard.open(self.watcher.ipr)
@@ -303,7 +313,23 @@ class LinkGuard:
             log.error("stale guards not checked: %s", e)
         snap = self.watcher.snapshot()
         cov = self.watcher.coverage([link.index for link in snap])
-        return self._apply(self.table.seed(snap, cov, now_ns))
+        need = self._apply(self.table.seed(snap, cov, now_ns), sync=False)
+        if self._want_nft:
+            self._start_nft()
+        return need
+
+    def _start_nft(self) -> None:
+        """Create (or replace a killed predecessor's) nft table, admitting the links covered or
+        guarded now: links that appear from here on carry no IP until admitted."""
+        try:
+            self.nft = NftGuard.create(self.table.admitted())
+        except NftError as e:
+            line = (
+                f"the nft guard is not set up ({e}): a link that appears is unguarded until "
+                "the capture sees its event"
+            )
+            log.error("%s", line)
+            self._logs.append(Log(Severity.ERROR, f"capture: {line}"))
 
     def on_event(self, now_ns: int) -> bool:
         self.watcher.drain()
@@ -314,7 +340,23 @@ class LinkGuard:
         cov = self.watcher.coverage(list(self.table.links))
         return self._apply(self.table.on_coverage(cov, opened_ns))
 
-    def _apply(self, effects: list[Effect]) -> bool:
+    def _sync_nft(self) -> None:
+        """Admit links now guarded or diverted, withdraw those gone (after their TC guard is on:
+        netfilter never lets a link's IP by before TC can see it)."""
+        if self.nft is None:
+            return
+        try:
+            self.nft.sync(self.table.admitted())
+        except NftError as e:
+            log.error("nft guard not updated (retried at the next link change): %s", e)
+
+    def _apply(self, effects: list[Effect], sync: bool = True) -> bool:
+        need = self._apply_effects(effects)
+        if sync:
+            self._sync_nft()
+        return need
+
+    def _apply_effects(self, effects: list[Effect]) -> bool:
         need = False
         for e in effects:
             if isinstance(e, Seen):
@@ -367,6 +409,11 @@ class LinkGuard:
             log.error("guarding link %s (ifindex %d) failed: %s", link.name, link.index, e)
 
     def close(self) -> None:
+        if self.nft is not None:
+            try:
+                self.nft.close()
+            except NftError as e:
+                log.warning("removing the nft guard failed: %s", e)
         if self.guard is not None:
             self.guard.close()
         self.watcher.close()

@@ -169,3 +169,23 @@ def remove_orphans(ipr: Any | None = None) -> list[DivertProgram]:
     for e in errors:
         log.error("orphan divert program: %s", e)
     return removed
+
+
+def remove_nft_tables(netns: str | None = None) -> tuple[list[str], list[str]]:
+    """Remove the nft guard tables (nftguard.py) a killed capture left in `netns` (the current
+    namespace if None): (removed, errors), one log line each. For `kextless down`, not for the
+    capture's start: a starting capture replaces its predecessor's table in one transaction
+    (NftGuard.create) instead, so new links stay fail closed meanwhile. Without nft no table of
+    ours can exist, so nothing is reported."""
+    from kextless.actors.capture import nftguard
+
+    try:
+        nftguard.nft_argv()
+    except nftguard.NftError:
+        return [], []
+    removed, errors = nftguard.remove_tables(netns)
+    for what in removed:
+        log.warning("removed orphan %s", what)
+    for e in errors:
+        log.error("orphan nft table: %s", e)
+    return removed, errors
