@@ -27,7 +27,8 @@ import pytest
 
 from kextless.base.rundir import RuntimeDir
 from kextless.deploy.status import interfaces
-from kextless.protocol.enums import Direction, PayloadLayer, Verdict
+from kextless.protocol.enums import Direction, PayloadLayer, Severity, Verdict
+from kextless.protocol.infos import LogLine
 from tests import apps
 from tests.entry import KEXTLESS
 from tests.netns import NetnsPair, add_veth_later, link_names, wait_diverted
@@ -70,6 +71,13 @@ def _new_link() -> int:
 
 def _net(pair: NetnsPair, n: int) -> str:
     return f"10.{200 + n}.{pair.subnet}"
+
+
+def _client_errors(answerer: Answerer) -> list[str]:
+    """Error LogLines the client got: a link kextless cannot guard is refused with one, so a
+    link it did guard must produce none."""
+    infos = list(answerer.infos)  # a copy: the answerer thread only appends
+    return [i.line for i in infos if isinstance(i, LogLine) and i.severity >= Severity.ERROR]
 
 
 def _flow(proto: int, port: int) -> Callable[[Conn], bool]:
@@ -156,6 +164,7 @@ def test_a_veth_added_after_up_is_asked_about_and_obeyed(
     a_ip, b_ip = add_veth_later(pair, a_dev, b_dev, _net(pair, n), n, move_from_b=move_from_b)
     print(f"{a_dev}: diverted {wait_diverted(pair.a, a_dev) * 1000:.0f} ms after it was up")
     _blocked_and_allowed(pair, answerer, rules, a_ip, b_ip)
+    assert _client_errors(answerer) == []
 
 
 @pytest.mark.timeout(90)
@@ -173,6 +182,7 @@ def test_a_veth_removed_and_readded_under_the_same_name_is_still_guarded_and_ask
     a_ip, b_ip = add_veth_later(pair, a_dev, b_dev, _net(pair, n), n)
     print(f"{a_dev} re-added: diverted {wait_diverted(pair.a, a_dev) * 1000:.0f} ms after up")
     _blocked_and_allowed(pair, answerer, rules, a_ip, b_ip)
+    assert _client_errors(answerer) == []
 
 
 #: A tun device "tunN" driven by this program as the far host: per stdin line (a source port)
@@ -233,6 +243,7 @@ def test_a_tun_device_added_after_up_is_asked_about_and_obeyed(
     _check(info, Direction.INBOUND, (local, port), (peer, 41001))
     rules.by_port[(6, port)] = Verdict.PERMANENT_ACCEPT
     assert syn(41002) == 0x12  # SYN+ACK: accepted
+    assert _client_errors(answerer) == []
     (info,) = answerer.wait_for(lambda i: _flow(6, port)(i) and i.remote_port == 41002)
     _check(info, Direction.INBOUND, (local, port), (peer, 41002))
     assert answerer.answered[info.id] == Verdict.PERMANENT_ACCEPT
