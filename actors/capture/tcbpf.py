@@ -2,7 +2,9 @@
 link's clsact ingress and egress hooks (direct-action) with pyroute2. No clang, no bpffs.
 
 `guard.py` (drop undiverted IP on a new link) and `l2pass.py` (let non-IP frames skip the
-divert program) are two such programs; this module is what they share.
+divert program) are two such programs; this module is what they share. `kernel_cache.py`
+attaches its libbpf-loaded C programs with `attach` too, and finds them again after a restart
+with `filters` (which reads each filter's program id).
 """
 
 from __future__ import annotations
