@@ -54,13 +54,13 @@ QUICK = Params(
     heavy_rounds=2,
     connects=150,
     udp_flows=100,
-    rate_seconds=1.0,
+    rate_seconds=0.7,
     bulk_seconds=1.0,
     blast_seconds=1.0,
     udp_rates=(30_000, 0),
     hold_connections=1000,
     memory_rounds=1,
-    idle_seconds=2.0,
+    idle_seconds=1.5,
     update_rounds=2,
     udp_rounds=1,
 )
@@ -225,7 +225,7 @@ def memory(ctx: Ctx) -> list[Row]:
                     if not line:
                         raise RuntimeError("the connections were not all open within 120 s")
                     got = json.loads(line)
-                    time.sleep(1.0)  # let the last verdicts and cache entries land
+                    time.sleep(0.5)  # let the last verdicts and cache entries land
                     after = rss_bytes(t.kextless.pids())
                 finally:
                     hold.kill()
@@ -411,7 +411,7 @@ def connect_rate(ctx: Ctx) -> list[Row]:
 def _rate(ctx: Ctx, pair: BenchPair) -> tuple[float, float]:
     secs = ctx.params.rate_seconds
     with server(pair, w.SERVER, port := ctx.port()):
-        start = time.monotonic() + 0.5
+        start = time.monotonic() + 0.3  # all four begin together, after Python started
         procs = [pair.py(pair.a, w.CONNECT_RATE, pair.ip4_b, port, start, secs) for _ in range(4)]
         outs = []
         for p in procs:
@@ -511,24 +511,34 @@ def udp(ctx: Ctx) -> list[Row]:
     ctx.raw["udp"] = raw
     try:
         k = t.kextless
-        before = k.fresh_counters(time.monotonic())
-        for _ in range(ctx.params.udp_rounds):
-            for rate in ctx.params.udp_rates:
-                base = _blast(ctx, ctx.base, rate)
-                kext = _blast(ctx, t.pair, rate)
-                after = k.fresh_counters(time.monotonic())
+        # The capture reports its counters every 5 s: each wait for a report that counts a
+        # kextless blast in full overlaps the next baseline blast.
+        since = time.monotonic()
+        before: dict[str, float] | None = None
+        pending: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+        steps = [rate for _ in range(ctx.params.udp_rounds) for rate in ctx.params.udp_rates]
+        for rate in [*steps, None]:
+            base = _blast(ctx, ctx.base, rate) if rate is not None else {}
+            after = k.fresh_counters(since)
+            if pending is not None and before is not None:
+                p_rate, p_base, p_kext = pending
                 delta = {
                     key: after.get(key, 0.0) - before.get(key, 0.0)
                     for key in after
                     if not key.endswith("unix") and after.get(key, 0.0) != before.get(key, 0.0)
                 }
-                before = after
-                lost = sum(delta.get(f"divert.{key}", 0.0) for key in UNEXAMINED_KEYS)
-                unexamined[rate].kextless.append(lost)
-                raw.append({"rate": rate, "baseline": base, "kextless": kext, "counters": delta})
-                if rate == 0:
-                    tput.baseline.append(base["rx_rate"])
-                    tput.kextless.append(kext["rx_rate"])
+                unexamined[p_rate].kextless.append(
+                    sum(delta.get(f"divert.{key}", 0.0) for key in UNEXAMINED_KEYS)
+                )
+                raw.append({"rate": p_rate, "baseline": p_base, "kextless": p_kext,
+                            "counters": delta})  # fmt: skip
+                if p_rate == 0:
+                    tput.baseline.append(p_base["rx_rate"])
+                    tput.kextless.append(p_kext["rx_rate"])
+            before = after
+            if rate is not None:
+                pending = (rate, base, _blast(ctx, t.pair, rate))
+                since = time.monotonic()
     except Exception as e:
         failed([tput, *unexamined.values()], e)
     return [*unexamined.values(), tput]

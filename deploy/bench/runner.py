@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +109,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _together(calls: list[Callable[[], object]]) -> None:
+    """Run the calls in parallel threads (two `up`s take the time of one); the first
+    exception, if any, is raised once all finished."""
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
@@ -140,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(m.Target_(name, pair, k))
             for k in instances:
                 _log(f"kextless up --netns {k.netns} ({k.label})")
-                k.up()
+            _together([k.up for k in instances])
             time.sleep(1.0)  # let every actor finish starting before the idle window
             ctx = m.Ctx(params, base, targets, _log, raw)
             for measure in MEASURES:
                 t0 = time.monotonic()
                 _log(f"{measure.__name__} ...")
                 rows += measure(ctx)
-                _log(f"{measure.__name__} done in {time.monotonic() - t0:.1f} s")
+                took = time.monotonic() - t0
+                raw.setdefault("phase_s", {})[measure.__name__] = round(took, 2)
+                _log(f"{measure.__name__} done in {took:.1f} s")
         except KeyboardInterrupt:
             problems.append("interrupted")
             _log("interrupted: cleaning up")
@@ -158,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             for k in instances:
                 if k.answerer is not None and k.answerer.errors:
                     problems.append(f"client of {k.netns}: {k.answerer.errors[:3]}")
-                if err := k.down():
-                    problems.append(f"kextless down --netns {k.netns}: {err}")
+            downs: dict[str, str] = {}
+
+            def down(k: Kextless) -> None:
+                downs[k.netns] = k.down()
+
+            _together([functools.partial(down, k) for k in instances])
+            problems += [f"kextless down --netns {ns}: {err}" for ns, err in downs.items() if err]
             for pair in pairs:
                 pair.close()
     elapsed = time.monotonic() - started

@@ -155,15 +155,29 @@ class Kextless:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of the live processes (gone ones count 0)."""
-    total = 0
+    """CPU time of the live processes, all their threads (gone ones count 0). schedstat counts
+    nanoseconds; /proc/PID/stat's clock ticks (10 ms) are too coarse for an idle process."""
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / _TICK
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                total += _ticks(task)
+    return total
+
+
+def _ticks(task: Path) -> float:
+    """utime + stime from stat, where schedstat is missing (kernel without schedstats)."""
+    try:
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # fields 14 and 15 of stat
 
 
 def rss_bytes(pids: list[int]) -> int:

@@ -83,7 +83,7 @@ print(json.dumps({"ok": ok, "failed": failed, "errors": errors,
                   "seconds": time.monotonic() - start}))
 """
 
-#: Count 64-byte datagrams on `port` until none came for 1 s after the first (or `limit` s).
+#: Count 64-byte datagrams on `port` until none came for 0.5 s after the first (or `limit` s).
 UDP_SINK = r"""
 import json, socket, sys, time
 port, limit = int(sys.argv[1]), float(sys.argv[2])
@@ -92,7 +92,7 @@ u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24); u.bind(("0.0.0.0", p
 print("ready", flush=True)
 u.settimeout(limit); n = 0; first = last = None
 try:
-    u.recv(2048); n = 1; first = last = time.monotonic(); u.settimeout(1.0)
+    u.recv(2048); n = 1; first = last = time.monotonic(); u.settimeout(0.5)
     while True:
         u.recv(2048); n += 1; last = time.monotonic()
 except OSError:
@@ -120,13 +120,13 @@ while True:
 print(json.dumps({"sent": sent, "seconds": time.monotonic() - t0}))
 """
 
-#: Receive one TCP stream; once it stops for 1.5 s print the monotonic time of its last byte.
+#: Receive one TCP stream; once it stops for 1 s print the monotonic time of its last byte.
 BULK_SINK = r"""
 import json, socket, sys, time
 port = int(sys.argv[1])
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", port)); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(1.5); total = 0; last = time.monotonic()
+c, _ = s.accept(); c.settimeout(1.0); total = 0; last = time.monotonic()
 try:
     while True:
         k = len(c.recv(1 << 20))
