@@ -176,17 +176,32 @@ class LinkTable:
                 out.append(Refuse(link, f"no divert program on {' and '.join(missing)}"))
             else:
                 again.append(link)
-        for index in list(self.covered):
+        again += self._lost(coverage, opened_ns or 0, out)
+        if again:
+            out.append(NeedHandle(tuple(again)))
+        return out
+
+    def on_changed(self, coverage: dict[int, Coverage], now_ns: int) -> list[Effect]:
+        """Coverage of links that changed (renamed, up/down, or a different device that got a
+        gone link's ifindex: a link moved in keeps its ifindex when it is free): one without
+        its programs is guarded and asks a handle, like a link that lost them."""
+        out: list[Effect] = []
+        again = self._lost(coverage, now_ns, out)
+        if again:
+            out.append(NeedHandle(tuple(again)))
+        return out
+
+    def _lost(self, coverage: dict[int, Coverage], since_ns: int, out: list[Effect]) -> list[Link]:
+        again = []
+        for index in sorted(self.covered):
             now_cov = coverage.get(index)
             if now_cov is not None and not now_cov.full and index in self.links:
                 # Lost its programs (someone removed them): guard it and re-attach.
                 self.covered.discard(index)
-                self.pending[index] = opened_ns or 0
+                self.pending[index] = since_ns
                 out.append(GuardLink(self.links[index]))
                 again.append(self.links[index])
-        if again:
-            out.append(NeedHandle(tuple(again)))
-        return out
+        return again
 
     def admitted(self) -> set[int]:
         """Links whose IP the nft guard lets by: a TC guard or the divert programs are on both
@@ -333,7 +348,13 @@ class LinkGuard:
 
     def on_event(self, now_ns: int) -> bool:
         self.watcher.drain()
-        return self._apply(self.table.on_links(self.watcher.snapshot(), now_ns))
+        effects = self.table.on_links(self.watcher.snapshot(), now_ns)
+        changed = [
+            e.link.index for e in effects if isinstance(e, Seen) and e.event is LinkEvent.CHANGED
+        ]
+        if changed:
+            effects += self.table.on_changed(self.watcher.coverage(changed), now_ns)
+        return self._apply(effects)
 
     def after_swap(self, opened_ns: int | None) -> bool:
         """A handle became active (its open started at `opened_ns`): verify every link."""

@@ -92,6 +92,20 @@ def test_a_link_that_lost_its_programs_is_guarded_and_reattached() -> None:
     assert t.on_coverage({1: FULL, 2: NONE}, 50) == [GuardLink(VA), NeedHandle((VA,))]
 
 
+def test_a_changed_link_without_its_programs_is_guarded_and_reattached() -> None:
+    """A device moved in can get a gone link's ifindex (the kernel keeps a free one): same
+    index, new name, none of the old programs. The shell reads coverage of changed links."""
+    t = _seeded()
+    other = Link(2, "vx", "veth", True)
+    assert t.on_links([LO, other], 100) == [Seen(LinkEvent.CHANGED, other)]
+    assert t.on_changed({2: FULL}, 100) == []  # a rename: its programs stay
+    assert t.on_changed({2: Coverage(True, False)}, 110) == [
+        GuardLink(other),
+        NeedHandle((other,)),
+    ]
+    assert t.pending == {2: 110}
+
+
 # ---- real traffic -------------------------------------------------------------------------
 
 PORT = 18011
@@ -418,3 +432,34 @@ def test_a_link_moved_in_addressed_and_up_in_one_go_passes_nothing_unexamined() 
             assert passed == 0, env.log()[-3000:]
             assert asked >= 1, env.log()[-2000:]
             assert "nft guard: ifindex" in env.log()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_link_added_later_resolves_neighbours_over_ipv6_and_is_asked_about() -> None:
+    """Once the nft guard admits a later link, IPv6 neighbour discovery works on it (empty
+    neighbour caches, so the connection needs NS/NA both ways) and TCP over IPv6 is asked
+    about and obeyed; re-injected packets keep their link and pass the nft chains."""
+    with capture_env(Verdict.PERMANENT_ACCEPT) as env:
+        p = env.pair
+        apps.start(p, p.a, apps.ECHO_SERVER, PORT)
+        net6 = f"fd38:0:0:{p.subnet:x}"
+        _ip(
+            "-n", p.a, "link", "add", "vc8", "address", "02:6b:6c:00:08:0a",
+            "type", "veth", "peer", "name", "vd8", "address", "02:6b:6c:00:08:0b",
+        )  # fmt: skip
+        _ip("-n", p.a, "link", "set", "vd8", "netns", p.b)
+        _ip("-n", p.a, "addr", "add", f"{net6}::1/64", "dev", "vc8", "nodad")
+        _ip("-n", p.b, "addr", "add", f"{net6}::2/64", "dev", "vd8", "nodad")
+        _ip("-n", p.a, "link", "set", "vc8", "up")
+        _ip("-n", p.b, "link", "set", "vd8", "up")
+        _wait_diverted(env, "vc8")
+        for ns, dev in ((p.a, "vc8"), (p.b, "vd8")):
+            _ip("-n", ns, "-6", "neigh", "flush", "dev", dev)
+        _asked_and_obeyed(env, f"{net6}::1")
+        shown = subprocess.run(
+            ["ip", "-n", p.b, "-6", "neigh", "show", "dev", "vd8"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+        assert f"{net6}::1 lladdr 02:6b:6c:00:08:0a" in shown, shown
+        assert "refused" not in env.log()
