@@ -61,12 +61,18 @@ class AleConfig:
     #: An outbound connection info whose pid is not known yet waits at most this long for the
     #: lifecycle actor's Attribution (only while the lifecycle actor is present; the pid is then
     #: released at once when it arrives). 0 never waits. See actors/lifecycle/README.md.
-    attribution_wait_ns: int = 5_000_000
+    attribution_wait_ns: int = 50_000_000
     #: The lifecycle actor counts as present this long after its last Attribution (it sends
     #: PRESENT every second).
     lifecycle_present_ns: int = 3 * _SECOND
-    #: An OPENER hint (SOCKET CONNECT: pid and remote, no local port) is used within this time.
-    opener_ttl_ns: int = 2 * _SECOND
+    #: An OPENER hint (SOCKET CONNECT: pid and remote, no local port) is used within this time
+    #: (its SYN follows the connect() within ~40 us), and only when no other process has an
+    #: unused hint for the same remote.
+    opener_ttl_ns: int = 200_000_000
+    #: Use OPENER hints at all. Off by default: a hint that reaches us after another
+    #: process's SYN to the same remote makes "unambiguous" wrong (measured: a few percent of
+    #: concurrent connects), while the exact attribution costs well under a millisecond.
+    opener_hints: bool = False
     #: Bound of each attribution table (flows, openers, listeners); the oldest entry goes first.
     attribution_cap: int = 65_536
 
@@ -107,6 +113,16 @@ def _with_pid(msg: m.PacketHeld, pid: int) -> m.PacketHeld:
     return m.PacketHeld(msg.hold_id, msg.flow, msg.direction, msg.packet, msg.seen_ns, pid)
 
 
+def _percentiles(name: str, samples: deque[int]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+    return {
+        f"{name}_p50_us": ordered[len(ordered) // 2],
+        f"{name}_p99_us": ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
+    }
+
+
 def _trim(table: OrderedDict[_K, _V], cap: int) -> None:
     """Keep a table within its bound by forgetting its oldest entries."""
     while len(table) > cap:
@@ -138,7 +154,11 @@ class AleCore:
         self.listeners: OrderedDict[_LocalKey, int] = OrderedDict()
         #: Outbound flows whose info waits for a pid, in arrival order (deadline order).
         self.waiting: dict[m.Flow, _Waiting] = {}
+        #: Flows whose pid came from an OPENER hint (their exact attribution is still to come).
+        self._hinted: OrderedDict[m.Flow, None] = OrderedDict()
         self._lifecycle_seen_ns: int | None = None
+        #: How long the last infos that got their pid by waiting waited (for health/measuring).
+        self.wait_samples_us: deque[int] = deque(maxlen=1024)
         self.counters: dict[str, float] = {
             "ids_issued": 0,
             "verdicts": 0,
@@ -188,24 +208,33 @@ class AleCore:
         kind, flow, pid = msg.kind, msg.flow, msg.process_id
         cap = self.config.attribution_cap
         if kind is m.AttributionKind.FLOW and pid:
+            known = self.flow_pids.get(flow) == pid  # (FLOW ESTABLISHED after a resolve)
             self.flow_pids[flow] = pid
             self.flow_pids.move_to_end(flow)
             _trim(self.flow_pids, cap)
             conn = self.connection_cache.get(flow)
             if conn is not None and not conn.process_id:
                 conn.process_id = pid
+            # This connect's hint is accounted for now (unless its SYN already used it).
+            if flow in self._hinted:
+                del self._hinted[flow]
+            elif not known:
+                hints = self.openers.get((flow.protocol, flow.remote_ip, flow.remote_port))
+                for h in hints or ():
+                    if h[0] == pid:
+                        hints.remove(h)  # type: ignore[union-attr]
+                        break
             if flow in self.waiting:
                 return self._release(flow, pid, now_ns)
         elif kind is m.AttributionKind.OPENER and pid:
+            # Never released on a hint alone: several processes may be connecting to the
+            # same remote; the exact FLOW attribution (its local port) follows within ~1 ms.
             key = (flow.protocol, flow.remote_ip, flow.remote_port)
-            for wflow in self.waiting:  # oldest first: connects and SYNs keep their order
-                if (wflow.protocol, wflow.remote_ip, wflow.remote_port) == key:
-                    return self._release(wflow, pid, now_ns)
             hints = self.openers.get(key)
             if hints is None:
                 hints = self.openers[key] = deque(maxlen=64)
                 _trim(self.openers, cap)
-            hints.append((pid, msg.seen_ns or now_ns))
+            hints.append((pid, now_ns))
         elif kind is m.AttributionKind.LISTENER and pid:
             lkey = (flow.protocol, flow.local_ip, flow.local_port)
             self.listeners[lkey] = pid
@@ -238,11 +267,16 @@ class AleCore:
                 if pid:
                     return pid
             return 0
+        if not self.config.opener_hints:
+            return 0
         hints = self.openers.get((flow.protocol, flow.remote_ip, flow.remote_port))
-        while hints:
-            hint_pid, seen = hints.popleft()
-            if now_ns - seen <= self.config.opener_ttl_ns:
-                return hint_pid
+        while hints and now_ns - hints[0][1] > self.config.opener_ttl_ns:
+            hints.popleft()
+        if hints and all(h[0] == hints[0][0] for h in hints):
+            # Unambiguous: every process connecting there now is this one.
+            self._hinted[flow] = None
+            _trim(self._hinted, self.config.attribution_cap)
+            return hints.popleft()[0]
         return 0
 
     def _release(self, flow: m.Flow, pid: int, now_ns: int) -> list[m.Message]:
@@ -251,6 +285,7 @@ class AleCore:
         waited_us = (now_ns - waiting.since_ns) // 1000
         if pid:
             self.counters["pid_wait_max_us"] = max(self.counters["pid_wait_max_us"], waited_us)
+            self.wait_samples_us.append(waited_us)
         out: list[m.Message] = []
         for held in waiting.held:
             out += self._emit_held(_with_pid(held, pid) if pid else held, now_ns)
@@ -432,6 +467,7 @@ class AleCore:
             "connections": len(self.connection_cache),
             "next_id": self.next_id,
             "pid_waiting": len(self.waiting),
+            **_percentiles("pid_wait", self.wait_samples_us),
             "attributed_flows": len(self.flow_pids),
             "listeners": len(self.listeners),
         }

@@ -48,12 +48,29 @@ def main(argv: list[str]) -> int:
         metavar="NAME",
         help="verdict for timed-out or refused packets (default Block)",
     )
+    p.add_argument(
+        "--opener-hints",
+        action="store_true",
+        help="give an outbound TCP connection the pid of the only process connecting to its "
+        "remote, without waiting for its exact attribution (faster, wrong under races)",
+    )
+    p.add_argument(
+        "--attribution-wait",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="how long an outbound connection info waits for its pid while the lifecycle "
+        "actor runs (default 0.05; 0 never waits)",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     run = RuntimeDir.from_arg(args.run_dir).create()
     logs.setup("ale", args.log_level)
     config = AleConfig(
-        verdict_timeout_ns=int(args.verdict_timeout * 1e9), default_verdict=args.default_verdict
+        verdict_timeout_ns=int(args.verdict_timeout * 1e9),
+        default_verdict=args.default_verdict,
+        attribution_wait_ns=max(0, int(args.attribution_wait * 1e9)),
+        opener_hints=args.opener_hints,
     )
     ids = IdReservation(run.path / "ale-ids")
     try:

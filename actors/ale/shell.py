@@ -130,7 +130,14 @@ class AleShell:
             self._capture_id = ident
             self._carry_out(self.core.capture_ready(now))
         elif isinstance(msg, m.Attribution):  # from the lifecycle actor, same socket
-            self._carry_out(self.core.attribution(msg, now))
+            effects = self.core.attribution(msg, now)
+            if effects and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "pid %d arrived after a wait of %d us",
+                    msg.process_id,
+                    self.core.wait_samples_us[-1] if self.core.wait_samples_us else -1,
+                )
+            self._carry_out(effects)
         elif isinstance(msg, m.ConnectionEnded):
             self._carry_out(self.core.connection_ended(msg, now))
         elif isinstance(msg, m.Log | m.Health):
@@ -218,7 +225,13 @@ class AleShell:
             now = clock()
             due = core.next_deadline_ns()
             if due is not None and now >= due:
+                timeouts = core.counters["pid_wait_timeouts"]
                 self._carry_out(core.on_deadline(now))
+                if core.counters["pid_wait_timeouts"] > timeouts:
+                    log.debug(
+                        "pid wait over: %d info(s) sent with pid 0",
+                        core.counters["pid_wait_timeouts"] - timeouts,
+                    )
             if now >= next_health:
                 # Hello doubles as a keepalive so a restarted broker relearns who owns what.
                 broker.send(self._hello)

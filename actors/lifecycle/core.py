@@ -122,6 +122,8 @@ class LifecycleCore:
         self.counters["events"] += 1
         kind, flow, pid = ev.event, ev.flow, ev.process_id
         if kind is SocketEvent.CONNECT:
+            if flow.protocol != IpProtocol.TCP:  # UDP: FLOW ESTABLISHED precedes its packet
+                return []
             return [self._attr(m.AttributionKind.OPENER, flow, pid, now_ns)]
         if kind is SocketEvent.ACCEPT:
             self._accepted[ev.endpoint_id] = None
@@ -148,6 +150,11 @@ class LifecycleCore:
             self._accepted.pop(ev.endpoint_id, None)
             return self._end(flow, pid, now_ns)
         return []
+
+    def connect_resolved(self, flow: m.Flow, pid: int, now_ns: int) -> list[m.Message]:
+        """A CONNECT's socket found in the socket table (by its cookie): the exact 5-tuple
+        while its SYN is still held, long before FLOW ESTABLISHED."""
+        return [self._attr(m.AttributionKind.FLOW, flow, pid, now_ns)]
 
     def existing(self, rows: list[SocketRow], now_ns: int) -> list[m.Message]:
         """The socket table read at start: owners of connections and listeners already there."""

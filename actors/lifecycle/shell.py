@@ -94,6 +94,13 @@ def event_from(layer: Layer, event: int, data: Any) -> DivertEvent | None:
 
 def rows_from(answers: Iterable[Mapping[str, Any]], protocol: int) -> list[tuple[SocketRow, int]]:
     """sock_diag answers as (SocketRow, inode)."""
+    return [(row, ino) for row, ino, _cookie in rows_cookies(answers, protocol)]
+
+
+def rows_cookies(
+    answers: Iterable[Mapping[str, Any]], protocol: int
+) -> list[tuple[SocketRow, int, int]]:
+    """sock_diag answers as (SocketRow, inode, cookie); the cookie is the divert EndpointId."""
     out = []
     for a in answers:
         try:
@@ -109,11 +116,22 @@ def rows_from(answers: Iterable[Mapping[str, Any]], protocol: int) -> list[tuple
         state = int(a["idiag_state"])
         listening = state == _LISTEN or (protocol == IpProtocol.UDP and not flow.remote_port)
         synced = protocol == IpProtocol.UDP or state in _LIVE - {_SYN_SENT, _SYN_RECV}
-        out.append((SocketRow(flow, listening, synced), int(a["idiag_inode"])))
+        cookie = int(a.get("idiag_cookie") or 0)
+        out.append((SocketRow(flow, listening, synced), int(a["idiag_inode"]), cookie))
     return out
 
 
-_FIELDS = ("idiag_state", "idiag_src", "idiag_sport", "idiag_dst", "idiag_dport", "idiag_inode")
+_FIELDS = (
+    "idiag_state",
+    "idiag_src",
+    "idiag_sport",
+    "idiag_dst",
+    "idiag_dport",
+    "idiag_inode",
+    "idiag_cookie",
+)
+#: A CONNECT whose socket is not in the table within this time stays a hint only.
+CONNECT_RESOLVE_NS = 100_000_000
 
 
 def read_table(states: int, protocols: Iterable[int]) -> list[tuple[SocketRow, int]]:
@@ -176,6 +194,11 @@ class LifecycleShell:
         os.set_blocking(self._wake_w, False)
         self._running = True
         self.foreign = 0
+        #: TCP CONNECTs whose local port is still to be read: cookie -> (pid, seen).
+        self._connects: dict[int, tuple[int, int]] = {}
+        self._diag: Any = None  # the loop's own DiagSocket (the worker thread has its own)
+        self.resolved = 0
+        self.unresolved = 0
         self._hello = m.encode(
             m.Hello("lifecycle", os.getpid(), m.CONTRACT_VERSION, OWNED_COMMANDS)
         )
@@ -224,7 +247,46 @@ class LifecycleShell:
         if not ours:
             self.foreign += 1
             return
+        if ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
+            self._connects[ev.endpoint_id] = (ev.process_id, now)
+            log.debug("connect %d (pid %d) seen", ev.endpoint_id, ev.process_id)
         self._carry_out(self.core.divert_event(ev, now))
+
+    def _resolve_connects(self) -> None:
+        """Find pending CONNECTs' sockets (by cookie) among the SYN_SENT ones: their exact
+        5-tuple, while the SYN is still held."""
+        if self._diag is None:
+            from pyroute2 import DiagSocket
+
+            self._diag = DiagSocket()
+            self._diag.bind()
+        now = time.monotonic_ns()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                answers = self._diag.get_sock_stats(
+                    family=family, states=1 << _SYN_SENT, protocol=socket.IPPROTO_TCP
+                )
+            except OSError as e:
+                log.error("socket table read failed: %s", e)
+                self._connects.clear()
+                return
+            fields = ({k: a.get(k) for k in _FIELDS} for a in answers)
+            for row, _ino, cookie in rows_cookies(fields, socket.IPPROTO_TCP):
+                pending = self._connects.pop(cookie, None)
+                if pending is not None:
+                    self.resolved += 1
+                    log.debug(
+                        "connect %d (pid %d) resolved after %d us",
+                        cookie,
+                        pending[0],
+                        (now - pending[1]) // 1000,
+                    )
+                    self._carry_out(self.core.connect_resolved(row.flow, pending[0], now))
+        for cookie, (_pid, seen) in list(self._connects.items()):
+            if now - seen > CONNECT_RESOLVE_NS:
+                del self._connects[cookie]
+                self.unresolved += 1
+                log.debug("connect %d (pid %d) not found in the socket table", cookie, _pid)
 
     def _drain(self, layer: Layer, h: EBPFDivert) -> None:
         for _ in range(_BATCH):
@@ -303,6 +365,8 @@ class LifecycleShell:
                     h.close()
             self.ale.close()
             self.broker.close()
+            if self._diag is not None:
+                self._diag.close()
 
     def _loop(self, handles: dict[Layer, EBPFDivert]) -> None:
         core, clock = self.core, time.monotonic_ns
@@ -318,7 +382,12 @@ class LifecycleShell:
             now = clock()
             if now >= next_health:
                 self.broker.send(self._hello)
-                health = {**core.health(), "foreign_events": self.foreign}
+                health = {
+                    **core.health(),
+                    "foreign_events": self.foreign,
+                    "connects_resolved": self.resolved,
+                    "connects_unresolved": self.unresolved,
+                }
                 self.broker.send(m.encode(m.Health("lifecycle", os.getpid(), health)))
                 zero = m.Flow(0, b"\0" * 4, 0, b"\0" * 4, 0)
                 self._carry_out([m.Attribution(m.AttributionKind.PRESENT, zero, 0, now)])
@@ -327,7 +396,10 @@ class LifecycleShell:
             if due is not None and now >= due:
                 self._carry_out(core.on_deadline(now))
                 due = core.next_deadline_ns()
-            for item, _ev in poller.poll(wait_ms(due, now, wait_ms(next_health, now))):
+            if self._connects:
+                self._resolve_connects()
+            timeout = 0 if self._connects else wait_ms(due, now, wait_ms(next_health, now))
+            for item, _ev in poller.poll(timeout):
                 if item in fds:
                     layer = fds[item]
                     self._drain(layer, handles[layer])

@@ -49,8 +49,18 @@ def test_without_a_lifecycle_actor_nothing_waits() -> None:
     assert core.next_deadline_ns() == 10 * S  # only the verdict timeout
 
 
-def test_opener_hint_before_the_syn_gives_its_pid_at_once() -> None:
+HINTS = AleConfig(opener_hints=True)
+
+
+def test_opener_hints_are_off_by_default() -> None:
     core = AleCore()
+    present(core)
+    core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 4242, 1), 1)
+    assert core.packet_held(held(1), 2) == []  # waits for the exact attribution
+
+
+def test_opener_hint_before_the_syn_gives_its_pid_at_once() -> None:
+    core = AleCore(HINTS)
     present(core)
     core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 4242, 1), 1)
     assert pids(core.packet_held(held(1), 2)) == [4242]
@@ -63,7 +73,9 @@ def test_a_waiting_info_leaves_when_its_pid_arrives() -> None:
     present(core)
     assert core.packet_held(held(1), 10) == []
     assert core.packet_held(held(2), 11) == []  # a retransmit joins the wait
-    out = core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 77), 10 + MS)
+    # A hint alone never releases a waiting flow: it might be another process's connect.
+    assert core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 66), 10) == []
+    out = core.attribution(attr(m.AttributionKind.FLOW, TCP4, 77), 10 + MS)
     assert pids(out) == [77, 77]
     assert core.counters["pid_wait_max_us"] == 1000
     assert core.waiting == {}
@@ -138,3 +150,32 @@ def test_attribution_tables_are_bounded() -> None:
         core.attribution(attr(m.AttributionKind.OPENER, m.Flow(6, Z4, 0, R4, port + 1), 1), 0)
         core.attribution(attr(m.AttributionKind.LISTENER, m.Flow(6, Z4, port + 1, Z4, 0), 1), 0)
     assert len(core.flow_pids) == len(core.openers) == len(core.listeners) == 10
+
+
+def test_hints_of_two_processes_to_one_remote_are_ambiguous() -> None:
+    core = AleCore(HINTS)
+    present(core)
+    core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 1), 0)
+    core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 2), 0)
+    assert core.packet_held(held(1, TCP4), 1) == []  # waits for its exact attribution
+    assert pids(core.attribution(attr(m.AttributionKind.FLOW, TCP4, 2), 2)) == [2]
+    # Process 2's connect is accounted for: what is left is process 1's, unambiguous.
+    assert pids(core.packet_held(held(2, TCP4B), 3)) == [1]
+
+
+def test_a_hint_used_by_its_syn_is_not_taken_twice() -> None:
+    core = AleCore(HINTS)
+    present(core)
+    core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 5), 0)
+    assert pids(core.packet_held(held(1, TCP4), 1)) == [5]
+    core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 5), 2)  # next connect
+    core.attribution(attr(m.AttributionKind.FLOW, TCP4, 5), 3)  # the first one, resolved
+    core.attribution(attr(m.AttributionKind.FLOW, TCP4, 5), 4)  # and its FLOW ESTABLISHED
+    assert pids(core.packet_held(held(2, TCP4B), 5)) == [5]
+
+
+def test_a_stale_hint_is_not_used() -> None:
+    core = AleCore(AleConfig(opener_ttl_ns=200 * MS, opener_hints=True))
+    core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 5), 0)
+    assert core.packet_held(held(1, TCP4), 201 * MS) == []  # not taken: waits for its own
+    assert pids(core.on_deadline(201 * MS + core.config.attribution_wait_ns)) == [0]
