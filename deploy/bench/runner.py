@@ -74,6 +74,7 @@ def machine() -> dict[str, Any]:
         check=False,
     ).stdout.strip()
     return {
+        "load_average": load_average(),
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -82,6 +83,15 @@ def machine() -> dict[str, Any]:
         "commit": commit,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+
+
+def load_average() -> str:
+    """/proc/loadavg's 1, 5, 15 minute figures: other work on a shared machine moves every
+    figure, so the output says how busy it was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def machine_line(info: dict[str, Any]) -> str:
@@ -192,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             for pair in pairs:
                 pair.close()
     elapsed = time.monotonic() - started
+    info["load_average_end"] = load_average()
     for r in rows:
         summarise(r)
     note = (
-        f"Machine: {machine_line(info)}; commit {info['commit'] or '?'}; {info['when']}. "
+        f"Machine: {machine_line(info)}; load average {info['load_average']} at the start, "
+        f"{info['load_average_end']} at the end; commit {info['commit'] or '?'}; {info['when']}. "
         f"{'Quick' if args.quick else 'Full'} run in {elapsed:.0f} s: values are the median "
         "(min to max) over rounds that alternate baseline / kextless; a ratio or difference is "
         "paired per round. Baseline: the same traffic in an identical namespace pair without "

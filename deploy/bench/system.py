@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kextless.base.rundir import RuntimeDir
 from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
+from kextless.deploy.instance import read_instance
 from kextless.deploy.processes import instance_processes
 from kextless.deploy.status import divert_counters
 from kextless.protocol.enums import Verdict
@@ -118,6 +119,15 @@ class Kextless:
 
     def pids(self) -> list[int]:
         return instance_processes(self.run_dir)
+
+    def process_name(self, pid: int) -> str:
+        """`broker-PID`, `capture-PID`, ... as `up` recorded them, `supervisord-PID` else."""
+        inst = read_instance(self.run_dir)
+        for name, rec in (inst.programs if inst is not None else {}).items():
+            if rec.pid == pid:
+                return f"{name}-{pid}"
+        sup = inst is not None and inst.supervisord_pid == pid
+        return f"{'supervisord' if sup else 'other'}-{pid}"
 
     def capture_counters(self) -> tuple[dict[str, float], float]:
         """(the capture's counters as last reported, seconds since that report)."""

@@ -41,7 +41,7 @@ for _ in range(n):
     try:
         s.connect((host, port)); lat.append((time.perf_counter() - t) * 1e3)
     except OSError:
-        failed += 1
+        failed += 1; break  # the measure has failed: do not wait out n timeouts
     s.close()
 print(json.dumps({"ms": lat, "failed": failed}))
 """
@@ -58,7 +58,7 @@ for _ in range(n):
     try:
         s.send(b"x" * 64); s.recv(2048); lat.append((time.perf_counter() - t) * 1e3)
     except OSError:
-        failed += 1
+        failed += 1; break  # the measure has failed: do not wait out n timeouts
     s.close()
 print(json.dumps({"ms": lat, "failed": failed}))
 """
@@ -150,13 +150,15 @@ except OSError:
     pass
 """
 
-#: Hold n TCP connections open (to a server that keeps them) until killed.
+#: Open n TCP connections (to a server that keeps them), giving up after `limit` seconds, and
+#: hold them until killed.
 HOLD_CLIENT = r"""
-import json, resource, socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import json, resource, socket, sys, time
+host, port, n, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, n + 100))
-socks = []; failed = 0
+socks = []; failed = 0; end = time.monotonic() + limit
 for _ in range(n):
+    if time.monotonic() > end: break
     s = socket.socket(); s.settimeout(3)
     try:
         s.connect((host, port)); socks.append(s)

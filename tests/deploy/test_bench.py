@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from kextless.deploy.bench.summary import (
     stat,
     summarise,
 )
+from kextless.deploy.bench.system import cpu_seconds, rss_bytes
 from tests.entry import KEXTLESS
 
 
@@ -171,3 +174,15 @@ def test_bench_quick_end_to_end(tmp_path: Path) -> None:
     assert doc["problems"] == [], doc["problems"]
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
     assert "kxb-" not in leftover.stdout
+
+
+def test_cpu_seconds_counts_this_process_busy_time() -> None:
+    """The idle figure rests on it: schedstat nanoseconds of every thread."""
+    before = cpu_seconds([os.getpid()])
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    spent = cpu_seconds([os.getpid()]) - before
+    assert 0.15 < spent < 1.0, spent
+    assert cpu_seconds([2**22 + 12345]) == 0.0  # a gone process counts nothing
+    assert rss_bytes([os.getpid()]) > 1 << 20
