@@ -19,6 +19,18 @@ What needs Python:
   live connections, connections to re-ask after CacheClear) are added to the filter by local
   port; the core asks the shell for a new filter whenever that port set changes, and parks
   the release of a held packet until its connection's later packets are sure to be diverted.
+
+With the kernel flow cache (`Config.kernel_cache`, kernel_cache.py) the filter is fixed instead
+(every IP packet not decided in the kernel reaches us) and permanent verdicts go into the
+kernel's map: PermanentAccept -> `KernelPut` PASS, PermanentDrop -> `KernelPut` DROP, written
+BEFORE the held packets are released (the shell runs actions in order). Every other verdict
+keeps the flow out of the map (blocks answer with RST/ICMP from here, temporary verdicts ask
+per packet, redirects rewrite per packet), and whenever a verdict goes (changed, cleared,
+expired, forgotten) its entry goes too. A flow asked about has its entry deleted first: an
+entry we did not write (a killed predecessor's) must never pass a new connection. The map is
+an LRU: an evicted entry only sends the flow's packets back here, where the verdict re-puts
+it. Flows decided in the kernel send us no packets, so their idle expiry asks the kernel
+(`KernelProbe` -> `kernel_activity`).
 """
 
 from __future__ import annotations
@@ -29,8 +41,8 @@ import ipaddress
 import itertools
 import logging
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from kextless.actors.capture import filters
 from kextless.actors.capture import packets as pk
@@ -128,7 +140,58 @@ class DestroySocket:
     flow: Flow
 
 
-Action = Pass | Drop | Reroute | Inject | ToAle | SetFilter | ScanExisting | DestroySocket
+class KernelVerdict(enum.Enum):
+    """What the kernel's flow map does with a flow's packets (kernel_cache.Action)."""
+
+    PASS = "pass"
+    DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPut:
+    """Decide `flow` in the kernel map, both orientations: its packets (but TCP SYN/FIN/RST)
+    no longer reach us."""
+
+    flow: Flow
+    verdict: KernelVerdict
+    #: The protocol verdict behind it (stored in the entry, for status and restart adoption).
+    reason: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class KernelDelete:
+    """Remove `flow`'s map entry, both orientations, if any: its next packet reaches us."""
+
+    flow: Flow
+
+
+@dataclass(frozen=True, slots=True)
+class KernelClear:
+    """Remove every map entry (CacheClear)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelProbe:
+    """Read when the kernel last passed a packet of each flow; the shell answers with
+    `CaptureCore.kernel_activity` (idle expiry of flows whose packets no longer reach us)."""
+
+    flows: tuple[Flow, ...]
+
+
+Action = (
+    Pass
+    | Drop
+    | Reroute
+    | Inject
+    | ToAle
+    | SetFilter
+    | ScanExisting
+    | DestroySocket
+    | KernelPut
+    | KernelDelete
+    | KernelClear
+    | KernelProbe
+)
 
 
 class ExistingMode(enum.Enum):
@@ -182,6 +245,14 @@ class Config:
     existing_quiet_ns: int = 100_000_000
     #: ... but never longer than this after CaptureReady.
     existing_max_wait_ns: int = 5_000_000_000
+    #: The shell loaded the kernel flow cache: fixed all-IP filter, permanent verdicts in the
+    #: kernel map (Kernel* actions), no SetFilter, nothing parked. False: the per-port filter
+    #: and handle swaps (platforms without TC BPF).
+    kernel_cache: bool = False
+    #: A packet of a kernel-passed flow that still reaches us re-puts its entry (it was
+    #: evicted), at most this often per flow: packets already queued behind the put when it
+    #: was written arrive here too, and need no second write.
+    kernel_reput_ns: int = 1_000_000
 
     @property
     def target_ports(self) -> frozenset[int]:
@@ -232,6 +303,14 @@ class Connection:
     existing_hold: int | None = None
     #: Its local socket was aborted by us (`DestroySocket`): the kernel's RST must pass.
     destroyed: bool = False
+    #: Its entry in the kernel map as we last wrote it: a KernelVerdict, ABSENT (deleted by
+    #: us, or never there since we started), or None (unknown: a predecessor's may be there).
+    kernel: KernelVerdict | None = None
+    kernel_absent: bool = False
+    #: When we last wrote its kernel entry (a re-put of an evicted entry is rate-limited).
+    kernel_put_ns: int = 0
+    #: An idle check asked the kernel (`KernelProbe`) and waits for `kernel_activity`.
+    probing: bool = False
 
 
 def _unused(conn: Connection) -> bool:
@@ -316,6 +395,8 @@ class CaptureCore:
                 "existing_accepted",
                 "existing_known",
                 "existing_destroyed",
+                "kernel_puts",
+                "kernel_deletes",
             ),
             0,
         )
@@ -375,7 +456,7 @@ class CaptureCore:
             conn.live = True  # established: silence means nothing
             if cfg.existing is ExistingMode.ACCEPT:
                 c["existing_accepted"] += 1
-                self._on_cache_set(flow, Verdict.PERMANENT_ACCEPT, now_ns)
+                asks += self._on_cache_set(flow, Verdict.PERMANENT_ACCEPT, now_ns)
                 continue
             if len(self.held) >= cfg.max_held:
                 log.warning("held-packet limit reached: existing %s not asked", _fmt(flow))
@@ -397,6 +478,7 @@ class CaptureCore:
             self._set_per_packet(conn, True)
             c["asked"] += 1
             c["existing_asked"] += 1
+            asks += self._kernel_remove(conn)  # its packets must reach us until answered
             asks.append(ToAle(PacketHeld(hold_id, flow, e.direction, raw, now_ns)))
             log.info("existing connection %s %s: asked", e.direction.name.lower(), _fmt(flow))
         if last:
@@ -512,13 +594,19 @@ class CaptureCore:
                 or (conn is None and rconn.existing_hold is not None)
             ):
                 flow, conn, verdict = rev, rconn, rconn.verdict
+        pre: list[Action] = []
+        control = False  # TCP SYN/FIN/RST: the kernel cache always sends them here
         if proto == pk.TCP:
             flags = p.flags
+            control = bool(flags & (pk.TCP_SYN | pk.TCP_FIN | pk.TCP_RST))
             if flags & pk.TCP_SYN and not flags & pk.TCP_ACK:
                 if conn is not None and conn.ended_ns is not None:
                     # A new connection reusing the 5-tuple: ask afresh.
-                    self._forget(flow, now_ns)
+                    pre = self._forget(flow, now_ns)
                     conn = self.connections.get(flow)  # only its held-packet count, if any
+                    if pre and conn is None:
+                        conn = self._record(flow)  # remembers the entry is gone
+                        conn.kernel_absent = True
                     verdict = None
             elif flags & (pk.TCP_FIN | pk.TCP_RST):
                 if conn is not None and conn.destroyed and flags & pk.TCP_RST:
@@ -530,16 +618,26 @@ class CaptureCore:
                 if conn.ended_ns is None:
                     self._mark_ended(conn, now_ns)
         if verdict is None or conn is None:  # (a verdict always has a record)
-            return self._ask(token, raw, p, flow, conn, outbound, loopback, now_ns, True)
+            return pre + self._ask(token, raw, p, flow, conn, outbound, loopback, now_ns, True)
         conn.last_seen_ns = now_ns
+        if (
+            self.config.kernel_cache
+            and conn.kernel is not None
+            and not control
+            and now_ns - conn.kernel_put_ns >= self.config.kernel_reput_ns
+        ):
+            # Decided in the kernel, yet here: its entry was evicted (LRU). Put it back; an
+            # eviction only ever costs trips to Python, never a wrong pass.
+            conn.kernel = None
+            pre = self._kernel_sync(conn, now_ns)
         if verdict is Verdict.PERMANENT_ACCEPT:
             c["passed"] += 1
             if proto == pk.TCP:
                 conn.live = True  # may become established: an Update must divert it
-            return [Pass(token)]
+            return [*pre, Pass(token)]
         if not verdict.is_permanent:
             return self._ask(token, raw, p, flow, conn, outbound, loopback, now_ns, True)
-        return self._enforce(token, raw, p, flow, conn, verdict, outbound, loopback, now_ns)
+        return pre + self._enforce(token, raw, p, flow, conn, verdict, outbound, loopback, now_ns)
 
     def _flow(self, p: Parsed, outbound: bool) -> Flow:
         if outbound:
@@ -597,6 +695,9 @@ class CaptureCore:
         if key is not None:
             self._retrans[key] = hold_id
         c["asked"] += 1
+        # Asked about, so no entry may pass its packets meanwhile (a predecessor's, a stale
+        # one): deleted before the request goes out, unless we know there is none.
+        pre = self._kernel_remove(conn) if p.protocol in (pk.TCP, pk.UDP) else []
         direction = Direction.OUTBOUND if outbound else Direction.INBOUND
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -607,7 +708,7 @@ class CaptureCore:
                 len(data),
                 data[:64].hex(),
             )
-        return [ToAle(PacketHeld(hold_id, flow, direction, data, now_ns))]
+        return [*pre, ToAle(PacketHeld(hold_id, flow, direction, data, now_ns))]
 
     # ---- enforcing verdicts -----------------------------------------------------------------
 
@@ -789,16 +890,19 @@ class CaptureCore:
             self._add_redirect(conn, ip, port)
         else:
             self._drop_redirect(conn)
+        out: list[Action] = []
         if self._cached > self.config.max_flows:
             oldest = next(x for x in conns.values() if x.verdict is not None)
             log.warning("flow table full: forgetting %s", _fmt(oldest.flow))
-            self._forget(oldest.flow, now_ns)
+            out += self._forget(oldest.flow, now_ns)
         conn.last_seen_ns = now_ns
+        conn.probing = False  # a new verdict: a probe's answer is void
         if not conn.live:
             self._check_at(conn, now_ns + self.config.idle_ns + 1)
+        out += self._kernel_sync(conn, now_ns)
         if flow.protocol == pk.TCP:
-            return self._refresh(conn)
-        return []
+            out += self._refresh(conn)
+        return out
 
     def _refresh(self, conn: Connection) -> list[Action]:
         """Re-decide whether every packet of TCP connection `conn` must be diverted.
@@ -824,9 +928,13 @@ class CaptureCore:
         """Forget every verdict. Live TCP connections are asked about again on their next
         packet, and diverted until then; ended ones still wait out their grace period."""
         forgotten, live = self._cached, 0
+        kernel = self.config.kernel_cache
         for flow, conn in list(self.connections.items()):
             conn.verdict = None
             conn.last_seen_ns = None
+            conn.probing = False
+            if kernel:
+                conn.kernel, conn.kernel_absent = None, True  # KernelClear, below
             again = conn.live and conn.ended_ns is None
             if again:
                 conn.reask = True
@@ -840,6 +948,8 @@ class CaptureCore:
             forgotten,
             live,
         )
+        if kernel:
+            return [KernelClear()]
         return self._filter_actions()
 
     # ---- filter -----------------------------------------------------------------------------
@@ -866,6 +976,9 @@ class CaptureCore:
 
     def _filter_actions(self) -> list[Action]:
         self._recheck_ns = None
+        if self.config.kernel_cache:
+            self._ports_dirty = False  # the filter is fixed: every IP packet reaches us
+            return []
         if not self._ports_dirty:
             return []  # the port set is what was last requested
         self._ports_dirty = False
@@ -879,7 +992,7 @@ class CaptureCore:
 
     def _covered(self, flow: Flow) -> bool:
         active = self._ports_active
-        return active is None or flow.local_port in active
+        return self.config.kernel_cache or active is None or flow.local_port in active
 
     def filter_active(
         self, generation: int, ports: frozenset[int] | None, now_ns: int
@@ -952,6 +1065,7 @@ class CaptureCore:
             out += [Drop(t) for t, *_ in h.followers]
         heap = self._expiry
         forgot = False
+        probes: list[Flow] = []
         while heap and heap[0][0] <= now_ns:
             at, _, conn = heapq.heappop(heap)
             if conn.check_ns != at:
@@ -960,11 +1074,19 @@ class CaptureCore:
             due = self._expires_at(conn)
             if due is None:
                 continue
-            if due <= now_ns:
-                self._forget(conn.flow, None)
+            if due <= now_ns and conn.kernel is KernelVerdict.PASS and conn.ended_ns is None:
+                # Its packets pass in the kernel and never reach us: ask the kernel when it
+                # last saw one before calling it idle (`kernel_activity`).
+                if not conn.probing:
+                    conn.probing = True
+                    probes.append(conn.flow)
+            elif due <= now_ns:
+                out += self._forget(conn.flow, None)
                 forgot = True
             else:
                 self._check_at(conn, due)  # seen since: look again when it can expire
+        if probes:
+            out.append(KernelProbe(tuple(probes)))
         if forgot or (self._recheck_ns is not None and now_ns >= self._recheck_ns):
             out += self._filter_actions()
         return out
@@ -1034,14 +1156,16 @@ class CaptureCore:
         del self.connections[flow]
         conn.check_ns = None  # its expiry entries are void
 
-    def _forget(self, flow: Flow, now_ns: int | None) -> None:
-        """Drop everything known about `flow`: its record and its reply key.
+    def _forget(self, flow: Flow, now_ns: int | None) -> list[Action]:
+        """Drop everything known about `flow`: its record, its reply key, its kernel entry
+        (the actions to run).
 
         `now_ns`: called outside `on_deadline`, which re-derives the filter itself; a port
         set that shrank is then re-derived `_FILTER_RECHECK_NS` later."""
         conn = self.connections.get(flow)
         if conn is None:
-            return
+            return []
+        out = self._kernel_remove(conn)
         self._delete(flow, conn)
         if conn.verdict is not None:
             self._cached -= 1
@@ -1051,7 +1175,74 @@ class CaptureCore:
             self._recheck_ns = now_ns + _FILTER_RECHECK_NS
         if conn.pending:
             # Its held packets still wait for their Decision, which counts them off here.
-            self.connections[flow] = Connection(flow, pending=conn.pending)
+            self.connections[flow] = Connection(
+                flow, pending=conn.pending, kernel_absent=conn.kernel_absent
+            )
+        return out
+
+    # ---- the kernel flow cache ----------------------------------------------------------
+
+    def use_kernel_cache(self, on: bool) -> None:
+        """The shell loaded (or adopted) the kernel programs: call before `start`."""
+        self.config = replace(self.config, kernel_cache=on)
+
+    def _kernel_want(self, conn: Connection) -> KernelVerdict | None:
+        """The entry `conn` should have: permanent accept / drop of a TCP or UDP flow that is
+        neither redirected nor passed unjudged; every other verdict is enforced here."""
+        flow = conn.flow
+        if flow.protocol not in (pk.TCP, pk.UDP) or conn.redirect is not None:
+            return None
+        if conn.verdict is Verdict.PERMANENT_ACCEPT:
+            want = KernelVerdict.PASS
+        elif conn.verdict is Verdict.PERMANENT_DROP:
+            want = KernelVerdict.DROP
+        else:
+            return None
+        return None if self._unjudged(flow) else want
+
+    def _kernel_sync(self, conn: Connection, now_ns: int) -> list[Action]:
+        """Bring `conn`'s kernel entry in line with its verdict."""
+        if not self.config.kernel_cache:
+            return []
+        want = self._kernel_want(conn)
+        if want is None:
+            return self._kernel_remove(conn)
+        if conn.kernel is want:
+            return []
+        verdict = conn.verdict
+        assert verdict is not None  # (_kernel_want)
+        conn.kernel, conn.kernel_absent, conn.kernel_put_ns = want, False, now_ns
+        self.counters["kernel_puts"] += 1
+        return [KernelPut(conn.flow, want, verdict)]
+
+    def _kernel_remove(self, conn: Connection) -> list[Action]:
+        """Delete `conn`'s kernel entry unless we know it has none."""
+        if not self.config.kernel_cache or conn.kernel_absent:
+            return []
+        conn.kernel, conn.kernel_absent = None, True
+        self.counters["kernel_deletes"] += 1
+        return [KernelDelete(conn.flow)]
+
+    def kernel_activity(self, seen: Mapping[Flow, int | None], now_ns: int) -> list[Action]:
+        """The answer to `KernelProbe`: when the kernel last passed a packet of each flow
+        (monotonic ns; None: no packet since the put, or no entry any more). A flow seen
+        since we last did is kept until `idle_ns` after that; the others are forgotten."""
+        out: list[Action] = []
+        for flow, last in seen.items():
+            conn = self.connections.get(flow)
+            if conn is None or not conn.probing:
+                continue  # forgotten or re-decided since the probe
+            conn.probing = False
+            if last is not None and (conn.last_seen_ns is None or last > conn.last_seen_ns):
+                conn.last_seen_ns = min(last, now_ns)
+            due = self._expires_at(conn)
+            if due is None:
+                continue
+            if due <= now_ns:
+                out += self._forget(flow, now_ns)
+            else:
+                self._check_at(conn, due)
+        return out
 
 
 _TCP_HDR = struct.Struct("!HHIIBBHHH")

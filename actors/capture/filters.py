@@ -95,3 +95,18 @@ def build(per_packet_ports: frozenset[int] | None, exclude_ports: Iterable[int] 
     else:
         tcp, v4, v6 = f"({tcp})", V4_OTHER, V6_OTHER
     return f"{tcp} or {v4} or {v6}"
+
+
+#: With the kernel flow cache (kernel_cache.py) the filter is fixed: every IP packet that
+#: kextless_pre (pref 10, before the divert program) lets on - a flow not decided in the
+#: kernel, a TCP SYN/FIN/RST, a fragment, an unknown protocol - reaches Python. What must
+#: not is left out before the divert program, in the kernel: non-IP frames and IPv6
+#: neighbour discovery / MLD pass there, and our own control ports are in its `pass_ports`
+#: map. So this filter has one exact kernel rule per family, and no handle swap is ever
+#: needed for a verdict (the map replaces the per-port filters).
+ALL_IP = "ip or ipv6"
+
+
+def build_all() -> str:
+    """The kernel-cache mode's fixed filter (`ALL_IP`); excluded ports are pass_ports."""
+    return ALL_IP
