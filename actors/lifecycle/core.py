@@ -2,7 +2,7 @@
 
 Inputs are facts the shell has already read and scoped to the guarded namespace (divert FLOW /
 SOCKET events, socket-table reads); every method takes `now_ns` (monotonic) and returns the
-messages to send, in order: Attribution and ConnectionEnded go to the ALE, Log to the broker.
+messages to send, in order: Attribution and ConnectionEnded, all for the ALE (`TO_ALE`).
 
 * Process ids: SOCKET CONNECT (pid + remote, before the SYN) becomes an OPENER attribution,
   FLOW ESTABLISHED (exact 5-tuple + pid; before the first UDP packet) a FLOW attribution,
@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kextless.protocol import messages as m
-from kextless.protocol.enums import Direction, IpProtocol, Severity
-from kextless.protocol.logtag import source_tag
+from kextless.protocol.enums import Direction, IpProtocol
 
 _SECOND = 1_000_000_000
 _V = TypeVar("_V")
@@ -88,10 +87,6 @@ class FlowState:
     direction: Direction
     last_active_ns: int
     ended_ns: int = 0
-
-
-def _log(severity: Severity, message: str) -> m.Log:
-    return m.Log(severity, f"{source_tag(1)} {message}")
 
 
 class LifecycleCore:

@@ -14,7 +14,6 @@ worker thread every `--table-interval` so a big table never delays an attributio
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import queue
@@ -22,7 +21,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -38,9 +37,11 @@ from kextless.actors.lifecycle.core import (
     SocketEvent,
     SocketRow,
 )
+from kextless.actors.lifecycle.diag import DiagRow, SockDiag
 from kextless.base.cores import wait_ms
 from kextless.protocol import messages as m
-from kextless.protocol.enums import CommandType, IpProtocol
+from kextless.protocol.enums import CommandType, IpProtocol, Severity
+from kextless.protocol.logtag import source_tag
 
 log = logging.getLogger("lifecycle")
 
@@ -70,13 +71,6 @@ def address(words: Iterable[int]) -> bytes:
     return value.to_bytes(16, "big")
 
 
-def _packed(text: str) -> bytes:
-    ip = ipaddress.ip_address(text)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.packed
-    return ip.packed
-
-
 def event_from(layer: Layer, event: int, data: Any) -> DivertEvent | None:
     """A FLOW/SOCKET packet's metadata as a DivertEvent (None: not TCP/UDP or unknown)."""
     if int(data.Protocol) not in _PROTOCOLS:
@@ -92,60 +86,33 @@ def event_from(layer: Layer, event: int, data: Any) -> DivertEvent | None:
     return DivertEvent(kind, int(data.ProcessId), int(data.EndpointId), flow)
 
 
-def rows_from(answers: Iterable[Mapping[str, Any]], protocol: int) -> list[tuple[SocketRow, int]]:
-    """sock_diag answers as (SocketRow, inode)."""
-    return [(row, ino) for row, ino, _cookie in rows_cookies(answers, protocol)]
-
-
-def rows_cookies(
-    answers: Iterable[Mapping[str, Any]], protocol: int
-) -> list[tuple[SocketRow, int, int]]:
-    """sock_diag answers as (SocketRow, inode, cookie); the cookie is the divert EndpointId."""
-    out = []
-    for a in answers:
-        try:
-            flow = m.Flow(
-                protocol,
-                _packed(a["idiag_src"]),
-                int(a["idiag_sport"]),
-                _packed(a["idiag_dst"]),
-                int(a["idiag_dport"]),
-            )
-        except (KeyError, ValueError):
-            continue
-        state = int(a["idiag_state"])
-        listening = state == _LISTEN or (protocol == IpProtocol.UDP and not flow.remote_port)
-        synced = protocol == IpProtocol.UDP or state in _LIVE - {_SYN_SENT, _SYN_RECV}
-        cookie = int(a.get("idiag_cookie") or 0)
-        out.append((SocketRow(flow, listening, synced), int(a["idiag_inode"]), cookie))
-    return out
-
-
-_FIELDS = (
-    "idiag_state",
-    "idiag_src",
-    "idiag_sport",
-    "idiag_dst",
-    "idiag_dport",
-    "idiag_inode",
-    "idiag_cookie",
-)
 #: A CONNECT whose socket is not in the table within this time stays a hint only.
 CONNECT_RESOLVE_NS = 100_000_000
 
 
-def read_table(states: int, protocols: Iterable[int]) -> list[tuple[SocketRow, int]]:
+def read_table(
+    states: int, protocols: Iterable[int], diag: SockDiag | None = None
+) -> list[tuple[SocketRow, int]]:
     """The namespace's sockets (both families) in `states`, from socket diagnostics."""
-    from pyroute2 import DiagSocket  # (imported here: the worker thread's only user)
-
-    out: list[tuple[SocketRow, int]] = []
-    with DiagSocket() as ds:
-        ds.bind()
+    own = diag is None
+    d = SockDiag() if diag is None else diag
+    try:
+        out: list[tuple[SocketRow, int]] = []
         for proto in protocols:
             for family in (socket.AF_INET, socket.AF_INET6):
-                answers = ds.get_sock_stats(family=family, states=states, protocol=proto)
-                out += rows_from(({k: a.get(k) for k in _FIELDS} for a in answers), proto)
-    return out
+                out += [(row_of(r, proto), r.inode) for r in d.dump(family, proto, states)]
+        return out
+    finally:
+        if own:
+            d.close()
+
+
+def row_of(r: DiagRow, protocol: int) -> SocketRow:
+    """A sock_diag row as the core's SocketRow (owner still unknown)."""
+    flow = m.Flow(protocol, r.src, r.sport, r.dst, r.dport)
+    listening = r.state == _LISTEN or (protocol == IpProtocol.UDP and not r.dport)
+    synced = protocol == IpProtocol.UDP or r.state in _LIVE - {_SYN_SENT, _SYN_RECV}
+    return SocketRow(flow, listening, synced)
 
 
 def socket_owners(netns_ino: int) -> dict[int, int]:
@@ -189,14 +156,15 @@ class LifecycleShell:
         self.table_interval_s = table_interval_s
         self._pid_ns: dict[int, tuple[bool | None, int]] = {}
         self._tables: queue.SimpleQueue[tuple[int, set[m.Flow]]] = queue.SimpleQueue()
+        self._logs: queue.SimpleQueue[m.Log] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._running = True
         self.foreign = 0
         #: TCP CONNECTs whose local port is still to be read: cookie -> (pid, seen).
-        self._connects: dict[int, tuple[int, int]] = {}
-        self._diag: Any = None  # the loop's own DiagSocket (the worker thread has its own)
+        self._connects: dict[int, tuple[int, int, int]] = {}  # cookie -> pid, seen, family
+        self._diag: SockDiag | None = None  # the loop's own (the worker thread has its own)
         self.resolved = 0
         self.unresolved = 0
         self._hello = m.encode(
@@ -217,6 +185,14 @@ class LifecycleShell:
                 target.send(m.encode(msg), zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("peer not reachable; dropped %s", type(msg).__name__)
+
+    def _report(self, severity: Severity, text: str) -> None:
+        """A warning or error: one stderr line, and a LogLine for GetLogs (from the worker
+        thread too: only the loop thread sends, so the worker's go through a queue)."""
+        log.log(logging.ERROR if severity >= Severity.ERROR else logging.WARNING, "%s", text)
+        self._logs.put(m.Log(severity, f"{source_tag(1)} {text}"))
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"l")
 
     # ---- namespace scope --------------------------------------------------------------------
 
@@ -248,45 +224,43 @@ class LifecycleShell:
             self.foreign += 1
             return
         if ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
-            self._connects[ev.endpoint_id] = (ev.process_id, now)
+            family = socket.AF_INET6 if ev.flow.is_v6 else socket.AF_INET
+            self._connects[ev.endpoint_id] = (ev.process_id, now, family)
             log.debug("connect %d (pid %d) seen", ev.endpoint_id, ev.process_id)
         self._carry_out(self.core.divert_event(ev, now))
 
     def _resolve_connects(self) -> None:
         """Find pending CONNECTs' sockets (by cookie) among the SYN_SENT ones: their exact
-        5-tuple, while the SYN is still held."""
+        5-tuple, while the SYN is still held. One dump per family with a pending connect
+        (~0.4 ms: the kernel walks its whole connection hash)."""
         if self._diag is None:
-            from pyroute2 import DiagSocket
-
-            self._diag = DiagSocket()
-            self._diag.bind()
+            self._diag = SockDiag()
         now = time.monotonic_ns()
-        for family in (socket.AF_INET, socket.AF_INET6):
+        families = {fam for _pid, _seen, fam in self._connects.values()}
+        for family in families:
             try:
-                answers = self._diag.get_sock_stats(
-                    family=family, states=1 << _SYN_SENT, protocol=socket.IPPROTO_TCP
-                )
+                rows = self._diag.dump(family, socket.IPPROTO_TCP, 1 << _SYN_SENT)
             except OSError as e:
-                log.error("socket table read failed: %s", e)
+                self._report(Severity.ERROR, f"socket table read failed: {e}")
                 self._connects.clear()
                 return
-            fields = ({k: a.get(k) for k in _FIELDS} for a in answers)
-            for row, _ino, cookie in rows_cookies(fields, socket.IPPROTO_TCP):
-                pending = self._connects.pop(cookie, None)
+            for r in rows:
+                pending = self._connects.pop(r.cookie, None)
                 if pending is not None:
                     self.resolved += 1
+                    flow = m.Flow(int(IpProtocol.TCP), r.src, r.sport, r.dst, r.dport)
                     log.debug(
                         "connect %d (pid %d) resolved after %d us",
-                        cookie,
+                        r.cookie,
                         pending[0],
                         (now - pending[1]) // 1000,
                     )
-                    self._carry_out(self.core.connect_resolved(row.flow, pending[0], now))
-        for cookie, (_pid, seen) in list(self._connects.items()):
+                    self._carry_out(self.core.connect_resolved(flow, pending[0], now))
+        for cookie, (pid, seen, _fam) in list(self._connects.items()):
             if now - seen > CONNECT_RESOLVE_NS:
                 del self._connects[cookie]
                 self.unresolved += 1
-                log.debug("connect %d (pid %d) not found in the socket table", cookie, _pid)
+                log.debug("connect %d (pid %d) not found in the socket table", cookie, pid)
 
     def _drain(self, layer: Layer, h: EBPFDivert) -> None:
         for _ in range(_BATCH):
@@ -295,7 +269,7 @@ class LifecycleShell:
             except TimeoutError:
                 return
             except OSError as e:
-                log.error("recv failed on %s: %s", layer.name, e)
+                self._report(Severity.ERROR, f"{layer.name} events: recv failed: {e}")
                 return
             self._on_event(layer, p, time.monotonic_ns())
 
@@ -303,12 +277,13 @@ class LifecycleShell:
 
     def _table_worker(self) -> None:
         """Read the live TCP sockets every interval and hand them to the loop."""
+        diag = SockDiag()
         while self._running:
             taken = time.monotonic_ns()
             try:
-                rows = read_table(_LIVE_MASK, (socket.IPPROTO_TCP,))
+                rows = read_table(_LIVE_MASK, (socket.IPPROTO_TCP,), diag)
             except OSError as e:
-                log.error("socket table read failed: %s", e)
+                self._report(Severity.ERROR, f"socket table read failed: {e}")
                 rows = []
             else:
                 live = {r.flow for r, _ino in rows}
@@ -324,7 +299,7 @@ class LifecycleShell:
             rows = read_table(_LIVE_MASK | (1 << _LISTEN), (socket.IPPROTO_TCP,))
             rows += read_table(0xFFFFFFFF, (socket.IPPROTO_UDP,))
         except OSError as e:
-            log.error("socket table read at start failed: %s", e)
+            self._report(Severity.ERROR, f"socket table read at start failed: {e}")
             return
         owners = socket_owners(self.netns_ino)
         table = [
@@ -417,3 +392,5 @@ class LifecycleShell:
                     while not self._tables.empty():
                         taken, live = self._tables.get()
                         self._carry_out(core.socket_table(live, taken, clock()))
+                    while not self._logs.empty():
+                        self._carry_out([self._logs.get()])

@@ -321,9 +321,9 @@ def _lifecycle(system: System, action: str) -> None:
         proxy.supervisor.stopProcess("lifecycle")
         time.sleep(3.5)  # the ALE stops waiting once PRESENT is 3 s old
     else:
-        proxy.supervisor.startProcess("lifecycle")
         log = system.run.log_dir / "lifecycle.log"
         seen = log.read_text().count("running in netns")
+        proxy.supervisor.startProcess("lifecycle")
         deadline = time.monotonic() + 30
         while log.read_text().count("running in netns") <= seen:
             assert time.monotonic() < deadline
@@ -346,9 +346,11 @@ def test_measure_pids_latency_and_end_delay(
     event delay after close. Prints one MEASURE line per figure."""
     rounds = int(os.environ.get("KEXTLESS_LIFECYCLE_ROUNDS", "3"))
     # Pids, outbound.
-    reports = _bench(pair, pair.ip4_b, echo_port, 250, 4)
-    right = sum(conn_pid(answerer, IpProtocol.TCP, r["port"]) == [r["pid"]] for r in reports)
-    print(f"MEASURE outbound pids right: {right}/{len(reports)}")
+    outbound = _bench(pair, pair.ip4_b, echo_port, 250, 4)
+    got = [conn_pid(answerer, IpProtocol.TCP, r["port"]) for r in outbound]
+    right = sum(g == [r["pid"]] for g, r in zip(got, outbound, strict=True))
+    zero = sum(g == [0] for g in got)
+    print(f"MEASURE outbound pids right: {right}/{len(outbound)} (pid 0: {zero})")
     # Pids, inbound.
     port = next(_PORTS)
     server = pair.popen(pair.a, [sys.executable, "-c", SERVER, port])
@@ -373,13 +375,18 @@ def test_measure_pids_latency_and_end_delay(
                 _lifecycle(system, "start")
     print(f"MEASURE connect p50 us per round: on {lat['on']} off {lat['off']}")
     # End delay after close: when each end info reached the client (polled every 5 ms).
+    # A 5-tuple reused from an earlier connection (the same remote, ~2000 connections
+    # before) keeps that connection's cached verdict and ended entry: not asked, no new end.
+    with answerer._cond:
+        start = len(answerer.infos)
+        used = {i.local_port for i in answerer.infos if hasattr(i, "local_port")}
     arrivals: dict[int, float] = {}
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
             with answerer._cond:
-                for i in answerer.infos:
+                for i in answerer.infos[start:]:
                     if isinstance(i, ConnectionEndEventV4) and i.local_port not in arrivals:
                         arrivals[i.local_port] = time.time()
             time.sleep(0.005)
@@ -387,7 +394,9 @@ def test_measure_pids_latency_and_end_delay(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     time.sleep(0.1)
-    reports = clients(pair, pair.ip4_b, echo_port, "tcp", 50, 2)
+    reports = [
+        r for r in clients(pair, pair.ip4_b, echo_port, "tcp", 50, 2) if r["port"] not in used
+    ]
     wait_ends(answerer, IpProtocol.TCP, [r["port"] for r in reports], timeout=5)
     time.sleep(0.05)
     stop.set()
@@ -398,7 +407,7 @@ def test_measure_pids_latency_and_end_delay(
     print(
         f"MEASURE end delay ms: n={len(delays)}/{len(reports)} p50 {_p50(delays)} max {max(delays)}"
     )
-    assert right >= 0.99 * len(reports)
+    assert right >= 0.99 * len(outbound)
     assert inbound_right >= 0.99 * len(peers)
     assert len(delays) == len(reports) and max(delays) < 1000
 
