@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -292,18 +293,37 @@ def in_initial_netns(run_netns: str = "/run/netns") -> bool:
     return True
 
 
+class TcGuard(Protocol):
+    """What guards a link at TC: guard.py's temporary `Guard`, or the kernel cache's permanent
+    chain (shell.py: kextless_pre + kextless_guard, never detached)."""
+
+    def attach(self, index: int, name: str = "") -> None: ...
+    def detach(self, index: int) -> bool: ...
+    def close(self) -> None: ...
+
+
 class LinkGuard:
     """The shell's part: watcher + table + TC guard + nft guard. Each method says whether a new
-    handle is due."""
+    handle is due.
 
-    def __init__(self, priority: int = 0, nft: bool = True) -> None:
+    `tc_guard`: a permanent guard the caller manages (the kernel cache's programs): attached
+    the moment a link appears and left on when the divert programs arrive (it is what drops
+    what they let by unexamined), and no stale-guard clean-up at start (the caller adopted or
+    replaced its predecessor's). None: guard.py's guard, removed once the link is diverted."""
+
+    def __init__(
+        self, priority: int = 0, nft: bool = True, tc_guard: TcGuard | None = None
+    ) -> None:
         self.watcher = LinkWatcher(priority)
         self.table = LinkTable()
-        self.guard: Guard | None = None
+        self.guard: TcGuard | None = tc_guard
+        self.permanent = tc_guard is not None
         #: The namespace-wide guard (nftguard.py); None until start() or when it failed.
         self.nft: NftGuard | None = None
         self._want_nft = nft
         self._logs: list[Log] = []
+        if tc_guard is not None:
+            return
         try:
             self.guard = Guard.open(self.watcher.ipr)
         except OSError as e:
@@ -323,7 +343,8 @@ class LinkGuard:
 
     def start(self, now_ns: int) -> bool:
         try:
-            remove_stale(self.watcher.ipr)
+            if not self.permanent:
+                remove_stale(self.watcher.ipr)
         except (OSError, NetlinkError) as e:
             log.error("stale guards not checked: %s", e)
         snap = self.watcher.snapshot()
@@ -392,15 +413,16 @@ class LinkGuard:
             elif isinstance(e, GuardLink):
                 self._attach(e.link)
             elif isinstance(e, UnguardLink):
-                if self.guard is not None:
+                if self.guard is not None and not self.permanent:
                     with contextlib.suppress(OSError, NetlinkError):
                         self.guard.detach(e.link.index)
                 log.info(
                     "link %s (ifindex %d) diverted on ingress and egress, %.1f ms after it "
-                    "was seen (guarded meanwhile)",
+                    "was seen (guarded meanwhile%s)",
                     e.link.name,
                     e.link.index,
                     (time.monotonic_ns() - e.since_ns) / 1e6,
+                    "; the guard stays" if self.permanent else "",
                 )
             elif isinstance(e, NeedHandle):
                 need = True

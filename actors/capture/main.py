@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kextless.actors.capture.core import CaptureCore, Config, ExistingMode
+from kextless.actors.capture.kernel_cache import DEFAULT_FLOWS_MAX
 from kextless.actors.capture.shell import CaptureShell, ShellConfig, install_signals
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
@@ -67,6 +68,24 @@ def parser() -> argparse.ArgumentParser:
         help="TCP connections that exist at start: ask the client about each like a new "
         "one (default), or accept them silently",
     )
+    ap.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="no fail-closed guard: packets the divert program lets by unexamined (a full "
+        "ring, a stall, no capture running) PASS instead of being dropped",
+    )
+    ap.add_argument(
+        "--no-kernel-cache",
+        action="store_true",
+        help="decide every flow in Python with per-port filters and handle swaps, as on "
+        "platforms without TC BPF (no in-kernel verdicts, no permanent guard)",
+    )
+    ap.add_argument(
+        "--flows-max",
+        type=int,
+        default=DEFAULT_FLOWS_MAX,
+        help="entries of the kernel flow cache (LRU; an evicted flow is asked again)",
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -91,13 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     shell = CaptureShell(
         core,
-        ShellConfig(endpoint, args.priority, excl, args.ring_bytes, owns_namespace=True),
+        ShellConfig(
+            endpoint,
+            args.priority,
+            excl,
+            args.ring_bytes,
+            owns_namespace=True,
+            kernel_cache=not args.no_kernel_cache,
+            fail_open=args.fail_open,
+            flows_max=args.flows_max,
+        ),
     )
     install_signals(shell)
     logging.getLogger("capture").info(
-        "capture starting: ALE %s, priority %d, excluded ports %s",
+        "capture starting: ALE %s, priority %d, excluded ports %s, %s",
         endpoint,
         args.priority,
         sorted(excl) or "none",
+        "FAIL OPEN" if args.fail_open else "fail closed",
     )
     return shell.run()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ log = logging.getLogger("capture")
 
 #: Kernel program names are cut to 15 characters (`tc_divert_ingre`): match the stem.
 DIVERT_PREFIX = "tc_divert_"
-#: Our own programs beside it (l2pass.py, guard.py): left behind by a killed capture too.
+#: Our own programs beside it (l2pass.py, guard.py, kernel_cache.py's kextless_pre and
+#: kextless_guard): left behind by a killed capture too. The kernel cache's are kept at the
+#: next start (adopted, `remove_orphans(keep=...)`); `kextless down` removes them all.
 OURS_PREFIX = "kextless_"
 
 
@@ -150,16 +153,22 @@ def remove(ipr: Any, programs: list[DivertProgram]) -> tuple[list[DivertProgram]
     return removed, errors
 
 
-def remove_orphans(ipr: Any | None = None) -> list[DivertProgram]:
+def remove_orphans(
+    ipr: Any | None = None, keep: Collection[tuple[str, int]] = ()
+) -> list[DivertProgram]:
     """Remove every divert program of this namespace (IPRoute() unless given), one log line
-    each; called by the capture before its first open, when any such program is an orphan."""
+    each; called by the capture before its first open, when any such program is an orphan.
+
+    `keep`: (name, pref) of programs that stay - a killed capture's kernel flow cache, which
+    the new capture adopted (its verdicts still pass decided flows, its guard still drops)."""
     opened = ipr is None
     if ipr is None:
         from pyroute2 import IPRoute
 
         ipr = IPRoute()
     try:
-        removed, errors = remove(ipr, leftover_programs(ipr))
+        stale = [p for p in leftover_programs(ipr) if (p.name, p.pref) not in keep]
+        removed, errors = remove(ipr, stale)
     finally:
         if opened:
             with contextlib.suppress(Exception):

@@ -12,6 +12,16 @@ serving the old handle meanwhile). Once open, the newest handle shadows the old 
 shut down for receiving, drained through the core and closed in another thread (a close waits
 for the kernel). What a swap costs and loses: docs/measurements.md M1-M3.
 
+The kernel flow cache (kernel_cache.py), in a namespace this shell owns: at start it adopts a
+killed predecessor's programs and maps (found through the programs still attached: its
+verdicts keep passing decided flows meanwhile and after) or loads fresh ones, attaches
+kextless_pre (pref 10) and, unless `fail_open`, the permanent guard (pref 65000) to every link
+before the handle opens and to every link that appears later, and opens the handle with the
+fixed all-IP filter (filters.build_all). The core's Kernel* actions write the map; they run in
+order with the rest, so a flow's entry is in the kernel before its held packet is
+re-injected. Nothing of it is removed at exit: the guard keeps the namespace fail closed while
+no capture runs, and the next capture adopts the verdicts (`kextless down` removes all).
+
 The scan for connections that predate us (existing.py) also runs off the loop, in a child
 process: reading 10 000 sockets takes about a second of Python (M21), which on the loop would
 hold every packet that long, and in a thread would still take the interpreter lock from it.
@@ -22,6 +32,7 @@ The loop polls the child's stdout; the flows are handed to the core in parts of
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -33,15 +44,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import zmq
 from pydivert import EBPFDivert, Packet
 from pydivert.consts import Direction as DivertDirection
 from pydivert.ebpf import SHUTDOWN_RECV
+from pyroute2.netlink.exceptions import NetlinkError
 from zmq.utils.monitor import recv_monitor_message
 
-from kextless.actors.capture import existing, filters, orphans
+from kextless.actors.capture import existing, filters, orphans, tcbpf
 from kextless.actors.capture.core import (
     Action,
     CaptureCore,
@@ -49,6 +62,11 @@ from kextless.actors.capture.core import (
     Drop,
     ExistingFlow,
     Inject,
+    KernelClear,
+    KernelDelete,
+    KernelProbe,
+    KernelPut,
+    KernelVerdict,
     Pass,
     Reroute,
     ScanExisting,
@@ -56,10 +74,21 @@ from kextless.actors.capture.core import (
     ToAle,
 )
 from kextless.actors.capture.counters import LossCounters
+from kextless.actors.capture.kernel_cache import (
+    DEFAULT_FLOWS_MAX,
+    GUARD_NAME,
+    GUARD_PREF,
+    PRE_NAME,
+    PRE_PREF,
+    FlowKey,
+    KernelCache,
+    KernelCacheError,
+)
+from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
-from kextless.protocol.messages import Health, Log, decode, encode
+from kextless.protocol.messages import Flow, Health, Log, decode, encode
 
 log = logging.getLogger("capture")
 
@@ -72,6 +101,8 @@ _BATCH = 256
 #: core's deadlines; keeping it keeps an idle capture at 10 wake-ups a second, as before.
 _RECV_TIMEOUT_NS = 100_000_000
 _STATS_NS = 5_000_000_000
+#: The loopback device's ifindex (always 1 in a network namespace).
+_LO_INDEX = 1
 #: Existing connections handed to the core per loop pass (the core takes ~25 us each, so a
 #: part keeps packets waiting a few ms at most).
 _EXISTING_PART = 128
@@ -90,6 +121,14 @@ class ShellConfig:
     #: Only `kextless run capture` sets it, running inside the namespace it guards; a shell
     #: built in a test (fake handles, the host's namespace) must never touch tc filters.
     owns_namespace: bool = False
+    #: Use the kernel flow cache where it can be (a namespace we own, not the host's): False
+    #: keeps the per-port filters and handle swaps.
+    kernel_cache: bool = True
+    #: No fail-closed guard (and no nft guard): what the divert program lets by unexamined
+    #: (a full ring, a stall, no capture running) passes instead of being dropped.
+    fail_open: bool = False
+    #: Entries of the kernel's flow map (LRU: an evicted flow is asked again, never passed).
+    flows_max: int = DEFAULT_FLOWS_MAX
 
 
 class _Opener:
@@ -190,6 +229,106 @@ class _Scanner:
                 proc.stdout.close()
 
 
+class _KernelLinks:
+    """What links.LinkGuard attaches to a link that appears, in kernel-cache mode: kextless_pre
+    and (unless fail open) the permanent guard, in place of guard.py's temporary one. Never
+    detached when the divert programs arrive: the guard is what drops what they let by."""
+
+    def __init__(self, kc: KernelCache, ipr: Any, guard: bool) -> None:
+        self.kc, self.ipr, self.guard = kc, ipr, guard
+
+    def attach(self, index: int, name: str = "") -> None:
+        attach_link(self.kc, self.ipr, index, name, self.guard)
+
+    def detach(self, index: int) -> bool:
+        return True  # permanent
+
+    def close(self) -> None:
+        pass  # the programs outlive us (adopted by the next capture, removed by down)
+
+
+def attach_link(kc: KernelCache, ipr: Any, index: int, name: str, guard: bool) -> None:
+    """kextless_pre on both hooks of a link and the guard (unless fail open) - but on lo only
+    kextless_pre on egress. libebpfdivert re-injects INBOUND packets (of every link) by sending
+    them out of lo marked 0x4D4Axxxx (its REDIRECT_MARK_MASK | target ifindex); its lo ingress
+    program then redirects them to the target's ingress. Our programs do not know that mark
+    (yet): a guard on lo egress dropped those packets (their send failed with ENOBUFS), and
+    kextless_pre on lo ingress passed those of a cached flow into lo's stack, where they were
+    lost (the first datagram of an accepted inbound UDP flow). Loopback traffic is diverted
+    once, on lo egress, where kextless_pre serves cached loopback flows; it passes lo ingress
+    untouched. So lo has no guard: loopback packets the divert program lets by unexamined (a
+    full ring) pass. (The fix: both programs pass 0x4D4A-marked packets on, TC_ACT_UNSPEC;
+    then lo gets the full chain.)"""
+    if index != _LO_INDEX:
+        kc.attach(ipr, index, name, guard=guard)
+        return
+    try:
+        ipr.tc("add", "clsact", index=index)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    # Replace what a predecessor (or guard.py) left on either hook.
+    tcbpf.detach(ipr, index, GUARD_PREF)
+    tcbpf.detach(ipr, index, PRE_PREF)
+    ipr.tc(
+        "add-filter",
+        "bpf",
+        index=index,
+        handle=1,
+        fd=kc.pre_fd,
+        name=PRE_NAME,
+        parent=tcbpf.EGRESS,
+        prio=PRE_PREF,
+        protocol=tcbpf.ETH_P_ALL,
+        classid=1,
+        direct_action=True,
+    )
+    kc.attached[index] = name
+    log.info("kernel cache on %s (ifindex %d): egress only, no guard", name or "lo", index)
+
+
+def start_kernel_cache(ipr: Any, cfg: ShellConfig) -> KernelCache:
+    """Adopt the programs a previous capture left attached (their verdicts still apply) or
+    load fresh ones; remove every other program of ours or the divert library's (orphans);
+    set the pass ports; attach to every link. KernelCacheError/OSError: no kernel cache."""
+    try:
+        kc = KernelCache.adopt(ipr)
+    except KernelCacheError as e:
+        log.error("kernel cache not adopted (%s): loading afresh", e)
+        kc = None
+    keep = {(PRE_NAME, PRE_PREF), (GUARD_NAME, GUARD_PREF)} if kc is not None else set()
+    orphans.remove_orphans(ipr, keep)
+    want_guard = not cfg.fail_open
+    if kc is not None and want_guard and kc.guard_fd is None:
+        # A fail-open predecessor: load a guard by loading afresh, keeping its verdicts.
+        old, kc = kc, KernelCache.load(cfg.flows_max, guard=True)
+        n = 0
+        for key, entry in old.entries():
+            with contextlib.suppress(ValueError):
+                kc.put(key, KAction(entry.action), entry.verdict)
+                n += 1
+        old.close()
+        log.info("kernel cache reloaded with a guard; %d entries carried over", n)
+    if kc is None:
+        kc = KernelCache.load(cfg.flows_max, guard=want_guard)
+    elif not want_guard and kc.guard_fd is not None:
+        for link in ipr.get_links():
+            with contextlib.suppress(OSError):
+                tcbpf.detach(ipr, int(link["index"]), GUARD_PREF)
+        log.warning("fail open: the previous capture's guard removed")
+    else:
+        log.info("kernel cache adopted with %d entries", sum(1 for _ in kc.entries()))
+    wanted = {(proto, port) for port in cfg.exclude_ports for proto in (6, 17)}
+    for proto, port in kc.pass_port_list():
+        if (proto, port) not in wanted:
+            kc.clear_pass_port(proto, port)
+    for proto, port in sorted(wanted):
+        kc.set_pass_port(proto, port)
+    for link in ipr.get_links():
+        attach_link(kc, ipr, int(link["index"]), str(link.get_attr("IFLA_IFNAME")), want_guard)
+    return kc
+
+
 def warn_risky_macs(sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Warn about interfaces whose ARP replies libebpfdivert may misread as IP (filters.py)."""
     risky = []
@@ -235,6 +374,9 @@ class CaptureShell:
         self._existing: list[ExistingFlow] = []
         self._existing_at = 0
         self._destroyer: existing.Destroyer | None = None
+        # The kernel flow cache (None: per-port filters and handle swaps).
+        self._kc: KernelCache | None = None
+        self._ipr: Any = None
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -251,17 +393,20 @@ class CaptureShell:
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.cfg.ale_endpoint)
         self.sock = sock
+        ours = self.cfg.owns_namespace and not in_initial_netns()
+        if ours and self.cfg.kernel_cache:
+            self._start_kernel()
         # The namespace's only divert user: anything attached now (divert programs, our own
         # l2pass and guards) is a killed capture's orphan, still run on every packet. Remove
-        # it before our own programs join it.
-        if self.cfg.owns_namespace:
+        # it before our own programs join it (the kernel cache adopted its own already).
+        if self.cfg.owns_namespace and self._kc is None:
             try:
                 orphans.remove_orphans()
             except Exception as e:  # never fatal: the new handle still guards the namespace
                 log.error("orphan divert programs not checked: %s", e)
         # Non-IP frames skip the divert program (l2pass.py): ARP is never misread as IP and
         # lost by the filter's "every protocol" clauses. Only in a namespace we own.
-        if self.cfg.owns_namespace and not in_initial_netns():
+        if ours and self._kc is None:
             try:
                 self._l2pass = L2Pass.open()
                 self._l2pass.sync()
@@ -273,7 +418,7 @@ class CaptureShell:
             # Verdicts and handle swaps must not queue behind the traffic they police: a
             # saturated CPU (bulk apps + softirq) otherwise adds tens of ms to a block.
             os.setpriority(os.PRIO_PROCESS, 0, -10)
-        first = filters.build(frozenset(), self.cfg.exclude_ports)
+        first = self._filter(frozenset())
         self.handle = EBPFDivert(
             first, priority=self.cfg.priority, ring_bytes=self.cfg.ring_bytes
         ).open()
@@ -292,7 +437,12 @@ class CaptureShell:
             log.error("in the host's network namespace: links added later are NOT guarded")
         elif self.cfg.owns_namespace:
             self._destroyer = existing.Destroyer()
-            self._links = LinkGuard(self.cfg.priority)
+            kernel = (
+                None
+                if self._kc is None
+                else _KernelLinks(self._kc, self._ipr, not self.cfg.fail_open)
+            )
+            self._links = LinkGuard(self.cfg.priority, nft=not self.cfg.fail_open, tc_guard=kernel)
             lfd = self._links.fileno()
             poller.register(lfd, zmq.POLLIN)
             self._on_links(self._links.start(time.monotonic_ns()))
@@ -346,6 +496,55 @@ class CaptureShell:
             sock.close(0)
             ctx.term()
         return 0
+
+    # ---- the kernel flow cache --------------------------------------------------------------
+
+    def _start_kernel(self) -> None:
+        """Adopt or load the kernel cache; on failure the per-port filter path is used."""
+        from pyroute2 import IPRoute
+
+        self._ipr = IPRoute()
+        try:
+            self._kc = start_kernel_cache(self._ipr, self.cfg)
+        except Exception as e:  # no TC BPF here: per-port filters and handle swaps
+            log.error("kernel flow cache unavailable (%s): per-port filters instead", e)
+            self._kc = None
+        self.core.use_kernel_cache(self._kc is not None)
+        if self._kc is not None:
+            log.info(
+                "kernel flow cache on %d link(s), guard %s",
+                len(self._kc.attached),
+                "OFF (fail open)" if self.cfg.fail_open else "on (fail closed)",
+            )
+
+    def _filter(self, ports: frozenset[int] | None) -> str:
+        if self._kc is not None:
+            return filters.build_all()
+        return filters.build(ports, self.cfg.exclude_ports)
+
+    def _run_kernel(self, a: KernelPut | KernelDelete | KernelClear | KernelProbe) -> None:
+        kc = self._kc
+        if kc is None:
+            raise RuntimeError("kernel action without a kernel cache")
+        if isinstance(a, KernelPut):
+            action = KAction.PASS if a.verdict is KernelVerdict.PASS else KAction.DROP
+            kc.put(FlowKey.from_flow(a.flow), action, int(a.reason))
+        elif isinstance(a, KernelDelete):
+            kc.delete(FlowKey.from_flow(a.flow))
+        elif isinstance(a, KernelClear):
+            n = kc.clear()
+            log.info("kernel cache cleared: %d entries", n)
+        else:
+            seen: dict[Flow, int | None] = {}
+            for flow in a.flows:
+                key = FlowKey.from_flow(flow)
+                last = 0
+                for k in (key, key.reversed()):
+                    e = kc.get(k)
+                    if e is not None:
+                        last = max(last, e.last_seen_ns)
+                seen[flow] = last or None
+            self._run_actions(self.core.kernel_activity(seen, time.monotonic_ns()))
 
     def _on_monitor(self, event: int) -> None:
         """Track the ALE connection; on a reconnect, resend what the lost peer held."""
@@ -471,6 +670,8 @@ class CaptureShell:
                 self._poller.register(self._scan_fd, zmq.POLLIN)
         elif isinstance(a, DestroySocket):
             self._destroy(a)
+        elif isinstance(a, KernelPut | KernelDelete | KernelClear | KernelProbe):
+            self._run_kernel(a)
 
     # ---- connections that predate us --------------------------------------------------------
 
@@ -524,7 +725,7 @@ class CaptureShell:
             return
         gen, ports = self._wanted
         self._wanted = None
-        filt = filters.build(ports, self.cfg.exclude_ports)
+        filt = self._filter(ports)
         ok, pos, msg = EBPFDivert.check_filter(filt)
         if not ok:
             log.warning(
@@ -612,6 +813,7 @@ class CaptureShell:
         if self.handle is None:
             return
         self._read_loss(self.handle)
+        self._read_kernel()
         self._to_ale([self.loss.health(os.getpid(), self.core.counters)])
 
     def _read_loss(self, h: EBPFDivert) -> None:
@@ -625,6 +827,22 @@ class CaptureShell:
             log.warning("%s", msg.line)
         self._to_ale(logs)
         log.debug("stats %s counters %s", st, self.core.counters)
+
+    def _read_kernel(self) -> None:
+        """The kernel programs' counters; a Warning Log when the guard dropped more."""
+        kc = self._kc
+        if kc is None:
+            return
+        try:
+            pre = {k.name.lower(): v for k, v in kc.stats().items()}
+            g = kc.guard_stats() if not self.cfg.fail_open else None
+        except OSError as e:
+            log.warning("kernel cache stats unavailable: %s", e)
+            return
+        logs = self.loss.observe_kernel(None if g is None else g.dropped, pre, time.time())
+        for msg in logs:
+            log.warning("%s", msg.line)
+        self._to_ale(logs)
 
     def _to_ale(self, msgs: list[Log] | list[Health]) -> None:
         for msg in msgs:
@@ -655,6 +873,12 @@ class CaptureShell:
             self._links.close()  # guards still attached (links never diverted) come off
         if self._l2pass is not None:
             self._l2pass.close()
+        if self._kc is not None:
+            self._read_kernel()  # the last drops, to the log
+            self._kc.close()  # fds only: the programs stay attached (fail closed, adopted)
+        if self._ipr is not None:
+            with contextlib.suppress(Exception):
+                self._ipr.close()
         log.info("handles closed; %d held packet(s) dropped; counters %s", held, self.core.counters)
 
 

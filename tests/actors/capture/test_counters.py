@@ -70,3 +70,28 @@ def test_health_carries_the_core_counters_and_round_trips() -> None:
     back = decode(encode(h))
     assert isinstance(back, Health) and back == h
     assert back.counters["packets"] == 10 and back.counters["divert.too_big"] == 1
+
+
+def test_guard_drops_warn_once_per_rise_and_reach_health_beside_the_cache_counters() -> None:
+    from kextless.actors.capture.counters import GUARD_DROPPED, KERNEL_PREFIX
+
+    c = LossCounters()
+    # The first reading of an adopted guard reports what it dropped while nobody captured.
+    logs = c.observe_kernel(40, {"passed": 1000, "missed": 3}, 200.0)
+    assert [x.severity for x in logs] == [Severity.WARNING]
+    assert logs[0].line.startswith("capture: guard_dropped rose by 40 (total 40)")
+    assert c.observe_kernel(40, {"passed": 1500, "missed": 3}, 205.0) == []
+    (log,) = c.observe_kernel(45, {"passed": 1600, "missed": 4}, 210.0)
+    assert "rose by 5 (total 45)" in log.line
+    # A fresh guard (counter back at zero) counts from zero again, the total keeps growing.
+    (log,) = c.observe_kernel(2, {}, 215.0)
+    assert "rose by 2 (total 47)" in log.line
+    # Fail open: no guard, nothing to warn about.
+    assert c.observe_kernel(None, {"passed": 1}, 220.0) == []
+    h = c.health(7)
+    assert h.counters[PREFIX + GUARD_DROPPED] == 47.0
+    assert h.counters[PREFIX + GUARD_DROPPED + LAST_RISE] == 215.0
+    assert h.counters[KERNEL_PREFIX + "passed"] == 1.0
+    # The handle's counters never touch the guard's.
+    assert c.observe(ZERO | {"ringbuf_full": 3}, 230.0)
+    assert c.totals[GUARD_DROPPED] == 47

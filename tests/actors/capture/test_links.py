@@ -126,12 +126,16 @@ def _tc_names(ns: str, dev: str, where: str) -> str:
 
 
 def _wait_diverted(env: CaptureEnv, dev: str, timeout: float = 5.0) -> float:
-    """Seconds until the divert programs are on both hooks of `dev` and the guard is gone."""
+    """Seconds until the divert programs are on both hooks of `dev`, with the kernel cache's
+    chain around them (kextless_pre before, the permanent guard after) - or, without the
+    kernel cache, with guard.py's temporary guard gone."""
     t0 = time.monotonic()
     ns = env.pair.a
     while time.monotonic() - t0 < timeout:
         i, e = _tc_names(ns, dev, "ingress"), _tc_names(ns, dev, "egress")
-        if "tc_divert_ingre" in i and "tc_divert_egres" in e and "kextless_guard" not in i + e:
+        diverted = "tc_divert_ingre" in i and "tc_divert_egres" in e
+        chain = all("kextless_pre" in h and "kextless_guard" in h for h in (i, e))
+        if diverted and (chain or "kextless_guard" not in i + e):
             return time.monotonic() - t0
         time.sleep(0.01)
     raise AssertionError(f"{dev} never diverted:\n{env.log()[-3000:]}")

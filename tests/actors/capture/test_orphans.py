@@ -42,7 +42,8 @@ EVERY_HOOK = sorted((dev, hook.label) for dev in ("lo", "va") for hook in Hook)
 @pytest.mark.root
 @pytest.mark.slow
 def test_the_next_capture_removes_a_killed_captures_programs(tmp_path: Path) -> None:
-    with capture_env() as env:
+    """Without the kernel cache every program of the killed capture is an orphan."""
+    with capture_env(extra_args=("--no-kernel-cache",)) as env:
         ns = env.pair.a
         first = programs(ns)
         assert hooks(first) == EVERY_HOOK
@@ -58,7 +59,14 @@ def test_the_next_capture_removes_a_killed_captures_programs(tmp_path: Path) -> 
         with log_path.open("wb") as log_file:
             env.proc = env.pair.popen(
                 ns,
-                [*KEXTLESS, "run", "capture", "--ale-endpoint", env.ale.endpoint],
+                [
+                    *KEXTLESS,
+                    "run",
+                    "capture",
+                    "--ale-endpoint",
+                    env.ale.endpoint,
+                    "--no-kernel-cache",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
             )

@@ -126,8 +126,31 @@ def test_arp_and_neighbour_discovery_work_with_macs_of_every_leading_nibble(nibb
             assert not (m.flow.protocol == 58 and m.packet[40] in (*range(130, 138), 143))
 
 
-def test_l2pass_is_attached_before_divert_and_removed_on_exit() -> None:
+def test_kernel_cache_runs_before_divert_and_stays_after_exit() -> None:
+    """kextless_pre (pref 10) lets non-IP by before the divert program, as l2pass did; the
+    guard sits after it. Both stay after a clean exit: the next capture adopts them, and
+    until then the guard keeps the link fail closed (`kextless down` removes them)."""
     with capture_env(Verdict.PERMANENT_ACCEPT) as env:
+        p = env.pair
+
+        def filters_on(dev: str, kind: str) -> str:
+            return p.run(p.a, ["tc", "filter", "show", "dev", dev, kind]).stdout
+
+        for kind in ("ingress", "egress"):
+            out = filters_on("va", kind)
+            assert "kextless_l2pass" not in out, out
+            assert (
+                out.index("kextless_pre") < out.index("tc_divert") < out.index("kextless_guard")
+            ), out
+        assert env.stop() == 0
+        for kind in ("ingress", "egress"):
+            out = filters_on("va", kind)
+            assert "kextless_pre" in out and "kextless_guard" in out and "tc_divert" not in out
+
+
+def test_l2pass_is_attached_before_divert_and_removed_on_exit() -> None:
+    """Without the kernel cache (platforms without it), l2pass does that job."""
+    with capture_env(Verdict.PERMANENT_ACCEPT, extra_args=("--no-kernel-cache",)) as env:
         p = env.pair
 
         def filters_on(dev: str, kind: str) -> str:
