@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,6 +50,7 @@ OWNED_COMMANDS = (CommandType.CLEAN_ENDED_CONNECTIONS,)
 HEALTH_NS = 1_000_000_000
 _BATCH = 256
 _PID_TTL_NS = 2_000_000_000
+_OUR_SOCKETS = 65_536
 _PROTOCOLS = frozenset({int(IpProtocol.TCP), int(IpProtocol.UDP)})
 
 # sock_diag TCP states (linux/tcp_states.h)
@@ -155,6 +157,8 @@ class LifecycleShell:
         self.netns_ino = os.stat("/proc/self/ns/net").st_ino
         self.table_interval_s = table_interval_s
         self._pid_ns: dict[int, tuple[bool | None, int]] = {}
+        #: Cookies (EndpointId) of this namespace's sockets, oldest first.
+        self._our_sockets: OrderedDict[int, None] = OrderedDict()
         self._tables: queue.SimpleQueue[tuple[int, set[m.Flow]]] = queue.SimpleQueue()
         self._logs: queue.SimpleQueue[m.Log] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -197,14 +201,15 @@ class LifecycleShell:
     # ---- namespace scope --------------------------------------------------------------------
 
     def _in_netns(self, pid: int, now: int) -> bool | None:
-        """Whether process `pid` lives in our namespace (None: it is gone)."""
+        """Whether process `pid` lives in our namespace (None: it is gone and was never seen).
+        A process that exited keeps its last answer: its last events come after its exit."""
         cached = self._pid_ns.get(pid)
         if cached is not None and now - cached[1] < _PID_TTL_NS:
             return cached[0]
         try:
             ours: bool | None = os.stat(f"/proc/{pid}/ns/net").st_ino == self.netns_ino
         except OSError:
-            ours = None
+            ours = cached[0] if cached is not None else None
         if len(self._pid_ns) > 4096:
             self._pid_ns.clear()
         self._pid_ns[pid] = (ours, now)
@@ -217,12 +222,20 @@ class LifecycleShell:
         ev = event_from(layer, int(p.event), data)
         if ev is None:
             return
-        ours = self._in_netns(ev.process_id, now)
+        # EndpointId is the socket cookie: a socket once seen as ours stays ours, also for
+        # the events that arrive after its process exited.
+        ours = True if ev.endpoint_id in self._our_sockets else self._in_netns(ev.process_id, now)
         if ours is None and ev.event in (FlowEvent.DELETED, SocketEvent.CLOSE):
             ours = ev.flow in self.core.flows  # its process exited; a flow we follow
         if not ours:
             self.foreign += 1
             return
+        if ev.event is FlowEvent.DELETED:  # (SOCKET CLOSE comes before it: keep till then)
+            self._our_sockets.pop(ev.endpoint_id, None)
+        else:
+            self._our_sockets[ev.endpoint_id] = None
+            if len(self._our_sockets) > _OUR_SOCKETS:
+                self._our_sockets.popitem(last=False)
         if ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
             family = socket.AF_INET6 if ev.flow.is_v6 else socket.AF_INET
             self._connects[ev.endpoint_id] = (ev.process_id, now, family)

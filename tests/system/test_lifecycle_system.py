@@ -233,11 +233,13 @@ def test_inbound_connections_carry_the_listeners_pid(pair: NetnsPair, answerer: 
     }
 
 
-@pytest.mark.parametrize("kind", ["tcp", "rst", "udp"])
+@pytest.mark.parametrize("kind", ["tcp", "rst", "udp", "sendto"])
 def test_each_closed_connection_ends_exactly_once(
     pair: NetnsPair, echo_port: int, answerer: Answerer, kind: str
 ) -> None:
-    proto = IpProtocol.UDP if kind == "udp" else IpProtocol.TCP
+    """tcp: FIN both ways; rst: SO_LINGER 0; udp: a connected socket closed; sendto: an
+    unconnected socket closed (its local port released)."""
+    proto = IpProtocol.UDP if kind in ("udp", "sendto") else IpProtocol.TCP
     reports = clients(pair, pair.ip4_b, echo_port, kind, 4, 2)
     ports = [r["port"] for r in reports]
     wait_ends(answerer, proto, ports)
