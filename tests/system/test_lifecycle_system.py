@@ -428,3 +428,47 @@ def _bench_peer(pair: NetnsPair, port: int, n: int) -> list[int]:
     r = pair.run(pair.b, [sys.executable, "-c", BENCH_PEER, pair.ip4_a, port, n], timeout=120)
     assert r.returncode == 0, r.stderr
     return list(range(json.loads(r.stdout.strip())["n"]))
+
+
+#: argv: host port. Opens one TCP connection, reports it, and keeps it open.
+HOLDER = r"""
+import json, os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); s.recv(1000)
+print(json.dumps({"pid": os.getpid(), "port": s.getsockname()[1]}), flush=True)
+time.sleep(60)
+"""
+
+
+def test_connections_and_listeners_from_before_the_start_carry_their_owners(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    with NetnsPair("x") as p:
+        port = next(_PORTS)
+        apps.start(p, p.b, apps.ECHO_SERVER, port, "::")
+        holder = p.popen(p.a, [sys.executable, "-c", HOLDER, p.ip4_b, port])
+        assert holder.stdout is not None
+        held = json.loads(holder.stdout.readline())
+        lport = next(_PORTS)
+        server = p.popen(p.a, [sys.executable, "-c", SERVER, lport])
+        assert server.stdout is not None
+        server_pid = json.loads(server.stdout.readline().decode().split(" ", 1)[1])["pid"]
+        s = System(p, tmp_path_factory.mktemp("run-x"), "--verdict-timeout", "3")
+        try:
+            log = s.run.log_dir / "lifecycle.log"
+            deadline = time.monotonic() + 30
+            while not (log.exists() and "running in netns" in log.read_text()):
+                assert time.monotonic() < deadline, s.logs()
+                time.sleep(0.1)
+            a = Answerer(s.endpoint).start()
+            try:
+                time.sleep(0.3)
+                found = a.wait_for(lambda i: i.local_port == held["port"], timeout=10)
+                assert [i.process_id for i in found] == [held["pid"]], s.logs()
+                r = p.run(p.b, [sys.executable, "-c", PEER, p.ip4_a, lport], timeout=20)
+                assert r.returncode == 0, r.stderr
+                inbound = a.wait_for(lambda i: i.local_port == lport, count=2)
+                assert {i.process_id for i in inbound} == {server_pid}, s.logs()
+            finally:
+                a.stop()
+        finally:
+            s.close()
