@@ -11,6 +11,10 @@ It follows kext-contract C4, C6, C8-C10 and fixes the weaknesses of C15 that liv
 entry exists before its event is emitted (C15-4), keys include the local address (C15-6),
 pending packets time out (C15-2), ClearCache keeps answering pending packets (C15-19), an end is
 recorded once (C15-8), and expiry uses a monotonic clock (C15-9).
+
+Process ids come from the lifecycle actor's Attribution messages (exact flows, listeners,
+connect hints): an outbound connection whose pid is not known yet waits, while that actor is
+present, until its pid arrives or `attribution_wait_ns` passes (actors/lifecycle/README.md).
 """
 
 from __future__ import annotations
