@@ -25,14 +25,17 @@ def connect_latency_png(dists: Mapping[str, Sequence[float]], path: Path, machin
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, fam in zip(axes, (4, 6), strict=True):
+        counts = []
         for who, label in _LABELS.items():
             vals = sorted(dists.get(f"{who}_v{fam}", ()))
             if not vals:
                 continue
+            counts.append(len(vals))
             ys = [(i + 1) / len(vals) for i in range(len(vals))]
-            ax.step(vals, ys, where="post", label=f"{label} (n={len(vals)} per family)")
+            ax.step(vals, ys, where="post", label=label)
         ax.set_xscale("log")
-        ax.set_title(f"connect() latency, IPv{fam}")
+        n = f"n={min(counts)}" if counts and min(counts) == max(counts) else f"n={counts}"
+        ax.set_title(f"connect() latency, IPv{fam} ({n} per curve)")
         ax.set_xlabel("ms (log scale)")
         ax.grid(True, which="both", alpha=0.3)
         ax.axhline(0.5, color="grey", lw=0.6, ls=":")
