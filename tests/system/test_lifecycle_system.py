@@ -124,6 +124,8 @@ def system(pair: NetnsPair, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "3",
         "--actor-arg",
         f"lifecycle=--udp-idle-timeout={IDLE_S}",
+        # measurement only: the ALE's faster, race-prone hint path (actors/lifecycle/README.md)
+        *(["--actor-arg", "ale=--opener-hints"] if os.environ.get("KEXTLESS_OPENER_HINTS") else []),
     )
     try:
         # `up` returns once the lifecycle process runs; its divert handles open ~1-2 s later.
