@@ -31,6 +31,7 @@ _ACTORS: dict[str, str] = {
     "broker": "kextless.broker.main",
     "ale": "kextless.actors.ale.main",
     "capture": "kextless.actors.capture.main",
+    "lifecycle": "kextless.actors.lifecycle.main",
     "policy": "kextless.actors.policy.main",
 }
 
@@ -85,6 +86,12 @@ def _parser(name: str) -> argparse.ArgumentParser:
             dest="policy",
             action="store_false",
             help="start no decision maker: an external client answers via the endpoint",
+        )
+        p.add_argument(
+            "--no-lifecycle",
+            dest="lifecycle",
+            action="store_false",
+            help="start no lifecycle actor: connection infos carry pid 0 and no end events come",
         )
         p.add_argument(
             "--endpoint",
@@ -160,6 +167,7 @@ def _up(args: argparse.Namespace) -> int:
     opts = UpOptions(
         netns=args.netns,
         policy=args.policy,
+        lifecycle=args.lifecycle,
         endpoint=args.endpoint,
         run_root=args.run_root,
         curve_server_secret=args.curve_server_secret,

@@ -65,6 +65,8 @@ class UpOptions:
 
     netns: str | None = None
     policy: bool = True
+    #: The lifecycle actor (process ids, connection ends); off: pid 0, no end events.
+    lifecycle: bool = True
     endpoint: str | None = None
     run_root: Path | None = None
     curve_server_secret: Path | None = None

@@ -44,9 +44,6 @@ class ActorSpec:
     #: Enter only the namespace's network (`nsenter --net=`), not `ip netns exec`: the divert
     #: FLOW/SOCKET layers need it (pydivert-linux.md 2.6).
     nsenter: bool = False
-    #: Run as `python -m MODULE` instead of `kextless run NAME` (an actor `kextless run` does
-    #: not list yet).
-    module: str | None = None
 
 
 def _broker_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
@@ -90,15 +87,13 @@ ACTORS: tuple[ActorSpec, ...] = (
     ActorSpec("broker", 100, extra_args=_broker_args),
     ActorSpec("ale", 200, extra_args=_ale_args),
     # After the ALE (its ale.sock) and before the capture, so the owners of connections that
-    # exist at start are known before the capture reports them. Off with `--no-lifecycle`
-    # once UpOptions has `lifecycle` (deploy/options.py).
+    # exist at start are known before the capture reports them. Off with `--no-lifecycle`.
     ActorSpec(
         "lifecycle",
         250,
         in_netns=True,
         nsenter=True,
-        enabled=lambda opts: bool(getattr(opts, "lifecycle", True)),
-        module="kextless.actors.lifecycle.main",
+        enabled=lambda opts: opts.lifecycle,
     ),
     ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
     ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
@@ -142,13 +137,10 @@ def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[
     for actor in actors:
         if not actor.enabled(opts):
             continue
-        command = (
-            [sys.executable, "-m", actor.module]
-            if actor.module is not None
-            else [*kextless_command(), "run", actor.name]
-        )
         argv = [
-            *command,
+            *kextless_command(),
+            "run",
+            actor.name,
             "--run-dir",
             run_dir,
             *actor.extra_args(opts, endpoint),

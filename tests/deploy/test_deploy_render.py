@@ -73,7 +73,7 @@ def test_default_config_parses_and_runs_every_actor_in_order(tmp_path: Path) -> 
 
     sup = _supervisor_view(tmp_path, text)
     groups = sorted(sup.process_group_configs, key=lambda g: g.priority)
-    assert [g.name for g in groups] == ["broker", "ale", "capture", "policy"]
+    assert [g.name for g in groups] == ["broker", "ale", "lifecycle", "capture", "policy"]
     for g in groups:
         pc = g.process_configs[0]
         assert pc.autorestart is RestartUnconditionally
@@ -102,7 +102,18 @@ def test_netns_wraps_only_capture_in_ip_netns_exec(tmp_path: Path) -> None:
 
 def test_no_policy_leaves_the_decision_maker_out(tmp_path: Path) -> None:
     opts = UpOptions(netns="n1", policy=False, run_root=tmp_path)
-    assert sorted(_argvs(tmp_path, _render(opts))) == ["ale", "broker", "capture"]
+    assert sorted(_argvs(tmp_path, _render(opts))) == ["ale", "broker", "capture", "lifecycle"]
+
+
+def test_no_lifecycle_leaves_the_lifecycle_actor_out(tmp_path: Path) -> None:
+    opts = UpOptions(netns="n1", lifecycle=False, run_root=tmp_path)
+    assert sorted(_argvs(tmp_path, _render(opts))) == ["ale", "broker", "capture", "policy"]
+
+
+def test_lifecycle_enters_only_the_namespaces_network(tmp_path: Path) -> None:
+    argv = _argvs(tmp_path, _render(UpOptions(netns="n1", run_root=tmp_path)))["lifecycle"]
+    assert Path(argv[0]).name == "nsenter"
+    assert "--net=/var/run/netns/n1" in argv
 
 
 def test_tcp_endpoint_passes_curve_to_broker_and_excludes_the_port_from_capture(
@@ -191,13 +202,14 @@ def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
     actors = (
         *ACTORS,
         ActorSpec("bandwidth", 350, in_netns=True),
-        ActorSpec("lifecycle", 360, enabled=lambda o: o.netns is None),
+        ActorSpec("monitor", 360, enabled=lambda o: o.netns is None),
     )
     opts = UpOptions(netns="n1", run_root=tmp_path)
     progs = programs_for(opts, actors)
     assert [p.name for p in sorted(progs, key=lambda p: p.priority)] == [
         "broker",
         "ale",
+        "lifecycle",
         "capture",
         "bandwidth",
         "policy",
@@ -251,7 +263,8 @@ def test_endpoint_parsing() -> None:
 def test_actor_args_must_name_a_running_actor() -> None:
     check_actor_args(UpOptions(actor_args=(("policy", "--x"),)))
     with pytest.raises(
-        UsageError, match=r"no such actor in this instance \(running: ale, broker, capture\)"
+        UsageError,
+        match=r"no such actor in this instance \(running: ale, broker, capture, lifecycle\)",
     ):
         check_actor_args(UpOptions(policy=False, actor_args=(("policy", "--x"),)))
 
