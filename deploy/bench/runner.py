@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         connect_latency_png(
             raw.get("connect_latency_ms", {}), args.out / "connect-latency.png", machine_line(info)
         )
+    except ImportError as e:
+        problems.append(f"no plot: {e} (install the bench extra: pip install 'kextless[bench]')")
+        (args.out / "bench.md").write_text(md + f"\nNo plot: {e}; pip install 'kextless[bench]'\n")
     except Exception as e:
         problems.append(f"plot failed: {type(e).__name__}: {e}")
         (args.out / "bench.md").write_text(md + f"\nPlot failed: {e}\n")
