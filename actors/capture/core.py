@@ -178,6 +178,13 @@ class KernelProbe:
     flows: tuple[Flow, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class KernelAudit:
+    """List the kernel map's flows and pass them to `CaptureCore.kernel_audit` (after the
+    ALE's replay at start: entries a killed predecessor wrote for flows nobody vouches for
+    any more are deleted)."""
+
+
 Action = (
     Pass
     | Drop
@@ -191,6 +198,7 @@ Action = (
     | KernelDelete
     | KernelClear
     | KernelProbe
+    | KernelAudit
 )
 
 
@@ -1038,6 +1046,8 @@ class CaptureCore:
         if self._scan_ns is not None and now_ns >= self._scan_ns:
             self._scan_ns = None
             out.append(ScanExisting())
+            if self.config.kernel_cache:
+                out.append(KernelAudit())
         ttl = self.config.hold_ttl_ns
         held = self.held
         while held:
@@ -1222,6 +1232,28 @@ class CaptureCore:
         conn.kernel, conn.kernel_absent = None, True
         self.counters["kernel_deletes"] += 1
         return [KernelDelete(conn.flow)]
+
+    def kernel_audit(self, flows: Iterable[Flow], now_ns: int) -> list[Action]:
+        """The answer to `KernelAudit`: the kernel map's flows, as their packets carry them
+        (each decided flow is there in both orientations). Every one that is not a flow we
+        put there - an adopted entry the ALE's replay did not confirm - is deleted: its
+        packets come here and are asked, so no verdict nobody vouches for passes them, and
+        every entry left has a record whose idle expiry removes it."""
+        out: list[Action] = []
+        seen: set[Flow] = set()
+        for flow in flows:
+            rev = _reversed(flow)
+            if flow in seen or rev in seen:
+                continue
+            seen.add(flow)
+            conn = self.connections.get(flow) or self.connections.get(rev)
+            if conn is not None and conn.kernel is not None:
+                continue
+            self.counters["kernel_deletes"] += 1
+            out.append(KernelDelete(flow))
+        if out:
+            log.info("kernel cache: %d adopted flow(s) nobody vouches for deleted", len(out))
+        return out
 
     def kernel_activity(self, seen: Mapping[Flow, int | None], now_ns: int) -> list[Action]:
         """The answer to `KernelProbe`: when the kernel last passed a packet of each flow

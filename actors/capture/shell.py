@@ -62,6 +62,7 @@ from kextless.actors.capture.core import (
     Drop,
     ExistingFlow,
     Inject,
+    KernelAudit,
     KernelClear,
     KernelDelete,
     KernelProbe,
@@ -522,7 +523,9 @@ class CaptureShell:
             return filters.build_all()
         return filters.build(ports, self.cfg.exclude_ports)
 
-    def _run_kernel(self, a: KernelPut | KernelDelete | KernelClear | KernelProbe) -> None:
+    def _run_kernel(
+        self, a: KernelPut | KernelDelete | KernelClear | KernelProbe | KernelAudit
+    ) -> None:
         kc = self._kc
         if kc is None:
             raise RuntimeError("kernel action without a kernel cache")
@@ -534,6 +537,9 @@ class CaptureShell:
         elif isinstance(a, KernelClear):
             n = kc.clear()
             log.info("kernel cache cleared: %d entries", n)
+        elif isinstance(a, KernelAudit):
+            flows = [Flow(k.proto, k.src, k.sport, k.dst, k.dport) for k, _e in kc.entries()]
+            self._run_actions(self.core.kernel_audit(flows, time.monotonic_ns()))
         else:
             seen: dict[Flow, int | None] = {}
             for flow in a.flows:
@@ -670,7 +676,7 @@ class CaptureShell:
                 self._poller.register(self._scan_fd, zmq.POLLIN)
         elif isinstance(a, DestroySocket):
             self._destroy(a)
-        elif isinstance(a, KernelPut | KernelDelete | KernelClear | KernelProbe):
+        elif isinstance(a, KernelPut | KernelDelete | KernelClear | KernelProbe | KernelAudit):
             self._run_kernel(a)
 
     # ---- connections that predate us --------------------------------------------------------

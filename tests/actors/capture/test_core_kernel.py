@@ -297,3 +297,26 @@ def test_without_the_kernel_cache_no_kernel_action_is_ever_emitted() -> None:
     out += core.on_deadline(NOW + 2 * IDLE)
     assert kernel(out) == []
     assert [x for x in out if isinstance(x, SetFilter)]  # the per-port filter path
+
+
+def test_after_the_replay_adopted_entries_nobody_vouches_for_are_deleted() -> None:
+    from kextless.actors.capture.core import KernelAudit, ScanExisting, _reversed
+
+    core = kcore()
+    core.start(1, NOW)
+    # The ALE's replay after a restart: this UDP flow keeps its verdict (and is re-put).
+    out = core.on_message(CacheSet(udp_flow(), Verdict.PERMANENT_ACCEPT), NOW + 1)
+    assert kernel(out) == [KernelPut(udp_flow(), KernelVerdict.PASS, Verdict.PERMANENT_ACCEPT)]
+    due = core.next_deadline_ns()
+    assert due is not None
+    assert core.on_deadline(due) == [ScanExisting(), KernelAudit()]
+    stale = tcp_flow(41000, 443)
+    # The map, as the kernel lists it: both orientations of each flow.
+    listed = [udp_flow(), _reversed(udp_flow()), stale, _reversed(stale)]
+    assert core.kernel_audit(listed, due) == [KernelDelete(stale)]
+    # Without the kernel cache there is no audit.
+    plain = CaptureCore(Config())
+    plain.start(1, NOW)
+    due = plain.next_deadline_ns()
+    assert due is not None
+    assert plain.on_deadline(due) == [ScanExisting()]
