@@ -7,7 +7,9 @@ Chain on each guarded link, ingress and egress (../shared/reference/kernel-flow-
     pref 10      kextless_pre    non-IP, ND/MLD, pass_ports -> pass; TCP SYN/FIN/RST -> on;
                                  flow in `flows`: PASS -> pass (counted), DROP -> drop; miss -> on
     pref 30001-p the divert handle (Python decides)
-    pref 65000   kextless_guard  IP without the divert library's re-injection mark -> drop
+    pref 65000   kextless_guard  IP without the divert library's re-injection mark -> drop;
+                                 re-injected TCP/UDP: payload counted in `reinjected`
+    (both pass the library's lo re-injection, mark 0x4D4Axxxx, on untouched)
 
 A decided flow is written in both orientations (`put`), so neither direction reaches Python
 again (but for TCP SYN/FIN/RST: openers and ends are always seen). A flow evicted from the
@@ -19,6 +21,12 @@ through the programs still attached (`adopt`): no bpffs, and decided flows never
     kc.put(FlowKey.of(6, "10.0.0.1", 40000, "10.0.0.2", 80), Action.PASS, verdict=2)
     kc.get(key) -> FlowEntry | None;  kc.entries();  kc.delete(key);  kc.stats()
     kc.detach(ipr, index);  kc.close()
+
+Byte counting, for the bandwidth actor: a PASS entry counts its direction's application
+payload (`FlowEntry.payload`); the guard counts the payload of every re-injected TCP/UDP packet
+(what Python let through) per 5-tuple in `reinjected` (`ReinjectedEntry`). Together they see
+every accepted packet once. `CounterMaps.open(ipr)` reads both, read-only, from the programs
+attached to the namespace's links.
 """
 
 from __future__ import annotations
@@ -82,12 +90,18 @@ class PreStat(enum.IntEnum):
     PASS_PORT = 5
     TCP_CONTROL = 6
     UNCACHED = 7
+    LO_REDIRECT = 8
 
 
 #: struct flow_key: family, proto, sport, dport (network order), pad, src[16], dst[16].
 _KEY = struct.Struct("!BBHHH16s16s")
-#: struct flow_val: last_seen_ns, packets, bytes, action, verdict, pad[6].
-_VAL = struct.Struct("=QQQBB6x")
+#: struct flow_val: last_seen_ns, packets, bytes, payload, action, verdict, pad[6].
+_VAL = struct.Struct("=QQQQBB6x")
+#: struct reinj_val (guard.bpf.c): last_seen_ns, packets, payload.
+_REINJ = struct.Struct("=QQQ")
+REINJECTED_MAP = "reinjected"
+#: BPF_F_RDONLY: a map fd that can only look up (uapi/linux/bpf.h).
+_BPF_F_RDONLY = 1 << 3
 #: struct pass_port: port (host order), proto, pad.
 _PORT = struct.Struct("=HBx")
 #: struct guard_stats: dropped, last_drop_ns.
@@ -149,11 +163,26 @@ class FlowEntry:
     packets: int
     nbytes: int  # skb->len summed: L2 header included
     last_seen_ns: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns) of the last packet, 0 = none
+    payload: int = 0  # TCP/UDP payload bytes summed (headers excluded): what bandwidth reports
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowEntry:
-        last, packets, nbytes, action, verdict = _VAL.unpack(raw)
-        return cls(action, verdict, packets, nbytes, last)
+        last, packets, nbytes, payload, action, verdict = _VAL.unpack(raw)
+        return cls(action, verdict, packets, nbytes, last, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class ReinjectedEntry:
+    """The guard's count of one orientation's re-injected packets (what Python let through)."""
+
+    packets: int
+    payload: int  # TCP/UDP payload bytes, headers excluded
+    last_seen_ns: int  # CLOCK_MONOTONIC of the last one
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> ReinjectedEntry:
+        last, packets, payload = _REINJ.unpack(raw)
+        return cls(packets, payload, last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +218,7 @@ class _Lib:
             "bpf_map_lookup_batch": (i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp]),
             "bpf_prog_get_fd_by_id": (i, [u32]),
             "bpf_map_get_fd_by_id": (i, [u32]),
+            "bpf_map_get_fd_by_id_opts": (i, [u32, vp]),
             "bpf_obj_get_info_by_fd": (i, [i, vp, ctypes.POINTER(u32)]),
             "libbpf_num_possible_cpus": (i, []),
         }
@@ -255,8 +285,24 @@ def _map_info(fd: int) -> _MapInfo:
     return info
 
 
-def _prog_maps(prog_fd: int) -> dict[str, int]:
-    """Open every map program `prog_fd` uses: name -> new fd (the caller closes them)."""
+class _FdByIdOpts(ctypes.Structure):
+    """struct bpf_get_fd_by_id_opts (libbpf 1.1)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("open_flags", ctypes.c_uint32)]
+
+
+def _map_fd_by_id(map_id: int, rdonly: bool) -> int:
+    lib = _libbpf()
+    if not rdonly:
+        return lib.check(lib.lib.bpf_map_get_fd_by_id(map_id), f"map id {map_id}")
+    opts = _FdByIdOpts(ctypes.sizeof(_FdByIdOpts), _BPF_F_RDONLY)
+    rc = lib.lib.bpf_map_get_fd_by_id_opts(map_id, ctypes.byref(opts))
+    return lib.check(rc, f"map id {map_id} (read-only)")
+
+
+def _prog_maps(prog_fd: int, rdonly: bool = False) -> dict[str, int]:
+    """Open every map program `prog_fd` uses: name -> new fd (the caller closes them);
+    `rdonly`: fds that can only read (BPF_F_RDONLY)."""
     lib = _libbpf()
     ids = (ctypes.c_uint32 * 16)()
     info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
@@ -266,7 +312,7 @@ def _prog_maps(prog_fd: int) -> dict[str, int]:
     )
     out: dict[str, int] = {}
     for map_id in ids[: min(info.nr_map_ids, len(ids))]:
-        fd = lib.check(lib.lib.bpf_map_get_fd_by_id(map_id), f"map id {map_id}")
+        fd = _map_fd_by_id(map_id, rdonly)
         out[_map_info(fd).name.decode()] = fd
     return out
 
@@ -302,6 +348,39 @@ def _load_object(path: Path, progs: list[str], max_entries: dict[str, int]) -> d
         return fds | maps
     finally:
         lib.lib.bpf_object__close(obj)
+
+
+def _attached(ipr: Any) -> tuple[dict[int, list[int]], set[int], dict[int, str]]:
+    """Our programs on this namespace's links: kextless_pre id -> link indexes, the guard
+    ids, link index -> name."""
+    pre_ids: dict[int, list[int]] = {}
+    guard_ids: set[int] = set()
+    names: dict[int, str] = {}
+    for link in ipr.get_links():
+        index = int(link["index"])
+        names[index] = str(link.get_attr("IFLA_IFNAME"))
+        for p in tcbpf.filters(ipr, index):
+            if p.name == PRE_NAME and p.pref == PRE_PREF:
+                pre_ids.setdefault(p.prog_id, []).append(index)
+            elif p.name == GUARD_NAME and p.pref == GUARD_PREF:
+                guard_ids.add(p.prog_id)
+    return pre_ids, guard_ids, names
+
+
+def _check_single(pre_ids: dict[int, list[int]], guard_ids: set[int]) -> None:
+    if len(pre_ids) > 1 or len(guard_ids) > 1:
+        raise KernelCacheError(
+            errno.EEXIST,
+            f"more than one kernel cache attached (programs {sorted(pre_ids)}, "
+            f"guards {sorted(guard_ids)}): detach them and load afresh",
+        )
+
+
+def attached_program_ids(ipr: Any) -> tuple[int, ...]:
+    """The ids of our programs attached in this namespace (kextless_pre first), () if none:
+    a reader compares them to notice a capture that loaded fresh programs."""
+    pre_ids, guard_ids, _names = _attached(ipr)
+    return tuple(sorted(pre_ids)) + tuple(sorted(guard_ids))
 
 
 # ---- the cache ---------------------------------------------------------------------------
@@ -392,6 +471,7 @@ class KernelCache:
     stats_map: _Map
     guard_fd: int | None = None
     guard_map: _Map | None = None
+    reinjected: _Map | None = None
     attached: dict[int, str] = field(default_factory=dict)
     ncpus: int = 1
 
@@ -406,7 +486,8 @@ class KernelCache:
         verifier's reason on stderr)."""
         pre = _load_object(bpf_dir / PRE_OBJECT, [PRE_NAME], {"flows": flows_max})
         try:
-            g = _load_object(bpf_dir / GUARD_OBJECT, [GUARD_NAME], {}) if guard else {}
+            sizes = {REINJECTED_MAP: flows_max}
+            g = _load_object(bpf_dir / GUARD_OBJECT, [GUARD_NAME], sizes) if guard else {}
         except BaseException:
             for fd in pre.values():
                 os.close(fd)
@@ -426,25 +507,10 @@ class KernelCache:
         capture's), with their maps and entries as they are; None if no link has our
         kextless_pre. Links carrying it count as attached. KernelCacheError if it is not a
         program this module can drive, or two different ones are attached."""
-        pre_ids: dict[int, list[int]] = {}
-        guard_ids: set[int] = set()
-        names: dict[int, str] = {}
-        for link in ipr.get_links():
-            index = int(link["index"])
-            names[index] = str(link.get_attr("IFLA_IFNAME"))
-            for p in tcbpf.filters(ipr, index):
-                if p.name == PRE_NAME and p.pref == PRE_PREF:
-                    pre_ids.setdefault(p.prog_id, []).append(index)
-                elif p.name == GUARD_NAME and p.pref == GUARD_PREF:
-                    guard_ids.add(p.prog_id)
+        pre_ids, guard_ids, names = _attached(ipr)
         if not pre_ids:
             return None
-        if len(pre_ids) > 1 or len(guard_ids) > 1:
-            raise KernelCacheError(
-                errno.EEXIST,
-                f"more than one kernel cache attached (programs {sorted(pre_ids)}, "
-                f"guards {sorted(guard_ids)}): detach them and load afresh",
-            )
+        _check_single(pre_ids, guard_ids)
         lib = _libbpf()
         ((pre_id, links),) = pre_ids.items()
         pre_fd = lib.check(lib.lib.bpf_prog_get_fd_by_id(pre_id), f"program id {pre_id}")
@@ -475,12 +541,13 @@ class KernelCache:
     def _from_fds(cls, pre: dict[str, int], guard: dict[str, int]) -> KernelCache:
         """Wrap fds by name (programs and maps); closes the ones it does not keep."""
         keep = {PRE_NAME, "flows", "pass_ports", "stats", GUARD_NAME, "guard_stats"}
+        keep.add(REINJECTED_MAP)
         for name, fd in list(pre.items()) + list(guard.items()):
             if name not in keep:
                 os.close(fd)
         missing = {"flows", "pass_ports", "stats"} - pre.keys()
-        if guard and "guard_stats" not in guard:
-            missing.add("guard_stats")
+        if guard:
+            missing |= {"guard_stats", REINJECTED_MAP} - guard.keys()
         if missing:
             raise KernelCacheError(errno.ENOENT, f"maps missing: {sorted(missing)}")
         return cls(
@@ -492,13 +559,18 @@ class KernelCache:
             guard_map=(
                 _Map(guard["guard_stats"], "guard_stats", 4, _GUARD.size) if guard else None
             ),
+            reinjected=(
+                _Map(guard[REINJECTED_MAP], REINJECTED_MAP, _KEY.size, _REINJ.size)
+                if guard
+                else None
+            ),
             ncpus=_libbpf().check(_libbpf().lib.libbpf_num_possible_cpus(), "possible cpus"),
         )
 
     def close(self) -> None:
         """Close our fds. Attached programs stay (for the next capture to adopt): `detach`
         every link first to remove them."""
-        maps = [self.flows, self.pass_ports, self.stats_map, self.guard_map]
+        maps = [self.flows, self.pass_ports, self.stats_map, self.guard_map, self.reinjected]
         for fd in [self.pre_fd, self.guard_fd] + [m.fd if m else None for m in maps]:
             if fd is not None:
                 os.close(fd)
@@ -528,7 +600,7 @@ class KernelCache:
     def put(self, key: FlowKey, action: Action, verdict: int = 0) -> None:
         """Decide the flow in the kernel, both orientations, counters from zero: effective at
         the next packet. KernelCacheError (E2BIG never: the LRU evicts)."""
-        value = _VAL.pack(0, 0, 0, action, verdict)
+        value = _VAL.pack(0, 0, 0, 0, action, verdict)
         self.flows.update(key.pack(), value)
         self.flows.update(key.reversed().pack(), value)
 
@@ -548,6 +620,12 @@ class KernelCache:
         """Every entry, one per orientation (for expiry sweeps and restart adoption)."""
         for k, v in self.flows.items():
             yield FlowKey.unpack(k), FlowEntry.unpack(v)
+
+    def reinjected_entries(self) -> Iterator[tuple[FlowKey, ReinjectedEntry]]:
+        """The guard's per-orientation counts of re-injected packets (none without a guard)."""
+        if self.reinjected is not None:
+            for k, v in self.reinjected.items():
+                yield FlowKey.unpack(k), ReinjectedEntry.unpack(v)
 
     def clear(self) -> int:
         """Delete every entry (ClearCache); how many were deleted."""
@@ -583,3 +661,66 @@ class KernelCache:
         raw = self.guard_map.lookup(struct.pack("=I", 0), _GUARD.size * self.ncpus) or b""
         per = [_GUARD.unpack_from(raw, i * _GUARD.size) for i in range(len(raw) // _GUARD.size)]
         return GuardStats(sum(d for d, _t in per), max((t for _d, t in per), default=0))
+
+
+# ---- read-only counters (the bandwidth actor) -----------------------------------------------
+
+
+@dataclass
+class CounterMaps:
+    """The byte counters of the programs attached in this namespace, opened read-only
+    (BPF_F_RDONLY map fds: a reader can never change a verdict), found the way
+    `KernelCache.adopt` finds them: through the links' TC filters, no bpffs."""
+
+    flows: _Map
+    reinjected: _Map | None
+    program_ids: tuple[int, ...]
+
+    @classmethod
+    def open(cls, ipr: Any) -> CounterMaps | None:
+        """None if no kextless_pre is attached (no capture yet, or --no-kernel-cache);
+        KernelCacheError for programs of another layout or two caches at once."""
+        pre_ids, guard_ids, _names = _attached(ipr)
+        if not pre_ids:
+            return None
+        _check_single(pre_ids, guard_ids)
+        lib = _libbpf()
+        fds: dict[str, int] = {}
+        try:
+            for pid in [*pre_ids, *guard_ids]:
+                prog = lib.check(lib.lib.bpf_prog_get_fd_by_id(pid), f"program id {pid}")
+                try:
+                    fds |= _prog_maps(prog, rdonly=True)
+                finally:
+                    os.close(prog)
+            if "flows" not in fds:
+                raise KernelCacheError(errno.ENOENT, "kextless_pre has no flows map")
+            flows = _Map(fds.pop("flows"), "flows", _KEY.size, _VAL.size)
+            reinj = fds.pop(REINJECTED_MAP, None)
+            reinjected = (
+                None if reinj is None else _Map(reinj, REINJECTED_MAP, _KEY.size, _REINJ.size)
+            )
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        for fd in fds.values():  # the maps a reader does not need
+            os.close(fd)
+        ids = tuple(sorted(pre_ids)) + tuple(sorted(guard_ids))
+        return cls(flows, reinjected, ids)
+
+    def flow_entries(self) -> Iterator[tuple[FlowKey, FlowEntry]]:
+        """kextless_pre's entries, one per orientation."""
+        for k, v in self.flows.items():
+            yield FlowKey.unpack(k), FlowEntry.unpack(v)
+
+    def reinjected_entries(self) -> Iterator[tuple[FlowKey, ReinjectedEntry]]:
+        """The guard's counts of re-injected packets (none without a guard: fail open)."""
+        if self.reinjected is not None:
+            for k, v in self.reinjected.items():
+                yield FlowKey.unpack(k), ReinjectedEntry.unpack(v)
+
+    def close(self) -> None:
+        os.close(self.flows.fd)
+        if self.reinjected is not None:
+            os.close(self.reinjected.fd)

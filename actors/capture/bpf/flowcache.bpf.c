@@ -12,6 +12,16 @@
  * A flow not in `flows` always goes on (a miss), so an LRU eviction can only cause a re-ask,
  * never a wrong pass. Python (actors/capture/kernel_cache.py) writes both orientations of a
  * decided flow; the key is the 5-tuple as seen in the packet.
+ *
+ * A PASS entry counts its direction's packets, wire bytes and application payload bytes (IP
+ * payload minus the TCP/UDP header, from the IP length fields, so a GSO/GRO super-packet
+ * counts its one header once): the bandwidth actor reads them (actors/bandwidth/).
+ *
+ * Packets the divert library re-injects INBOUND travel out of lo marked 0x4D4Axxxx (its
+ * REDIRECT_MARK_MASK | target ifindex); its own program on lo ingress then redirects them to
+ * the target link's ingress, re-marked 0x4D49xxxx, where they meet this program again. On lo
+ * such a packet goes on untouched (TC_ACT_UNSPEC, ST_LO_REDIRECT): never passed into lo's own
+ * stack, never counted (it is counted once, at the target).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -24,6 +34,9 @@
 #include <linux/icmpv6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+/* The divert library's lo re-injection mark, high half (REDIRECT_MARK_MASK). */
+#define LO_REDIRECT_MARK_HI 0x4D4A
 
 /* Key of `flows`, 40 bytes; kernel_cache.FlowKey.pack() writes the same layout. */
 struct flow_key {
@@ -42,12 +55,14 @@ enum flow_action {
 	ACTION_DROP = 2,
 };
 
-/* Value of `flows`, 32 bytes: Python writes action/verdict with zero counters; the program
- * counts this direction's packets and bytes (skb->len, L2 header included). */
+/* Value of `flows`, 40 bytes: Python writes action/verdict with zero counters; the program
+ * counts this direction's packets, bytes (skb->len, L2 header included) and payload bytes
+ * (TCP/UDP payload, headers excluded). */
 struct flow_val {
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet, 0 = none since the put */
 	__u64 packets;
 	__u64 bytes;
+	__u64 payload;
 	__u8 action;        /* enum flow_action */
 	__u8 verdict;       /* opaque to the kernel: the verdict Python decided */
 	__u8 pad[6];
@@ -70,6 +85,7 @@ enum stat {
 	ST_PASS_PORT,     /* a port in pass_ports: TC_ACT_OK */
 	ST_TCP_CONTROL,   /* TCP SYN/FIN/RST: on to divert */
 	ST_UNCACHED,      /* other protocols, fragments, VLAN, unparsable: on to divert */
+	ST_LO_REDIRECT,   /* the library's lo re-injection (0x4D4A mark): on, untouched */
 	ST_COUNT,
 };
 
@@ -120,8 +136,13 @@ SEC("tc")
 int kextless_pre(struct __sk_buff *skb)
 {
 	struct flow_key key = {};
-	__u32 l4; /* offset of the L4 header from the network header */
+	__u32 l4;  /* offset of the L4 header from the network header */
+	__u32 end; /* the IP packet's length from its header's length field; 0 = unknown */
+	__u32 hlen; /* the TCP/UDP header's length */
 	__u8 proto;
+
+	if ((skb->mark >> 16) == LO_REDIRECT_MARK_HI)
+		return count(ST_LO_REDIRECT, TC_ACT_UNSPEC);
 
 	/* Offsets below are from the network header (BPF_HDR_START_NET), so VLAN offload and
 	 * devices without an L2 header need no special case. */
@@ -138,6 +159,7 @@ int kextless_pre(struct __sk_buff *skb)
 		__builtin_memcpy(key.dst, &ip.daddr, 4);
 		proto = ip.protocol;
 		l4 = ip.ihl * 4;
+		end = bpf_ntohs(ip.tot_len);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
@@ -148,6 +170,8 @@ int kextless_pre(struct __sk_buff *skb)
 		__builtin_memcpy(key.dst, &ip6.daddr, 16);
 		proto = ip6.nexthdr;
 		l4 = sizeof(ip6);
+		/* 0 is a jumbogram (BIG TCP), then the fallback below. */
+		end = ip6.payload_len ? sizeof(ip6) + bpf_ntohs(ip6.payload_len) : 0;
 		/* One hop-by-hop options header (MLD carries a router alert in it). */
 		if (proto == IPPROTO_HOPOPTS) {
 			__u8 ext[2]; /* next header, length in 8-byte units beyond the first 8 */
@@ -182,6 +206,7 @@ int kextless_pre(struct __sk_buff *skb)
 			return count(ST_UNCACHED, TC_ACT_UNSPEC);
 		key.sport = th.source;
 		key.dport = th.dest;
+		hlen = th.doff * 4;
 		if (passed_port(proto, th.source) || passed_port(proto, th.dest))
 			return count(ST_PASS_PORT, TC_ACT_OK);
 		/* Openers and ends go to Python: it sees every connection start and finish. */
@@ -194,6 +219,7 @@ int kextless_pre(struct __sk_buff *skb)
 			return count(ST_UNCACHED, TC_ACT_UNSPEC);
 		key.sport = uh.source;
 		key.dport = uh.dest;
+		hlen = sizeof(uh);
 		if (passed_port(proto, uh.source) || passed_port(proto, uh.dest))
 			return count(ST_PASS_PORT, TC_ACT_OK);
 	} else {
@@ -215,6 +241,12 @@ int kextless_pre(struct __sk_buff *skb)
 	v->last_seen_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, skb->len);
+	/* No length field (an IPv4 total length of 0: BIG TCP GSO over 64 KB, off by default):
+	 * skb->len, which then also counts the L2 header. */
+	if (!end)
+		end = skb->len;
+	if (end > l4 + hlen)
+		__sync_fetch_and_add(&v->payload, end - l4 - hlen);
 	return count(ST_PASSED, TC_ACT_OK);
 }
 

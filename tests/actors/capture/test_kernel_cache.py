@@ -28,6 +28,7 @@ from kextless.actors.capture.kernel_cache import (
     GuardStats,
     KernelCache,
     PreStat,
+    ReinjectedEntry,
 )
 from kextless.protocol.messages import Flow
 from tests.netns import NetnsPair
@@ -69,9 +70,19 @@ def test_key_from_the_capture_flow_is_its_outbound_packet() -> None:
 
 
 def test_entry_unpacks_struct_flow_val() -> None:
-    raw = (7).to_bytes(8, "little") + (3).to_bytes(8, "little") + (300).to_bytes(8, "little")
+    raw = b"".join(n.to_bytes(8, "little") for n in (7, 3, 300, 180))
     raw += bytes([2, 9]) + bytes(6)
-    assert FlowEntry.unpack(raw) == FlowEntry(Action.DROP, 9, 3, 300, 7)
+    assert len(raw) == 40
+    assert FlowEntry.unpack(raw) == FlowEntry(Action.DROP, 9, 3, 300, 7, payload=180)
+
+
+def test_reinjected_entry_unpacks_struct_reinj_val() -> None:
+    raw = b"".join(n.to_bytes(8, "little") for n in (11, 4, 1460))
+    assert ReinjectedEntry.unpack(raw) == ReinjectedEntry(packets=4, payload=1460, last_seen_ns=11)
+    src = (BPF / "guard.bpf.c").read_text()
+    body = re.search(r"struct reinj_val \{(.*?)\};", src, re.S)
+    assert body is not None
+    assert re.findall(r"__u64 (\w+);", body.group(1)) == ["last_seen_ns", "packets", "payload"]
 
 
 def test_python_enums_mirror_the_c_source() -> None:
@@ -82,6 +93,8 @@ def test_python_enums_mirror_the_c_source() -> None:
     assert names[:-1] == [s.name for s in PreStat] and names[-1] == "COUNT"
     assert "ACTION_PASS = 1" in src and "ACTION_DROP = 2" in src
     assert "REINJECT_MARK_HI 0x4D49" in (BPF / "guard.bpf.c").read_text()
+    for obj in ("flowcache.bpf.c", "guard.bpf.c"):
+        assert "LO_REDIRECT_MARK_HI 0x4D4A" in (BPF / obj).read_text()
 
 
 @pytest.mark.skipif(
@@ -219,6 +232,8 @@ def test_pass_skips_the_chain_drop_drops_miss_goes_on_to_the_guard(v6: bool) -> 
         assert req is not None and rep is not None
         assert (req.action, req.verdict, req.packets) == (Action.PASS, 7, 10)
         assert rep.packets == 10 and rep.nbytes >= 10 * (32 + 8 + (40 if v6 else 20))
+        # Application payload only: the 32-byte datagrams, no IP / UDP / L2 header.
+        assert (req.payload, rep.payload) == (320, 320)
         assert t0 <= req.last_seen_ns <= time.monotonic_ns()
 
         # PASS -> DROP: dropped by kextless_pre from the next packet on.
@@ -284,6 +299,103 @@ def test_lru_eviction_only_ever_causes_a_re_ask() -> None:
         assert _dropped(kc) == g0 + 3
 
 
+# Counts the datagrams (and their bytes) that reach it until it has been idle for 1 s.
+_COUNTING_RECEIVER = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+s.settimeout(1.0)
+print("ready", flush=True)
+got = size = 0
+try:
+    while True:
+        size += len(s.recv(1 << 16))
+        got += 1
+except TimeoutError:
+    pass
+print(got, size, flush=True)
+"""
+
+# Sends datagrams from a fixed port with skb->mark set as the divert library sets it.
+_MARKED_SENDER = r"""
+import socket, sys
+me, host, port, sport, mark, n, size = sys.argv[1:8]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(mark))
+s.bind((me, int(sport)))
+for _ in range(int(n)):
+    s.sendto(b"m" * int(size), (host, int(port)))
+"""
+
+
+def _send_marked(p: NetnsPair, v6: bool, sport: int, mark: int, n: int, size: int) -> int:
+    """Send `n` datagrams of `size` bytes a -> b (out of va) marked `mark`; how many arrived."""
+    a_ip, b_ip = (p.ip6_a, p.ip6_b) if v6 else (p.ip4_a, p.ip4_b)
+    rx = p.popen(p.b, [sys.executable, "-c", _COUNTING_RECEIVER, b_ip, 7300])
+    assert rx.stdout is not None and rx.stdout.readline().strip() == b"ready"
+    argv = [a_ip, b_ip, 7300, sport, mark, n, size]
+    r = p.run(p.a, [sys.executable, "-c", _MARKED_SENDER, *argv], timeout=20)
+    assert r.returncode == 0, r.stderr
+    out, err = rx.communicate(timeout=20)
+    assert rx.returncode == 0, err.decode()[-2000:]
+    got, nbytes = map(int, out.split())
+    assert nbytes == got * size
+    return got
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_the_guard_counts_reinjected_payload_and_both_pass_lo_redirects_untouched(
+    v6: bool,
+) -> None:
+    with NetnsPair("kr") as p, _cache_on_va(p, flows_max=1024) as (kc, _ipr, _index):
+        a_ip, b_ip = (p.ip6_a, p.ip6_b) if v6 else (p.ip4_a, p.ip4_b)
+        reinjected = dict(kc.reinjected_entries())
+        assert reinjected == {}
+        g0 = _dropped(kc)
+
+        # Re-injected (0x4D49) and uncached: passed, its payload counted by the guard.
+        assert _send_marked(p, v6, 41001, 0x4D490000, 20, 100) == 20
+        key = FlowKey.of(17, a_ip, 41001, b_ip, 7300)
+        got = dict(kc.reinjected_entries())
+        assert got[key].packets == 20 and got[key].payload == 2000
+        assert _dropped(kc) == g0
+
+        # Re-injected and cached: kextless_pre counts it and ends the chain (counted once).
+        key2 = FlowKey.of(17, a_ip, 41002, b_ip, 7300)
+        kc.put(key2, Action.PASS)
+        assert _send_marked(p, v6, 41002, 0x4D490007, 5, 333) == 5
+        e = kc.get(key2)
+        assert e is not None and (e.packets, e.payload) == (5, 5 * 333)
+        assert key2 not in dict(kc.reinjected_entries())
+
+        # The library's lo re-injection mark (0x4D4A): on, untouched, by both programs, even
+        # for a cached flow (kextless_pre would otherwise pass it into the wrong stack).
+        key3 = FlowKey.of(17, a_ip, 41003, b_ip, 7300)
+        kc.put(key3, Action.PASS)
+        before = kc.stats()
+        assert _send_marked(p, v6, 41003, 0x4D4A0002, 7, 50) == 7
+        assert _deltas(kc, before)[PreStat.LO_REDIRECT] == 7
+        e3 = kc.get(key3)
+        assert e3 is not None and e3.packets == 0
+        assert key3 not in dict(kc.reinjected_entries())
+        assert _dropped(kc) == g0
+
+        # Unmarked and uncached: the guard drops it, counts nothing.
+        assert _send_marked(p, v6, 41004, 0, 3, 10) == 0
+        assert _dropped(kc) == g0 + 3
+        assert FlowKey.of(17, a_ip, 41004, b_ip, 7300) not in dict(kc.reinjected_entries())
+
+        if not v6:
+            # A datagram the IP layer fragmented: counted whole, from its first fragment.
+            assert _send_marked(p, v6, 41005, 0x4D490000, 4, 3000) == 4
+            got = dict(kc.reinjected_entries())
+            k5 = FlowKey.of(17, a_ip, 41005, b_ip, 7300)
+            assert got[k5].packets == 4 and got[k5].payload == 12000
+
+
 # A TCP client in `a` behind a re-injecting divert handle (priority 0) between our programs:
 # a cached connection's data never reaches Python, an uncached one's does; the guard passes
 # the handle's re-injected (marked) packets and drops what nobody re-injects.
@@ -332,6 +444,15 @@ transfer(42002)
 out["cached"], out["uncached"] = seen[42001], seen[42002]
 e = kc.get(FlowKey.of(6, me, 42001, host, port))
 out["cached_out_packets"] = e.packets if e else -1
+out["cached_out_payload"] = e.payload if e else -1
+r = dict(kc.reinjected_entries())
+def reinj(key):
+    return r[key].payload if key in r else 0
+out["cached_out_reinjected"] = reinj(FlowKey.of(6, me, 42001, host, port))
+out["uncached_out_reinjected"] = reinj(FlowKey.of(6, me, 42002, host, port))
+out["uncached_in_reinjected"] = reinj(FlowKey.of(6, host, port, me, 42002))
+e = kc.get(FlowKey.of(6, host, port, me, 42001))
+out["cached_in"] = (e.payload if e else 0) + reinj(FlowKey.of(6, host, port, me, 42001))
 stop = True
 t.join()
 h.close()
@@ -384,6 +505,12 @@ def test_a_cached_tcp_connection_skips_python_and_the_guard_passes_reinjected(v6
         assert out["uncached"] > 30
         assert 2 <= out["cached"] <= 8
         assert out["cached_out_packets"] > 10
+        # Every payload byte counted once: the cache's entry plus what Python re-injected
+        # (the kernel's GSO segments count one header each).
+        assert out["cached_out_payload"] + out["cached_out_reinjected"] == 2_000_000
+        assert out["cached_out_payload"] > 1_900_000
+        assert out["uncached_out_reinjected"] == 2_000_000
+        assert out["uncached_in_reinjected"] == 4 and out["cached_in"] == 4  # b"done"
         assert out["without_handle"] in ("TimeoutError", "timeout")
         assert out["guard_drops"] >= 1
 
