@@ -225,9 +225,10 @@ def test_an_accepted_udp_blast_reaches_python_only_at_its_start_at_the_native_ra
             kx.append(got_k / 1.0)
             seen.append(counters["packets"])
             assert sent_k > 10_000, sent_k
-            # Python saw the flow's first datagrams (those sent before the verdict was in
-            # the kernel) and the probes of the link, not the blast.
-            assert counters["packets"] < 0.02 * sent_k, (counters, sent_k, cap.log()[-3000:])
+            # Python saw the flow's first datagrams - those sent before the verdict was in
+            # the kernel, and those already queued in the divert ring (~4000 slots) when it
+            # was - not the blast: a bound set by the ring and the verdict's latency.
+            assert counters["packets"] < 6000, (counters, sent_k, cap.log()[-3000:])
         fig = {
             "baseline_rx_pps": _stats(base),
             "kextless_rx_pps": _stats(kx),
