@@ -32,7 +32,6 @@ The loop polls the child's stdout; the flows are handed to the core in parts of
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
@@ -51,7 +50,6 @@ import zmq
 from pydivert import EBPFDivert, Packet
 from pydivert.consts import Direction as DivertDirection
 from pydivert.ebpf import SHUTDOWN_RECV
-from pyroute2.netlink.exceptions import NetlinkError
 from zmq.utils.monitor import recv_monitor_message
 
 from kextless.actors.capture import existing, filters, orphans, tcbpf
@@ -102,8 +100,6 @@ _BATCH = 256
 #: core's deadlines; keeping it keeps an idle capture at 10 wake-ups a second, as before.
 _RECV_TIMEOUT_NS = 100_000_000
 _STATS_NS = 5_000_000_000
-#: The loopback device's ifindex (always 1 in a network namespace).
-_LO_INDEX = 1
 #: Existing connections handed to the core per loop pass (the core takes ~25 us each, so a
 #: part keeps packets waiting a few ms at most).
 _EXISTING_PART = 128
@@ -249,43 +245,14 @@ class _KernelLinks:
 
 
 def attach_link(kc: KernelCache, ipr: Any, index: int, name: str, guard: bool) -> None:
-    """kextless_pre on both hooks of a link and the guard (unless fail open) - but on lo only
-    kextless_pre on egress. libebpfdivert re-injects INBOUND packets (of every link) by sending
-    them out of lo marked 0x4D4Axxxx (its REDIRECT_MARK_MASK | target ifindex); its lo ingress
-    program then redirects them to the target's ingress. Our programs do not know that mark
-    (yet): a guard on lo egress dropped those packets (their send failed with ENOBUFS), and
-    kextless_pre on lo ingress passed those of a cached flow into lo's stack, where they were
-    lost (the first datagram of an accepted inbound UDP flow). Loopback traffic is diverted
-    once, on lo egress, where kextless_pre serves cached loopback flows; it passes lo ingress
-    untouched. So lo has no guard: loopback packets the divert program lets by unexamined (a
-    full ring) pass. (The fix: both programs pass 0x4D4A-marked packets on, TC_ACT_UNSPEC;
-    then lo gets the full chain.)"""
-    if index != _LO_INDEX:
-        kc.attach(ipr, index, name, guard=guard)
-        return
-    try:
-        ipr.tc("add", "clsact", index=index)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise
-    # Replace what a predecessor (or guard.py) left on either hook.
-    tcbpf.detach(ipr, index, GUARD_PREF)
-    tcbpf.detach(ipr, index, PRE_PREF)
-    ipr.tc(
-        "add-filter",
-        "bpf",
-        index=index,
-        handle=1,
-        fd=kc.pre_fd,
-        name=PRE_NAME,
-        parent=tcbpf.EGRESS,
-        prio=PRE_PREF,
-        protocol=tcbpf.ETH_P_ALL,
-        classid=1,
-        direct_action=True,
-    )
-    kc.attached[index] = name
-    log.info("kernel cache on %s (ifindex %d): egress only, no guard", name or "lo", index)
+    """kextless_pre on both hooks of a link, and the guard unless fail open - lo included:
+    loopback traffic is diverted once, on lo egress, and a loopback packet the divert program
+    let by unexamined meets the guard on lo ingress. Both programs pass the divert library's
+    inbound re-injection (marked 0x4D4Axxxx, out of lo and redirected from lo ingress to its
+    target link) on untouched: before they did, a guard on lo egress dropped those packets
+    (their send failed with ENOBUFS) and kextless_pre on lo ingress passed those of a cached
+    flow into lo's own stack, where they were lost."""
+    kc.attach(ipr, index, name, guard=guard)
 
 
 def start_kernel_cache(ipr: Any, cfg: ShellConfig) -> KernelCache:

@@ -197,12 +197,12 @@ def _blast(
     sport: int,
     secs: float,
     pps: float = 0,
+    loopback: bool = False,
 ) -> tuple[int, int]:
-    """(sent, received) of one blast b -> a."""
+    """(sent, received) of one blast b -> a (`loopback`: inside a, to 127.0.0.1)."""
     before = _rx(rcv)
-    r = pair.run(
-        pair.b, [sys.executable, "-c", _BLASTER, pair.ip4_a, port, sport, secs, pps], timeout=30
-    )
+    ns, host = (pair.a, "127.0.0.1") if loopback else (pair.b, pair.ip4_a)
+    r = pair.run(ns, [sys.executable, "-c", _BLASTER, host, port, sport, secs, pps], timeout=30)
     assert r.returncode == 0, r.stderr
     time.sleep(0.3)  # the receiver drains
     return int(r.stdout), _rx(rcv) - before
@@ -416,19 +416,24 @@ def _guard_drops(log: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fail_open", [False, True], ids=["fail_closed", "fail_open"])
+@pytest.mark.parametrize(
+    ("fail_open", "loopback"),
+    [(False, False), (True, False), (False, True)],
+    ids=["fail_closed", "fail_open", "fail_closed_loopback"],
+)
 def test_a_blast_that_fills_the_ring_passes_nothing_unexamined_unless_fail_open(
-    fail_open: bool,
+    fail_open: bool, loopback: bool
 ) -> None:
     """PermanentBlock for the blast's flow: Python rejects every datagram it sees, so every
-    one the receiver gets passed the divert program unexamined (its ring was full)."""
+    one the receiver gets passed the divert program unexamined (its ring was full). Over the
+    veth, and on lo (diverted on its egress, guarded on its ingress)."""
     port = 7460
     with _env(Verdict.PERMANENT_BLOCK) as (pair, ale, tmp):
         rcv = pair.popen(pair.a, [sys.executable, "-c", _RECEIVER, port], stdin=subprocess.PIPE)
         assert rcv.stdout is not None and rcv.stdout.readline().strip() == b"ready"
         args = ("--fail-open",) if fail_open else ()
         cap = _start(pair, ale, tmp, *args)
-        sent, got = _blast(pair, rcv, port, 41460, 1.5)
+        sent, got = _blast(pair, rcv, port, 41460, 1.5, loopback=loopback)
         counters = cap.stop()
         drops = _guard_drops(cap.log())
         fig = {
@@ -437,7 +442,8 @@ def test_a_blast_that_fills_the_ring_passes_nothing_unexamined_unless_fail_open(
             "guard_drops": drops,
             "python_packets": counters.get("packets"),
         }
-        _measure(f"ring_full_blast_{'fail_open' if fail_open else 'fail_closed'}", fig)
+        name = ("fail_open" if fail_open else "fail_closed") + ("_lo" if loopback else "")
+        _measure(f"ring_full_blast_{name}", fig)
         assert counters["packets"] < sent, fig  # the ring overflowed
         if fail_open:
             assert got > 0 and drops == 0, fig
