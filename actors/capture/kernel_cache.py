@@ -95,10 +95,11 @@ class PreStat(enum.IntEnum):
 
 #: struct flow_key: family, proto, sport, dport (network order), pad, src[16], dst[16].
 _KEY = struct.Struct("!BBHHH16s16s")
-#: struct flow_val: last_seen_ns, packets, bytes, payload, action, verdict, pad[6].
-_VAL = struct.Struct("=QQQQBB6x")
-#: struct reinj_val (guard.bpf.c): last_seen_ns, packets, payload.
-_REINJ = struct.Struct("=QQQ")
+#: struct flow_val: last_seen_ns, packets, bytes, payload, action, verdict, then the TCP
+#: stream span the program keeps (seq_valid, pad, seq_start, seq_end, pad2; Python writes 0).
+_VAL = struct.Struct("=QQQQBB14x")
+#: struct reinj_val (guard.bpf.c): last_seen_ns, packets, payload, then seq_end, seq_valid.
+_REINJ = struct.Struct("=QQQ8x")
 REINJECTED_MAP = "reinjected"
 #: BPF_F_RDONLY: a map fd that can only look up (uapi/linux/bpf.h).
 _BPF_F_RDONLY = 1 << 3
@@ -298,6 +299,16 @@ def _map_fd_by_id(map_id: int, rdonly: bool) -> int:
     opts = _FdByIdOpts(ctypes.sizeof(_FdByIdOpts), _BPF_F_RDONLY)
     rc = lib.lib.bpf_map_get_fd_by_id_opts(map_id, ctypes.byref(opts))
     return lib.check(rc, f"map id {map_id} (read-only)")
+
+
+def _prog_load_time(prog_fd: int) -> int:
+    """When the program was loaded: CLOCK_BOOTTIME ns (struct bpf_prog_info.load_time)."""
+    lib = _libbpf()
+    info = _ProgInfo()
+    n = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = lib.lib.bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(n))
+    lib.check(rc, "prog info")
+    return int(info.load_time)
 
 
 def _prog_maps(prog_fd: int, rdonly: bool = False) -> dict[str, int]:
@@ -675,6 +686,9 @@ class CounterMaps:
     flows: _Map
     reinjected: _Map | None
     program_ids: tuple[int, ...]
+    #: When kextless_pre was loaded (CLOCK_BOOTTIME ns): a reader that started later
+    #: joins counters that already hold bytes it never saw counted.
+    loaded_boot_ns: int = 0
 
     @classmethod
     def open(cls, ipr: Any) -> CounterMaps | None:
@@ -686,11 +700,13 @@ class CounterMaps:
         _check_single(pre_ids, guard_ids)
         lib = _libbpf()
         fds: dict[str, int] = {}
+        loaded = 0
         try:
             for pid in [*pre_ids, *guard_ids]:
                 prog = lib.check(lib.lib.bpf_prog_get_fd_by_id(pid), f"program id {pid}")
                 try:
                     fds |= _prog_maps(prog, rdonly=True)
+                    loaded = loaded or _prog_load_time(prog)
                 finally:
                     os.close(prog)
             if "flows" not in fds:
@@ -707,7 +723,7 @@ class CounterMaps:
         for fd in fds.values():  # the maps a reader does not need
             os.close(fd)
         ids = tuple(sorted(pre_ids)) + tuple(sorted(guard_ids))
-        return cls(flows, reinjected, ids)
+        return cls(flows, reinjected, ids, loaded)
 
     def flow_entries(self) -> Iterator[tuple[FlowKey, FlowEntry]]:
         """kextless_pre's entries, one per orientation."""

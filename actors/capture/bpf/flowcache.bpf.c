@@ -15,7 +15,10 @@
  *
  * A PASS entry counts its direction's packets, wire bytes and application payload bytes (IP
  * payload minus the TCP/UDP header, from the IP length fields, so a GSO/GRO super-packet
- * counts its one header once): the bandwidth actor reads them (actors/bandwidth/).
+ * counts its one header once): the bandwidth actor reads them (actors/bandwidth/). TCP
+ * counts stream bytes, as the kext's stream layer does: how far the span of sequence numbers
+ * seen grew, so a retransmission adds nothing and a reordered segment is not lost (nor one
+ * Python re-injects late, below the first one the entry saw).
  *
  * Packets the divert library re-injects INBOUND travel out of lo marked 0x4D4Axxxx (its
  * REDIRECT_MARK_MASK | target ifindex); its own program on lo ingress then redirects them to
@@ -55,9 +58,9 @@ enum flow_action {
 	ACTION_DROP = 2,
 };
 
-/* Value of `flows`, 40 bytes: Python writes action/verdict with zero counters; the program
+/* Value of `flows`, 48 bytes: Python writes action/verdict with zero counters; the program
  * counts this direction's packets, bytes (skb->len, L2 header included) and payload bytes
- * (TCP/UDP payload, headers excluded). */
+ * (TCP/UDP payload, headers excluded; TCP: new stream bytes only). */
 struct flow_val {
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet, 0 = none since the put */
 	__u64 packets;
@@ -65,8 +68,48 @@ struct flow_val {
 	__u64 payload;
 	__u8 action;        /* enum flow_action */
 	__u8 verdict;       /* opaque to the kernel: the verdict Python decided */
-	__u8 pad[6];
+	__u8 seq_valid;     /* TCP: seq_start/seq_end hold a span (0 after a put) */
+	__u8 pad;
+	__u32 seq_start;    /* TCP: the lowest sequence number seen (host order) */
+	__u32 seq_end;      /* TCP: the highest sequence number + length seen */
+	__u32 pad2;
 };
+
+/* A jump of the stream further than this past what was seen is not believed (a stale entry
+ * reused by a new connection, a forged segment): only the packet's own payload counts. */
+#define MAX_SEQ_ADVANCE (1U << 26)
+
+/* The payload bytes a TCP segment adds to its direction's stream: how far it grows the span
+ * [seq_start, seq_end) seen so far. Upwards the whole advance counts (a gap is filled by
+ * segments that arrive later and then add nothing); downwards only the segment's own bytes
+ * below the span. A retransmission adds nothing. Not atomic: two CPUs on one flow direction
+ * at once (rare: a socket sends in order) can count one segment twice or not at all. */
+static __always_inline __u32 stream_advance(struct flow_val *v, __u32 seq, __u32 payload)
+{
+	__u32 end = seq + payload;
+	__s32 ahead = (__s32)(end - v->seq_end);
+	__s32 below = (__s32)(v->seq_start - seq);
+	__u32 add = 0;
+
+	if (!payload)
+		return 0;
+	if (!v->seq_valid || ahead > (__s32)(payload + MAX_SEQ_ADVANCE) ||
+	    below > (__s32)(payload + MAX_SEQ_ADVANCE)) {
+		v->seq_valid = 1;
+		v->seq_start = seq;
+		v->seq_end = end;
+		return payload;
+	}
+	if (ahead > 0) {
+		add += (__u32)ahead;
+		v->seq_end = end;
+	}
+	if (below > 0) {
+		add += (__u32)below < payload ? (__u32)below : payload;
+		v->seq_start = seq;
+	}
+	return add;
+}
 
 /* Key of `pass_ports`: traffic with either port here skips the divert (our own control). */
 struct pass_port {
@@ -139,6 +182,7 @@ int kextless_pre(struct __sk_buff *skb)
 	__u32 l4;  /* offset of the L4 header from the network header */
 	__u32 end; /* the IP packet's length from its header's length field; 0 = unknown */
 	__u32 hlen; /* the TCP/UDP header's length */
+	__u32 seq = 0;
 	__u8 proto;
 
 	if ((skb->mark >> 16) == LO_REDIRECT_MARK_HI)
@@ -207,6 +251,7 @@ int kextless_pre(struct __sk_buff *skb)
 		key.sport = th.source;
 		key.dport = th.dest;
 		hlen = th.doff * 4;
+		seq = bpf_ntohl(th.seq);
 		if (passed_port(proto, th.source) || passed_port(proto, th.dest))
 			return count(ST_PASS_PORT, TC_ACT_OK);
 		/* Openers and ends go to Python: it sees every connection start and finish. */
@@ -245,8 +290,14 @@ int kextless_pre(struct __sk_buff *skb)
 	 * skb->len, which then also counts the L2 header. */
 	if (!end)
 		end = skb->len;
-	if (end > l4 + hlen)
-		__sync_fetch_and_add(&v->payload, end - l4 - hlen);
+	if (end > l4 + hlen) {
+		__u32 payload = end - l4 - hlen;
+
+		if (proto == IPPROTO_TCP)
+			payload = stream_advance(v, seq, payload);
+		if (payload)
+			__sync_fetch_and_add(&v->payload, payload);
+	}
 	return count(ST_PASSED, TC_ACT_OK);
 }
 

@@ -13,7 +13,9 @@
  * A re-injected TCP/UDP packet is one Python let through (the first packets of a connection,
  * TCP SYN/FIN/RST, every packet of a flow without a kernel PASS entry): its application
  * payload is added to `reinjected` under its 5-tuple as the packet carries it, so the
- * bandwidth actor sees the bytes the flow cache does not count. (A re-injected packet of a
+ * bandwidth actor sees the bytes the flow cache does not count. TCP counts only payload
+ * beyond the highest sequence number seen here, so a retransmission adds nothing (unlike
+ * kextless_pre it never counts a gap: the bytes in one may have passed through the cache). (A re-injected packet of a
  * flow with a PASS entry never gets here: kextless_pre counts it and ends the chain.)
  *
  * The library's lo re-injection (0x4D4A mark: an inbound packet on its way to its target's
@@ -52,11 +54,13 @@ struct flow_key {
 	__u8 dst[16];
 };
 
-/* Value of `reinjected`, 24 bytes (kernel_cache.ReinjectedEntry). */
+/* Value of `reinjected`, 32 bytes (kernel_cache.ReinjectedEntry). */
 struct reinj_val {
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet counted */
 	__u64 packets;
 	__u64 payload;      /* TCP/UDP payload bytes, headers excluded */
+	__u32 seq_end;      /* TCP: the highest sequence number + length seen (host order) */
+	__u32 seq_valid;    /* TCP: seq_end holds a value */
 };
 
 struct {
@@ -79,7 +83,7 @@ struct {
 static __always_inline void count_reinjected(struct __sk_buff *skb)
 {
 	struct flow_key key = {};
-	__u32 l4, end, hlen;
+	__u32 l4, end, hlen, seq = 0;
 	__u8 proto;
 	int first_frag = 0; /* an IPv4 UDP datagram's first fragment: its UDP length counts */
 
@@ -126,6 +130,7 @@ static __always_inline void count_reinjected(struct __sk_buff *skb)
 		key.sport = th.source;
 		key.dport = th.dest;
 		hlen = th.doff * 4;
+		seq = bpf_ntohl(th.seq);
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr uh;
 
@@ -143,17 +148,39 @@ static __always_inline void count_reinjected(struct __sk_buff *skb)
 	if (!end)
 		end = skb->len; /* no length field (BIG TCP): L2 header included */
 
-	__u64 payload = end > l4 + hlen ? end - l4 - hlen : 0;
+	__u32 payload = end > l4 + hlen ? end - l4 - hlen : 0;
 	__u64 now = bpf_ktime_get_ns();
 	struct reinj_val *v = bpf_map_lookup_elem(&reinjected, &key);
+	int tcp_data = proto == IPPROTO_TCP && payload;
 
 	if (v) {
 		v->last_seen_ns = now;
 		__sync_fetch_and_add(&v->packets, 1);
-		__sync_fetch_and_add(&v->payload, payload);
+		if (tcp_data) {
+			/* Only what lies beyond the highest end seen (not atomic, as in flowcache). */
+			__u32 end_seq = seq + payload;
+			__s32 ahead = (__s32)(end_seq - v->seq_end);
+
+			if (v->seq_valid && ahead <= 0)
+				payload = 0;
+			else if (v->seq_valid && (__u32)ahead < payload)
+				payload = (__u32)ahead;
+			if (!v->seq_valid || ahead > 0) {
+				v->seq_end = end_seq;
+				v->seq_valid = 1;
+			}
+		}
+		if (payload)
+			__sync_fetch_and_add(&v->payload, payload);
 		return;
 	}
-	struct reinj_val fresh = { .last_seen_ns = now, .packets = 1, .payload = payload };
+	struct reinj_val fresh = {
+		.last_seen_ns = now,
+		.packets = 1,
+		.payload = payload,
+		.seq_end = seq + payload,
+		.seq_valid = tcp_data,
+	};
 
 	/* Two CPUs creating the same entry at once: the loser adds to the winner's. */
 	if (bpf_map_update_elem(&reinjected, &key, &fresh, BPF_NOEXIST)) {

@@ -71,18 +71,19 @@ def test_key_from_the_capture_flow_is_its_outbound_packet() -> None:
 
 def test_entry_unpacks_struct_flow_val() -> None:
     raw = b"".join(n.to_bytes(8, "little") for n in (7, 3, 300, 180))
-    raw += bytes([2, 9]) + bytes(6)
-    assert len(raw) == 40
+    raw += bytes([2, 9, 1, 0]) + bytes(12)  # then the program's own TCP span (ignored)
+    assert len(raw) == 48
     assert FlowEntry.unpack(raw) == FlowEntry(Action.DROP, 9, 3, 300, 7, payload=180)
 
 
 def test_reinjected_entry_unpacks_struct_reinj_val() -> None:
-    raw = b"".join(n.to_bytes(8, "little") for n in (11, 4, 1460))
+    raw = b"".join(n.to_bytes(8, "little") for n in (11, 4, 1460)) + bytes(8)
     assert ReinjectedEntry.unpack(raw) == ReinjectedEntry(packets=4, payload=1460, last_seen_ns=11)
     src = (BPF / "guard.bpf.c").read_text()
     body = re.search(r"struct reinj_val \{(.*?)\};", src, re.S)
     assert body is not None
     assert re.findall(r"__u64 (\w+);", body.group(1)) == ["last_seen_ns", "packets", "payload"]
+    assert re.findall(r"__u32 (\w+);", body.group(1)) == ["seq_end", "seq_valid"]
 
 
 def test_python_enums_mirror_the_c_source() -> None:
@@ -394,6 +395,47 @@ def test_the_guard_counts_reinjected_payload_and_both_pass_lo_redirects_untouche
             got = dict(kc.reinjected_entries())
             k5 = FlowKey.of(17, a_ip, 41005, b_ip, 7300)
             assert got[k5].packets == 4 and got[k5].payload == 12000
+
+
+# Sends hand-made TCP segments (ACK only, `seq:len` each) a -> b out of va, marked as given.
+_SEGMENTS = r"""
+import socket, struct, sys
+src, dst, mark = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+for spec in sys.argv[4:]:
+    seq, n = map(int, spec.split(":"))
+    tcp = struct.pack("!HHIIBBHHH", 1234, 5678, seq, 1, 5 << 4, 0x10, 65535, 0, 0) + b"s" * n
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    s.sendto(ip + tcp, (dst, 0))
+"""
+
+
+@pytest.mark.root
+def test_tcp_payload_counts_stream_bytes_once_whatever_the_order() -> None:
+    # 1000:100, its retransmission, 1200:100 (a gap), 1100:100 (fills it), 900:100 (below):
+    # the stream seen is [900, 1300): 400 bytes, the wire carried 500.
+    segs = ["1000:100", "1000:100", "1200:100", "1100:100", "900:100"]
+    with NetnsPair("kq") as p, _cache_on_va(p, flows_max=1024) as (kc, _ipr, _index):
+        key = FlowKey.of(6, p.ip4_a, 1234, p.ip4_b, 5678)
+        kc.put(key, Action.PASS)
+        r = p.run(p.a, [sys.executable, "-c", _SEGMENTS, p.ip4_a, p.ip4_b, 0, *segs])
+        assert r.returncode == 0, r.stderr
+        e = kc.get(key)
+        assert e is not None and e.packets == 5 and e.payload == 400
+        # The guard (re-injected, no entry) counts only what is beyond the highest end seen:
+        # retransmissions add nothing; a late segment below it is not counted there.
+        assert kc.delete(key)
+        r = p.run(p.a, [sys.executable, "-c", _SEGMENTS, p.ip4_a, p.ip4_b, 0x4D490000, *segs])
+        assert r.returncode == 0, r.stderr
+        got = dict(kc.reinjected_entries())[key]
+        assert got.packets == 5 and got.payload == 200
+        # A put starts the entry's stream afresh.
+        kc.put(key, Action.PASS)
+        r = p.run(p.a, [sys.executable, "-c", _SEGMENTS, p.ip4_a, p.ip4_b, 0, "5000:10"])
+        e = kc.get(key)
+        assert e is not None and e.payload == 10
 
 
 # A TCP client in `a` behind a re-injecting divert handle (priority 0) between our programs:
