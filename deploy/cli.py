@@ -32,6 +32,7 @@ _ACTORS: dict[str, str] = {
     "ale": "kextless.actors.ale.main",
     "capture": "kextless.actors.capture.main",
     "lifecycle": "kextless.actors.lifecycle.main",
+    "bandwidth": "kextless.actors.bandwidth.main",
     "policy": "kextless.actors.policy.main",
 }
 
@@ -92,6 +93,12 @@ def _parser(name: str) -> argparse.ArgumentParser:
             dest="lifecycle",
             action="store_false",
             help="start no lifecycle actor: connection infos carry pid 0 and no end events come",
+        )
+        p.add_argument(
+            "--no-bandwidth",
+            dest="bandwidth",
+            action="store_false",
+            help="start no bandwidth actor: GetBandwidthStats produces no infos",
         )
         p.add_argument(
             "--endpoint",
@@ -168,6 +175,7 @@ def _up(args: argparse.Namespace) -> int:
         netns=args.netns,
         policy=args.policy,
         lifecycle=args.lifecycle,
+        bandwidth=args.bandwidth,
         endpoint=args.endpoint,
         run_root=args.run_root,
         curve_server_secret=args.curve_server_secret,

@@ -67,6 +67,8 @@ class UpOptions:
     policy: bool = True
     #: The lifecycle actor (process ids, connection ends); off: pid 0, no end events.
     lifecycle: bool = True
+    #: The bandwidth actor (per-connection bytes); off: GetBandwidthStats produces no infos.
+    bandwidth: bool = True
     endpoint: str | None = None
     run_root: Path | None = None
     curve_server_secret: Path | None = None

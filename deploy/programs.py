@@ -96,6 +96,9 @@ ACTORS: tuple[ActorSpec, ...] = (
         enabled=lambda opts: opts.lifecycle,
     ),
     ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
+    # After the capture, whose kernel programs hold the counters it reads (it follows them
+    # if they come later or are replaced). Off with `--no-bandwidth`.
+    ActorSpec("bandwidth", 350, in_netns=True, enabled=lambda opts: opts.bandwidth),
     ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
 )
 
