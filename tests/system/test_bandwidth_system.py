@@ -222,6 +222,22 @@ def test_bytes_of_transfers_match_what_the_applications_sent_and_received(
     assert _close(got[0], truth[0]) and _close(got[1], truth[1]), (got, truth, c)
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_loopback_counts_each_packet_once_for_each_end(
+    pair: NetnsPair, answerer: Answerer, v6: bool
+) -> None:
+    # A loopback packet crosses lo twice (egress, ingress) and is counted once; the client's
+    # and the server's connection each report their own side, as the kext's sockets do.
+    lo = "::1" if v6 else "127.0.0.1"
+    (c,) = _client(pair, pair.a, lo, 7600, "tcp", 1, 2_000_000, 1_000_000)
+    client: Key = (6, addr(lo), c["port"], addr(lo), 7600)
+    server: Key = (6, addr(lo), 7600, addr(lo), c["port"])
+    got = _totals(answerer, [client, server])
+    print("loopback", lo, got, c, file=sys.stderr)
+    assert _close(got[client][0], c["sent"]) and _close(got[client][1], c["received"]), (got, c)
+    assert _close(got[server][0], c["received"]) and _close(got[server][1], c["sent"]), (got, c)
+
+
 def test_delta_semantics_and_a_connection_that_ends_between_two_requests(
     pair: NetnsPair, answerer: Answerer
 ) -> None:

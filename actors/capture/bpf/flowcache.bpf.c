@@ -18,7 +18,8 @@
  * counts its one header once): the bandwidth actor reads them (actors/bandwidth/). TCP
  * counts stream bytes, as the kext's stream layer does: how far the span of sequence numbers
  * seen grew, so a retransmission adds nothing and a reordered segment is not lost (nor one
- * Python re-injects late, below the first one the entry saw).
+ * Python re-injects late, below the first one the entry saw). A loopback packet crosses lo
+ * twice, egress then ingress: it is counted on egress only.
  *
  * Packets the divert library re-injects INBOUND travel out of lo marked 0x4D4Axxxx (its
  * REDIRECT_MARK_MASK | target ifindex); its own program on lo ingress then redirects them to
@@ -37,6 +38,9 @@
 #include <linux/icmpv6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+/* The loopback device's ifindex: 1 in every network namespace. */
+#define LO_IFINDEX 1
 
 /* The divert library's lo re-injection mark, high half (REDIRECT_MARK_MASK). */
 #define LO_REDIRECT_MARK_HI 0x4D4A
@@ -175,6 +179,18 @@ static __always_inline int passed_port(__u8 proto, __be16 port)
 	return bpf_map_lookup_elem(&pass_ports, &k) != NULL;
 }
 
+/* The L2 header's length before the network header (skb->len counts it at TC): 14 when an
+ * Ethernet header's type field is there (veth, lo, ...), else 0 (tun, ...). */
+static __always_inline __u32 l2_len(struct __sk_buff *skb)
+{
+	__be16 type;
+
+	if (skb->len >= 14 && !bpf_skb_load_bytes(skb, 12, &type, sizeof(type)) &&
+	    type == skb->protocol)
+		return 14;
+	return 0;
+}
+
 SEC("tc")
 int kextless_pre(struct __sk_buff *skb)
 {
@@ -286,11 +302,12 @@ int kextless_pre(struct __sk_buff *skb)
 	v->last_seen_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, skb->len);
-	/* No length field (an IPv4 total length of 0: BIG TCP GSO over 64 KB, off by default):
-	 * skb->len, which then also counts the L2 header. */
+	/* No length field: a GSO super-packet of 64 KB or more (lo's do reach 65536 bytes; BIG
+	 * TCP) has an IPv4 total length / IPv6 payload length of 0. */
 	if (!end)
-		end = skb->len;
-	if (end > l4 + hlen) {
+		end = skb->len - l2_len(skb);
+	/* lo ingress: the same packet was counted on lo egress. */
+	if (end > l4 + hlen && !(skb->ifindex == LO_IFINDEX && skb->ingress_ifindex == LO_IFINDEX)) {
 		__u32 payload = end - l4 - hlen;
 
 		if (proto == IPPROTO_TCP)

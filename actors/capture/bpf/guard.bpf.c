@@ -19,7 +19,8 @@
  * flow with a PASS entry never gets here: kextless_pre counts it and ends the chain.)
  *
  * The library's lo re-injection (0x4D4A mark: an inbound packet on its way to its target's
- * ingress, where it arrives again marked 0x4D49) goes on untouched and uncounted.
+ * ingress, where it arrives again marked 0x4D49) goes on untouched and uncounted. A loopback
+ * packet crosses lo twice, egress then ingress, with its mark: it is counted on egress only.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -36,6 +37,8 @@
 #define REINJECT_MARK_HI 0x4D49
 /* Its lo re-injection mark (REDIRECT_MARK_MASK), high half. */
 #define LO_REDIRECT_MARK_HI 0x4D4A
+/* The loopback device's ifindex: 1 in every network namespace. */
+#define LO_IFINDEX 1
 
 /* One per-CPU slot (kernel_cache.GuardStats sums them, takes the latest time). */
 struct guard_stats {
@@ -78,6 +81,18 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct reinj_val);
 } reinjected SEC(".maps");
+
+/* The L2 header's length before the network header (skb->len counts it at TC): 14 when an
+ * Ethernet header's type field is there (veth, lo, ...), else 0 (tun, ...). */
+static __always_inline __u32 l2_len(struct __sk_buff *skb)
+{
+	__be16 type;
+
+	if (skb->len >= 14 && !bpf_skb_load_bytes(skb, 12, &type, sizeof(type)) &&
+	    type == skb->protocol)
+		return 14;
+	return 0;
+}
 
 /* Count a re-injected packet's payload under its 5-tuple; anything unparsable is not counted. */
 static __always_inline void count_reinjected(struct __sk_buff *skb)
@@ -145,8 +160,10 @@ static __always_inline void count_reinjected(struct __sk_buff *skb)
 		return;
 	}
 	key.proto = proto;
+	/* No length field: a GSO super-packet of 64 KB or more (lo's do reach 65536 bytes; BIG
+	 * TCP) has an IPv4 total length / IPv6 payload length of 0. */
 	if (!end)
-		end = skb->len; /* no length field (BIG TCP): L2 header included */
+		end = skb->len - l2_len(skb);
 
 	__u32 payload = end > l4 + hlen ? end - l4 - hlen : 0;
 	__u64 now = bpf_ktime_get_ns();
@@ -204,7 +221,8 @@ int kextless_guard(struct __sk_buff *skb)
 	if (hi == LO_REDIRECT_MARK_HI)
 		return TC_ACT_UNSPEC;
 	if (hi == REINJECT_MARK_HI) {
-		count_reinjected(skb);
+		if (!(skb->ifindex == LO_IFINDEX && skb->ingress_ifindex == LO_IFINDEX))
+			count_reinjected(skb);
 		return TC_ACT_UNSPEC;
 	}
 	s = bpf_map_lookup_elem(&guard_stats, &zero);
