@@ -50,6 +50,10 @@ class DownReport:
     killed: list[str] = field(default_factory=list)
     #: Divert programs left in the namespace (a SIGKILLed capture's) that `down` removed.
     removed: list[str] = field(default_factory=list)
+    #: The kernel flow cache and fail-closed guard (kextless_pre / kextless_guard) that `down`
+    #: removed: a capture leaves them attached on purpose (its successor adopts them, and the
+    #: guard keeps the namespace fail closed while no capture runs), so they are no leftover.
+    cache_removed: list[str] = field(default_factory=list)
 
 
 def down(
@@ -69,6 +73,9 @@ def down(
         )
     for name in report.killed:
         out(f"WARNING: {name} ignored SIGTERM for its stopwaitsecs and was SIGKILLed")
+    if report.cache_removed:
+        links = sorted({what.split()[0] for what in report.cache_removed})
+        out(f"removed the kernel flow cache and fail-closed guard from: {', '.join(links)}")
     for what in report.removed:
         table = what.removeprefix("nft table ")
         if table != what:
@@ -136,7 +143,9 @@ def teardown(
         except (DeployError, OSError) as e:
             report.problems.append(f"could not check divert filters: {e}")
         else:
-            report.removed += removed
+            for what in removed:
+                ours = what.endswith((" kextless_pre", " kextless_guard"))
+                (report.cache_removed if ours else report.removed).append(what)
             report.problems += [f"divert filter left in netns {netns}: {e}" for e in errors]
         # A killed capture's nft guard (nftguard.py) still drops IP on every later link.
         removed, errors = orphans.remove_nft_tables(netns)

@@ -194,14 +194,18 @@ def tc_filters(ns: str, dev: str, hook: str) -> str:
 
 
 def wait_diverted(ns: str, dev: str, timeout: float = 5.0) -> float:
-    """Seconds until divert programs sit on both hooks of `dev` in `ns` and no fail-closed
-    guard is left; AssertionError after `timeout`."""
+    """Seconds until divert programs sit on both hooks of `dev` in `ns`, and either the whole
+    kernel-cache chain (kextless_pre and the permanent guard on both hooks) or no guard at all
+    (--no-kernel-cache: the reactive guard is gone once diverted); AssertionError after
+    `timeout`."""
     import time
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         i, e = tc_filters(ns, dev, "ingress"), tc_filters(ns, dev, "egress")
-        if "tc_divert_ingre" in i and "tc_divert_egres" in e and "kextless_guard" not in i + e:
+        chain = all("kextless_pre" in h and "kextless_guard" in h for h in (i, e))
+        diverted = "tc_divert_ingre" in i and "tc_divert_egres" in e
+        if diverted and (chain or "kextless_guard" not in i + e):
             return time.monotonic() - t0
         time.sleep(0.01)
     raise AssertionError(
