@@ -25,6 +25,7 @@ eviction, are the only losses (README.md).
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 
 from kextless.protocol import messages as m
@@ -49,17 +50,22 @@ class Source(enum.IntEnum):
     REINJECTED = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One counter as the kernel holds it: a packet orientation's payload bytes so far."""
+#: One counter as the kernel holds it: its map, its raw 40-byte key (struct flow_key of
+#: flowcache.bpf.c: the packet orientation's 5-tuple) and the payload bytes counted so far.
+#: Plain tuples, decoded only when a counter moved: a read of 60k entries stays cheap.
+Reading = tuple[Source, bytes, int]
 
-    source: Source
-    protocol: int
-    src: bytes
-    sport: int
-    dst: bytes
-    dport: int
-    payload: int
+#: struct flow_key: family, proto, sport, dport (network order), pad, src[16], dst[16]
+#: (kernel_cache.FlowKey.pack writes it; tests/actors/bandwidth checks both agree).
+_KEY = struct.Struct("!BBHHH16s16s")
+
+
+def decode_key(raw: bytes) -> tuple[int, bytes, int, bytes, int]:
+    """(protocol, src, sport, dst, dport) of a raw map key; IPv4 addresses as 4 bytes."""
+    family, proto, sport, dport, _pad, src, dst = _KEY.unpack(raw)
+    if family == 4:
+        src, dst = src[:4], dst[:4]
+    return proto, src, sport, dst, dport
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +77,7 @@ Effect = m.Message | ReadCounters
 
 #: (protocol, local_ip, local_port, remote_ip, remote_port): the kext's table key.
 ConnKey = tuple[int, bytes, int, bytes, int]
-_CounterKey = tuple[Source, int, bytes, int, bytes, int]
+_CounterKey = tuple[Source, bytes]
 
 #: The kext's order of the four tables (spec §11, docs/kext-contract.md C11).
 _TABLES = (
@@ -155,19 +161,22 @@ class BandwidthCore:
             baseline_only = bool(generation) and not fresh
             self.generation = generation
         seen: dict[_CounterKey, int] = {}
-        for r in readings:
-            key = (r.source, r.protocol, r.src, r.sport, r.dst, r.dport)
-            seen[key] = r.payload
-            old = self.last.get(key)
+        last = self.last
+        for source, raw, payload in readings:
+            key = (source, raw)
+            seen[key] = payload
+            old = last.get(key)
+            if old == payload:
+                continue  # the common case: nothing moved
             if old is None:
-                delta = 0 if baseline_only else r.payload
-            elif r.payload >= old:
-                delta = r.payload - old
+                delta = 0 if baseline_only else payload
+            elif payload > old:
+                delta = payload - old
             else:
                 self.counters["resets"] += 1
-                delta = r.payload
+                delta = payload
             if delta:
-                out += self._add(r, delta, local)
+                out += self._add(decode_key(raw), delta, local)
         self.last = seen
         return out
 
@@ -219,16 +228,19 @@ class BandwidthCore:
 
     # ---- inside ---------------------------------------------------------------------------
 
-    def _add(self, r: Reading, delta: int, local: frozenset[bytes]) -> list[Effect]:
+    def _add(
+        self, key: tuple[int, bytes, int, bytes, int], delta: int, local: frozenset[bytes]
+    ) -> list[Effect]:
+        proto, src, sport, dst, dport = key
         out: list[Effect] = []
-        sent, got = _is_local(r.src, local), _is_local(r.dst, local)
+        sent, got = _is_local(src, local), _is_local(dst, local)
         if not (sent or got):
             self.counters["foreign_bytes"] += delta  # forwarded through the namespace
             return out
         if sent:
-            out += self._credit((r.protocol, r.src, r.sport, r.dst, r.dport), 0, delta)
+            out += self._credit((proto, src, sport, dst, dport), 0, delta)
         if got:
-            out += self._credit((r.protocol, r.dst, r.dport, r.src, r.sport), 1, delta)
+            out += self._credit((proto, dst, dport, src, sport), 1, delta)
         return out
 
     def _credit(self, conn: ConnKey, index: int, delta: int) -> list[Effect]:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import struct
 import time
 from typing import Any
 
@@ -27,13 +28,20 @@ from kextless.actors.bandwidth.core import BandwidthCore, Effect, ReadCounters, 
 
 # The kernel map layout is the capture's (kernel_cache.py owns the programs); this actor only
 # reads it, through the read-only view made for it (.importlinter allows this one import).
-from kextless.actors.capture.kernel_cache import CounterMaps, KernelCacheError, attached_program_ids
+from kextless.actors.capture.kernel_cache import (
+    PAYLOAD_OFFSET,
+    REINJECTED_PAYLOAD_OFFSET,
+    CounterMaps,
+    KernelCacheError,
+    attached_program_ids,
+)
 from kextless.base.cores import wait_ms
 from kextless.protocol import messages as m
 from kextless.protocol.enums import CommandType, Severity
 from kextless.protocol.logtag import source_tag
 
 log = logging.getLogger("bandwidth")
+_U64 = struct.Struct("=Q")
 
 OWNED_COMMANDS = (CommandType.GET_BANDWIDTH_STATS,)
 HEALTH_NS = 1_000_000_000
@@ -123,16 +131,14 @@ class BandwidthShell:
         maps = self.maps
         if maps is not None:
             try:
-                for k, e in maps.flow_entries():
-                    readings.append(
-                        Reading(Source.CACHE, k.proto, k.src, k.sport, k.dst, k.dport, e.payload)
-                    )
-                for k, r in maps.reinjected_entries():
-                    readings.append(
-                        Reading(
-                            Source.REINJECTED, k.proto, k.src, k.sport, k.dst, k.dport, r.payload
-                        )
-                    )
+                cache, reinj = Source.CACHE, Source.REINJECTED
+                at = PAYLOAD_OFFSET
+                readings = [(cache, k, _U64.unpack_from(v, at)[0]) for k, v in maps.flows.items()]
+                if maps.reinjected is not None:
+                    at = REINJECTED_PAYLOAD_OFFSET
+                    readings += [
+                        (reinj, k, _U64.unpack_from(v, at)[0]) for k, v in maps.reinjected.items()
+                    ]
             except KernelCacheError as e:
                 self._error(f"reading the counter maps failed: {e}")
                 maps.close()

@@ -101,6 +101,9 @@ _VAL = struct.Struct("=QQQQBB14x")
 #: struct reinj_val (guard.bpf.c): last_seen_ns, packets, payload, then seq_end, seq_valid.
 _REINJ = struct.Struct("=QQQ8x")
 REINJECTED_MAP = "reinjected"
+#: Where the payload counter sits in each value (a reader of raw values unpacks only it).
+PAYLOAD_OFFSET = 24
+REINJECTED_PAYLOAD_OFFSET = 16
 #: BPF_F_RDONLY: a map fd that can only look up (uapi/linux/bpf.h).
 _BPF_F_RDONLY = 1 << 3
 #: struct pass_port: port (host order), proto, pad.

@@ -12,7 +12,10 @@ from kextless.actors.bandwidth.core import (
     ReadCounters,
     Reading,
     Source,
+    decode_key,
 )
+from kextless.actors.capture import kernel_cache as kcm
+from kextless.actors.capture.kernel_cache import FlowEntry, FlowKey, ReinjectedEntry
 from kextless.protocol import messages as m
 from kextless.protocol.enums import InfoType, Severity
 from kextless.protocol.infos import BandwidthStatsV4, BandwidthStatsV6, decode_info
@@ -34,7 +37,8 @@ def rd(
     proto: int = TCP,
     source: Source = Source.CACHE,
 ) -> Reading:
-    return Reading(source, proto, src, sport, dst, dport, n)
+    """A reading as the shell makes it: the raw map key the capture's loader writes."""
+    return (source, FlowKey(proto, src, sport, dst, dport).pack(), n)
 
 
 def answer(core: BandwidthCore, now: int = 0) -> list[BandwidthStatsV4 | BandwidthStatsV6]:
@@ -224,3 +228,16 @@ def test_polls_are_due_every_interval() -> None:
     assert core.next_deadline_ns() == 2 * S
     core.poll([], GEN, True, LOCAL, int(1.5 * S))  # a request's read moves the next one
     assert core.next_deadline_ns() == int(2.5 * S)
+
+
+def test_the_core_reads_the_key_and_payload_where_the_capture_writes_them() -> None:
+    for k in (FlowKey(TCP, A4, 40000, B4, 80), FlowKey(UDP, A6, 5353, B6, 53)):
+        assert decode_key(k.pack()) == (k.proto, k.src, k.sport, k.dst, k.dport)
+    raw = bytearray(48)
+    raw[kcm.PAYLOAD_OFFSET : kcm.PAYLOAD_OFFSET + 8] = (123456).to_bytes(8, "little")
+    assert FlowEntry.unpack(bytes(raw)).payload == 123456
+    raw = bytearray(32)
+    raw[kcm.REINJECTED_PAYLOAD_OFFSET : kcm.REINJECTED_PAYLOAD_OFFSET + 8] = (77).to_bytes(
+        8, "little"
+    )
+    assert ReinjectedEntry.unpack(bytes(raw)).payload == 77
