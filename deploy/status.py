@@ -113,7 +113,7 @@ def status(
     except DeployError as e:
         report["interfaces_error"] = str(e)
         code = 1 if guarding else code
-    if guarding and any(not i["guarded"] for i in report["interfaces"]):
+    if guarding and any(not i["closed"] for i in report["interfaces"]):
         code = 1
     return code, report
 
@@ -129,6 +129,9 @@ def interfaces(netns: str | None) -> list[dict[str, Any]]:
             "ingress": c.ingress,
             "egress": c.egress,
             "guarded": c.guarded,
+            "held_ingress": c.held_ingress,
+            "held_egress": c.held_egress,
+            "closed": c.closed,
         }
         for c in interface_coverage(netns)
     ]
@@ -153,6 +156,12 @@ def divert_counters(broker: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
     return out
 
 
+def _hook_state(i: dict[str, Any], hook: str) -> str:
+    if i[hook]:
+        return "guarded"
+    return "held" if i.get(f"held_{hook}") else "UNGUARDED"
+
+
 def format_status(report: dict[str, Any]) -> str:
     """Human-readable status: one line per program, then the broker's counters."""
     where = instance_name(report["netns"])
@@ -168,10 +177,13 @@ def format_status(report: dict[str, Any]) -> str:
     elif report.get("interfaces"):
         lines.append("interfaces (divert programs on ingress / egress):")
         for i in report["interfaces"]:
-            hooks = " ".join(
-                f"{hook} {'guarded' if i[hook] else 'UNGUARDED'}" for hook in ("ingress", "egress")
-            )
-            flag = "" if i["guarded"] else "  <- UNGUARDED: its packets pass kextless unseen"
+            hooks = " ".join(f"{hook} {_hook_state(i, hook)}" for hook in ("ingress", "egress"))
+            if i["guarded"]:
+                flag = ""
+            elif i.get("closed"):
+                flag = "  <- held: IP dropped by the fail-closed guard until diverted"
+            else:
+                flag = "  <- UNGUARDED: its packets pass kextless unseen"
             state = "up" if i["up"] else "down"
             lines.append(f"  {i['name']:<10} {i['kind']:<8} {state:<4} {hooks}{flag}")
     if report.get("divert_counters") is not None:

@@ -29,6 +29,8 @@ DIVERT_PREFIX = "tc_divert_"
 #: kextless_guard): left behind by a killed capture too. The kernel cache's are kept at the
 #: next start (adopted, `remove_orphans(keep=...)`); `kextless down` removes them all.
 OURS_PREFIX = "kextless_"
+#: The fail-closed guard's program name (guard.bpf.c; the reactive guard.py's too).
+GUARD_NAME = "kextless_guard"
 
 
 class Hook(enum.Enum):
@@ -67,10 +69,19 @@ class Coverage:
     up: bool
     ingress: bool
     egress: bool
+    #: The fail-closed guard (kextless_guard) on that hook: undiverted IP is dropped there, so
+    #: a hook without divert programs but with the guard is closed, not open.
+    held_ingress: bool = False
+    held_egress: bool = False
 
     @property
     def guarded(self) -> bool:
         return self.ingress and self.egress
+
+    @property
+    def closed(self) -> bool:
+        """No packet of it passes unseen: each hook diverted or held by the guard."""
+        return (self.ingress or self.held_ingress) and (self.egress or self.held_egress)
 
 
 def _links(ipr: Any) -> list[tuple[int, str, str, bool]]:
@@ -125,8 +136,21 @@ def coverage(ipr: Any) -> list[Coverage]:
     """Each interface of the namespace with its guarded hooks, in interface index order."""
     out = []
     for index, ifname, kind, up in sorted(_links(ipr)):
-        hooks = {p.hook for p in _programs_on(ipr, index, ifname)}
-        out.append(Coverage(ifname, index, kind, up, Hook.INGRESS in hooks, Hook.EGRESS in hooks))
+        progs = _programs_on(ipr, index, ifname, (DIVERT_PREFIX, GUARD_NAME))
+        hooks = {p.hook for p in progs if p.name.startswith(DIVERT_PREFIX)}
+        held = {p.hook for p in progs if p.name == GUARD_NAME}
+        out.append(
+            Coverage(
+                ifname,
+                index,
+                kind,
+                up,
+                Hook.INGRESS in hooks,
+                Hook.EGRESS in hooks,
+                Hook.INGRESS in held,
+                Hook.EGRESS in held,
+            )
+        )
     return out
 
 

@@ -42,6 +42,23 @@ def test_interfaces_show_each_hook_and_flag_the_unguarded() -> None:
     ) in text
 
 
+def test_a_link_under_the_fail_closed_guard_is_held_not_unguarded() -> None:
+    veth = {"name": "vn", "index": 5, "kind": "veth", "up": True} | {
+        "ingress": False,
+        "egress": True,
+        "guarded": False,
+        "held_ingress": True,
+        "held_egress": True,
+        "closed": True,
+    }
+    text = format_status(report(interfaces=[veth]))
+    assert (
+        "  vn         veth     up   ingress held egress guarded"
+        "  <- held: IP dropped by the fail-closed guard until diverted\n"
+    ) in text
+    assert "UNGUARDED" not in text
+
+
 def test_an_unreadable_namespace_says_so() -> None:
     text = format_status(report(interfaces=[], interfaces_error="cannot open netlink"))
     assert "interfaces: UNKNOWN (cannot open netlink)" in text
