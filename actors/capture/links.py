@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import os
 import time
@@ -449,6 +450,10 @@ class LinkGuard:
             self.guard.attach(link.index, link.name)
             self.table.guard_attached(link.index)
         except (OSError, NetlinkError) as e:
+            if errno.ENODEV in (getattr(e, "code", None), getattr(e, "errno", None)):
+                # It left again (a veth peer created here and moved out): nothing to guard.
+                log.info("link %s (ifindex %d) went before it was guarded", link.name, link.index)
+                return
             log.error("guarding link %s (ifindex %d) failed: %s", link.name, link.index, e)
 
     def close(self) -> None:
