@@ -13,7 +13,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -248,7 +250,7 @@ def test_delta_semantics_and_a_connection_that_ends_between_two_requests(
     proc = pair.popen(
         pair.a,
         [sys.executable, "-c", INTERACTIVE, pair.ip4_b, 7600],
-        stdin=__import__("subprocess").PIPE,
+        stdin=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stdin is not None
     port = json.loads(proc.stdout.readline())["port"]
@@ -276,6 +278,47 @@ def test_delta_semantics_and_a_connection_that_ends_between_two_requests(
     last = _totals(answerer, [key])[key]
     assert last == [7_000, 0], last
     assert key not in _ask(answerer)  # reported once
+
+
+def test_a_restarted_actor_reports_no_byte_twice(
+    pair: NetnsPair, system: System, answerer: Answerer
+) -> None:
+    """SIGKILL (supervisord restarts it): the new actor takes the running programs' counts as
+    its baseline, so nothing reported before is reported again; what the dead one had not
+    yet reported is lost (at most the bytes since the last request)."""
+    proc = pair.popen(
+        pair.a, [sys.executable, "-c", INTERACTIVE, pair.ip4_b, 7600], stdin=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    port = json.loads(proc.stdout.readline())["port"]
+    key: Key = (6, addr(pair.ip4_a), port, addr(pair.ip4_b), 7600)
+
+    def send(line: str) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"{line}\n".encode())
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() in (b"sent", b"closed")
+
+    send("100000")
+    time.sleep(0.2)
+    assert _close(_ask(answerer)[key][0], 100_008)
+    send("30000")  # pending in the actor we kill
+    time.sleep(0.2)
+    log = system.run.log_dir / "bandwidth.log"
+    _rc, out = status(system)
+    (pid,) = [p["pid"] for p in json.loads(out)["programs"] if p["name"] == "bandwidth"]
+    os.kill(pid, signal.SIGKILL)  # our own instance's process, by its pid
+    deadline = time.monotonic() + 20
+    while log.read_text().count("reading counters of programs") < 2:
+        assert time.monotonic() < deadline, system.logs()
+        time.sleep(0.1)
+    time.sleep(1.5)  # the broker has its Hello (sent every second)
+    send("20000")
+    time.sleep(0.2)
+    got = _totals(answerer, [key])[key]
+    assert _close(got[0], 20_000) and got[1] == 0, got
+    send("close")
+    proc.wait(10)
 
 
 def test_a_hundred_parallel_connections_each_count_their_own_bytes(
