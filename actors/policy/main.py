@@ -20,10 +20,14 @@ from kextless.actors.policy.rules import Policy, RulesError, load
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
 from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
-from kextless.protocol.enums import Severity
+from kextless.protocol.enums import Severity, Verdict
 from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6, LogLine
 
 log = logging.getLogger("policy")
+
+#: Decisions logged one line each per second; past that a storm's decisions are counted and
+#: summed up in one line a second (formatting a line cost more than the decision itself).
+DECISION_LINES_PER_S = 20
 
 _LOG_LEVELS: dict[int, int] = {
     Severity.DEBUG: logging.DEBUG,
@@ -44,15 +48,48 @@ def _describe(info: ConnectionIpv4 | ConnectionIpv6) -> str:
     )
 
 
+class DecisionLog:
+    """One INFO line per decision up to `per_s` a second, then counts: `tick()` (each second,
+    from the ticker) logs what was not logged line by line. Nothing formatted past the limit."""
+
+    def __init__(self, per_s: int = DECISION_LINES_PER_S) -> None:
+        self.per_s = per_s
+        self.lines = 0
+        self.unlogged: dict[str, int] = {}
+        self._lock = threading.Lock()  # decided() and tick() run in different threads
+
+    def decided(self, info: ConnectionIpv4 | ConnectionIpv6, verdict: Verdict) -> None:
+        with self._lock:
+            line = self.lines < self.per_s
+            if line:
+                self.lines += 1
+            else:
+                name = verdict.kext_name
+                self.unlogged[name] = self.unlogged.get(name, 0) + 1
+        if line:
+            log.info("%s verdict=%s", _describe(info), verdict.kext_name)
+
+    def tick(self) -> None:
+        with self._lock:
+            unlogged, self.unlogged = self.unlogged, {}
+            self.lines = 0
+        if unlogged:
+            counts = " ".join(f"{k}={v}" for k, v in sorted(unlogged.items()))
+            n = sum(unlogged.values())
+            log.info("%d more decision(s) in the last second, not logged one by one: %s", n, counts)
+
+
 class PolicyRunner:
     def __init__(self, endpoint: str, policy: Policy) -> None:
         self.endpoint = endpoint
         self.policy = policy
         self.stopping = threading.Event()
+        self.decisions = DecisionLog()
 
     def _tickers(self, client: KextClient, session_over: threading.Event) -> None:
         next_clean = time.monotonic() + 30
         while not (self.stopping.is_set() or session_over.wait(1.0)):
+            self.decisions.tick()
             try:
                 client.get_logs()
                 if time.monotonic() >= next_clean:
@@ -84,7 +121,7 @@ class PolicyRunner:
                     if isinstance(info, ConnectionIpv4 | ConnectionIpv6):
                         verdict = self.policy.decide(info)
                         client.send_verdict(info.id, verdict)
-                        log.info("%s verdict=%s", _describe(info), verdict.kext_name)
+                        self.decisions.decided(info, verdict)
                     elif isinstance(info, LogLine):
                         level = _LOG_LEVELS.get(info.severity)
                         if level is not None:
