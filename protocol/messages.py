@@ -176,6 +176,14 @@ class Attribution(_Msg, frozen=True):
     seen_ns: int
 
 
+class Bundle(_Msg, frozen=True):
+    """Several messages to one peer in one frame: under load a loop pass's PacketHelds,
+    Decisions or Attributions cost one send, one wakeup and one decode instead of one each
+    (each ZeroMQ message was measured at ~20-30 us of send and poll on this VM)."""
+
+    msgs: tuple[Message, ...]
+
+
 Message = (
     Hello
     | Health
@@ -192,7 +200,11 @@ Message = (
     | ConnectionEnded
     | BandwidthDelta
     | Attribution
+    | Bundle
 )
+
+#: The most messages put in one Bundle (a bigger burst leaves as several).
+BUNDLE_MAX = 256
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
@@ -203,3 +215,19 @@ encode = _encoder.encode
 def decode(data: bytes) -> Message:
     """Decode one message; raises msgspec.ValidationError / DecodeError on garbage."""
     return _decoder.decode(data)
+
+
+def unbundle(msg: Message) -> tuple[Message, ...]:
+    """The messages a frame carried, in order: a Bundle's contents, or the message itself."""
+    if isinstance(msg, Bundle):
+        return tuple(x for inner in msg.msgs for x in unbundle(inner))
+    return (msg,)
+
+
+def encode_many(msgs: list[Message]) -> list[bytes]:
+    """Frames for `msgs`, in order: one message alone, several as Bundles of <= BUNDLE_MAX."""
+    if len(msgs) == 1:
+        return [encode(msgs[0])]
+    return [
+        encode(Bundle(tuple(msgs[i : i + BUNDLE_MAX]))) for i in range(0, len(msgs), BUNDLE_MAX)
+    ]

@@ -70,6 +70,9 @@ class AleShell:
         self._capture_id: bytes | None = None
         #: Broker-bound messages of one loop pass: a burst of events leaves as one Emits.
         self._to_broker: list[m.Message] = []
+        #: Capture-bound messages of one loop pass (Decisions, CacheSets): one frame, a Bundle
+        #: when several, sent at the end of the pass in order.
+        self._to_capture: list[m.Message] = []
         self._running = True
         self._hello = m.encode(m.Hello("ale", os.getpid(), m.CONTRACT_VERSION, OWNED_COMMANDS))
 
@@ -77,22 +80,29 @@ class AleShell:
         self._running = False
 
     def _carry_out(self, effects: list[m.Message]) -> None:
-        """Send capture-bound messages now, in order; queue the rest for the broker."""
-        dropped = 0
+        """Queue capture-bound messages (in order) and broker-bound ones for this pass's end."""
         for msg in effects:
-            if type(msg) not in TO_CAPTURE:
-                self._to_broker.append(msg)
-            elif self._capture_id is None:
-                dropped += 1
+            if type(msg) in TO_CAPTURE:
+                self._to_capture.append(msg)
             else:
-                try:
-                    self.capture.send_multipart([self._capture_id, m.encode(msg)])
-                except zmq.ZMQError as exc:  # capture gone (ROUTER_MANDATORY)
-                    log.warning("capture unreachable (%s); dropped %s", exc, type(msg).__name__)
-        if dropped:
-            log.warning("no capture connected; dropped %d message(s)", dropped)
+                self._to_broker.append(msg)
+
+    def _send_to_capture(self) -> None:
+        out, self._to_capture = self._to_capture, []
+        if not out:
+            return
+        if self._capture_id is None:
+            log.warning("no capture connected; dropped %d message(s)", len(out))
+            return
+        for frame in m.encode_many(out):
+            try:
+                self.capture.send_multipart([self._capture_id, frame])
+            except zmq.ZMQError as exc:  # capture gone (ROUTER_MANDATORY)
+                log.warning("capture unreachable (%s); dropped %d message(s)", exc, len(out))
+                return
 
     def _send_to_broker(self) -> None:
+        self._send_to_capture()
         batch, self._to_broker = self._to_broker, []
         emits = [msg for msg in batch if isinstance(msg, m.Emit)]
         if len(emits) > 1:
@@ -110,12 +120,18 @@ class AleShell:
             return None
 
     def _on_capture(self, ident: bytes, payload: bytes) -> None:
-        """A message on ale.sock: from the capture, or from the lifecycle actor (its
-        Attribution, ConnectionEnded, Log and Health); only the capture's set `_capture_id`."""
+        """A frame on ale.sock (one message or a Bundle): from the capture, or from the
+        lifecycle actor (its Attribution, ConnectionEnded, Log and Health)."""
         msg = self._decode(payload, "capture")
         if msg is None:
             return
         now = time.monotonic_ns()
+        for one in m.unbundle(msg):
+            self._on_capture_msg(ident, one, now)
+
+    def _on_capture_msg(self, ident: bytes, msg: m.Message, now: int) -> None:
+        """One message from the capture or the lifecycle actor; only the capture's set
+        `_capture_id`."""
         if isinstance(msg, m.PacketHeld):
             self._capture_id = ident
             if self.ids is not None:

@@ -3,8 +3,10 @@
 The handle's event fd and the DEALER are multiplexed with zmq.Poller (pydivert's asyncio path
 was measured slowest). The core decides; this file only receives, sends and swaps handles. The
 loop sleeps until the first of: an input (packet, ALE message, opened handle), the core's next
-deadline (`next_deadline_ns`: a held packet or a connection to expire), or `_RECV_TIMEOUT_NS`
-after the handle was last read.
+deadline (`next_deadline_ns`: a held packet or a connection to expire), or the read bound
+after the handle was last read (10 ms while packets flow, 1 s idle). Packets come in batches
+(batch.py: one recv_ex per up to 64) and their re-injections go out together (one send_ex per
+loop pass).
 
 Handle swaps: a filter is fixed at open, so a new per-connection port set means a new handle.
 It is opened at the same priority in a helper thread (an open takes tens of ms, the loop keeps
@@ -47,12 +49,12 @@ from typing import Any
 
 import msgspec
 import zmq
-from pydivert import EBPFDivert, Packet
-from pydivert.consts import Direction as DivertDirection
+from pydivert import EBPFDivert
 from pydivert.ebpf import SHUTDOWN_RECV
 from zmq.utils.monitor import recv_monitor_message
 
 from kextless.actors.capture import existing, filters, orphans, tcbpf
+from kextless.actors.capture.batch import Batch, Captured
 from kextless.actors.capture.core import (
     Action,
     CaptureCore,
@@ -87,18 +89,34 @@ from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
-from kextless.protocol.messages import Flow, Health, Log, decode, encode
+from kextless.protocol.messages import (
+    BUNDLE_MAX,
+    Flow,
+    Health,
+    Log,
+    Message,
+    decode,
+    encode_many,
+    unbundle,
+)
 
 log = logging.getLogger("capture")
 
 _BATCH = 256
+#: Packets per ebpfdivert_recv_ex call (batch.py; kernel-flow-cache.md §d: 16-64).
+_RECV_BATCH = 64
 #: The longest the handle goes unread, whatever its event fd says. libebpfdivert 0.0.5 can
-#: miss a ring-buffer wakeup when two CPUs produce at once: the packet then sits in the ring,
-#: the event fd quiet, until some later wakeup. A non-blocking recv consumes the ring whether
-#: or not a wakeup came, so reading the handle at least this often bounds how long such a
-#: packet waits. 100 ms is the fixed poll timeout the loop had before it slept until the
-#: core's deadlines; keeping it keeps an idle capture at 10 wake-ups a second, as before.
-_RECV_TIMEOUT_NS = 100_000_000
+#: miss a ring-buffer wakeup when two CPUs produce at once (docs/upstream-ebpfdivert-wakeup.md):
+#: the packet then sits in the ring, the event fd quiet, until some later wakeup. A
+#: non-blocking read consumes the ring whether or not a wakeup came, so reading the handle at
+#: least this often bounds how long such a packet waits. The race needs the consumer to be
+#: draining at the moment a second CPU commits (a commit to an idle, sleeping consumer always
+#: wakes it), so it can only strand a packet committed just after one we read: while packets
+#: flowed in the last _BUSY_NS the bound is 10 ms; idle it is 1 s, which keeps an idle capture
+#: at ~1 wake-up a second (10 ms always: ~1% of a core, 95 wake-ups/s; bench_batch.py).
+_BUSY_RECV_TIMEOUT_NS = 10_000_000
+_IDLE_RECV_TIMEOUT_NS = 1_000_000_000
+_BUSY_NS = 250_000_000
 _STATS_NS = 5_000_000_000
 #: Existing connections handed to the core per loop pass (the core takes ~25 us each, so a
 #: part keeps packets waiting a few ms at most).
@@ -334,6 +352,11 @@ class CaptureShell:
         self._active: tuple[int, frozenset[int] | None] = (0, frozenset())
         self._open_started_ns = 0
         self.errors = 0
+        # One Batch (receive buffer, re-injection queue) per open handle, by id().
+        self._batches: dict[int, Batch] = {}
+        #: ALE-bound messages of this loop pass (PacketHeld, Log, Health), sent by _flush.
+        self._ale_out: list[Message] = []
+        self._last_packet_ns = 0
         # Connections that predate us: scanned off the loop, handed to the core in parts;
         # blocked ones have their sockets aborted, only in the namespace this shell owns.
         self._scanner = _Scanner()
@@ -419,7 +442,12 @@ class CaptureShell:
         try:
             while not self._stop:
                 now = time.monotonic_ns()
-                if now - last_read >= _RECV_TIMEOUT_NS:
+                bound = (
+                    _BUSY_RECV_TIMEOUT_NS
+                    if now - self._last_packet_ns < _BUSY_NS
+                    else _IDLE_RECV_TIMEOUT_NS
+                )
+                if now - last_read >= bound:
                     self._drain_handle(self.handle)  # a packet whose wakeup was missed
                     last_read = now
                 deadline = core.next_deadline_ns()
@@ -430,7 +458,7 @@ class CaptureShell:
                     next_stats = now + _STATS_NS
                     self._check_stats()
                 # Sleep until the core's next deadline, the next input, or the read bound.
-                read_ms = (last_read + _RECV_TIMEOUT_NS - now + 999_999) // 1_000_000
+                read_ms = (last_read + bound - now + 999_999) // 1_000_000
                 if self._existing:  # a scan's parts still to hand over: do not sleep
                     self._existing_part()
                     read_ms = 0
@@ -457,7 +485,10 @@ class CaptureShell:
                         if self._l2pass is not None:  # before the new link's handle opens
                             self._l2pass.sync()
                         self._on_links(need)
+                # Verdicts, deadlines and drains queued re-injections: one send_ex for all.
+                self._flush()
         finally:
+            self._send_ale()
             self._shutdown()
             sock.disable_monitor()
             monitor.close(0)
@@ -535,55 +566,85 @@ class CaptureShell:
     def _event_fd(self, h: EBPFDivert) -> int:
         return int(h._event_fd)  # the level-triggered fd pydivert's asyncio path waits on
 
+    def _batch(self, h: EBPFDivert) -> Batch:
+        b = self._batches.get(id(h))
+        if b is None or b.handle is not h:
+            b = self._batches[id(h)] = Batch(h, _RECV_BATCH, self._lo)
+        return b
+
+    def _flush(self) -> None:
+        """Send what is queued: ALE-bound messages (one frame, a Bundle when several) and the
+        re-injections on the active handle (one send_ex call)."""
+        self._send_ale()
+        if self.handle is None:
+            return
+        b = self._batch(self.handle)
+        if not b.pending():
+            return
+        failed = b.counters.send_failed + b.counters.send_unconfirmed
+        try:
+            b.flush()
+        except OSError as e:
+            self.errors += 1
+            log.error("re-injection failed: %s", e)
+        self.errors += b.counters.send_failed + b.counters.send_unconfirmed - failed
+
     def _drain_handle(self, h: EBPFDivert | None, quiet: bool = False) -> None:
         if h is None:
             return
         core = self.core
-        for _ in range(_BATCH):
+        b = self._batch(h)
+        for _ in range(max(1, _BATCH // b.size)):
             try:
-                p = h.recv(timeout=0)
-            except TimeoutError:
-                return
+                toks = b.recv(0)  # flushes b's queue first: it points into b's buffer
             except OSError as e:
                 if not quiet:  # a shut-down handle reports EBADF once it is empty
                     log.error("recv failed: %s", e)
                 return
-            try:
-                acts = core.on_packet(
-                    p,
-                    p._raw,
-                    p._direction == DivertDirection.OUTBOUND,
-                    p._loopback,
-                    p._timestamp or time.monotonic_ns(),
-                )
-            except Exception:
-                # Never crash on a packet: drop it (fail closed) and keep serving.
-                log.exception("core failed on a %d-byte packet: dropped", len(p._raw))
-                continue
-            if acts:
-                self._run_actions(acts)
+            if toks:
+                self._last_packet_ns = time.monotonic_ns()
+            for t in toks:
+                try:
+                    acts = core.on_packet(
+                        t, t.raw, t.outbound, t.loopback, t.timestamp or time.monotonic_ns()
+                    )
+                except Exception:
+                    # Never crash on a packet: drop it (fail closed) and keep serving.
+                    log.exception("core failed on a %d-byte packet: dropped", len(t.raw))
+                    b.drop(t)
+                    continue
+                if acts:
+                    self._run_actions(acts)
+            if len(toks) < b.size:
+                break
+        self._flush()
 
     def _drain_ale(self) -> None:
-        """Up to `_BATCH` ALE messages; the poller comes back at once for the rest, after the
-        handle's packets (a scan's thousands of answers would otherwise hold them, M21)."""
+        """Up to `_BATCH` ALE frames (a frame may be a Bundle of many messages); the poller
+        comes back at once for the rest, after the handle's packets (a scan's thousands of
+        answers would otherwise hold them, M21)."""
         sock = self.sock
+        debug = log.isEnabledFor(logging.DEBUG)
         for _ in range(_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                msg = decode(frames[-1])
+                msgs = unbundle(decode(frame))
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                log.warning("garbage from the ALE ignored (%d bytes): %s", len(frames[-1]), e)
+                log.warning("garbage from the ALE ignored (%d bytes): %s", len(frame), e)
                 continue
-            try:
-                acts = self.core.on_message(msg, time.monotonic_ns())
-            except Exception:
-                log.exception("core failed on %s", type(msg).__name__)
-                continue
-            log.debug("ALE: %s", msg)
-            self._run_actions(acts)
+            now = time.monotonic_ns()
+            for msg in msgs:
+                try:
+                    acts = self.core.on_message(msg, now)
+                except Exception:
+                    log.exception("core failed on %s", type(msg).__name__)
+                    continue
+                if debug:
+                    log.debug("ALE: %s", msg)
+                self._run_actions(acts)
 
     # ---- actions ----------------------------------------------------------------------------
 
@@ -596,44 +657,21 @@ class CaptureShell:
                 log.error("%s failed: %s", type(a).__name__, e)
 
     def _run(self, a: Action) -> None:
-        h = self.handle
+        b = self._batch(self.handle)
         if isinstance(a, Pass):
-            h.send(a.token, recalculate_checksum=False)  # type: ignore[union-attr]
+            b.reinject(a.token)  # type: ignore[arg-type]  # queued; sent by _flush
         elif isinstance(a, Drop):
-            pass
+            if isinstance(a.token, Captured):
+                b.drop(a.token)  # no copy at the next receive
         elif isinstance(a, ToAle):
-            try:
-                self.sock.send(encode(a.msg), zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning(
-                    "ALE queue full: %s not sent (the packet expires)", type(a.msg).__name__
-                )
+            self._ale_out.append(a.msg)  # sent by _flush, with the loop pass's others
         elif isinstance(a, Reroute):
-            p: Packet = a.token
-            p.raw = a.raw
-            if a.loopback:
-                p.interface = self._lo
-                p.is_loopback = True
-            h.send(p, recalculate_checksum=False)  # type: ignore[union-attr]
+            b.reroute(a.token, a.raw, a.loopback)  # type: ignore[arg-type]
         elif isinstance(a, Inject):
-            like: Packet = a.like
-            # A fresh address: re-using the captured packet's address (even with Outbound
-            # flipped) re-injects towards where the original came from (measured: an RST for
-            # an inbound SYN never reached the remote that way).
-            if like.is_loopback:
-                q = Packet(
-                    a.raw,
-                    interface=like.interface,
-                    direction=DivertDirection.OUTBOUND,
-                    loopback=True,
-                )
-            else:
-                q = Packet(
-                    a.raw,
-                    interface=like.interface,
-                    direction=(DivertDirection.INBOUND if a.inbound else DivertDirection.OUTBOUND),
-                )
-            h.send(q, recalculate_checksum=False)  # type: ignore[union-attr]
+            # A fresh address (batch.inject_like): re-using the captured packet's address
+            # (even with Outbound flipped) re-injects towards where the original came from
+            # (measured: an RST for an inbound SYN never reached the remote that way).
+            b.inject_like(a.like, a.raw, a.inbound)  # type: ignore[arg-type]
         elif isinstance(a, SetFilter):
             self._wanted = (a.generation, a.ports)
             self._maybe_open()
@@ -714,11 +752,8 @@ class CaptureShell:
 
     def _on_links(self, need_handle: bool) -> None:
         """After a link check: refusals to the ALE as Error Logs; a new handle if one is due."""
-        for msg in self._links.take_logs() if self._links is not None else []:
-            try:
-                self.sock.send(encode(msg), zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("ALE queue full: %s not sent", msg.line)
+        if self._links is not None:
+            self._to_ale(self._links.take_logs())
         if need_handle:
             self._reopen()
 
@@ -753,6 +788,8 @@ class CaptureShell:
                 with contextlib.suppress(OSError):
                     old.shutdown(SHUTDOWN_RECV)
                 self._drain_all(old, quiet=True)
+                self._flush()  # the old handle's packets, re-injected through the new one
+                self._batches.pop(id(old), None)
                 closer = threading.Thread(target=_close_quietly, args=(old,), daemon=True)
                 closer.start()
                 self._closers = [t for t in self._closers if t.is_alive()] + [closer]
@@ -818,11 +855,23 @@ class CaptureShell:
         self._to_ale(logs)
 
     def _to_ale(self, msgs: list[Log] | list[Health]) -> None:
-        for msg in msgs:
+        self._ale_out.extend(msgs)
+        self._send_ale()
+
+    def _send_ale(self) -> None:
+        """The queued ALE-bound messages, in order, as few frames as fit (encode_many)."""
+        out = self._ale_out
+        if not out:
+            return
+        self._ale_out = []
+        frames = encode_many(out)
+        for i, frame in enumerate(frames):
             try:
-                self.sock.send(encode(msg), zmq.NOBLOCK)
+                self.sock.send(frame, zmq.NOBLOCK)
             except zmq.Again:
-                log.warning("ALE queue full: %s not sent", type(msg).__name__)
+                lost = len(out) - i * BUNDLE_MAX
+                log.warning("ALE queue full: %d message(s) not sent (held packets expire)", lost)
+                return
 
     def _shutdown(self) -> None:
         h, self.handle = self.handle, None

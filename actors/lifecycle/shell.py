@@ -50,6 +50,9 @@ OWNED_COMMANDS = (CommandType.CLEAN_ENDED_CONNECTIONS,)
 HEALTH_NS = 1_000_000_000
 _BATCH = 256
 _PID_TTL_NS = 2_000_000_000
+#: At most one socket-table dump for pending CONNECTs this often (~0.4 ms each; a CONNECT's
+#: socket is usually in SYN_SENT by the first dump after its event).
+_RESOLVE_GAP_NS = 200_000
 _OUR_SOCKETS = 65_536
 _PROTOCOLS = frozenset({int(IpProtocol.TCP), int(IpProtocol.UDP)})
 
@@ -174,6 +177,10 @@ class LifecycleShell:
         self._hello = m.encode(
             m.Hello("lifecycle", os.getpid(), m.CONTRACT_VERSION, OWNED_COMMANDS)
         )
+        self._to_ale: list[m.Message] = []
+        self._to_broker: list[m.Message] = []
+        #: When the last socket-table dump for pending CONNECTs ran (monotonic ns).
+        self._last_resolve_ns = 0
 
     def stop(self, *_: object) -> None:
         self._running = False
@@ -183,12 +190,23 @@ class LifecycleShell:
     # ---- effects ----------------------------------------------------------------------------
 
     def _carry_out(self, effects: list[m.Message]) -> None:
+        """Queue the effects for the end of the loop pass (`_flush`), each for its peer."""
         for msg in effects:
-            target = self.ale if type(msg) in TO_ALE else self.broker
-            try:
-                target.send(m.encode(msg), zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("peer not reachable; dropped %s", type(msg).__name__)
+            (self._to_ale if type(msg) in TO_ALE else self._to_broker).append(msg)
+
+    def _flush(self) -> None:
+        """Send the pass's messages, in order per peer; several to the ALE leave as one
+        Bundle (a connect storm's Attributions: one send and one ALE wakeup per pass)."""
+        for sock, out in ((self.ale, self._to_ale), (self.broker, self._to_broker)):
+            if not out:
+                continue
+            frames = m.encode_many(out) if sock is self.ale else [m.encode(x) for x in out]
+            out.clear()
+            for frame in frames:
+                try:
+                    sock.send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    log.warning("peer not reachable; dropped a frame of %d bytes", len(frame))
 
     def _report(self, severity: Severity, text: str) -> None:
         """A warning or error: one stderr line, and a LogLine for GetLogs (from the worker
@@ -289,9 +307,14 @@ class LifecycleShell:
     # ---- socket table -------------------------------------------------------------------------
 
     def _table_worker(self) -> None:
-        """Read the live TCP sockets every interval and hand them to the loop."""
+        """Read the live TCP sockets every interval and hand them to the loop - only while
+        the core tracks a flow: with none, no read can end one (the read is most of an idle
+        lifecycle actor's cost)."""
         diag = SockDiag()
         while self._running:
+            if not self.core.flows:  # len() of a dict: safe against the loop's changes
+                time.sleep(self.table_interval_s)
+                continue
             taken = time.monotonic_ns()
             try:
                 rows = read_table(_LIVE_MASK, (socket.IPPROTO_TCP,), diag)
@@ -321,6 +344,7 @@ class LifecycleShell:
         effects = self.core.existing(table, now)
         log.info("start: %d socket(s) in the namespace, %d attributed", len(table), len(effects))
         self._carry_out(effects)
+        self._flush()
 
     # ---- loop ---------------------------------------------------------------------------------
 
@@ -384,10 +408,17 @@ class LifecycleShell:
             if due is not None and now >= due:
                 self._carry_out(core.on_deadline(now))
                 due = core.next_deadline_ns()
-            if self._connects:
+            if self._connects and now - self._last_resolve_ns >= _RESOLVE_GAP_NS:
                 self._resolve_connects()
+                self._last_resolve_ns = now
+            self._flush()
             timeout = 0 if self._connects else wait_ms(due, now, wait_ms(next_health, now))
-            for item, _ev in poller.poll(timeout):
+            events = poller.poll(timeout)
+            if not events and self._connects:
+                # A CONNECT not in the table yet: look again shortly, not in a busy loop (a
+                # storm's dumps, back to back, were this actor's largest cost).
+                time.sleep(_RESOLVE_GAP_NS / 1e9)
+            for item, _ev in events:
                 if item in fds:
                     layer = fds[item]
                     self._drain(layer, handles[layer])

@@ -1,5 +1,5 @@
 """A real `kextless run ale` between a fake broker and a fake capture: the shell's wiring of
-the core's deadline (no fixed tick), its Emits batching and its keepalive.
+the core's deadline (no fixed tick), its Emits and Bundle batching and its keepalive.
 
 The core tests cover what is decided; these cover what only the shell does: sleeping until the
 held packet's verdict timeout, routing messages by type to the right socket, and stopping at
@@ -11,8 +11,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,11 @@ class Ale:
     broker: zmq.Socket[bytes]  # ROUTER standing in for the broker's actors socket
     capture: zmq.Socket[bytes]  # DEALER standing in for the capture actor
     log: Path
+    #: Messages of a capture-bound frame not yet looked at (a Bundle carries several).
+    pending: deque[m.Message] = field(default_factory=deque)
+    #: Capture-bound frames received, and how many of them were Bundles.
+    capture_frames: int = 0
+    capture_bundles: int = 0
 
     def from_broker_side(self, timeout: float = 5.0) -> list[m.Message]:
         """The next multipart message the ALE sent the broker, decoded (identity dropped)."""
@@ -54,8 +60,13 @@ class Ale:
         self.capture.send(m.encode(m.PacketHeld(hold_id, flow, Direction.OUTBOUND, PKT, 0)))
 
     def from_capture_side(self, timeout: float = 5.0) -> m.Message:
-        assert self.capture.poll(int(timeout * 1000)), "the ALE sent the capture nothing"
-        return m.decode(self.capture.recv())
+        if not self.pending:
+            assert self.capture.poll(int(timeout * 1000)), "the ALE sent the capture nothing"
+            msg = m.decode(self.capture.recv())
+            self.capture_frames += 1
+            self.capture_bundles += isinstance(msg, m.Bundle)
+            self.pending.extend(m.unbundle(msg))
+        return self.pending.popleft()
 
 
 @pytest.fixture
@@ -137,6 +148,23 @@ def test_a_burst_of_events_reaches_the_broker_batched(ale: Ale) -> None:
                 ids.append(msg.id)
     assert ids == sorted(ids) and len(set(ids)) == n
     assert batches < n  # one Emits per loop pass, not one message per event
+
+
+def test_a_burst_of_verdicts_reaches_the_capture_bundled_in_order(ale: Ale) -> None:
+    n = 200
+    for i in range(n):
+        ale.hold(i, port=1000 + i)
+    # Each held packet of a new flow times out (no broker answers): CacheSet then Decision.
+    got: list[m.Message] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 2 * n:
+        got.append(ale.from_capture_side(max(0.1, deadline - time.monotonic())))
+    decided = [d.hold_ids for d in got if isinstance(d, m.Decision)]
+    assert [h for ids in decided for h in ids] == list(range(n))  # every one, in order
+    for i, msg in enumerate(got):  # each flow's CacheSet comes before its Decision
+        if isinstance(msg, m.Decision):
+            assert isinstance(got[i - 1], m.CacheSet)
+    assert ale.capture_bundles >= 1 and ale.capture_frames < n  # not one frame per message
 
 
 def test_health_keeps_its_cadence_and_sigterm_stops_at_once(ale: Ale) -> None:

@@ -23,6 +23,7 @@ from kextless.protocol.messages import (
     PacketHeld,
     decode,
     encode,
+    unbundle,
 )
 
 Policy = Callable[[PacketHeld], Verdict | None]
@@ -92,7 +93,8 @@ class AlePeer:
                         except zmq.Again:
                             break
                         ident, data = frames[0], frames[-1]
-                        self._handle(sock, ident, decode(data))
+                        for msg in unbundle(decode(data)):  # a Bundle: each in order
+                            self._handle(sock, ident, msg)
                 while self._ident is not None:
                     try:
                         data = self._out.get_nowait()
