@@ -73,7 +73,14 @@ def test_default_config_parses_and_runs_every_actor_in_order(tmp_path: Path) -> 
 
     sup = _supervisor_view(tmp_path, text)
     groups = sorted(sup.process_group_configs, key=lambda g: g.priority)
-    assert [g.name for g in groups] == ["broker", "ale", "lifecycle", "capture", "policy"]
+    assert [g.name for g in groups] == [
+        "broker",
+        "ale",
+        "lifecycle",
+        "capture",
+        "bandwidth",
+        "policy",
+    ]
     for g in groups:
         pc = g.process_configs[0]
         assert pc.autorestart is RestartUnconditionally
@@ -102,12 +109,32 @@ def test_netns_wraps_only_capture_in_ip_netns_exec(tmp_path: Path) -> None:
 
 def test_no_policy_leaves_the_decision_maker_out(tmp_path: Path) -> None:
     opts = UpOptions(netns="n1", policy=False, run_root=tmp_path)
-    assert sorted(_argvs(tmp_path, _render(opts))) == ["ale", "broker", "capture", "lifecycle"]
+    assert sorted(_argvs(tmp_path, _render(opts))) == [
+        "ale",
+        "bandwidth",
+        "broker",
+        "capture",
+        "lifecycle",
+    ]
 
 
 def test_no_lifecycle_leaves_the_lifecycle_actor_out(tmp_path: Path) -> None:
     opts = UpOptions(netns="n1", lifecycle=False, run_root=tmp_path)
-    assert sorted(_argvs(tmp_path, _render(opts))) == ["ale", "broker", "capture", "policy"]
+    assert sorted(_argvs(tmp_path, _render(opts))) == [
+        "ale",
+        "bandwidth",
+        "broker",
+        "capture",
+        "policy",
+    ]
+
+
+def test_no_bandwidth_leaves_the_bandwidth_actor_out(tmp_path: Path) -> None:
+    opts = UpOptions(netns="n1", bandwidth=False, run_root=tmp_path)
+    names = sorted(_argvs(tmp_path, _render(opts)))
+    assert names == ["ale", "broker", "capture", "lifecycle", "policy"]
+    argv = _argvs(tmp_path, _render(UpOptions(netns="n1", run_root=tmp_path)))["bandwidth"]
+    assert argv[1:4] == ["netns", "exec", "n1"]
 
 
 def test_lifecycle_enters_only_the_namespaces_network(tmp_path: Path) -> None:
@@ -201,8 +228,8 @@ def test_ale_options_and_actor_args_reach_their_actor_only(tmp_path: Path) -> No
 def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
     actors = (
         *ACTORS,
-        ActorSpec("bandwidth", 350, in_netns=True),
-        ActorSpec("monitor", 360, enabled=lambda o: o.netns is None),
+        ActorSpec("monitor", 360, in_netns=True),
+        ActorSpec("other", 370, enabled=lambda o: o.netns is None),
     )
     opts = UpOptions(netns="n1", run_root=tmp_path)
     progs = programs_for(opts, actors)
@@ -212,10 +239,11 @@ def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
         "lifecycle",
         "capture",
         "bandwidth",
+        "monitor",
         "policy",
     ]
     argvs = _argvs(tmp_path, _render(opts, progs))
-    assert argvs["bandwidth"][1:4] == ["netns", "exec", "n1"]
+    assert argvs["monitor"][1:4] == ["netns", "exec", "n1"]
 
 
 def test_values_supervisord_would_mangle_are_refused(tmp_path: Path) -> None:
@@ -264,7 +292,8 @@ def test_actor_args_must_name_a_running_actor() -> None:
     check_actor_args(UpOptions(actor_args=(("policy", "--x"),)))
     with pytest.raises(
         UsageError,
-        match=r"no such actor in this instance \(running: ale, broker, capture, lifecycle\)",
+        match=r"no such actor in this instance "
+        r"\(running: ale, bandwidth, broker, capture, lifecycle\)",
     ):
         check_actor_args(UpOptions(policy=False, actor_args=(("policy", "--x"),)))
 
