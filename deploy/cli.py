@@ -101,6 +101,12 @@ def _parser(name: str) -> argparse.ArgumentParser:
             help="start no bandwidth actor: GetBandwidthStats produces no infos",
         )
         p.add_argument(
+            "--fail-open",
+            action="store_true",
+            help="no fail-closed guard: packets the divert program lets by unexamined (a full "
+            "ring, a stall, no capture running) PASS instead of being dropped",
+        )
+        p.add_argument(
             "--endpoint",
             metavar="URL",
             help="client endpoint, ipc://PATH or tcp://HOST:PORT (default ipc in the run dir)",
@@ -175,6 +181,7 @@ def _up(args: argparse.Namespace) -> int:
         netns=args.netns,
         policy=args.policy,
         lifecycle=args.lifecycle,
+        fail_open=args.fail_open,
         bandwidth=args.bandwidth,
         endpoint=args.endpoint,
         run_root=args.run_root,

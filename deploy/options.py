@@ -69,6 +69,9 @@ class UpOptions:
     lifecycle: bool = True
     #: The bandwidth actor (per-connection bytes); off: GetBandwidthStats produces no infos.
     bandwidth: bool = True
+    #: Capture: no fail-closed guard (no kextless_guard, no nft table): what the divert
+    #: program lets by unexamined (a full ring, a stall, no capture running) passes.
+    fail_open: bool = False
     endpoint: str | None = None
     run_root: Path | None = None
     curve_server_secret: Path | None = None

@@ -71,6 +71,8 @@ def _capture_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
     args = ["--exclude-port", str(endpoint.port)] if endpoint.scheme == "tcp" else []
     if opts.existing_connections is not ExistingMode.ASK:  # (the default stays unsaid)
         args += ["--existing-connections", opts.existing_connections.value]
+    if opts.fail_open:
+        args.append("--fail-open")
     return args
 
 

@@ -301,3 +301,11 @@ def test_actor_args_must_name_a_running_actor() -> None:
 def test_command_uses_this_interpreter() -> None:
     cmd = kextless_command()
     assert Path(cmd[0]).parent == Path(sys.executable).parent
+
+
+def test_fail_open_reaches_only_the_capture(tmp_path: Path) -> None:
+    argvs = _argvs(tmp_path, _render(UpOptions(netns="n1", fail_open=True, run_root=tmp_path)))
+    assert "--fail-open" in argvs["capture"]
+    assert all("--fail-open" not in argv for name, argv in argvs.items() if name != "capture")
+    plain = _argvs(tmp_path, _render(UpOptions(netns="n1", run_root=tmp_path)))
+    assert "--fail-open" not in plain["capture"]
