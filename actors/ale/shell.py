@@ -2,7 +2,8 @@
 
 All decisions are made by AleCore; this file only moves messages and supplies the clock. It
 routes the core's messages by type (`core.TO_CAPTURE` to the capture, the rest to the broker),
-sends each loop pass's broker-bound messages together (a burst of Emits leaves as one `Emits`),
+sends each loop pass's broker-bound messages together (one multipart message; a burst of Emits
+is one `Emits` frame) and its capture-bound ones as one frame (a `Bundle` when several),
 and sleeps until the next input, the core's next deadline (a held packet's verdict timeout) or
 its own keepalive: Hello and Health to the broker every second. That cadence is the shell's,
 not the core's: it is about the broker connection (a restarted broker relearns who owns what),
@@ -104,12 +105,16 @@ class AleShell:
     def _send_to_broker(self) -> None:
         self._send_to_capture()
         batch, self._to_broker = self._to_broker, []
+        if not batch:
+            return
+        frames: list[bytes] = []
         emits = [msg for msg in batch if isinstance(msg, m.Emit)]
         if len(emits) > 1:
-            self.broker.send(m.encode(m.Emits(tuple(emits))))
+            frames.append(m.encode(m.Emits(tuple(emits))))
             batch = [msg for msg in batch if not isinstance(msg, m.Emit)]
-        for msg in batch:
-            self.broker.send(m.encode(msg))
+        frames += [m.encode(msg) for msg in batch]
+        # One multipart message (the broker reads every frame as one message, in order).
+        self.broker.send_multipart(frames)
 
     @staticmethod
     def _decode(payload: bytes, source: str) -> m.Message | None:
@@ -250,7 +255,8 @@ class AleShell:
                     )
             if now >= next_health:
                 # Hello doubles as a keepalive so a restarted broker relearns who owns what.
-                broker.send(self._hello)
-                broker.send(m.encode(m.Health("ale", os.getpid(), core.health())))
+                broker.send_multipart(
+                    [self._hello, m.encode(m.Health("ale", os.getpid(), core.health()))]
+                )
                 next_health = now + HEALTH_NS
             self._send_to_broker()

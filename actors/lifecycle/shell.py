@@ -195,18 +195,22 @@ class LifecycleShell:
             (self._to_ale if type(msg) in TO_ALE else self._to_broker).append(msg)
 
     def _flush(self) -> None:
-        """Send the pass's messages, in order per peer; several to the ALE leave as one
-        Bundle (a connect storm's Attributions: one send and one ALE wakeup per pass)."""
-        for sock, out in ((self.ale, self._to_ale), (self.broker, self._to_broker)):
-            if not out:
-                continue
-            frames = m.encode_many(out) if sock is self.ale else [m.encode(x) for x in out]
-            out.clear()
-            for frame in frames:
+        """Send the pass's messages, in order per peer: several to the ALE leave as one
+        Bundle (a connect storm's Attributions: one send and one ALE wakeup per pass), those
+        to the broker as one multipart message (it reads each frame as one message)."""
+        if self._to_ale:
+            out, self._to_ale = self._to_ale, []
+            for frame in m.encode_many(out):
                 try:
-                    sock.send(frame, zmq.NOBLOCK)
+                    self.ale.send(frame, zmq.NOBLOCK)
                 except zmq.Again:
-                    log.warning("peer not reachable; dropped a frame of %d bytes", len(frame))
+                    log.warning("ALE not reachable; dropped a frame of %d bytes", len(frame))
+        if self._to_broker:
+            out, self._to_broker = self._to_broker, []
+            try:
+                self.broker.send_multipart([m.encode(x) for x in out], zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("broker not reachable; dropped %d message(s)", len(out))
 
     def _report(self, severity: Severity, text: str) -> None:
         """A warning or error: one stderr line, and a LogLine for GetLogs (from the worker
@@ -393,14 +397,14 @@ class LifecycleShell:
         while self._running:
             now = clock()
             if now >= next_health:
-                self.broker.send(self._hello)
                 health = {
                     **core.health(),
                     "foreign_events": self.foreign,
                     "connects_resolved": self.resolved,
                     "connects_unresolved": self.unresolved,
                 }
-                self.broker.send(m.encode(m.Health("lifecycle", os.getpid(), health)))
+                hello = [self._hello, m.encode(m.Health("lifecycle", os.getpid(), health))]
+                self.broker.send_multipart(hello)  # one message, two frames: one wakeup
                 zero = m.Flow(0, b"\0" * 4, 0, b"\0" * 4, 0)
                 self._carry_out([m.Attribution(m.AttributionKind.PRESENT, zero, 0, now)])
                 next_health = now + HEALTH_NS

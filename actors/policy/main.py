@@ -85,10 +85,18 @@ class PolicyRunner:
         self.policy = policy
         self.stopping = threading.Event()
         self.decisions = DecisionLog()
+        self._session_over: threading.Event | None = None
+
+    def stop(self) -> None:
+        """SIGTERM: the ticker closes the session, which ends the parked read with EOF."""
+        self.stopping.set()
+        over = self._session_over
+        if over is not None:
+            over.set()
 
     def _tickers(self, client: KextClient, session_over: threading.Event) -> None:
         next_clean = time.monotonic() + 30
-        while not (self.stopping.is_set() or session_over.wait(1.0)):
+        while not session_over.wait(1.0):
             self.decisions.tick()
             try:
                 client.get_logs()
@@ -97,6 +105,10 @@ class PolicyRunner:
                     next_clean = time.monotonic() + 30
             except KextError as exc:
                 log.warning("ticker command failed: %s", exc)
+        if self.stopping.is_set():
+            # The read waits without a timeout (no request every half second when idle): the
+            # close is what ends it, as closing the device ends Portmaster's pending read.
+            client.close()
 
     def _session(self) -> None:
         with KextClient(self.endpoint) as client:
@@ -104,7 +116,9 @@ class PolicyRunner:
             log.info(
                 "session open at %s, kext interface %s", self.endpoint, ".".join(map(str, version))
             )
-            session_over = threading.Event()
+            session_over = self._session_over = threading.Event()
+            if self.stopping.is_set():
+                return
             ticker = threading.Thread(
                 target=self._tickers, args=(client, session_over), daemon=True
             )
@@ -112,8 +126,8 @@ class PolicyRunner:
             try:
                 while not self.stopping.is_set():
                     try:
-                        # A bounded wait, so SIGTERM is honoured promptly.
-                        info = client.recv_info(timeout=0.5)
+                        # No timeout: idle, nothing is sent; stop() ends it (KextEOF).
+                        info = client.recv_info()
                     except KextTimeout:
                         continue
                     except KextEOF:
@@ -159,8 +173,8 @@ def main(argv: list[str]) -> int:
         return 2
     run = RuntimeDir.from_arg(args.run_dir)
     runner = PolicyRunner(args.endpoint or run.kext_endpoint, policy)
-    signal.signal(signal.SIGTERM, lambda *_: runner.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: runner.stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
     log.info("%d rule(s), default %s", len(policy.rules), policy.default.kext_name)
     runner.run()
     return 0
