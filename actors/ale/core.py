@@ -283,6 +283,13 @@ class AleCore:
             return hints.popleft()[0]
         return 0
 
+    def _share_key(self, flow: m.Flow) -> None:
+        """Key flow_pids by the same Flow object as connection_cache: an attribution and a
+        held packet decode two equal Flows, and keeping both cost ~200 B per connection."""
+        pid = self.flow_pids.pop(flow, None)
+        if pid is not None:
+            self.flow_pids[flow] = pid  # also most recent now, as a lookup makes it
+
     def _release(self, flow: m.Flow, pid: int, now_ns: int) -> list[m.Message]:
         """Emit the infos of a flow that waited for its pid (pid 0: it did not come)."""
         waiting = self.waiting.pop(flow)
@@ -307,6 +314,7 @@ class AleCore:
         elif cached:
             conn = Connection(Verdict.UNDECIDED, msg.process_id, msg.direction, now_ns)
             self.connection_cache[flow] = conn
+            self._share_key(flow)
         pid = msg.process_id or (conn.process_id if conn else 0)
         if conn is not None and msg.process_id and not conn.process_id:
             conn.process_id = msg.process_id

@@ -179,3 +179,26 @@ def test_a_stale_hint_is_not_used() -> None:
     core.attribution(attr(m.AttributionKind.OPENER, opener(TCP4), 5), 0)
     assert core.packet_held(held(1, TCP4), 201 * MS) == []  # not taken: waits for its own
     assert pids(core.on_deadline(201 * MS + core.config.attribution_wait_ns)) == [0]
+
+
+def _copy(flow: m.Flow) -> m.Flow:
+    """An equal Flow that is another object, as each decoded message carries its own."""
+    return m.decode(m.encode(m.Attribution(m.AttributionKind.FLOW, flow, 0, 0))).flow  # type: ignore[union-attr]
+
+
+def test_a_connection_keeps_one_flow_object_in_both_tables() -> None:
+    for attributed_first in (True, False):
+        core = AleCore()
+        present(core)
+        by_attr, by_packet = _copy(TCP4), _copy(TCP4)
+        assert by_attr == by_packet and by_attr is not by_packet
+        if attributed_first:  # the pid is known when the SYN arrives
+            core.attribution(attr(m.AttributionKind.FLOW, by_attr, 77), 1)
+            assert pids(core.packet_held(held(1, by_packet), 2)) == [77]
+        else:  # the SYN waits for its pid
+            assert core.packet_held(held(1, by_packet), 1) == []
+            assert pids(core.attribution(attr(m.AttributionKind.FLOW, by_attr, 77), 2)) == [77]
+        (cache_key,) = core.connection_cache
+        (pid_key,) = core.flow_pids
+        assert cache_key is pid_key  # one Flow (~200 B) per connection, not two
+        assert core.flow_pids[pid_key] == 77 and core.connection_cache[cache_key].process_id == 77
