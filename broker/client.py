@@ -300,6 +300,13 @@ class KextClient:
             self._pending.extend(self._decoder.feed(data))
         return self._pending.popleft()
 
+    def take_read(self) -> list[Info | DecodeError]:
+        """The infos the last read brought that recv_info has not returned yet (no I/O): a
+        decision maker can answer a whole read at once (`write_many`)."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out
+
     def infos(self, timeout: float | None = None) -> Iterator[Info | DecodeError]:
         """Every info until the session ends; the iteration then stops cleanly."""
         while True:
@@ -321,6 +328,54 @@ class KextClient:
         status = reply[1]
         if status[0] != wire.Status.OK:
             raise KextError(status[1:].decode("utf-8", "replace"), wire.Status(status[0]))
+
+    def write_many(self, commands: list[bytes]) -> list[KextError | None]:
+        """Several writes, pipelined: every W is sent, then every reply read (the broker
+        answers a connection's requests in order), so N verdicts cost one round trip, not N.
+        Each command still is its own write, as the kext takes them; the result per command
+        is None (OK) or the KextError a `write` would have raised."""
+        if self._closed:
+            raise KextError("client is closed")
+        if len(commands) == 1:
+            try:
+                self.write(commands[0])
+            except KextError as exc:
+                return [exc]
+            return [None]
+        s = getattr(self._local, "sock", None)
+        if s is None or s.sock.closed:
+            s = self._local.sock = self._socket()
+        out: list[KextError | None] = []
+        with s.lock:
+            sock = s.sock
+            if sock.closed:
+                raise KextEOF("client is closed")
+            for command in commands:
+                sock.send_multipart([wire.WRITE, command])
+            deadline = time.monotonic() + self.request_timeout
+            for _ in commands:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                    with self._sockets_lock:  # late replies must never answer a later write
+                        if s in self._sockets:
+                            self._sockets.remove(s)
+                    sock.close(0)
+                    raise KextTimeout(f"no reply to W within {self.request_timeout} s")
+                reply = sock.recv_multipart()
+                if reply[0] == wire.ERROR:
+                    text = reply[1].decode("utf-8", "replace") if len(reply) > 1 else "error"
+                    out.append(KextError(text))
+                elif reply[1][0] != wire.Status.OK:
+                    status = reply[1]
+                    text = status[1:].decode("utf-8", "replace")
+                    out.append(KextError(text, wire.Status(status[0])))
+                else:
+                    out.append(None)
+        return out
+
+    def send_verdicts(self, verdicts: list[tuple[int, Verdict]]) -> list[KextError | None]:
+        """Verdict commands for several ids, pipelined (`write_many`)."""
+        return self.write_many([encode_command(VerdictCommand(i, v)) for i, v in verdicts])
 
     def send_verdict(self, id_: int, verdict: Verdict) -> None:
         self.write(encode_command(VerdictCommand(id_, verdict)))

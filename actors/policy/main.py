@@ -132,14 +132,21 @@ class PolicyRunner:
                         continue
                     except KextEOF:
                         break
-                    if isinstance(info, ConnectionIpv4 | ConnectionIpv6):
-                        verdict = self.policy.decide(info)
-                        client.send_verdict(info.id, verdict)
-                        self.decisions.decided(info, verdict)
-                    elif isinstance(info, LogLine):
-                        level = _LOG_LEVELS.get(info.severity)
-                        if level is not None:
-                            log.log(level, "kext: %s", info.line)
+                    # The whole read at once: its verdicts leave pipelined (one round trip).
+                    verdicts: list[tuple[int, Verdict]] = []
+                    for one in [info, *client.take_read()]:
+                        if isinstance(one, ConnectionIpv4 | ConnectionIpv6):
+                            verdict = self.policy.decide(one)
+                            verdicts.append((one.id, verdict))
+                            self.decisions.decided(one, verdict)
+                        elif isinstance(one, LogLine):
+                            level = _LOG_LEVELS.get(one.severity)
+                            if level is not None:
+                                log.log(level, "kext: %s", one.line)
+                    if verdicts:
+                        for err in client.send_verdicts(verdicts):
+                            if err is not None:
+                                raise err  # as a single write's failure would
             finally:
                 session_over.set()
                 ticker.join(timeout=7)  # before the sockets close under it
