@@ -1,7 +1,7 @@
 """The bandwidth actor's pure core: kernel byte counters in, GetBandwidthStats answers out.
 
 The kernel counts, per packet orientation (the 5-tuple as the packet carries it), the TCP/UDP
-payload of every accepted packet, in two places (actors/capture/kernel_cache.py):
+payload of every accepted packet, in two places (map layouts in base/kernel_maps.py):
 
 * `Source.CACHE`: kextless_pre's PASS entries, i.e. established, permanently accepted flows
   that never reach Python;
@@ -25,9 +25,9 @@ eviction, are the only losses (README.md).
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass, field
 
+from kextless.base.kernel_maps import FLOW_KEY
 from kextless.protocol import messages as m
 from kextless.protocol.enums import InfoType, IpProtocol, Severity
 from kextless.protocol.infos import BandwidthEntry, BandwidthStatsV4, BandwidthStatsV6
@@ -55,14 +55,10 @@ class Source(enum.IntEnum):
 #: Plain tuples, decoded only when a counter moved: a read of 60k entries stays cheap.
 Reading = tuple[Source, bytes, int]
 
-#: struct flow_key: family, proto, sport, dport (network order), pad, src[16], dst[16]
-#: (kernel_cache.FlowKey.pack writes it; tests/actors/bandwidth checks both agree).
-_KEY = struct.Struct("!BBHHH16s16s")
-
 
 def decode_key(raw: bytes) -> tuple[int, bytes, int, bytes, int]:
     """(protocol, src, sport, dst, dport) of a raw map key; IPv4 addresses as 4 bytes."""
-    family, proto, sport, dport, _pad, src, dst = _KEY.unpack(raw)
+    family, proto, sport, dport, _pad, src, dst = FLOW_KEY.unpack(raw)
     if family == 4:
         src, dst = src[:4], dst[:4]
     return proto, src, sport, dst, dport

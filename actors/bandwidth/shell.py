@@ -1,8 +1,8 @@
 """The bandwidth actor's I/O shell: the kernel's counter maps (read-only), one DEALER.
 
 Runs inside the guarded namespace (`ip netns exec`), where it finds the maps through the TC
-filters of the capture's programs on the namespace's links (kernel_cache.CounterMaps, the
-way a restarted capture adopts them): no bpffs, no shared state with the capture, and map
+filters of the capture's programs on the namespace's links (base.kernel_maps.CounterMaps,
+the way a restarted capture adopts them): no bpffs, no shared state with the capture, and map
 fds opened BPF_F_RDONLY, so this process can never change what passes. It re-checks the
 programs' ids at every read, so a capture that loaded fresh programs is followed within one
 poll. Until a capture has attached them there is nothing to read and every answer is empty.
@@ -25,17 +25,14 @@ import msgspec
 import zmq
 
 from kextless.actors.bandwidth.core import BandwidthCore, Effect, ReadCounters, Reading, Source
-
-# The kernel map layout is the capture's (kernel_cache.py owns the programs); this actor only
-# reads it, through the read-only view made for it (.importlinter allows this one import).
-from kextless.actors.capture.kernel_cache import (
+from kextless.base.cores import wait_ms
+from kextless.base.kernel_maps import (
     PAYLOAD_OFFSET,
     REINJECTED_PAYLOAD_OFFSET,
     CounterMaps,
     KernelCacheError,
     attached_program_ids,
 )
-from kextless.base.cores import wait_ms
 from kextless.protocol import messages as m
 from kextless.protocol.enums import CommandType, Severity
 from kextless.protocol.logtag import source_tag

@@ -4,7 +4,8 @@ link's clsact ingress and egress hooks (direct-action) with pyroute2. No clang, 
 `guard.py` (drop undiverted IP on a new link) and `l2pass.py` (let non-IP frames skip the
 divert program) are two such programs; this module is what they share. `kernel_cache.py`
 attaches its libbpf-loaded C programs with `attach` too, and finds them again after a restart
-with `filters` (which reads each filter's program id).
+with `base.kernel_maps.filters` (the filter dump with each program id, which the bandwidth
+actor needs too).
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import errno
 import os
 import platform
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-#: clsact parents: ingress / egress.
-INGRESS = 0xFFFFFFF2
-EGRESS = 0xFFFFFFF3
-HOOKS = (INGRESS, EGRESS)
+# The clsact hooks (ingress / egress) are base's, where the filter dump reads them; guard.py,
+# l2pass.py and links.py take them from here.
+from kextless.base.kernel_maps import EGRESS as EGRESS
+from kextless.base.kernel_maps import HOOKS as HOOKS
+from kextless.base.kernel_maps import INGRESS as INGRESS
+
 ETH_P_ALL = 0x0003
 TC_ACT_UNSPEC = -1
 TC_ACT_OK = 0
@@ -129,58 +131,3 @@ def detach(ipr: Any, index: int, pref: int) -> bool:
                 raise
             ok = False
     return ok
-
-
-#: rtattr types of a TC filter dump (uapi/linux/rtnetlink.h, pkt_cls.h). pyroute2 0.9 does
-#: not decode TCA_BPF_ID, so `filters` reads the raw message.
-_TCA_KIND, _TCA_OPTIONS = 1, 2
-_TCA_BPF_NAME, _TCA_BPF_ID = 7, 11
-#: struct nlmsghdr (16 bytes) + struct tcmsg (20 bytes) precede the attributes.
-_TC_ATTRS_AT = 16 + 20
-
-
-@dataclass(frozen=True)
-class TcProgram:
-    """A cls_bpf filter found on a link's clsact hook, with its kernel program id."""
-
-    index: int
-    hook: int  # INGRESS / EGRESS
-    pref: int
-    name: str
-    prog_id: int
-
-
-def _rtattrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
-    """The attributes in buf[start:end] by type (the nested flag masked off)."""
-    out: dict[int, bytes] = {}
-    while start + 4 <= end:
-        length, kind = struct.unpack_from("=HH", buf, start)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = buf[start + 4 : start + length]
-        start += (length + 3) & ~3
-    return out
-
-
-def filters(ipr: Any, index: int) -> list[TcProgram]:
-    """Every BPF filter on both clsact hooks of link `index` with its program id ([] if the
-    link has no clsact qdisc). Restart adoption finds our programs (and their maps) this way."""
-    found = []
-    for hook in HOOKS:
-        try:
-            msgs = ipr.get_filters(index=index, parent=hook)
-        except NetlinkError:
-            continue
-        for msg in msgs:
-            raw = bytes(msg.data[msg.offset : msg.offset + msg.length])
-            attrs = _rtattrs(raw, _TC_ATTRS_AT, len(raw))
-            if attrs.get(_TCA_KIND, b"").rstrip(b"\0") != b"bpf" or _TCA_OPTIONS not in attrs:
-                continue
-            opts = attrs[_TCA_OPTIONS]
-            bpf = _rtattrs(opts, 0, len(opts))
-            if _TCA_BPF_ID not in bpf:
-                continue
-            name = bpf.get(_TCA_BPF_NAME, b"").rstrip(b"\0").decode(errors="replace")
-            prog_id = struct.unpack_from("=I", bpf[_TCA_BPF_ID])[0]
-            found.append(TcProgram(index, hook, int(msg["info"]) >> 16, name, prog_id))
-    return found

@@ -14,8 +14,8 @@ from kextless.actors.bandwidth.core import (
     Source,
     decode_key,
 )
-from kextless.actors.capture import kernel_cache as kcm
-from kextless.actors.capture.kernel_cache import FlowEntry, FlowKey, ReinjectedEntry
+from kextless.base import kernel_maps as km
+from kextless.base.kernel_maps import FlowEntry, FlowKey, ReinjectedEntry
 from kextless.protocol import messages as m
 from kextless.protocol.enums import InfoType, Severity
 from kextless.protocol.infos import BandwidthStatsV4, BandwidthStatsV6, decode_info
@@ -234,10 +234,10 @@ def test_the_core_reads_the_key_and_payload_where_the_capture_writes_them() -> N
     for k in (FlowKey(TCP, A4, 40000, B4, 80), FlowKey(UDP, A6, 5353, B6, 53)):
         assert decode_key(k.pack()) == (k.proto, k.src, k.sport, k.dst, k.dport)
     raw = bytearray(48)
-    raw[kcm.PAYLOAD_OFFSET : kcm.PAYLOAD_OFFSET + 8] = (123456).to_bytes(8, "little")
+    raw[km.PAYLOAD_OFFSET : km.PAYLOAD_OFFSET + 8] = (123456).to_bytes(8, "little")
     assert FlowEntry.unpack(bytes(raw)).payload == 123456
     raw = bytearray(32)
-    raw[kcm.REINJECTED_PAYLOAD_OFFSET : kcm.REINJECTED_PAYLOAD_OFFSET + 8] = (77).to_bytes(
+    raw[km.REINJECTED_PAYLOAD_OFFSET : km.REINJECTED_PAYLOAD_OFFSET + 8] = (77).to_bytes(
         8, "little"
     )
     assert ReinjectedEntry.unpack(bytes(raw)).payload == 77

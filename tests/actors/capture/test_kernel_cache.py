@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -20,16 +21,14 @@ from typing import Any
 import pytest
 
 from kextless.actors.capture import kernel_cache as kcm
-from kextless.actors.capture import tcbpf
 from kextless.actors.capture.kernel_cache import (
     Action,
-    FlowEntry,
-    FlowKey,
     GuardStats,
     KernelCache,
     PreStat,
-    ReinjectedEntry,
 )
+from kextless.base import kernel_maps as km
+from kextless.base.kernel_maps import FlowEntry, FlowKey, ReinjectedEntry
 from kextless.protocol.messages import Flow
 from tests.netns import NetnsPair
 
@@ -445,7 +444,8 @@ _TCP_PROBE = r"""
 import json, socket, sys, threading, time, collections
 from pyroute2 import IPRoute
 from pydivert import EBPFDivert
-from kextless.actors.capture.kernel_cache import Action, FlowKey, KernelCache
+from kextless.actors.capture.kernel_cache import Action, KernelCache
+from kextless.base.kernel_maps import FlowKey
 host, port, v6 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 fam = socket.AF_INET6 if v6 else socket.AF_INET
 me = sys.argv[4]
@@ -561,7 +561,8 @@ def test_a_cached_tcp_connection_skips_python_and_the_guard_passes_reinjected(v6
 _LOADER = r"""
 import json, os, signal, sys
 from pyroute2 import NetNS
-from kextless.actors.capture.kernel_cache import Action, FlowKey, KernelCache
+from kextless.actors.capture.kernel_cache import Action, KernelCache
+from kextless.base.kernel_maps import FlowKey
 ipr = NetNS(sys.argv[1])
 kc = KernelCache.load(flows_max=2048)
 kc.attach(ipr, ipr.link_lookup(ifname="va")[0], "va")
@@ -601,10 +602,10 @@ def test_a_restarted_capture_adopts_the_maps_and_detach_removes_everything() -> 
             # The adopted maps drive the attached program: a DROP written now applies.
             kc.put(echo.key, Action.DROP)
             assert echo.send(2) == 0
-            prog_ids = {f.prog_id for f in tcbpf.filters(ipr, index)}
+            prog_ids = {f.prog_id for f in km.filters(ipr, index)}
             assert len(prog_ids) == 2
             assert kc.detach(ipr, index)
-            assert tcbpf.filters(ipr, index) == []
+            assert km.filters(ipr, index) == []
             kc.close()
             assert echo.send(2) == 2  # no programs left: nothing holds or drops
             # Nothing kept them: the programs and maps leave the kernel (freed after an RCU
@@ -616,7 +617,7 @@ def test_a_restarted_capture_adopts_the_maps_and_detach_removes_everything() -> 
 
 
 def _gone(prog_ids: set[int], map_id: int, within_s: float = 5.0) -> bool:
-    lib = kcm._libbpf().lib
+    lib = km.libbpf().lib
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         fds = [lib.bpf_prog_get_fd_by_id(pid) for pid in prog_ids]
@@ -630,13 +631,52 @@ def _gone(prog_ids: set[int], map_id: int, within_s: float = 5.0) -> bool:
     return False
 
 
+def _rtattr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + bytes(-n % 4)
+
+
+class _FakeFilterMsg:
+    """What pyroute2's get_filters yields, as far as `filters` reads it."""
+
+    def __init__(self, raw: bytes, info: int) -> None:
+        self.data, self.offset, self.length, self.info = raw, 0, len(raw), info
+
+    def __getitem__(self, key: str) -> int:
+        assert key == "info"
+        return self.info
+
+
+class _FakeIpr:
+    def __init__(self, by_hook: dict[int, list[_FakeFilterMsg]]) -> None:
+        self.by_hook = by_hook
+
+    def get_filters(self, index: int, parent: int) -> list[_FakeFilterMsg]:
+        return self.by_hook.get(parent, [])
+
+
+def test_filter_dump_reads_each_bpf_filters_name_pref_and_program_id() -> None:
+    head = bytes(16 + 20)  # nlmsghdr + tcmsg
+    opts = _rtattr(7, b"kextless_pre\0") + _rtattr(11, struct.pack("=I", 4242))
+    ours = head + _rtattr(1, b"bpf\0") + _rtattr(2 | 0x8000, opts)  # TCA_OPTIONS, nested
+    no_id = head + _rtattr(1, b"bpf\0") + _rtattr(2, _rtattr(7, b"x\0"))
+    other = head + _rtattr(1, b"u32\0") + _rtattr(2, opts)
+    ipr = _FakeIpr(
+        {
+            km.INGRESS: [_FakeFilterMsg(ours, 10 << 16), _FakeFilterMsg(other, 5 << 16)],
+            km.EGRESS: [_FakeFilterMsg(no_id, 7 << 16)],
+        }
+    )
+    assert km.filters(ipr, 3) == [km.TcProgram(3, km.INGRESS, 10, "kextless_pre", 4242)]
+
+
 def test_prog_info_struct_matches_the_uapi_offsets() -> None:
     # struct bpf_prog_info: nr_map_ids at 52, map_ids at 56, name at 64 (uapi/linux/bpf.h).
-    assert kcm._ProgInfo.nr_map_ids.offset == 52
-    assert kcm._ProgInfo.map_ids.offset == 56
-    assert kcm._ProgInfo.name.offset == 64
-    assert kcm._MapInfo.name.offset == 24
-    assert ctypes.sizeof(kcm._MapInfo) == 40
+    assert km.ProgInfo.nr_map_ids.offset == 52
+    assert km.ProgInfo.map_ids.offset == 56
+    assert km.ProgInfo.name.offset == 64
+    assert km.MapInfo.name.offset == 24
+    assert ctypes.sizeof(km.MapInfo) == 40
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -714,7 +754,8 @@ _DIVERTER = r"""
 import json, sys, threading, time
 from pyroute2 import IPRoute
 from pydivert import EBPFDivert
-from kextless.actors.capture.kernel_cache import Action, FlowKey, KernelCache
+from kextless.actors.capture.kernel_cache import Action, KernelCache
+from kextless.base.kernel_maps import FlowKey
 key = FlowKey.of(17, sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 ipr = IPRoute()
 index = ipr.link_lookup(ifname="va")[0]
