@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -426,14 +427,29 @@ def test_a_blast_that_fills_the_ring_passes_nothing_unexamined_unless_fail_open(
 ) -> None:
     """PermanentBlock for the blast's flow: Python rejects every datagram it sees, so every
     one the receiver gets passed the divert program unexamined (its ring was full). Over the
-    veth, and on lo (diverted on its egress, guarded on its ingress)."""
+    veth, and on lo (diverted on its egress, guarded on its ingress).
+
+    The ring is made to overflow, not hoped to: the capture is stopped (SIGSTOP, a stall like
+    a page-in or a CPU hog would cause) for the first second of the blast, so its 8 MiB ring
+    (~4000 packets) fills whatever the machine's speed; a capture fast enough to keep up
+    would otherwise leave nothing to prove (the batch path often is)."""
     port = 7460
     with _env(Verdict.PERMANENT_BLOCK) as (pair, ale, tmp):
         rcv = pair.popen(pair.a, [sys.executable, "-c", _RECEIVER, port], stdin=subprocess.PIPE)
         assert rcv.stdout is not None and rcv.stdout.readline().strip() == b"ready"
         args = ("--fail-open",) if fail_open else ()
         cap = _start(pair, ale, tmp, *args)
-        sent, got = _blast(pair, rcv, port, 41460, 1.5, loopback=loopback)
+        cap.proc.send_signal(signal.SIGSTOP)
+        timer = threading.Timer(1.0, cap.proc.send_signal, (signal.SIGCONT,))
+        timer.start()
+        try:
+            sent, got = _blast(pair, rcv, port, 41460, 1.5, loopback=loopback)
+        finally:
+            timer.join()
+            cap.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 12  # the guard's count is logged with the stats (5 s)
+        while not fail_open and _guard_drops(cap.log()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
         counters = cap.stop()
         drops = _guard_drops(cap.log())
         fig = {
