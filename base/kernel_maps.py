@@ -44,6 +44,9 @@ FLOW_VAL = struct.Struct("=QQQQBB14x")
 #: struct reinj_val (guard.bpf.c): last_seen_ns, packets, payload, then seq_end, seq_valid.
 REINJ_VAL = struct.Struct("=QQQ8x")
 REINJECTED_MAP = "reinjected"
+#: struct owner_val (flowcache.bpf.c): tgid, pad, socket cookie, ktime.
+OWNER_VAL = struct.Struct("=I4xQQ")
+OWNERS_MAP = "owners"
 #: Where the payload counter sits in each value (a reader of raw values unpacks only it).
 PAYLOAD_OFFSET = 24
 REINJECTED_PAYLOAD_OFFSET = 16
@@ -138,6 +141,20 @@ class ReinjectedEntry:
     def unpack(cls, raw: bytes) -> ReinjectedEntry:
         last, packets, payload = REINJ_VAL.unpack(raw)
         return cls(packets, payload, last)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who sent a flow's opener, as kextless_pre saw it at egress (`owners`)."""
+
+    pid: int  # the tgid of the task that sent the SYN / datagram (never 0)
+    cookie: int  # the socket's cookie: a new socket on the same 5-tuple has another
+    ktime_ns: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns) when it was recorded
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Owner:
+        tgid, cookie, ktime = OWNER_VAL.unpack(raw)
+        return cls(tgid, cookie, ktime)
 
 
 # ---- the libbpf binding ------------------------------------------------------------------
@@ -438,6 +455,73 @@ class BpfMap:
             value = self.lookup(prev)
             if value is not None:
                 yield prev, value
+
+
+# ---- the owners of egress openers (the capture) --------------------------------------------
+
+
+class OwnerMap:
+    """kextless_pre's `owners`: the pid that sent each flow's first egress packet, keyed by
+    the packet's 5-tuple (local -> remote: `FlowKey.from_flow`). The capture looks an outbound
+    opener up here so the ALE need not wait for a socket event to learn the pid."""
+
+    def __init__(self, m: BpfMap) -> None:
+        self.map = m
+        self._out = ctypes.create_string_buffer(OWNER_VAL.size)
+        self._lookup = m.lib.lib.bpf_map_lookup_elem
+
+    @classmethod
+    def from_fd(cls, fd: int) -> OwnerMap:
+        """Wrap an fd of `owners` (owned from now on); KernelCacheError for another layout."""
+        return cls(BpfMap(fd, OWNERS_MAP, FLOW_KEY.size, OWNER_VAL.size))
+
+    @classmethod
+    def open(cls, ipr: Any) -> OwnerMap | None:
+        """The map of the kextless_pre attached in this namespace, by id, read-only; None if
+        none is attached or it has no `owners` (an older program)."""
+        pre_ids, guard_ids, _names = attached_programs(ipr)
+        if not pre_ids:
+            return None
+        check_single(pre_ids, guard_ids)
+        lib = libbpf()
+        pid = next(iter(pre_ids))
+        prog = lib.check(lib.lib.bpf_prog_get_fd_by_id(pid), f"program id {pid}")
+        try:
+            fds = prog_maps(prog, rdonly=True)
+        finally:
+            os.close(prog)
+        fd = fds.pop(OWNERS_MAP, None)
+        for other in fds.values():
+            os.close(other)
+        if fd is None:
+            return None
+        try:
+            return cls.from_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def get(self, key: FlowKey) -> Owner | None:
+        """The owner recorded for this orientation's opener, or None (not seen, evicted,
+        or not an egress opener of a local socket)."""
+        rc = self._lookup(self.map.fd, key.pack(), self._out)
+        if rc == -errno.ENOENT:
+            return None
+        self.map.lib.check(rc, "owners lookup")
+        return Owner.unpack(self._out.raw)
+
+    def delete(self, key: FlowKey) -> bool:
+        """Forget an owner (needs a writable fd). Rarely wanted: while the entry is there a
+        retransmitted SYN of the same socket records nothing; once gone, it records the
+        task its timer interrupted."""
+        return self.map.delete(key.pack())
+
+    def entries(self) -> Iterator[tuple[FlowKey, Owner]]:
+        for k, v in self.map.items():
+            yield FlowKey.unpack(k), Owner.unpack(v)
+
+    def close(self) -> None:
+        os.close(self.map.fd)
 
 
 # ---- read-only counters (the bandwidth actor) -----------------------------------------------

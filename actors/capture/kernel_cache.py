@@ -29,6 +29,10 @@ every accepted packet once. `base/kernel_maps.py` holds the map layouts and the 
 this module shares with the bandwidth actor, whose `CounterMaps.open(ipr)` reads both maps,
 read-only, from the programs attached to the namespace's links; this module loads, attaches
 and writes.
+
+Owners: kextless_pre records who sent each egress opener (TCP SYN, UDP datagram of an
+uncached flow) in `owners`, sized like `flows`: `kc.owners.get(FlowKey.from_flow(flow))` ->
+Owner(pid, cookie, ktime_ns) | None, so an outbound PacketHeld can carry its pid at once.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from kextless.actors.capture import tcbpf
 from kextless.base.kernel_maps import (
     FLOW_KEY,
     FLOW_VAL,
+    OWNERS_MAP,
     REINJ_VAL,
     REINJECTED_MAP,
     BpfMap,
@@ -68,6 +73,8 @@ from kextless.base.kernel_maps import PRE_NAME as PRE_NAME
 from kextless.base.kernel_maps import PRE_PREF as PRE_PREF
 from kextless.base.kernel_maps import FlowKey as FlowKey
 from kextless.base.kernel_maps import KernelCacheError as KernelCacheError
+from kextless.base.kernel_maps import Owner as Owner
+from kextless.base.kernel_maps import OwnerMap as OwnerMap
 
 log = logging.getLogger("capture.kernel_cache")
 
@@ -166,6 +173,8 @@ class KernelCache:
     guard_fd: int | None = None
     guard_map: BpfMap | None = None
     reinjected: BpfMap | None = None
+    #: Who sent each egress opener (None: an adopted program older than the map).
+    owners: OwnerMap | None = None
     attached: dict[int, str] = field(default_factory=dict)
     ncpus: int = 1
 
@@ -178,7 +187,9 @@ class KernelCache:
         """Load kextless_pre with a `flows` map of `flows_max` entries, and (`guard`) the
         fail-closed guard. Nothing is attached yet. KernelCacheError (libbpf logs the
         verifier's reason on stderr)."""
-        pre = _load_object(bpf_dir / PRE_OBJECT, [PRE_NAME], {"flows": flows_max})
+        pre = _load_object(
+            bpf_dir / PRE_OBJECT, [PRE_NAME], {"flows": flows_max, OWNERS_MAP: flows_max}
+        )
         try:
             sizes = {REINJECTED_MAP: flows_max}
             g = _load_object(bpf_dir / GUARD_OBJECT, [GUARD_NAME], sizes) if guard else {}
@@ -235,7 +246,7 @@ class KernelCache:
     def _from_fds(cls, pre: dict[str, int], guard: dict[str, int]) -> KernelCache:
         """Wrap fds by name (programs and maps); closes the ones it does not keep."""
         keep = {PRE_NAME, "flows", "pass_ports", "stats", GUARD_NAME, "guard_stats"}
-        keep.add(REINJECTED_MAP)
+        keep |= {REINJECTED_MAP, OWNERS_MAP}
         for name, fd in list(pre.items()) + list(guard.items()):
             if name not in keep:
                 os.close(fd)
@@ -258,6 +269,7 @@ class KernelCache:
                 if guard
                 else None
             ),
+            owners=OwnerMap.from_fd(pre[OWNERS_MAP]) if OWNERS_MAP in pre else None,
             ncpus=libbpf().check(libbpf().lib.libbpf_num_possible_cpus(), "possible cpus"),
         )
 
@@ -265,6 +277,7 @@ class KernelCache:
         """Close our fds. Attached programs stay (for the next capture to adopt): `detach`
         every link first to remove them."""
         maps = [self.flows, self.pass_ports, self.stats_map, self.guard_map, self.reinjected]
+        maps.append(self.owners.map if self.owners else None)
         for fd in [self.pre_fd, self.guard_fd] + [m.fd if m else None for m in maps]:
             if fd is not None:
                 os.close(fd)

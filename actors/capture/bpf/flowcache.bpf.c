@@ -26,6 +26,19 @@
  * the target link's ingress, re-marked 0x4D49xxxx, where they meet this program again. On lo
  * such a packet goes on untouched (TC_ACT_UNSPEC, ST_LO_REDIRECT): never passed into lo's own
  * stack, never counted (it is counted once, at the target).
+ *
+ * Owners: an EGRESS packet of a local socket that goes on to the divert program as a flow's
+ * opener (a TCP SYN without ACK, a UDP datagram of a flow not in `flows`) records in `owners`,
+ * under its key, the tgid of the current task, the socket cookie and the time. At TC egress
+ * (before the qdisc) such a packet is still in the context of the process that called
+ * connect()/sendmsg(), so Python learns the pid without waiting for a socket event. Not
+ * recorded: ingress (softirq: the current task is whoever was interrupted), SYN-ACKs and
+ * other TCP (sent from softirq/timers on ACK clocking), the library's re-injections (the
+ * capture's own context), packets without a socket (forwarded), tgid 0 (a kernel thread),
+ * and a packet whose socket already owns the key (its cookie is there): a retransmitted SYN,
+ * sent from the retransmission timer in whatever task the timer interrupted, so it never
+ * overwrites the pid of the connect(). A new socket reusing the 5-tuple has a new cookie
+ * and records afresh. One lookup per diverted egress opener, one update per new socket.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -41,6 +54,9 @@
 
 /* The loopback device's ifindex: 1 in every network namespace. */
 #define LO_IFINDEX 1
+
+/* The divert library's re-injection mark (LOOP_PREVENTION_MARK), high half. */
+#define REINJECT_MARK_HI 0x4D49
 
 /* The divert library's lo re-injection mark, high half (REDIRECT_MARK_MASK). */
 #define LO_REDIRECT_MARK_HI 0x4D4A
@@ -115,6 +131,14 @@ static __always_inline __u32 stream_advance(struct flow_val *v, __u32 seq, __u32
 	return add;
 }
 
+/* Value of `owners`, 24 bytes (base/kernel_maps.OWNER_VAL). */
+struct owner_val {
+	__u32 tgid;   /* the process (thread group) that sent the packet */
+	__u32 pad;
+	__u64 cookie; /* bpf_get_socket_cookie(): tells a new socket on the same 5-tuple */
+	__u64 ktime;  /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) when recorded */
+};
+
 /* Key of `pass_ports`: traffic with either port here skips the divert (our own control). */
 struct pass_port {
 	__u16 port; /* host byte order */
@@ -142,6 +166,13 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct flow_val);
 } flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* the loader sets the real size before load */
+	__type(key, struct flow_key);
+	__type(value, struct owner_val);
+} owners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -177,6 +208,29 @@ static __always_inline int passed_port(__u8 proto, __be16 port)
 	struct pass_port k = { .port = bpf_ntohs(port), .proto = proto };
 
 	return bpf_map_lookup_elem(&pass_ports, &k) != NULL;
+}
+
+/* Remember who sent this egress opener (see the head comment for what is skipped, and why).
+ * Egress of a locally made packet: no ingress device (lo ingress has ifindex 1 there). */
+static __always_inline void record_owner(struct __sk_buff *skb, struct flow_key *key)
+{
+	struct owner_val *o, fresh = {};
+	__u64 cookie;
+
+	if (skb->ingress_ifindex || (skb->mark >> 16) == REINJECT_MARK_HI)
+		return;
+	cookie = bpf_get_socket_cookie(skb);
+	if (!cookie)
+		return;
+	o = bpf_map_lookup_elem(&owners, key);
+	if (o && o->cookie == cookie)
+		return;
+	fresh.tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!fresh.tgid)
+		return;
+	fresh.cookie = cookie;
+	fresh.ktime = bpf_ktime_get_ns();
+	bpf_map_update_elem(&owners, key, &fresh, BPF_ANY);
 }
 
 /* The L2 header's length before the network header (skb->len counts it at TC): 14 when an
@@ -271,8 +325,13 @@ int kextless_pre(struct __sk_buff *skb)
 		if (passed_port(proto, th.source) || passed_port(proto, th.dest))
 			return count(ST_PASS_PORT, TC_ACT_OK);
 		/* Openers and ends go to Python: it sees every connection start and finish. */
-		if (th.syn || th.fin || th.rst)
+		if (th.syn || th.fin || th.rst) {
+			if (th.syn && !th.ack) {
+				key.proto = proto;
+				record_owner(skb, &key);
+			}
 			return count(ST_TCP_CONTROL, TC_ACT_UNSPEC);
+		}
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr uh;
 
@@ -290,8 +349,11 @@ int kextless_pre(struct __sk_buff *skb)
 
 	struct flow_val *v = bpf_map_lookup_elem(&flows, &key);
 
-	if (!v)
+	if (!v) {
+		if (proto == IPPROTO_UDP)
+			record_owner(skb, &key);
 		return count(ST_MISSED, TC_ACT_UNSPEC);
+	}
 	if (v->action == ACTION_DROP) {
 		__sync_fetch_and_add(&v->packets, 1);
 		return count(ST_DROPPED, TC_ACT_SHOT);
