@@ -89,12 +89,14 @@ from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
+from kextless.protocol.enums import Direction
 from kextless.protocol.messages import (
     BUNDLE_MAX,
     Flow,
     Health,
     Log,
     Message,
+    PacketHeld,
     decode,
     encode_many,
     unbundle,
@@ -664,7 +666,8 @@ class CaptureShell:
             if isinstance(a.token, Captured):
                 b.drop(a.token)  # no copy at the next receive
         elif isinstance(a, ToAle):
-            self._ale_out.append(a.msg)  # sent by _flush, with the loop pass's others
+            # sent by _flush, with the loop pass's others
+            self._ale_out.append(self._with_owner(a.msg))
         elif isinstance(a, Reroute):
             b.reroute(a.token, a.raw, a.loopback)  # type: ignore[arg-type]
         elif isinstance(a, Inject):
@@ -683,6 +686,29 @@ class CaptureShell:
             self._destroy(a)
         elif isinstance(a, KernelPut | KernelDelete | KernelClear | KernelProbe | KernelAudit):
             self._run_kernel(a)
+
+    def _with_owner(self, msg: Message) -> Message:
+        """An outbound TCP/UDP PacketHeld with the pid `kextless_pre` recorded for its opener
+        at egress (the connect()/sendmsg() caller's context): the ALE then emits the info at
+        once instead of waiting for the lifecycle actor's attribution (docs M25). I/O, so
+        here and not in the core; a miss or no owners map leaves process_id 0."""
+        owners = self._kc.owners if self._kc is not None else None
+        if (
+            owners is None
+            or not isinstance(msg, PacketHeld)
+            or msg.process_id
+            or msg.direction is not Direction.OUTBOUND
+            or msg.flow.protocol not in (6, 17)
+        ):
+            return msg
+        try:
+            owner = owners.get(FlowKey.from_flow(msg.flow))
+        except (OSError, KernelCacheError) as e:
+            log.debug("owner lookup failed: %s", e)
+            return msg
+        if owner is None or not owner.pid:
+            return msg
+        return msgspec.structs.replace(msg, process_id=owner.pid)
 
     # ---- connections that predate us --------------------------------------------------------
 
