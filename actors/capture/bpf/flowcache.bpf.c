@@ -154,7 +154,7 @@ enum stat {
 	ST_NON_IP,        /* not IPv4/IPv6 (ARP...): TC_ACT_OK */
 	ST_NEIGHBOUR,     /* IPv6 ND / MLD: TC_ACT_OK */
 	ST_PASS_PORT,     /* a port in pass_ports: TC_ACT_OK */
-	ST_TCP_CONTROL,   /* TCP SYN/FIN/RST: on to divert */
+	ST_TCP_CONTROL,   /* TCP SYN (no ACK), FIN, RST: on to divert */
 	ST_UNCACHED,      /* other protocols, fragments, VLAN, unparsable: on to divert */
 	ST_LO_REDIRECT,   /* the library's lo re-injection (0x4D4A mark): on, untouched */
 	ST_COUNT,
@@ -324,14 +324,17 @@ int kextless_pre(struct __sk_buff *skb)
 		seq = bpf_ntohl(th.seq);
 		if (passed_port(proto, th.source) || passed_port(proto, th.dest))
 			return count(ST_PASS_PORT, TC_ACT_OK);
-		/* Openers and ends go to Python: it sees every connection start and finish. */
-		if (th.syn || th.fin || th.rst) {
-			if (th.syn && !th.ack) {
-				key.proto = proto;
-				record_owner(skb, &key);
-			}
+		/* Openers and ends go to Python: it sees every connection start and finish. A
+		 * SYN-ACK is neither: it answers an opener Python already decided, so a flow the
+		 * map passes passes it too (one capture hop less per connect; no payload, so the
+		 * stream count below is untouched). */
+		if (th.syn && !th.ack) {
+			key.proto = proto;
+			record_owner(skb, &key);
 			return count(ST_TCP_CONTROL, TC_ACT_UNSPEC);
 		}
+		if (th.fin || th.rst)
+			return count(ST_TCP_CONTROL, TC_ACT_UNSPEC);
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr uh;
 
