@@ -29,6 +29,7 @@ import msgspec
 import zmq
 from pydivert import EBPFDivert
 from pydivert.consts import Flag, Layer
+from pyroute2 import IPRoute
 
 from kextless.actors.lifecycle.core import (
     TO_ALE,
@@ -40,6 +41,7 @@ from kextless.actors.lifecycle.core import (
 )
 from kextless.actors.lifecycle.diag import DiagRow, SockDiag
 from kextless.base.cores import wait_ms
+from kextless.base.kernel_maps import OwnerMap
 from kextless.protocol import messages as m
 from kextless.protocol.enums import CommandType, IpProtocol, Severity
 from kextless.protocol.logtag import source_tag
@@ -91,6 +93,8 @@ def event_from(layer: Layer, event: int, data: Any) -> DivertEvent | None:
     return DivertEvent(kind, int(data.ProcessId), int(data.EndpointId), flow)
 
 
+#: How often to look again whether the capture's kernel program records owners.
+_OWNERS_CHECK_NS = 2_000_000_000
 #: A CONNECT whose socket is not in the table within this time stays a hint only.
 CONNECT_RESOLVE_NS = 100_000_000
 
@@ -181,6 +185,12 @@ class LifecycleShell:
         self._to_broker: list[m.Message] = []
         #: When the last socket-table dump for pending CONNECTs ran (monotonic ns).
         self._last_resolve_ns = 0
+        #: Whether the capture's kextless_pre records connection owners (`owners` map), and
+        #: when that was last checked: then an outbound TCP opener's PacketHeld already
+        #: carries its pid and resolving CONNECTs here would only cost CPU on the connect path.
+        self._kernel_owners = False
+        self._owners_checked_ns: int | None = None
+        self.skipped_connects = 0
 
     def stop(self, *_: object) -> None:
         self._running = False
@@ -258,11 +268,43 @@ class LifecycleShell:
             self._our_sockets[ev.endpoint_id] = None
             if len(self._our_sockets) > _OUR_SOCKETS:
                 self._our_sockets.popitem(last=False)
-        if ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
+        if (
+            ev.event is SocketEvent.CONNECT
+            and ev.flow.protocol == IpProtocol.TCP
+            and self._owners_in_kernel(now)
+        ):
+            self.skipped_connects += 1
+        elif ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
             family = socket.AF_INET6 if ev.flow.is_v6 else socket.AF_INET
             self._connects[ev.endpoint_id] = (ev.process_id, now, family)
             log.debug("connect %d (pid %d) seen", ev.endpoint_id, ev.process_id)
         self._carry_out(self.core.divert_event(ev, now))
+
+    def _owners_in_kernel(self, now: int) -> bool:
+        """Whether the namespace's kextless_pre has an `owners` map (checked at most every
+        `_OWNERS_CHECK_NS`: the capture starts after us and may restart)."""
+        checked = self._owners_checked_ns
+        if checked is not None and now - checked < _OWNERS_CHECK_NS:
+            return self._kernel_owners
+        self._owners_checked_ns = now
+        found = False
+        try:
+            with IPRoute() as ipr:
+                owners = OwnerMap.open(ipr)
+            if owners is not None:
+                owners.close()
+                found = True
+        except Exception as e:  # no programs, no libbpf: resolve CONNECTs ourselves
+            log.debug("no kernel owners map: %s", e)
+        if found != self._kernel_owners:
+            log.info(
+                "outbound TCP owners %s",
+                "come from the kernel: CONNECTs not resolved here"
+                if found
+                else "resolved here from CONNECT events",
+            )
+        self._kernel_owners = found
+        return found
 
     def _resolve_connects(self) -> None:
         """Find pending CONNECTs' sockets (by cookie) among the SYN_SENT ones: their exact

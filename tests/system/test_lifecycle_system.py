@@ -474,3 +474,14 @@ def test_connections_and_listeners_from_before_the_start_carry_their_owners(
                 a.stop()
         finally:
             s.close()
+
+
+def test_outbound_tcp_owners_come_from_the_kernel_so_connects_are_not_resolved_here(
+    pair: NetnsPair, system: System, echo_port: int, answerer: Answerer
+) -> None:
+    """With the capture's kextless_pre recording owners, the lifecycle actor leaves outbound
+    TCP openers to it (no socket-table read on the connect path) and the pids stay right."""
+    for r in clients(pair, pair.ip4_b, echo_port, "tcp", 3, 2):
+        assert conn_pid(answerer, IpProtocol.TCP, r["port"]) == [r["pid"]], r
+    log = (system.run.log_dir / "lifecycle.log").read_text()
+    assert "outbound TCP owners come from the kernel" in log, log[-2000:]
