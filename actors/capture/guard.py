@@ -23,10 +23,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kextless.actors.capture import tcbpf
 from kextless.actors.capture.tcbpf import (
-    EGRESS,
     ETH_P_ALL,
     EXIT,
-    INGRESS,
     JEQ_K,
     LDXW,
     MOV64_K,
@@ -37,6 +35,7 @@ from kextless.actors.capture.tcbpf import (
     TC_ACT_UNSPEC,
     insn,
 )
+from kextless.base.kernel_maps import EGRESS, INGRESS
 
 log = logging.getLogger("capture.guard")
 

@@ -56,25 +56,24 @@ from kextless.actors.capture import tcbpf
 from kextless.base.kernel_maps import (
     FLOW_KEY,
     FLOW_VAL,
+    GUARD_NAME,
+    GUARD_PREF,
     OWNERS_MAP,
+    PRE_NAME,
+    PRE_PREF,
     REINJ_VAL,
     REINJECTED_MAP,
     BpfMap,
     FlowEntry,
+    FlowKey,
+    KernelCacheError,
+    OwnerMap,
     ReinjectedEntry,
     attached_programs,
     check_single,
     libbpf,
     prog_maps,
 )
-from kextless.base.kernel_maps import GUARD_NAME as GUARD_NAME
-from kextless.base.kernel_maps import GUARD_PREF as GUARD_PREF
-from kextless.base.kernel_maps import PRE_NAME as PRE_NAME
-from kextless.base.kernel_maps import PRE_PREF as PRE_PREF
-from kextless.base.kernel_maps import FlowKey as FlowKey
-from kextless.base.kernel_maps import KernelCacheError as KernelCacheError
-from kextless.base.kernel_maps import Owner as Owner
-from kextless.base.kernel_maps import OwnerMap as OwnerMap
 
 log = logging.getLogger("capture.kernel_cache")
 

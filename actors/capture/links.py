@@ -26,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kextless.actors.capture.guard import GUARD_PREF, Guard, remove_stale
 from kextless.actors.capture.nftguard import NftError, NftGuard
-from kextless.actors.capture.tcbpf import EGRESS, INGRESS
+from kextless.base.kernel_maps import EGRESS, INGRESS
 from kextless.protocol.enums import Severity
 from kextless.protocol.messages import Log
 

@@ -75,20 +75,19 @@ from kextless.actors.capture.core import (
     ToAle,
 )
 from kextless.actors.capture.counters import LossCounters
-from kextless.actors.capture.kernel_cache import (
-    DEFAULT_FLOWS_MAX,
+from kextless.actors.capture.kernel_cache import DEFAULT_FLOWS_MAX, KernelCache
+from kextless.actors.capture.kernel_cache import Action as KAction
+from kextless.actors.capture.l2pass import L2Pass
+from kextless.actors.capture.links import LinkGuard, in_initial_netns
+from kextless.base.cores import wait_ms
+from kextless.base.kernel_maps import (
     GUARD_NAME,
     GUARD_PREF,
     PRE_NAME,
     PRE_PREF,
     FlowKey,
-    KernelCache,
     KernelCacheError,
 )
-from kextless.actors.capture.kernel_cache import Action as KAction
-from kextless.actors.capture.l2pass import L2Pass
-from kextless.actors.capture.links import LinkGuard, in_initial_netns
-from kextless.base.cores import wait_ms
 from kextless.protocol.enums import Direction
 from kextless.protocol.messages import (
     BUNDLE_MAX,

@@ -19,11 +19,8 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-# The clsact hooks (ingress / egress) are base's, where the filter dump reads them; guard.py,
-# l2pass.py and links.py take them from here.
-from kextless.base.kernel_maps import EGRESS as EGRESS
-from kextless.base.kernel_maps import HOOKS as HOOKS
-from kextless.base.kernel_maps import INGRESS as INGRESS
+# The clsact hooks (ingress / egress) are base's, where the filter dump reads them.
+from kextless.base.kernel_maps import HOOKS
 
 ETH_P_ALL = 0x0003
 TC_ACT_UNSPEC = -1
