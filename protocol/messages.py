@@ -88,6 +88,14 @@ class EmitRefused(_Msg, frozen=True):
     reason: str
 
 
+class Resolved(_Msg, frozen=True):
+    """Emitter -> broker: these pending ids were decided without a reader (verdict timeout):
+    drop their connection infos if still queued, so no later reader is asked about them.
+    One message per batch of timeouts. (Added in contract 1: an older broker logs and drops it.)"""
+
+    ids: tuple[int, ...]
+
+
 class Command(_Msg, frozen=True):
     """Broker -> owning actor: one validated kext command, still in kext wire format."""
 
@@ -191,6 +199,7 @@ Message = (
     | Emit
     | Emits
     | EmitRefused
+    | Resolved
     | Command
     | PacketHeld
     | Decision
@@ -213,15 +222,34 @@ encode = _encoder.encode
 
 
 def decode(data: bytes) -> Message:
-    """Decode one message; raises msgspec.ValidationError / DecodeError on garbage."""
-    return _decoder.decode(data)
+    """Decode one message; raises msgspec.ValidationError / DecodeError on garbage.
+
+    A frame of Bundles nested a few hundred deep makes msgspec raise RecursionError; that is
+    garbage too, so it is reported as a DecodeError, the one type every receiver catches."""
+    try:
+        return _decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("message nested too deeply") from None
 
 
 def unbundle(msg: Message) -> tuple[Message, ...]:
-    """The messages a frame carried, in order: a Bundle's contents, or the message itself."""
-    if isinstance(msg, Bundle):
-        return tuple(x for inner in msg.msgs for x in unbundle(inner))
-    return (msg,)
+    """The messages a frame carried, in order: a Bundle's contents, or the message itself.
+
+    Iterative, so a deeply nested Bundle that decoded fine cannot overflow the caller's stack
+    (recursion here raised RecursionError in the shells, which only catch decode errors)."""
+    if not isinstance(msg, Bundle):
+        return (msg,)
+    if not any(type(x) is Bundle for x in msg.msgs):
+        return msg.msgs  # the usual case: one flat Bundle (encode_many never nests)
+    out: list[Message] = []
+    stack: list[Message] = [msg]
+    while stack:
+        one = stack.pop()
+        if isinstance(one, Bundle):
+            stack.extend(reversed(one.msgs))
+        else:
+            out.append(one)
+    return tuple(out)
 
 
 def encode_many(msgs: list[Message]) -> list[bytes]:

@@ -1,11 +1,13 @@
 """The ALE actor's pure core: the kext's connection cache, its id cache and verdict semantics.
 
 State in, messages out (the shape of base/cores.py): every input method returns one list of
-protocol messages, in the order they must leave. A message's type says where it goes, with no
-wrapper record: Decision, CacheSet and CacheClear go to the capture actor, everything else
-(Emit, Log) to the broker (`TO_CAPTURE`). No sockets, and the only clock is the `now_ns`
-(monotonic) the shell passes in; `next_deadline_ns()` is when the oldest held packet's verdict
-timeout falls due, and `on_deadline(now_ns)` applies the default verdict to what has timed out.
+effects, in the order they must leave: protocol messages, whose type says where they go, with
+no wrapper record (Decision, CacheSet and CacheClear to the capture actor, everything else -
+Emit, Log, Resolved - to the broker: `TO_CAPTURE`), and `Note`s, lines for the ALE's own log
+file (every verdict timeout and refused info, rate-limited by `LineBudget`). No sockets, and
+the only clock is the `now_ns` (monotonic) the shell passes in; `next_deadline_ns()` is when
+the oldest held packet's verdict timeout falls due, and `on_deadline(now_ns)` applies the
+default verdict to what has timed out.
 
 It follows kext-contract C4, C6, C8-C10 and fixes the weaknesses of C15 that live here: the cache
 entry exists before its event is emitted (C15-4), keys include the local address (C15-6),
@@ -19,10 +21,15 @@ present, until its pid arrives or `attribution_wait_ns` passes (actors/lifecycle
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import msgspec
+
+from kextless.actors.ale.linebudget import LineBudget
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
@@ -51,8 +58,35 @@ _SECOND = 1_000_000_000
 #: per packet. A lone packet still gets its default verdict exactly at its deadline.
 TIMEOUT_BATCH_NS = 100_000_000
 
-#: Message types that go to the capture actor; every other effect goes to the broker.
+#: Message types that go to the capture actor; every other message goes to the broker.
 TO_CAPTURE: frozenset[type[m.Message]] = frozenset({m.Decision, m.CacheSet, m.CacheClear})
+_PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPv6"}
+
+
+class Note(msgspec.Struct, frozen=True):
+    """A line for the ALE's own log (stderr, which supervisord writes to RUN/logs/ale.log);
+    never sent anywhere: GetLogs gets its own Log lines."""
+
+    level: int  # a `logging` level
+    text: str
+
+
+Effect = m.Message | Note
+
+
+def flow_text(flow: m.Flow, direction: Direction | None = None) -> str:
+    """`TCP 10.0.0.1:4000 -> 10.0.0.2:80` (IPv6 in brackets; `<-` inbound, `<->` unknown)."""
+
+    def end(raw: bytes, port: int) -> str:
+        ip = ipaddress.ip_address(raw)
+        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+    arrow = "<->" if direction is None else "->" if direction is Direction.OUTBOUND else "<-"
+    proto = _PROTO_NAMES.get(flow.protocol, f"proto {flow.protocol}")
+    return (
+        f"{proto} {end(flow.local_ip, flow.local_port)} {arrow} "
+        f"{end(flow.remote_ip, flow.remote_port)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +145,7 @@ class IdCacheEntry:
     hold_id: int | None  # the capture's handle; None once that capture process is gone
     flow: m.Flow
     created_ns: int
+    direction: Direction = Direction.OUTBOUND
 
 
 def _with_pid(msg: m.PacketHeld, pid: int) -> m.PacketHeld:
@@ -163,6 +198,9 @@ class AleCore:
         self._lifecycle_seen_ns: int | None = None
         #: How long the last infos that got their pid by waiting waited (for health/measuring).
         self.wait_samples_us: deque[int] = deque(maxlen=1024)
+        #: Log-file lines for timed-out and for refused infos: one each up to a rate.
+        self.timeout_lines = LineBudget()
+        self.refused_lines = LineBudget()
         self.counters: dict[str, float] = {
             "ids_issued": 0,
             "verdicts": 0,
@@ -184,7 +222,7 @@ class AleCore:
 
     # ---- inputs -------------------------------------------------------------------------
 
-    def packet_held(self, msg: m.PacketHeld, now_ns: int) -> list[m.Message]:
+    def packet_held(self, msg: m.PacketHeld, now_ns: int) -> list[Effect]:
         """Capture holds a packet: answer from the cache, or issue a new pending id + event.
 
         An outbound connection whose pid nobody knows yet waits (bounded by
@@ -206,7 +244,7 @@ class AleCore:
                     return []
         return self._emit_held(msg, now_ns)
 
-    def attribution(self, msg: m.Attribution, now_ns: int) -> list[m.Message]:
+    def attribution(self, msg: m.Attribution, now_ns: int) -> list[Effect]:
         """Learn who owns a flow; release the infos that were waiting for exactly this."""
         self._lifecycle_seen_ns = now_ns
         kind, flow, pid = msg.kind, msg.flow, msg.process_id
@@ -290,19 +328,19 @@ class AleCore:
         if pid is not None:
             self.flow_pids[flow] = pid  # also most recent now, as a lookup makes it
 
-    def _release(self, flow: m.Flow, pid: int, now_ns: int) -> list[m.Message]:
+    def _release(self, flow: m.Flow, pid: int, now_ns: int) -> list[Effect]:
         """Emit the infos of a flow that waited for its pid (pid 0: it did not come)."""
         waiting = self.waiting.pop(flow)
         waited_us = (now_ns - waiting.since_ns) // 1000
         if pid:
             self.counters["pid_wait_max_us"] = max(self.counters["pid_wait_max_us"], waited_us)
             self.wait_samples_us.append(waited_us)
-        out: list[m.Message] = []
+        out: list[Effect] = []
         for held in waiting.held:
             out += self._emit_held(_with_pid(held, pid) if pid else held, now_ns)
         return out
 
-    def _emit_held(self, msg: m.PacketHeld, now_ns: int) -> list[m.Message]:
+    def _emit_held(self, msg: m.PacketHeld, now_ns: int) -> list[Effect]:
         flow = msg.flow
         cached = flow.protocol in _CACHED_PROTOCOLS
         conn = self.connection_cache.get(flow) if cached else None
@@ -322,7 +360,7 @@ class AleCore:
         new_id = self.next_id
         self.next_id += 1
         self.counters["ids_issued"] += 1
-        self.id_cache[new_id] = IdCacheEntry(msg.hold_id, flow, now_ns)
+        self.id_cache[new_id] = IdCacheEntry(msg.hold_id, flow, now_ns, msg.direction)
         self._timeout_order.append(new_id)
         info = ConnectionIpv6 if flow.is_v6 else ConnectionIpv4
         record = info(
@@ -339,7 +377,7 @@ class AleCore:
         ).encode()
         return [m.Emit(info.TYPE, record, new_id)]
 
-    def command(self, cmd: Command, now_ns: int) -> list[m.Message]:
+    def command(self, cmd: Command, now_ns: int) -> list[Effect]:
         """Apply one validated kext command routed to us by the broker."""
         if isinstance(cmd, VerdictCommand):
             return self._verdict(cmd.id, cmd.verdict, now_ns)
@@ -353,32 +391,61 @@ class AleCore:
             return self._clean_ended(now_ns)
         return [_log(Severity.ERROR, f"ALE does not handle {cmd.TYPE.kext_name}")]
 
-    def emit_refused(self, pending_id: int, reason: str, now_ns: int) -> list[m.Message]:
+    def emit_refused(self, pending_id: int, reason: str, now_ns: int) -> list[Effect]:
         """The broker's queue could not take our event: nobody will answer, so decide now."""
         self.counters["refused"] += 1
-        out: list[m.Message] = []
+        out: list[Effect] = []
+        verdict = self.config.default_verdict.kext_name
+        entry = self.id_cache.get(pending_id)
         self._resolve(pending_id, self.config.default_verdict, now_ns, out)
-        out.append(
-            _log(
-                Severity.WARNING,
-                f"event {pending_id} refused by the broker ({reason}); applied "
-                f"{self.config.default_verdict.kext_name}",
+        line = f"event {pending_id} refused by the broker ({reason}); applied {verdict}"
+        out.append(_log(Severity.WARNING, line))
+        summary, own_line = self.refused_lines.note(now_ns)
+        if summary:
+            out.append(self._refused_summary(summary))
+        if own_line:
+            what = flow_text(entry.flow, entry.direction) if entry else "(no longer held)"
+            out.append(
+                Note(
+                    logging.WARNING,
+                    f"id {pending_id} {what} refused by the broker ({reason}): {verdict}",
+                )
             )
-        )
         return out
 
+    def _refused_summary(self, n: int) -> Note:
+        verdict = self.config.default_verdict.kext_name
+        return Note(
+            logging.WARNING,
+            f"refused: {n} more info(s) refused by the broker within a second got {verdict} "
+            "(not logged one by one; counter refused)",
+        )
+
+    def _timeout_summary(self, n: int) -> Note:
+        verdict = self.config.default_verdict.kext_name
+        return Note(
+            logging.WARNING,
+            f"verdict timeout: {n} more id(s) timed out within a second and got {verdict} "
+            "(not logged one by one; counter timeouts)",
+        )
+
     def next_deadline_ns(self) -> int | None:
-        """The earlier of the verdict deadline and the oldest pid wait's end."""
+        """The earliest of the verdict deadline, the oldest pid wait's end and a due summary
+        of log lines left out."""
         due = self._verdict_deadline_ns()
         if self.waiting:
             first = next(iter(self.waiting.values()))
             wait_due = first.since_ns + self.config.attribution_wait_ns
             due = wait_due if due is None else min(due, wait_due)
+        for budget in (self.timeout_lines, self.refused_lines):
+            b = budget.due_ns()
+            if b is not None:
+                due = b if due is None else min(due, b)
         return due
 
-    def on_deadline(self, now_ns: int) -> list[m.Message]:
+    def on_deadline(self, now_ns: int) -> list[Effect]:
         """Emit infos whose pid wait is over (pid 0), then apply verdict timeouts."""
-        out: list[m.Message] = []
+        out: list[Effect] = []
         limit = now_ns - self.config.attribution_wait_ns
         while self.waiting:
             flow, first = next(iter(self.waiting.items()))
@@ -386,7 +453,14 @@ class AleCore:
                 break
             self.counters["pid_wait_timeouts"] += 1
             out += self._release(flow, 0, now_ns)
-        return out + self._verdict_timeouts(now_ns)
+        out += self._verdict_timeouts(now_ns)
+        n = self.timeout_lines.flush(now_ns)
+        if n:
+            out.append(self._timeout_summary(n))
+        n = self.refused_lines.flush(now_ns)
+        if n:
+            out.append(self._refused_summary(n))
+        return out
 
     def _verdict_deadline_ns(self) -> int | None:
         """When the oldest held packet's verdict timeout falls due (None: nothing is held).
@@ -408,7 +482,7 @@ class AleCore:
             return last + TIMEOUT_BATCH_NS
         return due
 
-    def _verdict_timeouts(self, now_ns: int) -> list[m.Message]:
+    def _verdict_timeouts(self, now_ns: int) -> list[Effect]:
         """Resolve held packets older than the verdict timeout with the default verdict."""
         due = self._verdict_deadline_ns()
         if due is None or now_ns < due:
@@ -423,13 +497,27 @@ class AleCore:
             if entry.created_ns > cutoff:
                 break
             expired.append(pending_id)
-        out: list[m.Message] = []
+        out: list[Effect] = []
         if not expired:
             return out
         self._timeouts_applied_ns = now_ns
         verdict = self.config.default_verdict
+        after = self.config.verdict_timeout_ns / 1e9
+        budget = self.timeout_lines
         for pending_id in expired:
             self.counters["timeouts"] += 1
+            entry = cache[pending_id]
+            summary, own_line = budget.note(now_ns)
+            if summary:
+                out.append(self._timeout_summary(summary))
+            if own_line:
+                out.append(
+                    Note(
+                        logging.WARNING,
+                        f"id {pending_id} {flow_text(entry.flow, entry.direction)} timed out "
+                        f"after {after:g} s without a verdict: {verdict.kext_name}",
+                    )
+                )
             self._resolve(pending_id, verdict, now_ns, out)
         out.append(
             _log(
@@ -438,9 +526,11 @@ class AleCore:
                 f"{verdict.kext_name} (ids {expired[0]}..{expired[-1]})",
             )
         )
+        # Their infos may still wait in the broker's queue: a later reader must not get them.
+        out.append(m.Resolved(tuple(expired)))
         return out
 
-    def capture_ready(self, now_ns: int) -> list[m.Message]:
+    def capture_ready(self, now_ns: int) -> list[Effect]:
         """A (re)started capture holds nothing: orphan old hold_ids and replay every verdict."""
         for entry in self.id_cache.values():
             entry.hold_id = None
@@ -451,7 +541,7 @@ class AleCore:
             if conn.verdict != Verdict.UNDECIDED
         ]
 
-    def connection_ended(self, msg: m.ConnectionEnded, now_ns: int) -> list[m.Message]:
+    def connection_ended(self, msg: m.ConnectionEnded, now_ns: int) -> list[Effect]:
         """Record an end once and report it (the kext re-ended entries, kext-contract C15-8)."""
         conn = self.connection_cache.get(msg.flow)
         if conn is None or conn.ended_ns:
@@ -486,8 +576,8 @@ class AleCore:
 
     # ---- commands -------------------------------------------------------------------------
 
-    def _verdict(self, pending_id: int, verdict: Verdict, now_ns: int) -> list[m.Message]:
-        out: list[m.Message] = []
+    def _verdict(self, pending_id: int, verdict: Verdict, now_ns: int) -> list[Effect]:
+        out: list[Effect] = []
         if pending_id not in self.id_cache:
             self.counters["verdicts_unknown_id"] += 1
             out.append(_log(Severity.ERROR, f"Verdict invalid id: {pending_id}"))
@@ -496,13 +586,13 @@ class AleCore:
         self._resolve(pending_id, verdict, now_ns, out)
         return out
 
-    def _resolve(
-        self, pending_id: int, verdict: Verdict, now_ns: int, out: list[m.Message]
-    ) -> None:
+    def _resolve(self, pending_id: int, verdict: Verdict, now_ns: int, out: list[Effect]) -> None:
         """Release one held packet and make its verdict the connection's verdict."""
         entry = self.id_cache.pop(pending_id, None)
         if entry is None:
             return
+        key = f"decided.{verdict.kext_name}"
+        self.counters[key] = self.counters.get(key, 0) + 1
         flow = entry.flow
         if flow.protocol in _CACHED_PROTOCOLS:
             conn = self.connection_cache.get(flow)
@@ -518,7 +608,7 @@ class AleCore:
         if entry.hold_id is not None:
             out.append(m.Decision((entry.hold_id,), verdict))
 
-    def _update(self, cmd: UpdateV4Command | UpdateV6Command, now_ns: int) -> list[m.Message]:
+    def _update(self, cmd: UpdateV4Command | UpdateV6Command, now_ns: int) -> list[Effect]:
         flow = m.Flow(
             cmd.protocol, cmd.local_address, cmd.local_port, cmd.remote_address, cmd.remote_port
         )
@@ -534,15 +624,15 @@ class AleCore:
         conn.verdict = cmd.verdict
         return [m.CacheSet(flow, cmd.verdict)]
 
-    def _clear_cache(self) -> list[m.Message]:
+    def _clear_cache(self) -> list[Effect]:
         self.counters["clear_cache"] += 1
         self.connection_cache.clear()
         return [m.CacheClear()]
 
-    def _shutdown(self, now_ns: int) -> list[m.Message]:
+    def _shutdown(self, now_ns: int) -> list[Effect]:
         """Resolve every held packet as PermanentBlock (kext-contract C8-6)."""
         self.counters["shutdowns"] += 1
-        out: list[m.Message] = []
+        out: list[Effect] = []
         for waiting in self.waiting.values():  # never reported: blocked without an id
             out.append(m.Decision(tuple(h.hold_id for h in waiting.held), Verdict.PERMANENT_BLOCK))
         self.waiting.clear()
@@ -550,7 +640,7 @@ class AleCore:
             self._resolve(pending_id, Verdict.PERMANENT_BLOCK, now_ns, out)
         return out
 
-    def _clean_ended(self, now_ns: int) -> list[m.Message]:
+    def _clean_ended(self, now_ns: int) -> list[Effect]:
         """Forget connections that ended more than the grace period ago.
 
         Unlike the kext, idle-but-live connections are not expired here: established TCP no

@@ -2,7 +2,8 @@
 
 All decisions are made by AleCore; this file only moves messages and supplies the clock. It
 routes the core's messages by type (`core.TO_CAPTURE` to the capture, the rest to the broker),
-sends each loop pass's broker-bound messages together (one multipart message; a burst of Emits
+logs the core's `Note`s (one line each: verdict timeouts, refused infos), sends each loop
+pass's broker-bound messages together (one multipart message; a burst of Emits
 is one `Emits` frame) and its capture-bound ones as one frame (a `Bundle` when several),
 and sleeps until the next input, the core's next deadline (a held packet's verdict timeout) or
 its own keepalive: Hello and Health to the broker every second. That cadence is the shell's,
@@ -22,7 +23,7 @@ import time
 import msgspec
 import zmq
 
-from kextless.actors.ale.core import TO_CAPTURE, AleCore
+from kextless.actors.ale.core import TO_CAPTURE, AleCore, Effect, Note
 from kextless.actors.ale.ids import IdReservation
 from kextless.base.cores import wait_ms
 from kextless.protocol import messages as m
@@ -80,13 +81,16 @@ class AleShell:
     def stop(self, *_: object) -> None:
         self._running = False
 
-    def _carry_out(self, effects: list[m.Message]) -> None:
-        """Queue capture-bound messages (in order) and broker-bound ones for this pass's end."""
+    def _carry_out(self, effects: list[Effect]) -> None:
+        """Queue capture-bound messages (in order) and broker-bound ones for this pass's end;
+        write Notes to the log."""
         for msg in effects:
             if type(msg) in TO_CAPTURE:
-                self._to_capture.append(msg)
+                self._to_capture.append(msg)  # type: ignore[arg-type]
+            elif type(msg) is Note:
+                log.log(msg.level, "%s", msg.text)
             else:
-                self._to_broker.append(msg)
+                self._to_broker.append(msg)  # type: ignore[arg-type]
 
     def _send_to_capture(self) -> None:
         out, self._to_capture = self._to_capture, []

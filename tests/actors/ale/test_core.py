@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from kextless.actors.ale.core import TIMEOUT_BATCH_NS, TO_CAPTURE, AleConfig, AleCore
+from kextless.actors.ale.core import (
+    TIMEOUT_BATCH_NS,
+    TO_CAPTURE,
+    AleConfig,
+    AleCore,
+    Effect,
+    Note,
+    flow_text,
+)
+from kextless.actors.ale.linebudget import PER_WINDOW
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
@@ -42,21 +51,26 @@ def held(
     return m.PacketHeld(hold_id, flow, direction, PKT, 0, pid)
 
 
-def capture(out: list[m.Message]) -> list[m.Message]:
+def capture(out: list[Effect]) -> list[Effect]:
     """What the shell sends the capture actor, in order."""
     return [msg for msg in out if type(msg) in TO_CAPTURE]
 
 
-def broker(out: list[m.Message]) -> list[m.Message]:
+def broker(out: list[Effect]) -> list[Effect]:
     """What the shell sends the broker, in order."""
-    return [msg for msg in out if type(msg) not in TO_CAPTURE]
+    return [msg for msg in out if type(msg) not in TO_CAPTURE and type(msg) is not Note]
 
 
-def emitted(out: list[m.Message]) -> list:  # type: ignore[type-arg]
+def notes(out: list[Effect]) -> list[str]:
+    """What the shell writes to the ALE's own log."""
+    return [msg.text for msg in out if isinstance(msg, Note)]
+
+
+def emitted(out: list[Effect]) -> list:  # type: ignore[type-arg]
     return [decode_info(msg.info) for msg in out if isinstance(msg, m.Emit)]
 
 
-def logs(out: list[m.Message]) -> list[m.Log]:
+def logs(out: list[Effect]) -> list[m.Log]:
     return [msg for msg in out if isinstance(msg, m.Log)]
 
 
@@ -229,7 +243,8 @@ def test_timeouts_close_together_are_applied_in_one_batch() -> None:
     core = AleCore(AleConfig(verdict_timeout_ns=10 * S))
     for i in range(5):
         core.packet_held(held(i, m.Flow(6, L4, 1000 + i, R4, 80)), i * 1_000_000)  # 1 ms apart
-    assert len(broker(core.on_deadline(10 * S))) == 1  # the first alone, at its deadline
+    first = broker(core.on_deadline(10 * S))  # the first alone, at its deadline
+    assert [type(msg) for msg in first] == [m.Log, m.Resolved]
     assert list(core.id_cache) == [2, 3, 4, 5]
     assert core.next_deadline_ns() == 10 * S + TIMEOUT_BATCH_NS  # not 10.001 s
     assert core.on_deadline(10 * S + 50_000_000) == []
@@ -272,7 +287,7 @@ def test_every_input_returns_one_list_of_messages_routed_by_type() -> None:
     assert all(isinstance(out, list) for out in outs)
     kinds = {type(msg) for out in outs for msg in out}
     assert kinds & TO_CAPTURE == {m.CacheSet, m.Decision, m.CacheClear}
-    assert kinds - TO_CAPTURE == {m.Emit, m.Log}
+    assert kinds - TO_CAPTURE == {m.Emit, m.Log, Note}
 
 
 def test_refused_event_gets_default_verdict_at_once() -> None:
@@ -310,3 +325,53 @@ def test_connection_end_is_reported_once_and_expires_after_grace() -> None:
 def test_commands_it_does_not_own_are_logged() -> None:
     out = AleCore().command(GetLogsCommand(), 0)
     assert "does not handle GetLogs" in logs(out)[0].line
+
+
+# ---- what is left of a timeout: the broker told, the log file written -----------------------
+
+
+def test_timed_out_ids_are_sent_to_the_broker_in_one_resolved_and_noted_one_by_one() -> None:
+    core = AleCore(AleConfig(verdict_timeout_ns=2 * S))
+    core.packet_held(held(1), 0)
+    core.packet_held(held(2, UDP6, Direction.INBOUND), 0)
+    core.packet_held(held(3, m.Flow(6, L4, 40001, R4, 443)), 0)
+    core.command(VerdictCommand(3, Verdict.ACCEPT), 1 * S)  # answered: not resolved by timeout
+    out = core.on_deadline(2 * S)
+    assert [msg for msg in out if isinstance(msg, m.Resolved)] == [m.Resolved((1, 2))]
+    assert notes(out) == [
+        "id 1 TCP 10.0.0.1:40000 -> 10.0.0.2:443 timed out after 2 s without a verdict: Block",
+        "id 2 UDP [102:304:506:708:90a:b0c:d0e:f10]:5353 <- "
+        "[203:405:607:809:a0b:c0d:e0f:1011]:53 timed out after 2 s without a verdict: Block",
+    ]
+    assert core.counters["decided.Block"] == 2 and core.counters["decided.Accept"] == 1
+    assert core.health()["decided.Block"] == 2
+
+
+def test_a_timeout_storm_is_noted_up_to_a_rate_then_summed_up_once() -> None:
+    core = AleCore(AleConfig(verdict_timeout_ns=2 * S))
+    for i in range(50):
+        core.packet_held(held(i, m.Flow(6, L4, 1000 + i, R4, 80)), 0)
+    out = core.on_deadline(2 * S)
+    assert len([msg for msg in out if isinstance(msg, m.Resolved)]) == 1
+    assert len(notes(out)) == PER_WINDOW
+    assert core.next_deadline_ns() == 3 * S  # the summary's
+    assert notes(core.on_deadline(3 * S - 1)) == []
+    (summary,) = notes(core.on_deadline(3 * S))
+    assert summary.startswith(f"verdict timeout: {50 - PER_WINDOW} more id(s) timed out")
+    assert core.next_deadline_ns() is None
+
+
+def test_flow_text_brackets_v6_and_names_unknown_protocols() -> None:
+    assert flow_text(ICMP4) == "ICMP 10.0.0.1:0 <-> 10.0.0.2:0"
+    assert flow_text(m.Flow(47, L4, 0, R4, 0), Direction.INBOUND).startswith("proto 47 ")
+
+
+def test_a_refused_info_is_noted_with_its_flow() -> None:
+    core = AleCore()
+    core.packet_held(held(5), 0)
+    out = core.emit_refused(1, "no client session open", 0)
+    assert notes(out) == [
+        "id 1 TCP 10.0.0.1:40000 -> 10.0.0.2:443 refused by the broker "
+        "(no client session open): Block"
+    ]
+    assert not [msg for msg in out if isinstance(msg, m.Resolved)]  # never queued
