@@ -31,6 +31,7 @@ class ProcessFacts(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""  # /proc/PID/comm
     exe: str = ""  # /proc/PID/exe's target
     user: str = ""  # the owner's user name (uid as text when it has none)
+    uid: int = -1  # the owner's real uid (-1: unknown), for `user = 1000` rules
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +69,8 @@ class ConnectionRow(msgspec.Struct, kw_only=True):
     remote_port: int
     verdict: str
     rule: str
+    exe: str = ""
+    user: str = ""
     sent: int = 0
     received: int = 0
     started: float  # wall clock of the decision
@@ -80,6 +83,56 @@ class Snapshot(msgspec.Struct, kw_only=True):
     rules_loaded: float  # wall clock of the last good load
     rules_error: str = ""  # the last refused reload's message, "" when the last one was good
     connections: list[ConnectionRow] = []
+    #: Rows the bounded table let go before they expired (oldest ended first), since start.
+    dropped_rows: int = 0
+
+
+class DecisionFile:
+    """decisions.jsonl, appended a batch of lines per write; at `max_bytes` it is renamed to
+    decisions.jsonl.1 (replacing the previous one) and a new file starts, so the two together
+    never hold more than about 2 * max_bytes. A reader that follows the file reopens it when
+    its inode changes."""
+
+    def __init__(self, path: Path, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._encoder = msgspec.json.Encoder()
+        self._file = open(path, "ab")  # noqa: SIM115 - held open for the process's life
+        self._size = self._file.tell()
+
+    def write(self, decisions: list[Decision]) -> None:
+        if not decisions:
+            return
+        buf = bytearray()
+        for d in decisions:
+            self._encoder.encode_into(d, buf, len(buf))
+            buf += b"\n"
+        if self._size + len(buf) > self.max_bytes and self._size:
+            self._rotate()
+        self._file.write(buf)
+        self._file.flush()
+        self._size += len(buf)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self.path.replace(self.path.with_name(self.path.name + ".1"))
+        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._size = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_decisions(path: Path) -> list[Decision]:
+    """Every decision in a decisions.jsonl (a torn last line is skipped)."""
+    decoder = msgspec.json.Decoder(Decision)
+    out = []
+    for line in path.read_bytes().splitlines():
+        try:
+            out.append(decoder.decode(line))
+        except msgspec.DecodeError:
+            continue
+    return out
 
 
 def write_snapshot(path: Path, snapshot: Snapshot) -> None:
