@@ -1,0 +1,232 @@
+"""The live monitor under a real terminal: tmux (its own server socket, 160x40) runs
+`kextless monitor` on a temp run dir; the test writes snapshots with view.write_snapshot,
+reads the screen with `capture-pane`, presses keys and checks their effect and a clean exit.
+
+textual draws on stderr, so a traceback would show on the pane after the exit. Needs the tmux
+binary (`apt-get install tmux`); without it these tests fail rather than skip, because the
+screen would otherwise go untested."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kextless.actors.policy.view import SNAPSHOT_FILE, ConnectionRow, Snapshot, write_snapshot
+from kextless.base.rundir import RuntimeDir
+
+pytestmark = pytest.mark.slow
+
+NETNS = "kxp3-screen"
+
+
+def row(id: int, process: str, **over: object) -> ConnectionRow:
+    now = time.time()
+    fields: dict[str, object] = {
+        "id": id,
+        "pid": 4000 + id,
+        "process": process,
+        "direction": "outbound",
+        "protocol": "tcp",
+        "local_ip": "10.9.0.1",
+        "local_port": 41000 + id,
+        "remote_ip": "10.9.0.2",
+        "remote_port": 8000 + id,
+        "verdict": "PermanentAccept",
+        "rule": f"rule {id} (line {id * 3})",
+        "sent": 1000 * id,
+        "received": 2048 * id,
+        "started": now - 5 * id,
+    }
+    return ConnectionRow(**(fields | over))  # type: ignore[arg-type]
+
+
+def write(run: RuntimeDir, *rows: ConnectionRow) -> None:
+    snap = Snapshot(
+        taken=time.time(),
+        rules_file="/tmp/rules.toml",
+        rules_loaded=time.time(),
+        connections=[*rows],
+    )
+    write_snapshot(run.path / SNAPSHOT_FILE, snap)
+
+
+class Screen:
+    """One tmux server (socket of its own) running the monitor in a 160x40 pane."""
+
+    def __init__(self, tmp: Path, run_root: Path, *args: str) -> None:
+        if shutil.which("tmux") is None:
+            pytest.fail("tmux is not installed (apt-get install -y tmux): the screen is untested")
+        self.socket = f"kxp3-{os.getpid()}-{time.monotonic_ns()}"
+        self.rc_file = tmp / "rc"
+        monitor = " ".join(
+            [
+                sys.executable,
+                "-m",
+                "kextless.deploy.monitor",
+                "--netns",
+                NETNS,
+                "--run-root",
+                str(run_root),
+                *args,
+            ]
+        )
+        self.tmux(
+            "new-session",
+            "-d",
+            "-x",
+            "160",
+            "-y",
+            "40",
+            "-s",
+            "mon",
+            # textual draws on stderr, so nothing is redirected: after the exit the pane shows
+            # the restored screen, with a traceback if there was one, and the exit status.
+            # COLUMNS/LINES (set under pytest) would override the pane's size.
+            f"env -u COLUMNS -u LINES TERM=xterm-256color {monitor}; "
+            f"echo $? > {self.rc_file}; sleep 60",
+        )
+
+    def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, "-f", "/dev/null", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+
+    def text(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "mon").stdout
+
+    def wait(self, pred: Callable[[str], bool], what: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.text()
+            if pred(screen):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; screen:\n{screen}")
+            time.sleep(0.1)
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self.tmux("send-keys", "-t", "mon", *(["-l"] if literal else []), *keys)
+
+    def exit_code(self, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.rc_file.exists() and self.rc_file.read_text().strip():
+                return int(self.rc_file.read_text())
+            time.sleep(0.1)
+        raise AssertionError(f"the monitor did not exit; screen:\n{self.text()}")
+
+    def close(self) -> None:
+        self.tmux("kill-server")
+
+
+def table_lines(screen: str) -> list[str]:
+    """The rows of the table: lines holding one of our processes' addresses."""
+    return [line for line in screen.splitlines() if "10.9.0.2:" in line]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[RuntimeDir, Path, Path]]:
+    root = tmp_path / "run"
+    run = RuntimeDir.for_instance(NETNS, root).create()
+    yield run, root, tmp_path
+
+
+def test_rows_appear_keys_sort_filter_and_q_exits_cleanly(
+    setup: tuple[RuntimeDir, Path, Path],
+) -> None:
+    run, root, tmp = setup
+    screen = Screen(tmp, root)
+    try:
+        # No snapshot yet: a message on the screen, not a traceback; it keeps looking.
+        screen.wait(lambda s: "no snapshot at" in s, "the no-snapshot message")
+        write(run, row(1, "alpha"), row(2, "bravo", verdict="PermanentBlock"), row(3, "charlie"))
+        s = screen.wait(lambda s: len(table_lines(s)) == 3, "three rows")
+        assert "shown 3 [all, sort age asc]: 3 connections (3 live, 0 ended)" in s
+        assert "PermanentAccept 2  PermanentBlock 1" in s
+        first = table_lines(s)[0].split()
+        assert first[:6] == ["alpha", "4001", "out", "tcp", "10.9.0.1:41001", "10.9.0.2:8001"]
+        assert "1000 B" in table_lines(s)[0] and "2.0 KiB" in table_lines(s)[0]
+
+        # r reverses (oldest first), s moves the sort to the next column (ended).
+        screen.keys("r")
+        s = screen.wait(lambda s: "sort age desc" in s, "reversed sort")
+        assert [ln.split()[0] for ln in table_lines(s)] == ["charlie", "bravo", "alpha"]
+        screen.keys("s")
+        screen.wait(lambda s: "sort ended desc" in s and "ended v" in s, "sort by ended")
+
+        # A refreshed snapshot shows up by itself: one more row, one ended.
+        write(
+            run,
+            row(1, "alpha"),
+            row(2, "bravo", verdict="PermanentBlock", ended=time.time() - 1),
+            row(3, "charlie"),
+            row(4, "delta", verdict="Drop"),
+        )
+        s = screen.wait(lambda s: len(table_lines(s)) == 4, "the refreshed snapshot")
+        assert "4 connections (3 live, 1 ended)" in s
+
+        # / opens the filter; typed words narrow the rows; Escape goes back to the table.
+        screen.keys("/")
+        time.sleep(0.3)
+        screen.keys("bra", literal=True)
+        s = screen.wait(lambda s: len(table_lines(s)) == 1, "the filtered row")
+        assert "bravo" in table_lines(s)[0] and "shown 1 of 4" in s
+        screen.keys("Escape")
+        time.sleep(0.3)
+        screen.keys("BSpace")  # in the table, not the input: the filter stays
+        time.sleep(0.3)
+        assert len(table_lines(screen.text())) == 1
+        screen.keys("/")
+        time.sleep(0.3)
+        screen.keys("C-u")  # clear the input
+        screen.wait(lambda s: len(table_lines(s)) == 4, "all rows again")
+        screen.keys("Enter")
+        time.sleep(0.3)
+
+        # l cycles all -> live -> ended.
+        screen.keys("l")
+        s = screen.wait(lambda s: "[live," in s, "live only")
+        assert "bravo" not in s and len(table_lines(s)) == 3
+        screen.keys("l")
+        s = screen.wait(lambda s: "[ended," in s, "ended only")
+        assert [ln.split()[0] for ln in table_lines(s)] == ["bravo"]
+
+        screen.keys("q")
+        assert screen.exit_code() == 0
+        assert "Traceback" not in screen.text()
+    finally:
+        screen.close()
+
+
+def test_ctrl_c_exits_cleanly_and_a_stale_snapshot_is_flagged(
+    setup: tuple[RuntimeDir, Path, Path],
+) -> None:
+    run, root, tmp = setup
+    old = Snapshot(
+        taken=time.time() - 30,
+        rules_file="/tmp/rules.toml",
+        rules_loaded=time.time() - 60,
+        rules_error="line 7: unknown verdict 'Allow'",
+        connections=[row(1, "alpha")],
+    )
+    write_snapshot(run.path / SNAPSHOT_FILE, old)
+    screen = Screen(tmp, root, "--filter", "alpha")
+    try:
+        s = screen.wait(lambda s: len(table_lines(s)) == 1, "the row")
+        assert "policy not writing (is it running?)" in s
+        assert "REFUSED: line 7: unknown verdict 'Allow'" in s
+        screen.keys("C-c")
+        assert screen.exit_code() == 0
+        assert "Traceback" not in screen.text()
+    finally:
+        screen.close()
