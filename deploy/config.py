@@ -7,6 +7,7 @@ survives it, so a path or argument can never turn into another setting or a cut-
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import string
@@ -17,6 +18,7 @@ from kextless.base.rundir import RuntimeDir
 from kextless.deploy.errors import DeployError, UsageError
 from kextless.deploy.options import Endpoint, UpOptions
 from kextless.deploy.programs import Program
+from kextless.deploy.supervisor_rpc import USERNAME, password_digest
 
 #: supervisord's own files in the run dir, as the rendered config names them.
 PIDFILE = "supervisord.pid"
@@ -50,10 +52,27 @@ def load_template() -> str:
         raise DeployError(f"cannot read the supervisord template {TEMPLATE}: {e}") from None
 
 
+def current_user() -> str:
+    """The name supervisord's `user =` gets: whoever runs `up` (so it never changes uid)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers): supervisord takes the number
+        return str(os.geteuid())
+
+
 def render_config(
-    run: RuntimeDir, programs: Sequence[Program], env: dict[str, str], identifier: str = "kextless"
+    run: RuntimeDir,
+    programs: Sequence[Program],
+    env: dict[str, str],
+    identifier: str = "kextless",
+    *,
+    password: str,
+    user: str | None = None,
 ) -> str:
-    """The supervisord.conf text for this instance (one [program:x] section per program)."""
+    """The supervisord.conf text for this instance (one [program:x] section per program);
+    `password` protects its socket (supervisor_rpc.new_password)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,}", password):
+        raise UsageError("the supervisord password must be 16+ characters of [A-Za-z0-9_-]")
     if "%" in str(run.path):
         # supervisord expands log paths twice, so no escaping of '%' survives in them.
         raise UsageError(f"run directory {str(run.path)!r}: '%' is not supported in the path")
@@ -73,6 +92,10 @@ def render_config(
             log_dir=_conf_value(str(run.log_dir)),
             identifier=_conf_value(identifier),
             environment=_conf_value(_env_value(env)),
+            user=_conf_value(user or current_user()),
+            username=USERNAME,
+            password=password,
+            password_digest=password_digest(password),
         )
     ]
     for prog in sorted(programs, key=lambda p: p.priority):

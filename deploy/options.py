@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kextless.actors.capture.core import ExistingMode
 from kextless.base.rundir import RuntimeDir
+from kextless.base.settings import Settings
 from kextless.deploy.errors import UsageError
 from kextless.protocol.enums import Verdict
 
@@ -61,9 +62,18 @@ def parse_endpoint(url: str) -> Endpoint:
 
 @dataclass(frozen=True)
 class UpOptions:
-    """Everything `up` needs; built from the command line or directly by tests."""
+    """Everything `up` needs; built from the configuration file and the command line
+    (`from_settings`, then the flags given), or directly by tests.
+
+    The fields name what `up` itself checks or the command line can override; `settings`
+    carries the rest of the file (queue size, redirect targets, idle timeouts, log level...),
+    which programs.py maps to each actor's flags. Where a field and `settings` both hold a
+    value (verdict timeout, rules, ...), the field is the one used.
+    """
 
     netns: str | None = None
+    #: Guard this machine's own namespace: `up` refuses the host unless told so explicitly.
+    host: bool = False
     policy: bool = True
     #: The lifecycle actor (process ids, connection ends); off: pid 0, no end events.
     lifecycle: bool = True
@@ -85,6 +95,38 @@ class UpOptions:
     #: not name itself (e.g. capture's redirect ports).
     actor_args: tuple[tuple[str, str], ...] = ()
     timeout: float = UP_TIMEOUT
+    #: The configuration file these options came from (the policy reads it too), if any.
+    config: Path | None = None
+    settings: Settings = field(default_factory=Settings)
+
+    @classmethod
+    def from_settings(cls, s: Settings, config: Path | None = None) -> UpOptions:
+        """The options a configuration file asks for (paths already absolute, see
+        load_settings); a value equal to the built-in default is left unsaid (None)."""
+        d = Settings()
+        inst = s.instance
+        return cls(
+            netns=inst.netns,
+            host=inst.host,
+            policy=s.policy.enabled,
+            lifecycle=s.lifecycle.enabled,
+            bandwidth=s.bandwidth.enabled,
+            fail_open=s.capture.fail_open,
+            endpoint=inst.endpoint,
+            run_root=_path(inst.run_root),
+            curve_server_secret=_path(inst.curve_server_secret),
+            curve_clients=_path(inst.curve_clients),
+            policy_rules=_path(s.policy.rules) if s.policy.enabled else None,
+            verdict_timeout=s.verdicts.timeout
+            if s.verdicts.timeout != d.verdicts.timeout
+            else None,
+            default_verdict=s.verdicts.default
+            if s.verdicts.default != d.verdicts.default
+            else None,
+            existing_connections=ExistingMode(s.capture.existing_connections),
+            config=config,
+            settings=s,
+        )
 
     @property
     def run_dir(self) -> RuntimeDir:
@@ -94,6 +136,23 @@ class UpOptions:
     def client_endpoint(self) -> Endpoint:
         """`--endpoint`, or the owner-only ipc socket in the run dir."""
         return parse_endpoint(self.endpoint or self.run_dir.kext_endpoint)
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def check_host(opts: UpOptions) -> None:
+    """Without a namespace, the capture guards this machine's own interfaces (every
+    connection of every program here waits for a verdict): only when asked in so many words."""
+    if opts.netns is not None and opts.host:
+        raise UsageError("--host and --netns: choose one (guard a namespace, or this host)")
+    if opts.netns is None and not opts.host:
+        raise UsageError(
+            "no --netns given: that would guard this host's own interfaces (every connection "
+            "here would wait for a verdict); say --netns NAME, or --host (instance.host = true "
+            "in the config file) if you mean the host"
+        )
 
 
 def check_netns_name(name: str | None) -> None:

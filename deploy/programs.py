@@ -2,6 +2,11 @@
 
 Adding an actor (bandwidth, lifecycle) is one ActorSpec entry in ACTORS; everything else
 (config, start order, `--actor-arg`, `down`) follows from the table.
+
+This is also the one place where the configuration file becomes each actor's flags
+(`actor_flags`): `up` puts them in the programs' argvs and `kextless run ACTOR --config FILE`
+in front of the user's own flags. A setting equal to its built-in default is left unsaid, so
+an argv shows only what was asked for (tests check that the defaults agree with the actors').
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kextless.actors.capture.core import ExistingMode
+from kextless.base.settings import Settings
 from kextless.deploy.errors import UsageError
 from kextless.deploy.options import Endpoint, UpOptions
 
@@ -46,8 +52,22 @@ class ActorSpec:
     nsenter: bool = False
 
 
+_DEFAULTS = Settings()
+
+
+def _changed(flag: str, value: object, default: object) -> list[str]:
+    """`[flag, value]` when the setting differs from its default, else nothing."""
+    if value == default:
+        return []
+    return [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+
+
 def _broker_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
-    args = []
+    s, d = opts.settings, _DEFAULTS
+    args = [
+        *_changed("--queue-bytes", s.queues.max_bytes, d.queues.max_bytes),
+        *_changed("--no-client", s.verdicts.no_client, d.verdicts.no_client),
+    ]
     if opts.endpoint is not None:
         args += ["--endpoint", endpoint.url]
     if opts.curve_server_secret is not None:
@@ -73,15 +93,35 @@ def _capture_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
         args += ["--existing-connections", opts.existing_connections.value]
     if opts.fail_open:
         args.append("--fail-open")
+    r, d = opts.settings.redirect, _DEFAULTS.redirect
+    args += _changed("--nameserver-v4", r.nameserver_v4, d.nameserver_v4)
+    args += _changed("--nameserver-v6", r.nameserver_v6, d.nameserver_v6)
+    args += _changed("--nameserver-port", r.nameserver_port, d.nameserver_port)
+    args += _changed("--tunnel-port", r.tunnel_port, d.tunnel_port)
+    args += _changed("--split-tunnel-port", r.split_tunnel_port, d.split_tunnel_port)
     return args
+
+
+def _lifecycle_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
+    s, d = opts.settings.lifecycle, _DEFAULTS.lifecycle
+    return _changed("--udp-idle-timeout", s.udp_idle_timeout, d.udp_idle_timeout)
+
+
+def _bandwidth_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
+    s, d = opts.settings.bandwidth, _DEFAULTS.bandwidth
+    return _changed("--poll-interval", s.poll_interval, d.poll_interval)
 
 
 def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
     # A custom ipc endpoint is where the broker listens; tcp needs CURVE, which policy lacks,
     # so it keeps its default (the run dir's kext.sock).
     args = ["--endpoint", endpoint.url] if opts.endpoint and endpoint.scheme == "ipc" else []
+    if opts.config is not None:  # what only the policy reads there (policy.watch, ...)
+        args += ["--config", str(opts.config)]
     if opts.policy_rules is not None:
         args += ["--rules", str(opts.policy_rules)]
+    if not opts.settings.policy.watch:
+        args.append("--no-watch")
     return args
 
 
@@ -96,11 +136,18 @@ ACTORS: tuple[ActorSpec, ...] = (
         in_netns=True,
         nsenter=True,
         enabled=lambda opts: opts.lifecycle,
+        extra_args=_lifecycle_args,
     ),
     ActorSpec("capture", 300, in_netns=True, extra_args=_capture_args),
     # After the capture, whose kernel programs hold the counters it reads (it follows them
     # if they come later or are replaced). Off with `--no-bandwidth`.
-    ActorSpec("bandwidth", 350, in_netns=True, enabled=lambda opts: opts.bandwidth),
+    ActorSpec(
+        "bandwidth",
+        350,
+        in_netns=True,
+        enabled=lambda opts: opts.bandwidth,
+        extra_args=_bandwidth_args,
+    ),
     ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
 )
 
@@ -134,10 +181,29 @@ def check_actor_args(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> N
             )
 
 
+def actor_spec(name: str, actors: Sequence[ActorSpec] = ACTORS) -> ActorSpec:
+    """The table entry of one actor by name (UsageError naming the choices)."""
+    for actor in actors:
+        if actor.name == name:
+            return actor
+    raise UsageError(f"no actor {name!r}; one of {', '.join(a.name for a in actors)}")
+
+
+def actor_flags(actor: ActorSpec, opts: UpOptions, endpoint: Endpoint) -> list[str]:
+    """The flags the options (and so the configuration file) give this actor: its run dir,
+    its own settings and the log level. `up` and `run ACTOR --config` both use this."""
+    s, d = opts.settings, _DEFAULTS
+    return [
+        "--run-dir",
+        str(opts.run_dir.path),
+        *actor.extra_args(opts, endpoint),
+        *_changed("--log-level", s.log.level, d.log.level),
+    ]
+
+
 def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[Program]:
     """The argv of every enabled actor; netns actors run under `ip netns exec NAME`."""
     endpoint = opts.client_endpoint()
-    run_dir = str(opts.run_dir.path)
     programs = []
     for actor in actors:
         if not actor.enabled(opts):
@@ -146,9 +212,7 @@ def programs_for(opts: UpOptions, actors: Sequence[ActorSpec] = ACTORS) -> list[
             *kextless_command(),
             "run",
             actor.name,
-            "--run-dir",
-            run_dir,
-            *actor.extra_args(opts, endpoint),
+            *actor_flags(actor, opts, endpoint),
             *(arg for name, arg in opts.actor_args if name == actor.name),
         ]
         if actor.in_netns and opts.netns is not None and actor.nsenter:

@@ -3,20 +3,34 @@
 supervisor ships the transport (`SupervisorTransport`); its unix connection opens a socket
 without a timeout, so a stopped or hung supervisord would hang `status` and `down` forever.
 The one change here is a connection whose socket has the timeout the caller asked for.
+
+The socket is owner-only (chmod 0700 in a 0700 directory) and also asks for a password: a
+random one `up` writes to the run dir (mode 0600) and renders into supervisord.conf, so no
+other local user (nor a process that only reaches the socket) can drive supervisord, and
+supervisord logs no CRIT line about an unauthenticated server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import os
+import secrets
 import socket
 import xmlrpc.client
+from pathlib import Path
 from typing import Any
 
-from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
+from supervisor.xmlrpc import Faults, SupervisorTransport, UnixStreamHTTPConnection
 
 from kextless.base.rundir import RuntimeDir
+from kextless.deploy.errors import DeployError
+from kextless.deploy.instance import instance_name, read_instance
 
 RPC_TIMEOUT = 5.0
+#: supervisord's HTTP user for the instance socket, and the file holding its password.
+USERNAME = "kextless"
+SECRET_FILE = "supervisor.secret"
 #: What a call can raise when supervisord is gone, stopped, or answers badly.
 RPC_ERRORS = (OSError, xmlrpc.client.Error, http.client.HTTPException)
 
@@ -30,11 +44,38 @@ class _TimedUnixConnection(UnixStreamHTTPConnection):  # type: ignore[misc]  # s
         self.sock.connect(self.socketfile)
 
 
+def new_password(run: RuntimeDir) -> str:
+    """A fresh random password for this instance's socket, written owner-only (0600)."""
+    password = secrets.token_urlsafe(24)  # [A-Za-z0-9_-]: nothing supervisord's ini mangles
+    tmp = run.path / (SECRET_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    os.replace(tmp, run.path / SECRET_FILE)
+    return password
+
+
+def read_password(run: RuntimeDir) -> str | None:
+    """The instance's password, or None (an instance started before passwords existed)."""
+    try:
+        return (run.path / SECRET_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def password_digest(password: str) -> str:
+    """supervisord's `{SHA}` form, so its own section holds no reusable plain password."""
+    return "{SHA}" + hashlib.sha1(password.encode()).hexdigest()
+
+
 def rpc(run: RuntimeDir, timeout: float = RPC_TIMEOUT) -> Any:
     """A proxy for supervisord's XML-RPC interface over the instance's unix socket; every call
     raises one of RPC_ERRORS instead of waiting longer than `timeout` seconds."""
     path = str(run.supervisor_socket)
-    transport = SupervisorTransport(serverurl=f"unix://{path}")
+    password = read_password(run)
+    transport = SupervisorTransport(
+        username=USERNAME if password else None, password=password, serverurl=f"unix://{path}"
+    )
 
     def connection() -> _TimedUnixConnection:
         conn = _TimedUnixConnection("localhost", timeout=timeout)
@@ -54,3 +95,35 @@ def supervisord_alive(run: RuntimeDir, timeout: float = 2.0) -> bool:
     except RPC_ERRORS:
         return False
     return state == "RUNNING"
+
+
+def signal_policy(netns: str | None, run_root: Path | None, signal: str = "HUP") -> str:
+    """`kextless reload`: the instance's policy gets SIGHUP from its supervisord (which knows
+    the live pid, also after a restart) and reloads its rules; returns what was done."""
+    from kextless.deploy.options import check_netns_name
+
+    check_netns_name(netns)
+    run = RuntimeDir.for_instance(netns, run_root)
+    name = instance_name(netns)
+    inst = read_instance(run)
+    if inst is None or not supervisord_alive(run):
+        raise DeployError(f"kextless is not running for {name} ({run.path})")
+    if "policy" not in inst.programs:
+        raise DeployError(
+            f"no policy runs for {name} (started with --no-policy): nothing to reload; "
+            "an external client reloads its own rules"
+        )
+    proxy = rpc(run)
+    try:
+        proxy.supervisor.signalProcess("policy", signal)
+        pid = int(proxy.supervisor.getProcessInfo("policy")["pid"])
+    except xmlrpc.client.Fault as e:
+        if e.faultCode in (Faults.NOT_RUNNING, Faults.BAD_NAME):
+            raise DeployError(
+                f"the policy of {name} is not running (see `kextless status`)"
+            ) from None
+        raise DeployError(f"supervisord refused to signal the policy: {e.faultString}") from None
+    except RPC_ERRORS as e:
+        raise DeployError(f"supervisord of {name} did not answer: {e}") from None
+    log = run.log_dir / "policy.log"
+    return f"sent SIG{signal} to the policy of {name} (pid {pid}); it logs the reload in {log}"

@@ -30,10 +30,10 @@ from kextless.deploy.instance import (
     read_instance,
     write_instance,
 )
-from kextless.deploy.options import UpOptions, validate
+from kextless.deploy.options import UpOptions, check_host, validate
 from kextless.deploy.processes import instance_processes
 from kextless.deploy.programs import Program, check_actor_args, programs_for
-from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc, supervisord_alive
+from kextless.deploy.supervisor_rpc import RPC_ERRORS, new_password, rpc, supervisord_alive
 
 
 @dataclass
@@ -50,10 +50,14 @@ def up(
 ) -> UpResult:
     """Start supervisord with every program and return once all are RUNNING (or raise, clean).
 
-    `programs` replaces the actor list (tests prove the mechanics with trivial programs).
+    `programs` replaces the actor list (tests prove the mechanics with trivial programs); only
+    the real actors guard anything, so only they need --netns or --host and checked rules.
     """
     endpoint = validate(opts)
     check_actor_args(opts)
+    if programs is None:
+        check_host(opts)
+        check_rules(opts)
     run = opts.run_dir
     progs = list(programs) if programs is not None else programs_for(opts)
     for prog in progs:
@@ -82,7 +86,9 @@ def up(
     run.create()
     run.log_dir.mkdir(mode=0o700, exist_ok=True)
     identifier = f"kextless-{opts.netns or 'host'}"
-    write_config(run, render_config(run, progs, program_env(opts, endpoint), identifier))
+    password = new_password(run)
+    env = program_env(opts, endpoint)
+    write_config(run, render_config(run, progs, env, identifier, password=password))
     instance = Instance(
         netns=opts.netns,
         run_dir=str(run.path),
@@ -117,6 +123,34 @@ def up(
         out(f"  {info['name']:<10} RUNNING  pid {info['pid']}")
     out(f"client endpoint: {endpoint.connect_url}")
     return result
+
+
+def rules_file(opts: UpOptions) -> Path | None:
+    """The rules the policy will load: --policy-rules, else the shipped default (if any)."""
+    if not opts.policy:
+        return None
+    if opts.policy_rules is not None:
+        return opts.policy_rules
+    from kextless.actors.policy import rules
+
+    default: Path | None = getattr(rules, "DEFAULT_RULES_FILE", None)
+    return default if default is not None and default.is_file() else None
+
+
+def check_rules(opts: UpOptions) -> None:
+    """Load the policy's rules the way it will, before anything starts: a broken file is one
+    clear line now, not a policy that exits five times under supervisord ~10 s later."""
+    path = rules_file(opts)
+    if path is None:
+        return
+    from kextless.actors.policy.rules import RulesError, load
+
+    try:
+        load(path)
+    except RulesError as exc:
+        message = str(exc).strip().replace("\n", " ")
+        where = "" if str(path) in message else f"{path}: "
+        raise UsageError(f"policy rules: {where}{message}") from None
 
 
 def _launch_supervisord(run: RuntimeDir) -> None:

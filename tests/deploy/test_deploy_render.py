@@ -8,6 +8,8 @@ supervisor's own loader (supervisord would accept it and run exactly these argvs
 from __future__ import annotations
 
 import configparser
+import os
+import pwd
 import shlex
 import sys
 from pathlib import Path
@@ -27,11 +29,15 @@ from kextless.deploy.programs import (
     kextless_command,
     programs_for,
 )
+from kextless.deploy.supervisor_rpc import password_digest
+
+PASSWORD = "Zq3-secret_for_TESTS_only"
 
 
 def _render(opts: UpOptions, programs: list[Program] | None = None) -> str:
     progs = programs if programs is not None else programs_for(opts)
-    return render_config(opts.run_dir, progs, program_env(opts, opts.client_endpoint()))
+    env = program_env(opts, opts.client_endpoint())
+    return render_config(opts.run_dir, progs, env, password=PASSWORD)
 
 
 def _supervisor_view(tmp_path: Path, text: str) -> ServerOptions:
@@ -67,6 +73,11 @@ def test_default_config_parses_and_runs_every_actor_in_order(tmp_path: Path) -> 
     run = str(opts.run_dir.path)
     assert ini["unix_http_server"]["file"] == f"{run}/supervisor.sock"
     assert ini["unix_http_server"]["chmod"] == "0700"
+    # supervisord's CRIT lines: an unauthenticated socket, and root without `user =`.
+    assert ini["unix_http_server"]["username"] == "kextless"
+    assert ini["unix_http_server"]["password"] == password_digest(PASSWORD)
+    assert ini["supervisorctl"]["password"] == PASSWORD
+    assert ini["supervisord"]["user"] == pwd.getpwuid(os.geteuid()).pw_name
     assert ini["supervisord"]["pidfile"] == f"{run}/supervisord.pid"
     assert ini["supervisord"]["nodaemon"] == "false"
     assert "rpcinterface:supervisor" in ini
