@@ -65,6 +65,8 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     remote_port: int
     verdict: str
     rule: str
+    exe: str  # not a column: too wide; in the JSON and matched by the filter
+    user: str
     sent: int
     received: int
     started: float
@@ -96,10 +98,16 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
         )
 
     def text(self) -> str:
-        """What a filter term is matched against: every cell, the full direction, the state."""
-        return " ".join(
-            (*self.cells(), self.direction, "live" if self.live else "ended", str(self.id))
-        ).casefold()
+        """What a filter term is matched against: every cell, the full direction, the state,
+        the executable and the user."""
+        extra = (
+            self.direction,
+            "live" if self.live else "ended",
+            str(self.id),
+            self.exe,
+            self.user,
+        )
+        return " ".join((*self.cells(), *extra)).casefold()
 
 
 class Totals(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +137,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     rules_file: str
     rules_loaded: float
     rules_error: str
+    dropped_rows: int  # rows the policy's bounded table let go early, since it started
 
     def line(self) -> str:
         """One status line; the stale warning first, since it makes every row doubtful."""
@@ -143,6 +152,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
         parts.append(f"rules {self.rules_file or '(built-in)'}")
         if self.rules_error:
             parts.append(f"last reload REFUSED: {self.rules_error}")
+        if self.dropped_rows:
+            parts.append(f"{self.dropped_rows} rows dropped (policy table full)")
         return "  |  ".join(parts)
 
 
@@ -204,6 +215,8 @@ def to_row(conn: ConnectionRow, now: float) -> Row:
         remote_port=conn.remote_port,
         verdict=conn.verdict,
         rule=conn.rule,
+        exe=conn.exe,
+        user=conn.user,
         sent=conn.sent,
         received=conn.received,
         started=conn.started,
@@ -303,6 +316,7 @@ def health(snapshot: Snapshot, now: float) -> Health:
         rules_file=snapshot.rules_file,
         rules_loaded=snapshot.rules_loaded,
         rules_error=snapshot.rules_error,
+        dropped_rows=snapshot.dropped_rows,
     )
 
 

@@ -246,6 +246,19 @@ def test_health_shows_a_refused_reload() -> None:
     assert "REFUSED: line 3: unknown verdict 'Allow'" in h.line()
 
 
+def test_health_counts_rows_the_policy_dropped() -> None:
+    assert "rows dropped" not in build_view(snap(), NOW).health.line()
+    h = build_view(snap(dropped_rows=12), NOW).health
+    assert h.dropped_rows == 12 and "12 rows dropped (policy table full)" in h.line()
+
+
+def test_the_filter_also_matches_executable_and_user() -> None:
+    s = snap(conn(1, exe="/usr/bin/curl", user="alice"), conn(2, exe="/usr/bin/wget", user="bob"))
+    assert ids(ViewOptions(filter="/usr/bin/curl"), s) == [1]
+    assert ids(ViewOptions(filter="bob"), s) == [2]
+    assert build_view(s, NOW).rows[0].exe == "/usr/bin/curl"
+
+
 def test_plain_table_aligns_columns_and_ends_with_totals() -> None:
     text = plain_table(build_view(SAMPLE, NOW))
     lines = text.splitlines()
