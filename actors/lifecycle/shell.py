@@ -97,6 +97,9 @@ def event_from(layer: Layer, event: int, data: Any) -> DivertEvent | None:
 _OWNERS_CHECK_NS = 2_000_000_000
 #: A CONNECT whose socket is not in the table within this time stays a hint only.
 CONNECT_RESOLVE_NS = 100_000_000
+#: How long events may wait before they are read when no connect waits on them (a verdict
+#: round trip is 1-3 ms; an end event has 1 s).
+COALESCE_S = 0.005
 
 
 def read_table(
@@ -150,8 +153,13 @@ class LifecycleShell:
         broker_endpoint: str,
         table_interval_s: float = 0.25,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        coalesce_s: float = COALESCE_S,
     ) -> None:
         self.core = core
+        #: With outbound owners from the kernel, nothing on a connect's path waits for this
+        #: actor: its events are read this long after they begin to arrive, so its work
+        #: comes after the connect's verdict round trip, not beside it (M25).
+        self.coalesce_s = coalesce_s
         self.ctx = ctx or zmq.Context.instance()
         self.ale = self.ctx.socket(zmq.DEALER)
         self.ale.setsockopt(zmq.LINGER, 0)
@@ -305,6 +313,11 @@ class LifecycleShell:
             )
         self._kernel_owners = found
         return found
+
+    def _coalescing(self) -> bool:
+        """Whether the next drain may wait: only if no CONNECT is being resolved here (the
+        kernel records outbound owners) and the wait is not switched off."""
+        return self.coalesce_s > 0 and self._kernel_owners and not self._connects
 
     def _resolve_connects(self) -> None:
         """Find pending CONNECTs' sockets (by cookie) among the SYN_SENT ones: their exact
@@ -464,8 +477,12 @@ class LifecycleShell:
                 # A CONNECT not in the table yet: look again shortly, not in a busy loop (a
                 # storm's dumps, back to back, were this actor's largest cost).
                 time.sleep(_RESOLVE_GAP_NS / 1e9)
+            coalesced = False
             for item, _ev in events:
                 if item in fds:
+                    if not coalesced and self._coalescing():
+                        time.sleep(self.coalesce_s)
+                        coalesced = True
                     layer = fds[item]
                     self._drain(layer, handles[layer])
                 elif item is self.broker:

@@ -126,6 +126,12 @@ def system(pair: NetnsPair, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         f"lifecycle=--udp-idle-timeout={IDLE_S}",
         # measurement only: the ALE's faster, race-prone hint path (actors/lifecycle/README.md)
         *(["--actor-arg", "ale=--opener-hints"] if os.environ.get("KEXTLESS_OPENER_HINTS") else []),
+        # measurement only: e.g. "--nice=0 --coalesce-ms=0", the eager lifecycle of before
+        *(
+            a
+            for arg in os.environ.get("KEXTLESS_LIFECYCLE_ARGS", "").split()
+            for a in ("--actor-arg", f"lifecycle={arg}")
+        ),
     )
     try:
         # `up` returns once the lifecycle process runs; its divert handles open ~1-2 s later.
