@@ -5,10 +5,15 @@ write, so the client uses three kinds of DEALER socket, never sharing one betwee
 * the control socket (open/close/version/stats), behind a lock; it owns the session;
 * the reader socket, used by `read`/`recv_info`, behind its own lock;
 * one writer socket per writing thread (created on first use), so writes run in parallel.
+
+Infos keep the kext's raw fields (addresses as 4 or 16 network-order bytes, the version as 4
+bytes); `local_address`, `remote_address` and `KextClient.version_tuple` give the same as
+`ipaddress` objects and a tuple.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import threading
@@ -16,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 import zmq.auth
@@ -40,6 +45,38 @@ from kextless.protocol.stream import DecodeError, InfoStreamDecoder
 
 #: Portmaster's read chunk is 1024 bytes; bigger reads cost the same round trip and carry more.
 DEFAULT_READ_SIZE = 64 * 1024
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class HasAddresses(Protocol):
+    """A connection info, a connection-end info or a bandwidth entry: raw address fields."""
+
+    @property
+    def local_ip(self) -> bytes: ...
+
+    @property
+    def remote_ip(self) -> bytes: ...
+
+
+def ip(raw: bytes) -> IPAddress:
+    """A raw address as the kext sends it (4 or 16 network-order bytes) as an ipaddress
+    object; ValueError for any other length."""
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw)
+    if len(raw) == 16:
+        return ipaddress.IPv6Address(raw)
+    raise ValueError(f"an address is 4 or 16 bytes, got {len(raw)}: {bytes(raw[:32])!r}")
+
+
+def local_address(info: HasAddresses) -> IPAddress:
+    """The info's local address (`info.local_ip`, raw) as an ipaddress object."""
+    return ip(info.local_ip)
+
+
+def remote_address(info: HasAddresses) -> IPAddress:
+    """The info's remote address (`info.remote_ip`, raw) as an ipaddress object."""
+    return ip(info.remote_ip)
 
 
 class KextError(Exception):
@@ -245,6 +282,14 @@ class KextClient:
         """The 4 version bytes [major, minor, revision, build]; Portmaster needs major >= 2."""
         reply = self._control_request([wire.VERSION])
         return reply[1]
+
+    def version_tuple(self) -> tuple[int, int, int, int]:
+        """The version as (major, minor, revision, build), e.g. (2, 1, 0, 0): compare it with
+        `>= (2, 0)`. KextError if the broker did not send 4 bytes."""
+        raw = self.version()
+        if len(raw) != 4:
+            raise KextError(f"the broker's version is {len(raw)} bytes, not 4: {raw[:16]!r}")
+        return (raw[0], raw[1], raw[2], raw[3])
 
     def stats(self) -> dict[str, Any]:
         """The broker's live counters (queue, sessions, infos, commands, verdict latency). Needs

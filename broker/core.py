@@ -5,9 +5,10 @@ input method returns the list of effects to carry out, in order (base/cores.py):
 (frames for a client DEALER), `ToActor` (frames for an actor DEALER) and `Event` (a line for
 the broker's own log). Facts about the process come in as arguments: its pid at construction,
 its memory (`Memory`, read by the shell) with the requests that report it (S and
-PrintMemoryStats). The only deadline is a parked read's timeout (`next_deadline_ns`,
-`on_deadline`). Keeping all semantics here lets the tests drive them directly and keeps the
-shell a thin, fast loop.
+PrintMemoryStats). Its deadlines are a parked read's timeout and the summary of log lines left
+out (`next_deadline_ns`, `on_deadline`): every refused or malformed request gets a line in the
+broker's log, up to a rate (`LineBudget`), then one summary per second. Keeping all semantics
+here lets the tests drive them directly and keeps the shell a thin, fast loop.
 
 Session model (docs/broker-wire.md, "Sessions"):
 * NONE  -> O -> OPEN (owned by the opener's routing id; a second opener gets "device busy");
@@ -18,6 +19,13 @@ Session model (docs/broker-wire.md, "Sessions"):
   next opener, but a half-delivered info is rewound and sent whole again.
 Any peer may R and W while a session is open (they are the threads sharing the handle); only the
 owner opens and closes.
+
+No client (`NoClient`): with WAIT (the kext's way) connection infos queue until a reader comes
+or the ALE's verdict timeout decides them; the ALE then sends `Resolved` and their infos leave
+the queue, so a later reader never gets an already-decided connection. With DEFAULT, while no
+session is open (NONE, or SHUT), a connection info is refused at once (EmitRefused: the ALE
+applies its default verdict now), and a session that ends without Shutdown refuses the
+connection infos it left queued.
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 import msgspec
 
 from kextless.broker import wire
 from kextless.broker.ioqueue import IOQueue, PushResult
+from kextless.broker.linebudget import LineBudget
 from kextless.broker.logring import LogRing
 from kextless.protocol.commands import VerdictCommand, decode_command
 from kextless.protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity
@@ -47,6 +56,7 @@ from kextless.protocol.messages import (
     Health,
     Hello,
     Log,
+    Resolved,
     decode,
     encode,
 )
@@ -72,6 +82,7 @@ OPTIONAL_COMMANDS = frozenset(
 )
 
 _VERSION_REPLY = (wire.VERSION, INTERFACE_VERSION)
+_CONNECTION_KINDS = frozenset({InfoType.CONNECTION_IPV4, InfoType.CONNECTION_IPV6})
 _OK = bytes((wire.Status.OK,))
 _W_OK = (wire.WRITE, _OK)
 _CMD_NAMES = {t: t.kext_name for t in CommandType}
@@ -110,6 +121,13 @@ class Memory(msgspec.Struct, frozen=True):
     peak_kib: int
 
 
+class NoClient(StrEnum):
+    """What a connection info meets while no client session is open (module docstring)."""
+
+    WAIT = "wait"
+    DEFAULT = "default"
+
+
 class SessionState(Enum):
     NONE = "none"
     OPEN = "open"
@@ -138,8 +156,19 @@ Handler = Callable[[bytes, list[bytes], int, Memory | None], list[Effect]]
 class BrokerCore:
     """Sessions, the info queue, command validation and routing, counters."""
 
-    def __init__(self, queue_bytes: int = DEFAULT_QUEUE_BYTES, pid: int | None = None) -> None:
+    def __init__(
+        self,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        pid: int | None = None,
+        no_client: NoClient = NoClient.WAIT,
+    ) -> None:
         self.queue = IOQueue(queue_bytes)
+        self.no_client = no_client
+        #: Connection infos refused because no session was open (NoClient.DEFAULT).
+        self.no_client_refused = 0
+        #: Log lines for refused requests and for no-client refusals: one each up to a rate.
+        self._refused_lines = LineBudget()
+        self._no_client_lines = LineBudget()
         self.ring = LogRing()
         #: The broker process's id, for S (the shell knows it; None when unknown).
         self.pid = pid
@@ -205,8 +234,65 @@ class BrokerCore:
         if handler is None:
             self.frame_errors += 1
             op = frames[0][:16]
-            return [self._error(peer, f"unknown op {op!r}: expected one of O C R W V S")]
-        return handler(peer, frames, now_ns, memory)
+            out: list[Effect] = [
+                self._error(peer, f"unknown op {op!r}: expected one of O C R W V S")
+            ]
+        else:
+            out = handler(peer, frames, now_ns, memory)
+        for effect in out:
+            if type(effect) is ToClient and effect.frames is not _W_OK and effect.peer == peer:
+                reply = effect.frames
+                if reply[0] == wire.ERROR or (
+                    reply[0] == wire.WRITE and reply[1][:1] != _OK and len(frames) > 1
+                ):
+                    self._refused_request(peer, frames, reply, now_ns, out)
+                    break
+        return out
+
+    def _refused_request(
+        self,
+        peer: bytes,
+        frames: list[bytes],
+        reply: tuple[bytes, ...],
+        now_ns: int,
+        out: list[Effect],
+    ) -> None:
+        """A line in the broker's log for a refused request (rate-limited, then summed up)."""
+        summary, own_line = self._refused_lines.note(now_ns)
+        if summary:
+            out.append(self._refused_summary(summary))
+        if not own_line:
+            return
+        op = frames[0][:1].decode("ascii", "replace") if frames else "?"
+        if reply[0] == wire.ERROR:
+            why = reply[1].decode("utf-8", "replace") if len(reply) > 1 else ""
+            out.append(Event(f"refused: {op} from client {peer.hex()}: {why}"))
+            return
+        try:
+            status = wire.Status(reply[1][0]).name
+        except ValueError:
+            status = str(reply[1][0])
+        raw = frames[1]
+        if not raw:
+            kind = "empty"
+        elif raw[0] in _CMD_NAMES:
+            kind = _CMD_NAMES[CommandType(raw[0])]
+        else:
+            kind = f"type {raw[0]}"
+        why = reply[1][1:].decode("utf-8", "replace")
+        out.append(
+            Event(
+                f"refused: command {kind} ({len(raw)} bytes) from client {peer.hex()}: "
+                f"{status} {why}"
+            )
+        )
+
+    @staticmethod
+    def _refused_summary(n: int) -> Event:
+        return Event(
+            f"refused: {n} more request(s) refused within a second (not logged one by one; "
+            "counters in `kextless status --verbose`)"
+        )
 
     def _extra_frames(self, peer: bytes, frames: list[bytes]) -> list[Effect] | None:
         """The refusal of an op that takes no frames but got some, else None."""
@@ -272,6 +358,7 @@ class BrokerCore:
         self.sessions["closed"] += 1
         self.queue.rewind_partial()
         out.append(Event(f"session {why}"))
+        self._refuse_queued(out)
 
     def _answer_parked_eof(self, out: list[Effect]) -> None:
         parked = self.parked
@@ -345,14 +432,26 @@ class BrokerCore:
             out.append(ToClient(parked.peer, (wire.TIMEOUT,)))
 
     def next_deadline_ns(self) -> int | None:
-        """The parked read's timeout (None: no read waits, or it waits forever)."""
-        return None if self.parked is None else self.parked.deadline_ns
+        """The parked read's timeout, or an earlier due summary of log lines left out (None:
+        nothing is due; a read may wait forever)."""
+        due = None if self.parked is None else self.parked.deadline_ns
+        for budget in (self._refused_lines, self._no_client_lines):
+            b = budget.due_ns()
+            if b is not None:
+                due = b if due is None else min(due, b)
+        return due
 
     def on_deadline(self, now_ns: int) -> list[Effect]:
         """Answer the parked read with T once its timeout has passed (or with data, if some
-        arrived); nothing before that."""
+        arrived), and sum up the log lines left out in a second that is over."""
         out: list[Effect] = []
         self._serve_parked(now_ns, out)
+        n = self._refused_lines.flush(now_ns)
+        if n:
+            out.append(self._refused_summary(n))
+        n = self._no_client_lines.flush(now_ns)
+        if n:
+            out.append(self._no_client_summary(n))
         return out
 
     def read_undeliverable(self, peer: bytes) -> list[Effect]:
@@ -433,10 +532,9 @@ class BrokerCore:
             self.commands[_CMD_NAMES[CommandType(raw[0])]]["malformed"] += 1
         else:
             self.malformed_unknown += 1
-        return [
-            self.log(Severity.ERROR, f"Malformed command rejected: {why}"),
-            ToClient(peer, (wire.WRITE, bytes((wire.Status.MALFORMED,)) + why.encode())),
-        ]
+        # For GetLogs; the broker's own log gets its (rate-limited) line in client_message.
+        self.log(Severity.ERROR, f"Malformed command rejected: {why}")
+        return [ToClient(peer, (wire.WRITE, bytes((wire.Status.MALFORMED,)) + why.encode()))]
 
     def _shutdown(self, out: list[Effect]) -> None:
         self.sessions["shutdowns"] += 1
@@ -485,11 +583,13 @@ class BrokerCore:
                 self._garbage(info, f"undecodable message: {exc}", out)
                 continue
             if type(msg) is Emits:
-                pushed |= self._push_emits(actor, info, msg.emits, out)
+                pushed |= self._push_emits(actor, info, msg.emits, now_ns, out)
             elif type(msg) is Emit:
-                pushed |= self._push_emits(actor, info, (msg,), out)
+                pushed |= self._push_emits(actor, info, (msg,), now_ns, out)
             elif type(msg) is Log:
                 self.ring.add(msg.severity, msg.line)
+            elif type(msg) is Resolved:
+                self._withdraw(msg.ids)
             elif type(msg) is Health:
                 if msg.actor == info.name:
                     info.counters = msg.counters
@@ -504,6 +604,47 @@ class BrokerCore:
             self._serve_parked(now_ns, out)
         return out
 
+    def _withdraw(self, ids: tuple[int, ...]) -> None:
+        """Connection infos decided without a reader (verdict timeout) leave the queue."""
+        self.queue.withdraw(ids)
+        at = self._delivered_at
+        for i in ids:
+            at.pop(i, None)
+
+    def _refuse_no_client(self, actor: bytes, id_: int, now_ns: int, out: list[Effect]) -> None:
+        """NoClient.DEFAULT with no session open: the emitter decides this info now."""
+        self.no_client_refused += 1
+        why = "no client session open (--no-client default)"
+        out.append(ToActor(actor, (encode(EmitRefused(id_, why)),)))
+        summary, own_line = self._no_client_lines.note(now_ns)
+        if summary:
+            out.append(self._no_client_summary(summary))
+        if own_line:
+            out.append(Event(f"no client session open: connection info {id_} refused at once"))
+
+    @staticmethod
+    def _no_client_summary(n: int) -> Event:
+        return Event(
+            f"no client session open: {n} more connection info(s) refused within a second "
+            "(not logged one by one)"
+        )
+
+    def _refuse_queued(self, out: list[Effect]) -> None:
+        """NoClient.DEFAULT: a session ended; the connection infos it left go back to their
+        emitter (the owner of Verdict), which applies its default verdict now."""
+        if self.no_client is not NoClient.DEFAULT:
+            return
+        ids = self.queue.withdraw_connections()
+        emitters = self.owners.get(CommandType.VERDICT, ())
+        if not ids or not emitters:
+            return
+        self.no_client_refused += len(ids)
+        why = "the client session ended (--no-client default)"
+        frames = tuple(encode(EmitRefused(i, why)) for i in ids)
+        for emitter in emitters:
+            out.append(ToActor(emitter, frames))
+        out.append(Event(f"no client session open: {len(ids)} queued connection info(s) refused"))
+
     def _relayed_health(self, msg: Health, now_ns: int) -> None:
         """File another actor's Health under its name; the table is bounded like `actors`."""
         name = msg.actor[:64]
@@ -514,19 +655,28 @@ class BrokerCore:
         )
 
     def _push_emits(
-        self, actor: bytes, info: ActorInfo, emits: tuple[Emit, ...], out: list[Effect]
+        self,
+        actor: bytes,
+        info: ActorInfo,
+        emits: tuple[Emit, ...],
+        now_ns: int,
+        out: list[Effect],
     ) -> bool:
         """Queue each Emit whose record matches its kind; True if anything was queued."""
         pushed = False
         push = self.queue.push
         unpack = HEADER.unpack_from
         queued = PushResult.QUEUED
+        refuse = self.no_client is NoClient.DEFAULT and self.state is not SessionState.OPEN
         for emit in emits:
             record = emit.info
             n = len(record)
             if n >= HEADER_SIZE:
                 kind, length = unpack(record)
                 if kind == emit.kind and length == n - HEADER_SIZE:
+                    if refuse and kind in _CONNECTION_KINDS:
+                        self._refuse_no_client(actor, emit.id, now_ns, out)
+                        continue
                     result = push(kind, record, emit.id)
                     if result is queued:
                         pushed = True
@@ -672,7 +822,9 @@ class BrokerCore:
                 "dropped": by_type(q.dropped),
                 "refused": by_type(q.refused),
                 "discarded": by_type(q.discarded),
+                "withdrawn": by_type(q.withdrawn),
             },
+            "no_client": {"mode": self.no_client.value, "refused": self.no_client_refused},
             "commands": self.commands,
             "malformed_unknown_type": self.malformed_unknown,
             "reads": self.reads,
@@ -689,6 +841,7 @@ class BrokerCore:
                     "messages": a.messages,
                     "dropped": a.garbage,
                     "last_seen_s_ago": round((now_ns - a.last_seen_ns) / 1e9, 3),
+                    "counters": a.counters,
                 }
                 for a in self.actors.values()
             }

@@ -11,13 +11,16 @@ infos are dropped oldest-first; each overflow *episode* is counted once so the o
 warning instead of thousands.
 
 Items are `(type, record_bytes, id)` tuples: records are already encoded by the emitter, the
-queue never re-parses them.
+queue never re-parses them. The id lets a connection info be *withdrawn* while it still waits
+(its packet got the default verdict at the timeout): a later reader is never asked about a
+connection that was already decided.
 """
 
 from __future__ import annotations
 
 import builtins
 from collections import deque
+from collections.abc import Iterable
 from enum import IntEnum
 
 from kextless.protocol.enums import InfoType
@@ -71,6 +74,7 @@ class IOQueue:
         self.dropped = [0] * _N_TYPES
         self.refused = [0] * _N_TYPES
         self.discarded = [0] * _N_TYPES
+        self.withdrawn = [0] * _N_TYPES
         #: Ids of connection infos whose last byte went out in the latest read (for latency).
         self.last_delivered_ids: list[int] = []
         # What the latest read took, so a reply that could not be sent can be put back.
@@ -254,6 +258,57 @@ class IOQueue:
         self._leftover = lo
         self._leftover_off = off
         self.last_delivered_ids = []
+
+    # ---- withdrawing ----------------------------------------------------------------------------
+
+    def withdraw(self, ids: Iterable[int]) -> int:
+        """Drop the still-queued connection infos with these ids (decided without a reader);
+        returns how many. One whose first bytes a reader already has stays: its tail must
+        follow, or the stream would be cut mid-info. Ids are issued in order and the oldest
+        time out first, so they are found near the front and deleted cheaply."""
+        wanted = set(ids)
+        wanted.discard(0)
+        if not wanted:
+            return 0
+        n = 0
+        lo = self._leftover
+        if (
+            lo is not None
+            and self._leftover_off == 0
+            and lo[2] in wanted
+            and lo[0] in _CONNECTION_TYPES
+        ):
+            self._leftover = None
+            self.withdrawn[lo[0]] += 1
+            wanted.discard(lo[2])
+            n += 1
+        prio = self._prio
+        found: list[int] = []
+        for i, item in enumerate(prio):
+            if item[2] in wanted and item[0] in _CONNECTION_TYPES:
+                found.append(i)
+                wanted.discard(item[2])
+                if not wanted:
+                    break
+        for i in reversed(found):
+            item = prio[i]
+            del prio[i]
+            self.prio_bytes -= len(item[1])
+            self.withdrawn[item[0]] += 1
+        n += len(found)
+        if n:
+            self._undo = None  # (a read's undo follows its send at once, never a withdraw)
+        return n
+
+    def withdraw_connections(self) -> list[int]:
+        """Withdraw every queued connection info no reader has begun (nobody will answer
+        them); returns their ids in queue order."""
+        ids = [item[2] for item in self._prio if item[0] in _CONNECTION_TYPES]
+        lo = self._leftover
+        if lo is not None and self._leftover_off == 0 and lo[0] in _CONNECTION_TYPES:
+            ids.insert(0, lo[2])
+        self.withdraw(ids)
+        return ids
 
     # ---- session changes -----------------------------------------------------------------------
 

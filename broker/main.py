@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
-from kextless.broker.core import DEFAULT_QUEUE_BYTES, BrokerCore
+from kextless.broker.core import DEFAULT_QUEUE_BYTES, BrokerCore, NoClient
 from kextless.broker.server import BrokerServer, ConfigError, CurveConfig
 
 
@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="directory of authorized client public-key certificates (for tcp://)",
     )
+    p.add_argument(
+        "--no-client",
+        type=NoClient,
+        choices=list(NoClient),
+        default=NoClient.WAIT,
+        help="while no client session is open, connection infos wait for a client or the "
+        "ALE's verdict timeout (wait, the default), or are refused at once so the ALE applies "
+        "its default verdict now (default)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -72,7 +81,9 @@ def main(argv: list[str]) -> int:
         if actors_endpoint is None:
             # Beside the client socket, in the same private directory.
             actors_endpoint = f"ipc://{Path(endpoint[len('ipc://') :]).parent / 'actors.sock'}"
-        core = BrokerCore(args.queue_bytes, pid=os.getpid())
+        core = BrokerCore(args.queue_bytes, pid=os.getpid(), no_client=args.no_client)
+        if args.no_client is NoClient.DEFAULT:
+            log.info("no client: connection infos are refused at once while no session is open")
         server = BrokerServer(core, endpoint, actors_endpoint, curve, log)
         return server.run()
     except ConfigError as exc:

@@ -17,12 +17,14 @@ from kextless.broker.core import (
     Effect,
     Event,
     Memory,
+    NoClient,
     SessionState,
     ToActor,
     ToClient,
 )
+from kextless.broker.linebudget import PER_WINDOW
 from kextless.broker.logring import RING_SLOTS, LogRing, clean_line
-from kextless.protocol.commands import decode_command
+from kextless.protocol.commands import ClearCacheCommand, decode_command, encode_command
 from kextless.protocol.enums import CommandType, InfoType, Severity, Verdict
 from kextless.protocol.infos import Info, LogLine
 from kextless.protocol.messages import (
@@ -34,6 +36,7 @@ from kextless.protocol.messages import (
     Health,
     Hello,
     Log,
+    Resolved,
     decode,
     encode,
 )
@@ -518,3 +521,105 @@ def test_repeated_hello_keepalive_logs_only_changes(h) -> None:  # type: ignore[
     assert [e for e in h.events if "connected" in e] == []
     h.hello(ALE, (CommandType.VERDICT,))  # a change of ownership is logged again
     assert len([e for e in h.events if "connected" in e]) == 1
+
+
+# ---- connections decided without a reader ------------------------------------------------------
+
+
+def test_resolved_ids_leave_the_queue_and_no_later_reader_gets_them() -> None:
+    """issue 11: a connection the ALE's verdict timeout decided was handed to the next client
+    as its first info."""
+    h = Harness()
+    h.hello(ALE, ALE_OWNS)
+    h.emit(conn(1), conn(2), log("kept"), conn(3))
+    h.actor(ALE, Resolved((1, 3, 99)))  # 99: never queued (or read already): ignored
+    assert h.core.queue.withdrawn[InfoType.CONNECTION_IPV4] == 2
+    h.client(OWNER, wire.OPEN)
+    assert h.read_all(OWNER) == [conn(2), log("kept")]
+    (reply,) = h.client(OTHER, wire.STATS)
+    assert json.loads(reply[2])["infos"]["withdrawn"]["ConnectionIpv4"] == 2
+
+
+def test_a_resolved_info_a_reader_has_begun_is_finished_not_cut(h: Harness) -> None:
+    h.emit(conn(1, payload=100))
+    (reply,) = h.client(OWNER, wire.READ, wire.U32.pack(10))
+    assert len(reply[2]) == 10
+    h.actor(ALE, Resolved((1,)))
+    (rest,) = h.client(OWNER, wire.READ, wire.U32.pack(65536))  # the tail still comes
+    assert InfoStreamDecoder().feed(reply[2] + rest[2]) == [conn(1, payload=100)]
+    assert h.core.queue.withdrawn[InfoType.CONNECTION_IPV4] == 0
+
+
+def test_no_client_default_refuses_connection_infos_while_no_session_is_open() -> None:
+    h = Harness()
+    h.core.no_client = NoClient.DEFAULT
+    h.hello(ALE, ALE_OWNS)
+    h.emit(conn(1), log("a log line waits as ever"))
+    assert [(a, type(m), m.id) for a, m in h.actor_out()] == [(ALE, EmitRefused, 1)]
+    assert h.events[-1] == "no client session open: connection info 1 refused at once"
+    h.client(OWNER, wire.OPEN)
+    h.emit(conn(2), conn(3))
+    assert h.actor_out() == []  # a session is open: they wait for its reader
+    h.client(OWNER, wire.READ, wire.U32.pack(len(conn(2).encode())))
+    h.client(OWNER, wire.CLOSE)  # id 3 was never read: nobody will answer it now
+    assert [(a, type(m), m.id) for a, m in h.actor_out()] == [(ALE, EmitRefused, 3)]
+    (reply,) = h.client(OTHER, wire.STATS)
+    assert json.loads(reply[2])["no_client"] == {"mode": "default", "refused": 2}
+    h.client(OWNER, wire.OPEN)
+    assert h.read_all(OWNER) == [log("a log line waits as ever")]
+
+
+def test_no_client_default_after_shutdown_refuses_too(h: Harness) -> None:
+    h.core.no_client = NoClient.DEFAULT
+    h.write(OWNER, b"\x00")
+    h.actor_out()
+    h.emit(conn(7))
+    assert [(type(m), m.id) for _, m in h.actor_out()] == [(EmitRefused, 7)]
+
+
+def test_no_client_refusals_are_logged_up_to_a_rate_then_summed_up() -> None:
+    h = Harness()
+    h.core.no_client = NoClient.DEFAULT
+    h.emit(*(conn(i) for i in range(1, 31)))
+    assert len(h.actor_out()) == 30
+    lines = [e for e in h.events if e.startswith("no client session open")]
+    assert len(lines) == PER_WINDOW
+    assert h.core.next_deadline_ns() == h.now + 1_000_000_000
+    h.run(h.core.on_deadline(h.now + 1_000_000_000))
+    assert h.events[-1].startswith(f"no client session open: {30 - PER_WINDOW} more")
+
+
+def test_no_client_wait_keeps_infos_for_the_next_reader() -> None:
+    h = Harness()
+    h.emit(conn(1))
+    assert h.actor_out() == []
+    h.client(OWNER, wire.OPEN)
+    assert h.read_all(OWNER) == [conn(1)]
+
+
+# ---- refused requests reach the broker's log --------------------------------------------------
+
+
+def test_every_refused_request_gets_a_log_line(h: Harness) -> None:
+    h.write(OWNER, b"\x01\x00")
+    h.write(OWNER, encode_command(ClearCacheCommand()))  # no actor owns it here
+    h.client(OTHER, wire.OPEN)
+    h.client(OWNER, b"Z")
+    refused = [e for e in h.events if e.startswith("refused:")]
+    assert len(refused) == 4, h.events
+    assert refused[0].startswith("refused: command Verdict (2 bytes) from client ")
+    assert "MALFORMED" in refused[0]
+    assert "UNHANDLED no actor handles" in refused[1]
+    assert "device busy" in refused[2] and "unknown op" in refused[3]
+    h.write(OWNER, verdict(1))
+    assert len([e for e in h.events if e.startswith("refused:")]) == 4  # an OK is no news
+
+
+def test_a_storm_of_bad_writes_is_logged_up_to_a_rate_then_summed_up(h: Harness) -> None:
+    for _ in range(100):
+        h.write(OWNER, b"\xff")
+    assert len([e for e in h.events if e.startswith("refused: command")]) == PER_WINDOW
+    h.now += 1_000_000_000
+    h.run(h.core.on_deadline(h.now))
+    assert h.events[-1].startswith(f"refused: {100 - PER_WINDOW} more request(s) refused")
+    assert h.core.next_deadline_ns() is None

@@ -286,3 +286,37 @@ def test_bad_sizes_are_rejected() -> None:
         IOQueue(0)
     with pytest.raises(ValueError):
         IOQueue(10).read(0)
+
+
+# ---- withdrawing connection infos decided without a reader -------------------------------------
+
+
+def test_withdraw_takes_only_the_named_connection_infos() -> None:
+    q = IOQueue(BIG)
+    for info in (conn(1), end(5), conn(2), bandwidth(1), log("x"), conn(3)):
+        push(q, info)
+    before = q.bytes
+    assert q.withdraw([3, 1, 42, 0]) == 2
+    assert q.bytes == before - 2 * len(conn(1).encode())
+    assert q.withdrawn[InfoType.CONNECTION_IPV4] == 2
+    infos, _ = drain(q, 65536)
+    assert infos == [end(5), conn(2), bandwidth(1), log("x")]
+
+
+def test_withdraw_leaves_a_begun_info_and_takes_a_rewound_one() -> None:
+    q = IOQueue(BIG)
+    push(q, conn(1, payload=50))
+    head = q.read(8)
+    assert head is not None and q.partial
+    assert q.withdraw([1]) == 0  # its head is out: the tail must follow
+    q.rewind_partial()  # a new reader starts it from the beginning: now it can go
+    assert q.withdraw([1]) == 1 and not q.readable() and q.read(100) is None
+
+
+def test_withdraw_connections_returns_every_unbegun_connection_id() -> None:
+    q = IOQueue(BIG)
+    for info in (conn(4), log("stays"), conn(5), end(1)):
+        push(q, info)
+    assert q.withdraw_connections() == [4, 5]
+    infos, _ = drain(q, 65536)
+    assert infos == [end(1), log("stays")]  # connection ends first, as ever
