@@ -60,7 +60,7 @@ def write(run: RuntimeDir, *rows: ConnectionRow) -> None:
 class Screen:
     """One tmux server (socket of its own) running the monitor in a 160x40 pane."""
 
-    def __init__(self, tmp: Path, run_root: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, run_root: Path, *args: str, netns: str = NETNS) -> None:
         if shutil.which("tmux") is None:
             pytest.fail("tmux is not installed (apt-get install -y tmux): the screen is untested")
         self.socket = f"kxp3-{os.getpid()}-{time.monotonic_ns()}"
@@ -71,7 +71,7 @@ class Screen:
                 "-m",
                 "kextless.deploy.monitor",
                 "--netns",
-                NETNS,
+                netns,
                 "--run-root",
                 str(run_root),
                 *args,
@@ -129,9 +129,9 @@ class Screen:
         self.tmux("kill-server")
 
 
-def table_lines(screen: str) -> list[str]:
-    """The rows of the table: lines holding one of our processes' addresses."""
-    return [line for line in screen.splitlines() if "10.9.0.2:" in line]
+def table_lines(screen: str, marker: str = "10.9.0.2:") -> list[str]:
+    """The rows of the table: lines holding `marker` (by default our rows' remote address)."""
+    return [line for line in screen.splitlines() if marker in line]
 
 
 @pytest.fixture
