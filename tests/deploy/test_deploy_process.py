@@ -16,10 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from supervisor.xmlrpc import SupervisorTransport
 
 from kextless.base.rundir import RuntimeDir
 from kextless.deploy import cli
@@ -414,3 +416,125 @@ def test_tcp_endpoint_status_speaks_curve_to_the_real_broker(
     assert code == 1 and "--curve-client-secret" in report["broker_error"]
     code, report = status(ns, root, client_cert=Path(stranger_secret))
     assert code == 1 and "did not answer" in report["broker_error"]
+
+
+# ---- the configuration file, rules checked at up, supervisord's CRIT lines, reload -------------
+
+_KXP2 = iter(range(1, 1000))
+
+
+@pytest.fixture
+def kxp2() -> Iterator[tuple[str, Path]]:
+    """(netns, run_root): a fresh namespace named kxp2-PID-N with `lo` up, nothing else, and a
+    short run root; teardown: `down`, kill by PID whatever still names the run dir, delete."""
+    ns = f"kxp2-{os.getpid()}-{next(_KXP2)}"
+    root = Path(tempfile.mkdtemp(prefix="kxp2-", dir="/tmp"))
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
+        yield ns, root
+    finally:
+        run = RuntimeDir.for_instance(ns, root)
+        with contextlib.suppress(Exception):
+            down(ns, root, out=lambda _line: None)
+        for pid in instance_pids(run.path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kextless(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KEXTLESS, *argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_bad_rules_fail_up_at_once_with_one_line_and_start_nothing(
+    kxp2: tuple[str, Path], tmp_path: Path
+) -> None:
+    ns, root = kxp2
+    rules = tmp_path / "rules.toml"
+    rules.write_text('default = "Accept"\n\n[[rule]]\nremote_port = 99999\nverdict = "Block"\n')
+    conf = tmp_path / "kextless.toml"
+    conf.write_text(
+        f'[instance]\nnetns = "{ns}"\nrun_root = "{root}"\n[policy]\nrules = "rules.toml"\n'
+    )
+    for argv in (
+        ["up", "--netns", ns, "--run-root", str(root), "--policy-rules", str(rules)],
+        ["up", "--config", str(conf)],  # the same rules, named by the file
+    ):
+        t0 = time.monotonic()
+        r = _kextless(*argv, timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"kextless up: error: policy rules: {rules}:3"), r.stderr
+        assert took < 1.5, took  # python start-up included; the check itself is milliseconds
+        assert not RuntimeDir.for_instance(ns, root).path.exists()  # nothing was started
+        assert instance_pids(RuntimeDir.for_instance(ns, root).path) == []
+
+
+@pytest.mark.slow
+def test_up_from_a_config_file_without_crit_lines_then_reload(
+    kxp2: tuple[str, Path], tmp_path: Path
+) -> None:
+    ns, root = kxp2
+    (tmp_path / "rules.toml").write_text('default = "Accept"\n')
+    conf = tmp_path / "kextless.toml"
+    conf.write_text(
+        f'[instance]\nnetns = "{ns}"\nrun_root = "{root}"\n'
+        '[verdicts]\ntimeout = 5\n[policy]\nrules = "rules.toml"\n'
+    )
+    run = RuntimeDir.for_instance(ns, root)
+    started = _kextless("up", "--config", str(conf), "--no-bandwidth")
+    assert started.returncode == 0, started.stdout + started.stderr
+    inst = json.loads((run.path / "instance.json").read_text())
+    assert "bandwidth" not in inst["programs"]  # the flag over the file's default
+    ale = inst["programs"]["ale"]["argv"]
+    assert ale[ale.index("--verdict-timeout") + 1] == "5"
+    policy = inst["programs"]["policy"]["argv"]
+    assert policy[policy.index("--config") + 1] == str(conf.resolve())
+
+    # supervisord: no CRIT line (running as root without user=, an unauthenticated socket)
+    log = (run.path / "supervisord.log").read_text()
+    assert "supervisord started" in log
+    assert [line for line in log.splitlines() if " CRIT " in line] == []
+    assert (run.path / "supervisor.sock").stat().st_mode & 0o777 == 0o700
+    assert (run.path / "supervisor.secret").stat().st_mode & 0o777 == 0o600
+    anonymous = xmlrpc.client.ServerProxy(
+        "http://127.0.0.1",
+        transport=SupervisorTransport(serverurl=f"unix://{run.supervisor_socket}"),
+    )
+    with pytest.raises(xmlrpc.client.ProtocolError) as refused:
+        anonymous.supervisor.getState()
+    assert refused.value.errcode == 401
+
+    # reload: supervisord signals the policy, which reloads and keeps running
+    policy_log = run.log_dir / "policy.log"
+    pid = status(ns, root)[1]["programs"][-1]["pid"]
+    r = _kextless("reload", "--config", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert f"sent SIGHUP to the policy of netns {ns} (pid {pid})" in r.stdout
+    deadline = time.monotonic() + 5
+    while "rules reloaded (SIGHUP)" not in policy_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "rules reloaded (SIGHUP)" in policy_log.read_text()
+    time.sleep(0.5)
+    after = {p["name"]: p for p in status(ns, root)[1]["programs"]}
+    assert after["policy"]["pid"] == pid and after["policy"]["state"] == "RUNNING"
+
+    stopped = _kextless("down", "--config", str(conf), timeout=90)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert instance_pids(run.path) == []
+
+
+def test_reload_without_a_policy_says_so(kxp2: tuple[str, Path]) -> None:
+    ns, root = kxp2
+    opts = UpOptions(netns=ns, run_root=root, policy=False, timeout=15)
+    up(opts, [fake_broker(opts.run_dir)], out=lambda _line: None)
+    r = _kextless("reload", "--netns", ns, "--run-root", str(root))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"kextless reload: no policy runs for netns {ns}")
+    # and the stand-in broker was never signalled
+    assert status(ns, root)[1]["programs"][0]["state"] == "RUNNING"
