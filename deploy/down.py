@@ -6,6 +6,10 @@ report always means something needed cleaning up. Divert programs and the nft gu
 killed capture left in the namespace are removed inside it and listed as REMOVED (the namespace
 is clean afterwards, so they do not fail `down`); one that cannot be removed is a LEFTOVER
 problem.
+
+The run directory stays, with every process's log (RUN/logs/NAME.log) for the post-mortem, and
+the report says so; `purge=True` (`kextless down --purge`) removes it too, once nothing of the
+instance is left running.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,16 +59,27 @@ class DownReport:
     #: removed: a capture leaves them attached on purpose (its successor adopts them, and the
     #: guard keeps the namespace fail closed while no capture runs), so they are no leftover.
     cache_removed: list[str] = field(default_factory=list)
+    #: What `down` keeps on purpose: the run directory and its logs (empty after a purge).
+    kept: list[str] = field(default_factory=list)
+    #: The run directory `down --purge` removed (None: nothing was purged).
+    purged: str | None = None
+    #: Pids of the instance still alive after `down` (supervisord or a program): no purge then.
+    alive: list[int] = field(default_factory=list)
 
 
 def down(
-    netns: str | None = None, run_root: Path | None = None, out: Callable[[str], None] = print
+    netns: str | None = None,
+    run_root: Path | None = None,
+    out: Callable[[str], None] = print,
+    purge: bool = False,
 ) -> DownReport:
-    """Stop the instance if any; idempotent. The report lists anything that was left behind."""
+    """Stop the instance if any; idempotent. The report lists anything that was left behind,
+    and what is kept (the run directory and logs), or removes that too with `purge`."""
     check_netns_name(netns)
     run = RuntimeDir.for_instance(netns, run_root)
     inst = read_instance(run)
     report = teardown(run, inst, netns, check_filters=netns is not None)
+    _keep_or_purge(run, report, purge)
     if not report.was_running and inst is None:
         out(f"kextless is not running for {instance_name(netns)}")
     else:
@@ -84,7 +100,34 @@ def down(
             out(f"REMOVED: divert program left in netns {netns}: {what}")
     for problem in report.problems:
         out(f"LEFTOVER: {problem}")
+    if report.purged:
+        out(f"removed the run directory {report.purged} (logs included)")
+    for what in report.kept:
+        out(f"kept: {what}")
     return report
+
+
+def _keep_or_purge(run: RuntimeDir, report: DownReport, purge: bool) -> None:
+    """Remove the run directory (purge, and nothing left running), or say what it keeps."""
+    path = run.path
+    if not path.is_dir() or path.is_symlink():
+        return
+    if purge and not report.alive:
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            report.problems.append(f"could not remove the run directory {path}: {e}")
+        else:
+            report.purged = str(path)
+            return
+    logs = sorted(p.name for p in run.log_dir.glob("*.log")) if run.log_dir.is_dir() else []
+    where = f"the run directory {path}"
+    if logs:
+        where += f" with the logs in {run.log_dir} ({', '.join(logs)})"
+    if purge:
+        report.kept.append(f"{where}: not purged, a process of the instance is still running")
+    else:
+        report.kept.append(f"{where}; `kextless down --purge` removes it")
 
 
 def teardown(
@@ -121,6 +164,7 @@ def teardown(
     if sup_pid and pid_alive(sup_pid):
         report.was_running = True
         if wait_gone([sup_pid], stopwait):
+            report.alive.append(sup_pid)
             report.problems.append(f"supervisord pid {sup_pid} did not exit in {stopwait} s")
     names = {pid: name for name, pid in pids.items() if pid}
     argvs = {name: rec.argv for name, rec in records.items()}
@@ -133,6 +177,7 @@ def teardown(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for pid in wait_gone(left, 5):
+        report.alive.append(pid)
         report.problems.append(f"pid {pid} survives SIGKILL")
     report.stopped += [f"{name} (pid {pid})" for pid, name in names.items() if pid not in left]
     report.killed = _sigkilled_since(log, log_start)
