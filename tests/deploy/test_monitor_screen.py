@@ -8,6 +8,7 @@ screen would otherwise go untested."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -230,3 +231,27 @@ def test_ctrl_c_exits_cleanly_and_a_stale_snapshot_is_flagged(
         assert "Traceback" not in screen.text()
     finally:
         screen.close()
+
+
+def test_a_large_table_lists_the_first_rows_and_counts_them_all(
+    setup: tuple[RuntimeDir, Path, Path],
+) -> None:
+    """Headless (textual's test driver): more rows than MAX_DRAWN are counted, not listed."""
+    from textual.widgets import DataTable, Static
+
+    from kextless.deploy.monitor_app import MAX_DRAWN, MonitorApp
+    from kextless.deploy.monitor_rows import ViewOptions
+
+    run, _, _ = setup
+    write(run, *(row(i, f"p{i}") for i in range(1, MAX_DRAWN + 101)))
+
+    async def check() -> None:
+        app = MonitorApp(run, ViewOptions(), interval=60)
+        async with app.run_test(size=(160, 40)) as pilot:
+            await pilot.pause()
+            assert app.query_one(DataTable).row_count == MAX_DRAWN
+            totals = str(app.query_one("#totals", Static).render())
+            assert f"shown {MAX_DRAWN + 100} (first {MAX_DRAWN} listed" in totals, totals
+            assert f"{MAX_DRAWN + 100} connections" in totals
+
+    asyncio.run(check())
