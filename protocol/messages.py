@@ -224,10 +224,13 @@ encode = _encoder.encode
 def decode(data: bytes) -> Message:
     """Decode one message; raises msgspec.ValidationError / DecodeError on garbage.
 
-    A frame of Bundles nested a few hundred deep makes msgspec raise RecursionError; that is
-    garbage too, so it is reported as a DecodeError, the one type every receiver catches."""
+    msgspec itself raises UnicodeDecodeError for a string that is not UTF-8 and RecursionError
+    for Bundles nested a few hundred deep; both are garbage too, so they become a DecodeError,
+    the type every receiver catches (uncaught, they ended the ALE's and capture's loops)."""
     try:
         return _decoder.decode(data)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
     except RecursionError:
         raise msgspec.DecodeError("message nested too deeply") from None
 
