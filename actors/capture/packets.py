@@ -214,8 +214,15 @@ def rewrite(
     dst: bytes | None = None,
     dport: int | None = None,
 ) -> bytearray:
-    """A copy of the TCP/UDP packet with new addresses/ports and correct checksums (redirects)."""
+    """A copy of the TCP/UDP packet with new addresses/ports and correct checksums (redirects).
+
+    An address of the other family is refused (ValueError): written in place it would spill
+    over the next header fields, the ports among them, and the result would still parse."""
     buf = bytearray(raw)
+    size = 4 if p.version == 4 else 16
+    for addr in (src, dst):
+        if addr is not None and len(addr) != size:
+            raise ValueError(f"IPv{p.version} packet needs a {size}-byte address, got {len(addr)}")
     sa, da = (12, 16) if p.version == 4 else (8, 24)
     if src is not None:
         buf[sa : sa + len(src)] = src
