@@ -168,7 +168,17 @@ def monitor_main(argv: list[str]) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print(f"{PROG}: the live view needs a terminal; use --once [--json]", file=sys.stderr)
         return 1
-    from kextless.deploy.monitor_app import MonitorApp
+    try:
+        from kextless.deploy.monitor_app import MonitorApp
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith(("textual", "rich")):
+            raise
+        print(
+            f"{PROG}: the live view needs the textual package ({e.name} is missing: "
+            "pip install 'textual>=8,<9'); --once [--json] works without it",
+            file=sys.stderr,
+        )
+        return 1
 
     # A SIGINT outside the app's own key handling (ctrl+c is a key there) still ends quietly.
     with contextlib.suppress(KeyboardInterrupt):

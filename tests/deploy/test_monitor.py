@@ -384,3 +384,17 @@ def test_a_bad_config_file_exits_2_naming_the_key(tmp_path: Path) -> None:
 def test_the_live_view_without_a_terminal_says_so(run_root: Path) -> None:
     res = monitor("--netns", "kxp3-demo", "--run-root", str(run_root))
     assert res.returncode == 1 and "needs a terminal" in res.stderr
+
+
+def test_the_live_view_without_textual_says_what_to_install(
+    run_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kextless.deploy import monitor
+
+    monkeypatch.setitem(sys.modules, "textual", None)  # import textual -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "kextless.deploy.monitor_app", raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert monitor.monitor_main(["--netns", "kxp3-demo", "--run-root", str(run_root)]) == 1
+    err = capsys.readouterr().err
+    assert "needs the textual package" in err and "--once" in err
