@@ -298,6 +298,8 @@ class PolicyRunner:
         """Watch the rules file's directory, not its inode: editors save by rename."""
         import watchfiles  # the only user; keeps `kextless run` start-up lean elsewhere
 
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # "1 change detected"
+
         assert self.rules_file is not None
         target = self.rules_file.resolve()
         name = target.name
