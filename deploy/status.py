@@ -2,7 +2,11 @@
 through the public KextClient like any other client (without opening a session, which the
 policy may hold); each interface of the namespace with its guarded hooks, read from its tc
 filters (an unguarded one means packets pass kextless unseen: degraded); and the divert loss
-counters the capture reports through the ALE, with the time each last rose."""
+counters the capture reports through the ALE, with the time each last rose.
+
+The text is short by default (`format_status`): processes, interfaces, the client session,
+connections, decisions and, only when something went wrong, what (`problems`); `verbose=True`
+adds every counter. The JSON report always has everything."""
 
 from __future__ import annotations
 
@@ -86,6 +90,8 @@ def status(
     infos.sort(key=lambda i: order.index(i["name"]) if i["name"] in order else len(order))
     for info in infos:
         up_s = max(0, info["now"] - info["start"]) if info["statename"] == "RUNNING" else None
+        record = inst.programs.get(info["name"])
+        first_pid = record.pid if record is not None else 0
         report["programs"].append(
             {
                 "name": info["name"],
@@ -93,6 +99,8 @@ def status(
                 "pid": info["pid"] or None,
                 "uptime_s": up_s,
                 "description": info["description"],
+                # supervisord restarted it since `up` saw it RUNNING (it crashed or exited).
+                "restarted": bool(first_pid and info["pid"] and info["pid"] != first_pid),
             }
         )
     code = 0 if all(p["state"] == "RUNNING" for p in report["programs"]) else 1
@@ -162,8 +170,9 @@ def _hook_state(i: dict[str, Any], hook: str) -> str:
     return "held" if i.get(f"held_{hook}") else "UNGUARDED"
 
 
-def format_status(report: dict[str, Any]) -> str:
-    """Human-readable status: one line per program, then the broker's counters."""
+def format_status(report: dict[str, Any], verbose: bool = False) -> str:
+    """Human-readable status: one line per program and interface, the session, connections,
+    decisions and what went wrong (about 15-25 lines); `verbose` adds every counter."""
     where = instance_name(report["netns"])
     if not report["running"]:
         return f"kextless is not running for {where} ({report['run_dir']})"
@@ -171,7 +180,27 @@ def format_status(report: dict[str, Any]) -> str:
     for p in report["programs"]:
         uptime = "" if p["uptime_s"] is None else f"  uptime {_hms(p['uptime_s'])}"
         pid = f"pid {p['pid']}" if p["pid"] else "-"
-        lines.append(f"  {p['name']:<10} {p['state']:<9} {pid}{uptime}")
+        restarted = "  (restarted since up)" if p.get("restarted") else ""
+        lines.append(f"  {p['name']:<10} {p['state']:<9} {pid}{uptime}{restarted}")
+    _interface_lines(report, lines)
+    if verbose:  # every counter, exactly as status always printed them
+        _counter_lines(report, lines)
+        return "\n".join(lines)
+    if report["broker"] is not None:
+        lines += summary_lines(report["broker"])
+    else:
+        lines.append(f"broker: DOWN ({report['broker_error']})")
+    found = problems(report)
+    if found:
+        lines.append("problems:")
+        lines += [f"  {p}" for p in found]
+    else:
+        lines.append("problems: none")
+    lines.append("(every counter: kextless status --verbose; all of it as JSON: --json)")
+    return "\n".join(lines)
+
+
+def _interface_lines(report: dict[str, Any], lines: list[str]) -> None:
     if report.get("interfaces_error"):
         lines.append(f"interfaces: UNKNOWN ({report['interfaces_error']})")
     elif report.get("interfaces"):
@@ -186,6 +215,10 @@ def format_status(report: dict[str, Any]) -> str:
                 flag = "  <- UNGUARDED: its packets pass kextless unseen"
             state = "up" if i["up"] else "down"
             lines.append(f"  {i['name']:<10} {i['kind']:<8} {state:<4} {hooks}{flag}")
+
+
+def _counter_lines(report: dict[str, Any], lines: list[str]) -> None:
+    """Every counter, as `status` always printed them (the verbose part)."""
     if report.get("divert_counters") is not None:
         age = report.get("divert_counters_age_s")
         if isinstance(age, int | float):
@@ -201,7 +234,157 @@ def format_status(report: dict[str, Any]) -> str:
         lines += [f"  {k}: {v}" for k, v in _flatten(report["broker"])]
     else:
         lines.append(f"broker: DOWN ({report['broker_error']})")
-    return "\n".join(lines)
+
+
+def _num(tree: dict[str, Any], *path: str) -> int:
+    """The number at `path` in the broker's counters (0 when absent or not a number)."""
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, dict):
+            return 0
+        node = node.get(key)
+    return int(node) if isinstance(node, int | float) and not isinstance(node, bool) else 0
+
+
+def _ale(broker: dict[str, Any]) -> dict[str, Any]:
+    ale = broker.get("actors", {}).get("ale")
+    counters = ale.get("counters") if isinstance(ale, dict) else None
+    return counters if isinstance(counters, dict) else {}
+
+
+def _by_verdict(ale: dict[str, Any]) -> str:
+    decided = sorted(
+        ((k.removeprefix("decided."), int(v)) for k, v in ale.items() if k.startswith("decided.")),
+        key=lambda kv: -kv[1],
+    )
+    return ", ".join(f"{name} {n}" for name, n in decided if n)
+
+
+def summary_lines(broker: dict[str, Any]) -> list[str]:
+    """The short view of the broker's counters: client session, connections, decisions."""
+    session = broker.get("session", {})
+    state = session.get("state", "?")
+    if state == "open":
+        reader = "a reader waits" if session.get("reader_waiting") else "no read waiting"
+        client = f"client: session open ({reader})"
+    elif state == "shut":
+        client = "client: shut down (Shutdown received; the client has not closed yet)"
+    else:
+        client = "client: none connected"
+    mode = broker.get("no_client", {}).get("mode")
+    if state != "open" and mode:
+        client += (
+            "; new connections get the default verdict at once (--no-client default)"
+            if mode == "default"
+            else "; new connections wait for one, up to the verdict timeout"
+        )
+    ale = _ale(broker)
+    rtt = broker.get("verdict_rtt_us", {})
+    lines = [client + f" [{_num(session, 'opened')} session(s) since start]"]
+    live = broker.get("connections_tracked")
+    pending = broker.get("pending_verdicts")
+    lines.append(
+        f"connections: {'?' if live is None else int(live)} tracked, "
+        f"{'?' if pending is None else int(pending)} waiting for a verdict, "
+        f"{_num(ale, 'ids_issued')} asked"
+    )
+    withdrawn = sum(
+        _num(broker, "infos", "withdrawn", k) for k in ("ConnectionIpv4", "ConnectionIpv6")
+    )
+    parts = [
+        f"{_num(ale, 'verdicts')} by the client",
+        f"{_num(ale, 'timeouts')} by verdict timeout",
+        f"{_num(ale, 'refused')} refused at once",
+    ]
+    lines.append("decisions: " + ", ".join(parts))
+    by_verdict = _by_verdict(ale)
+    if by_verdict:
+        lines.append(f"  by verdict: {by_verdict}")
+    if withdrawn:
+        lines.append(
+            f"  {withdrawn} decided by timeout before any client read them (not handed out)"
+        )
+    if isinstance(rtt, dict) and rtt.get("samples"):
+        lines.append(
+            f"  verdict latency: p50 {rtt['p50'] / 1000:.2f} ms, p99 {rtt['p99'] / 1000:.2f} ms "
+            f"({rtt['samples']} samples)"
+        )
+    return lines
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """Everything that went wrong, one line each (empty: nothing did)."""
+    out: list[str] = []
+    logs = f"{report['run_dir']}/logs"
+    for p in report.get("programs", []):
+        if p["state"] != "RUNNING":
+            out.append(f"{p['name']} is {p['state']} (see {logs}/{p['name']}.log)")
+        elif p.get("restarted"):
+            out.append(f"{p['name']} was restarted since up (see {logs}/{p['name']}.log)")
+    if report.get("broker_error") and report.get("broker") is None:
+        out.append(f"the broker did not answer: {report['broker_error']}")
+    if report.get("interfaces_error"):
+        out.append(f"interfaces unknown: {report['interfaces_error']}")
+    for i in report.get("interfaces", []):
+        if not i["guarded"] and not i.get("closed"):
+            out.append(f"interface {i['name']} is UNGUARDED: its packets pass kextless unseen")
+    age = report.get("divert_counters_age_s")
+    if isinstance(age, int | float) and age > STALE_S:
+        out.append(f"the capture stopped reporting its counters ({age:.0f} s ago)")
+    for key, c in (report.get("divert_counters") or {}).items():
+        if c["count"]:
+            out.append(
+                f"{key}: {c['count']} packet(s) {LOSS_COUNTERS.get(key, '')}"
+                f" (last rose {c['last_rise']})"
+            )
+    broker = report.get("broker")
+    if not isinstance(broker, dict):
+        return out
+    ale = _ale(broker)
+    checks = [
+        (
+            _num(ale, "timeouts"),
+            f"verdict timeout(s): no verdict in time, got the default (see {logs}/ale.log)",
+        ),
+        (
+            _num(ale, "refused"),
+            f"connection info(s) refused (queue full or no client), got the default at once "
+            f"(see {logs}/ale.log)",
+        ),
+        (
+            _num(ale, "verdicts_unknown_id"),
+            "verdict(s) for an unknown id (late after a timeout, or twice)",
+        ),
+        (_num(ale, "updates_unknown"), "Update(s) for a connection kextless does not know"),
+    ]
+    commands = broker.get("commands", {})
+    malformed = sum(_num(c, "malformed") for c in commands.values() if isinstance(c, dict))
+    malformed += _num(broker, "malformed_unknown_type")
+    unhandled = sum(_num(c, "unhandled") for c in commands.values() if isinstance(c, dict))
+    infos_dropped = sum(
+        _num(broker, "infos", "dropped", k) for k in broker.get("infos", {}).get("dropped", {})
+    )
+    checks += [
+        (malformed, f"malformed command(s) refused (see {logs}/broker.log)"),
+        (unhandled, f"command(s) refused: no actor handles them (see {logs}/broker.log)"),
+        (_num(broker, "frame_errors"), f"malformed request(s) refused (see {logs}/broker.log)"),
+        (
+            _num(broker, "session", "busy_refused"),
+            "open(s) refused: another client had the session",
+        ),
+        (infos_dropped, "bandwidth/log/end info(s) dropped: the info queue was full"),
+        (
+            _num(broker, "reads", "undelivered"),
+            "read reply(ies) the reader was gone for (put back)",
+        ),
+        (_num(broker, "actor_garbage"), f"actor message(s) dropped (see {logs}/broker.log)"),
+        (
+            _num(broker, "log_ring", "overwritten"),
+            "log line(s) overwritten before GetLogs fetched them",
+        ),
+    ]
+    out += [f"{n} {what}" for n, what in checks if n]
+    return out
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

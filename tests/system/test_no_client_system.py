@@ -12,6 +12,7 @@ connection as its first info. Here:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -88,7 +89,12 @@ def test_a_timed_out_connection_is_logged_and_never_handed_to_a_later_client(
         answerer.stop()
     assert f"{pair.ip4_b}:23500 timed out" in _log(system, "ale"), _log(system, "ale")
     _, out = status(system)
-    assert '"withdrawn"' in out, out
+    assert json.loads(out)["broker"]["infos"]["withdrawn"]["ConnectionIpv4"] == 1, out
+    _, text = status(system, as_json=False)
+    print(text)
+    assert len(text.splitlines()) <= 25, text
+    assert "  1 decided by timeout before any client read them (not handed out)" in text
+    assert "verdict timeout(s): no verdict in time, got the default" in text
 
 
 def test_no_client_default_refuses_at_once_and_a_client_still_decides(
