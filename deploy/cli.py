@@ -68,7 +68,7 @@ commands:
   run ACTOR [args]  run one process in the foreground ({actors})
 
 `kextless <command> --help` shows each command's arguments; `--config FILE` (TOML) gives
-up, down, status, reload and run their settings, and flags override it."""
+up, down, status, reload, monitor and run their settings, and flags override it."""
 
 _RUN_USAGE = """usage: kextless run ACTOR [--config FILE] [args]
 
@@ -378,8 +378,9 @@ def _reload(args: argparse.Namespace, settings: Settings | None) -> int:
     from kextless.deploy.supervisor_rpc import signal_policy
 
     netns, run_root = _instance(args, settings)
-    print(signal_policy(netns, run_root))
-    return 0
+    taken, message = signal_policy(netns, run_root)
+    print(message, file=sys.stdout if taken else sys.stderr)
+    return 0 if taken else 1
 
 
 _DEPLOY: dict[str, Callable[[argparse.Namespace, Settings | None], int]] = {

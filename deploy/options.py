@@ -213,7 +213,10 @@ def validate(opts: UpOptions) -> Endpoint:
     if opts.policy_rules is not None and not opts.policy:
         raise UsageError("--policy-rules makes no sense with --no-policy")
     if opts.policy_rules is not None and not opts.policy_rules.is_file():
-        raise UsageError(f"--policy-rules {opts.policy_rules}: no such file")
+        raise UsageError(
+            f"--policy-rules {opts.policy_rules}: no such file"
+            + (" (policy.rules in the config file)" if opts.config is not None else "")
+        )
     if not opts.timeout > 0:
         raise UsageError("--timeout must be positive")
     if opts.verdict_timeout is not None and not 0 < opts.verdict_timeout <= 3600:

@@ -17,6 +17,7 @@ import http.client
 import os
 import secrets
 import socket
+import time
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,16 @@ def supervisord_alive(run: RuntimeDir, timeout: float = 2.0) -> bool:
     return state == "RUNNING"
 
 
-def signal_policy(netns: str | None, run_root: Path | None, signal: str = "HUP") -> str:
+#: The policy's log lines for a SIGHUP reload, done or refused (actors/policy/main.py).
+_RELOADED = "rules reloaded (SIGHUP)"
+_REFUSED = "rules reload (SIGHUP) refused"
+
+
+def signal_policy(netns: str | None, run_root: Path | None, wait: float = 3.0) -> tuple[bool, str]:
     """`kextless reload`: the instance's policy gets SIGHUP from its supervisord (which knows
-    the live pid, also after a restart) and reloads its rules; returns what was done."""
+    the live pid, also after a restart) and reloads its rules. Its log then says whether the
+    new rules were taken or refused (the last good ones stay): (taken, what to tell the user).
+    """
     from kextless.deploy.options import check_netns_name
 
     check_netns_name(netns)
@@ -113,9 +121,11 @@ def signal_policy(netns: str | None, run_root: Path | None, signal: str = "HUP")
             f"no policy runs for {name} (started with --no-policy): nothing to reload; "
             "an external client reloads its own rules"
         )
+    log = run.log_dir / "policy.log"
+    offset = log.stat().st_size if log.exists() else 0
     proxy = rpc(run)
     try:
-        proxy.supervisor.signalProcess("policy", signal)
+        proxy.supervisor.signalProcess("policy", "HUP")
         pid = int(proxy.supervisor.getProcessInfo("policy")["pid"])
     except xmlrpc.client.Fault as e:
         if e.faultCode in (Faults.NOT_RUNNING, Faults.BAD_NAME):
@@ -125,5 +135,27 @@ def signal_policy(netns: str | None, run_root: Path | None, signal: str = "HUP")
         raise DeployError(f"supervisord refused to signal the policy: {e.faultString}") from None
     except RPC_ERRORS as e:
         raise DeployError(f"supervisord of {name} did not answer: {e}") from None
-    log = run.log_dir / "policy.log"
-    return f"sent SIG{signal} to the policy of {name} (pid {pid}); it logs the reload in {log}"
+    sent = f"sent SIGHUP to the policy of {name} (pid {pid})"
+    deadline = time.monotonic() + wait
+    while True:
+        line = _reload_line(log, offset)
+        if line is not None:
+            return _REFUSED not in line, f"{sent}: {line}"
+        if time.monotonic() >= deadline:
+            return True, f"{sent}; it has not logged the reload yet (see {log})"
+        time.sleep(0.05)
+
+
+def _reload_line(log: Path, offset: int) -> str | None:
+    """The policy's first reload line written after `offset`, without its time stamp."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        for marker in (_RELOADED, _REFUSED):
+            if marker in line:
+                return line[line.index(marker) :]
+    return None

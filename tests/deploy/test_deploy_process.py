@@ -484,7 +484,8 @@ def test_up_from_a_config_file_without_crit_lines_then_reload(
     conf = tmp_path / "kextless.toml"
     conf.write_text(
         f'[instance]\nnetns = "{ns}"\nrun_root = "{root}"\n'
-        '[verdicts]\ntimeout = 5\n[policy]\nrules = "rules.toml"\n'
+        # watch = false: only `kextless reload` reloads, so the test knows which did
+        '[verdicts]\ntimeout = 5\n[policy]\nrules = "rules.toml"\nwatch = false\n'
     )
     run = RuntimeDir.for_instance(ns, root)
     started = _kextless("up", "--config", str(conf), "--no-bandwidth")
@@ -510,17 +511,21 @@ def test_up_from_a_config_file_without_crit_lines_then_reload(
         anonymous.supervisor.getState()
     assert refused.value.errcode == 401
 
-    # reload: supervisord signals the policy, which reloads and keeps running
-    policy_log = run.log_dir / "policy.log"
+    # reload: supervisord signals the policy, which reloads, says so, and keeps running
     pid = status(ns, root)[1]["programs"][-1]["pid"]
+    (tmp_path / "rules.toml").write_text('default = "Block"\n')
     r = _kextless("reload", "--config", str(conf))
     assert r.returncode == 0, r.stderr
-    assert f"sent SIGHUP to the policy of netns {ns} (pid {pid})" in r.stdout
-    deadline = time.monotonic() + 5
-    while "rules reloaded (SIGHUP)" not in policy_log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "rules reloaded (SIGHUP)" in policy_log.read_text()
-    time.sleep(0.5)
+    assert r.stdout.startswith(f"sent SIGHUP to the policy of netns {ns} (pid {pid}): ")
+    assert "rules reloaded (SIGHUP)" in r.stdout and "default Block" in r.stdout, r.stdout
+    # a broken file at reload: refused with its line, the last good rules stay
+    (tmp_path / "rules.toml").write_text(
+        'default = "Block"\n[[rule]]\nprotocol = "tcpx"\nverdict = "Block"\n'
+    )
+    r = _kextless("reload", "--config", str(conf))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rules reload (SIGHUP) refused, keeping the last good rules" in r.stderr
+    assert f"{tmp_path / 'rules.toml'}:2" in r.stderr and "tcpx" in r.stderr, r.stderr
     after = {p["name"]: p for p in status(ns, root)[1]["programs"]}
     assert after["policy"]["pid"] == pid and after["policy"]["state"] == "RUNNING"
 
