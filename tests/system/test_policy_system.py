@@ -317,6 +317,8 @@ def test_a_rules_file_change_blocks_a_live_connection_and_a_broken_one_is_refuse
         pair = s.pair
         live = Interactive(pair, apps.INTERACTIVE_TCP, pair.ip4_b, 23001)
         assert live.say("before")["result"] == "ok"
+        live6 = Interactive(pair, apps.INTERACTIVE_TCP, pair.ip6_b, 23001)
+        assert live6.say("before")["result"] == "ok"
         _wait("its decision in the snapshot", lambda: s.row(23001))
         row = s.row(23001)
         assert row is not None and row.verdict == "PermanentAccept" and row.rule == "default"
@@ -331,16 +333,21 @@ def test_a_rules_file_change_blocks_a_live_connection_and_a_broken_one_is_refuse
             + '\n[[rule]]\nname = "block tcp 23001"\nprotocol = "tcp"\n'
             + 'remote_port = 23001\nverdict = "PermanentBlock"\n',
         )
-        (update,) = _wait("the update line", lambda: s.updates(23001))  # type: ignore[misc]
+        # One UpdateV4 and one UpdateV6, each with its decision line.
+        updates = _wait("the update lines", lambda: len(s.updates(23001)) == 2 and s.updates(23001))
+        by_ip = {u.remote_ip: u for u in updates}  # type: ignore[attr-defined]
+        update = by_ip[pair.ip4_b]
         assert (update.verdict, update.rule, update.protocol) == (
             "PermanentBlock",
             "block tcp 23001",
             "tcp",
         )
         assert update.local_port == live.first["connected"][1]  # type: ignore[index]
+        assert by_ip[f"[{pair.ip6_b}]"].verdict == "PermanentBlock"
         assert "rules reloaded (file changed)" in s.policy_log()
-        after = live.say("after")
-        assert after["result"] != "ok", after  # reset (ECONNRESET / EPIPE), not answered
+        for conn in (live, live6):
+            after = conn.say("after")
+            assert after["result"] != "ok", after  # reset (ECONNRESET / EPIPE), not answered
         _wait(
             "the block in the snapshot",
             lambda: (r := s.row(23001)) and r.verdict == "PermanentBlock",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from kextless.actors.policy.main import PolicyRunner
 from kextless.actors.policy.procfacts import FactsCache, read_facts
@@ -115,3 +116,26 @@ def test_facts_from_a_proc_tree_with_an_unknown_uid(tmp_path: Path) -> None:
     assert facts == ProcessFacts(
         pid=4242, name="nginx", exe="/usr/sbin/nginx", user="64999", uid=64999
     )
+
+
+def test_run_policy_refuses_a_bad_config_or_rules_file_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kextless.actors.policy.main import main
+
+    config = tmp_path / "kextless.toml"
+    config.write_text("[policy]\nwatch = 'sometimes'\n")
+    assert main(["--config", str(config), "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{config}: policy.watch" in err[0], err
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[[rule]]\nverdict = 'Accept'\nremote_port = 'http'\n")
+    config.write_text(f"[policy]\nrules = '{rules.name}'\n")  # relative to the config file
+    assert main(["--config", str(config), "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{rules}:1: rule 1: remote_port is a port" in err[0], err
+    # a --rules flag overrides the file's
+    other = tmp_path / "other.toml"
+    other.write_text("default = 'Maybe'\n")
+    assert main(["--config", str(config), "--rules", str(other), "--run-dir", str(tmp_path)]) == 2
+    assert f"{other}:1: default: unknown verdict 'Maybe'" in capsys.readouterr().err
