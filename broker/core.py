@@ -614,7 +614,7 @@ class BrokerCore:
     def _refuse_no_client(self, actor: bytes, id_: int, now_ns: int, out: list[Effect]) -> None:
         """NoClient.DEFAULT with no session open: the emitter decides this info now."""
         self.no_client_refused += 1
-        why = "no client session open (--no-client default)"
+        why = "no client session open, --no-client default"
         out.append(ToActor(actor, (encode(EmitRefused(id_, why)),)))
         summary, own_line = self._no_client_lines.note(now_ns)
         if summary:
@@ -639,7 +639,7 @@ class BrokerCore:
         if not ids or not emitters:
             return
         self.no_client_refused += len(ids)
-        why = "the client session ended (--no-client default)"
+        why = "the client session ended, --no-client default"
         frames = tuple(encode(EmitRefused(i, why)) for i in ids)
         for emitter in emitters:
             out.append(ToActor(emitter, frames))

@@ -22,7 +22,7 @@ import pytest
 
 from kextless.protocol.enums import Verdict
 from tests import apps
-from tests.netns import NetnsPair
+from tests.netns import NetnsPair, wait_diverted
 from tests.system.harness import Answerer, System, status
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -43,6 +43,7 @@ def _up(tag: str, tmp: Path, *extra: str) -> Iterator[tuple[Pair, System]]:
     with Pair(tag) as pair:
         system = System(pair, tmp, "--verdict-timeout", str(TIMEOUT_S), *extra)
         try:
+            wait_diverted(pair.a, "va", timeout=20)  # `up` returns before the capture attaches
             yield pair, system
         finally:
             print(system.logs())
