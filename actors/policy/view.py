@@ -49,7 +49,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     local_port: int
     remote_ip: str  # IPv6 in brackets
     remote_port: int
-    rule: str  # e.g. "rule 3 (line 14)", "default", or "update rule 2 (line 9)"
+    rule: str  # "rule 3 (line 14)" (L: its [[rule]] header), the rule's `name`, or "default"
     verdict: str  # the kext's verdict name
     #: True when this line is a re-decision of a live connection after a rules reload.
     update: bool = False
