@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -351,12 +350,7 @@ def _down(args: argparse.Namespace, settings: Settings | None) -> int:
     from kextless.deploy.down import down
 
     netns, run_root = _instance(args, settings)
-    if args.purge:
-        if "purge" not in inspect.signature(down).parameters:
-            raise UsageError("--purge: this build's `down` cannot purge yet")
-        purge: dict[str, Any] = {"purge": True}  # (checked above; typed for either build)
-        return 1 if down(netns, run_root, **purge).problems else 0
-    return 1 if down(netns, run_root).problems else 0
+    return 1 if down(netns, run_root, purge=args.purge).problems else 0
 
 
 def _status(args: argparse.Namespace, settings: Settings | None) -> int:
@@ -364,13 +358,9 @@ def _status(args: argparse.Namespace, settings: Settings | None) -> int:
 
     netns, run_root = _instance(args, settings)
     code, report = status(netns, run_root, args.curve_client_secret)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    elif "verbose" in inspect.signature(format_status).parameters:
-        verbose: dict[str, Any] = {"verbose": args.verbose}
-        print(format_status(report, **verbose))
-    else:  # (until the short format lands, everything is what there is)
-        print(format_status(report))
+    print(
+        json.dumps(report, indent=2) if args.json else format_status(report, verbose=args.verbose)
+    )
     return code
 
 

@@ -108,12 +108,13 @@ def test_status_text_flattens_broker_counters() -> None:
         "broker": {"pid": 42, "queue": {"depth": 3, "bytes": 10}, "actors": {}},
         "broker_error": None,
     }
-    text = format_status(report).splitlines()
+    text = format_status(report, verbose=True).splitlines()  # `status --verbose`
     assert text[1].split() == ["broker", "RUNNING", "pid", "42", "uptime", "1:02:05"]
     assert text[2].split() == ["ale", "BACKOFF", "-"]
     assert "  queue.depth: 3" in text and "  queue.bytes: 10" in text and "  actors: {}" in text
+    assert "  queue.depth: 3" not in format_status(report).splitlines()  # short by default
     report["broker"], report["broker_error"] = None, "no answer"
-    assert format_status(report).splitlines()[-1] == "broker: DOWN (no answer)"
+    assert "broker: DOWN (no answer)" in format_status(report).splitlines()
 
 
 def test_help_of_each_command_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -448,3 +449,17 @@ def test_commands_find_the_instance_through_the_file(
     run = config.parent.resolve() / "run" / "netns-kxp2-cfg"
     assert err.strip() == f"kextless reload: kextless is not running for netns kxp2-cfg ({run})"
     assert cli.main(["reload", "--config", str(config), "--netns", "x/y"]) == 2
+
+
+def test_down_purge_and_status_verbose_reach_their_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "netns-kxp2-gone"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "ale.log").write_text("old\n")
+    assert cli.main(["down", "--netns", "kxp2-gone", "--run-root", str(tmp_path)]) == 0
+    assert run.is_dir() and "--purge" in capsys.readouterr().out  # kept, and says how
+    assert cli.main(["down", "--netns", "kxp2-gone", "--run-root", str(tmp_path), "--purge"]) == 0
+    assert not run.exists()
+    assert cli.main(["status", "--run-root", str(tmp_path), "--verbose"]) == 3
+    assert "not running" in capsys.readouterr().out
