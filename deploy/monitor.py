@@ -18,7 +18,13 @@ from pathlib import Path
 
 import msgspec
 
-from kextless.actors.policy.view import SNAPSHOT_FILE, Snapshot, read_snapshot
+from kextless.actors.policy.view import (
+    DECISIONS_FILE,
+    SNAPSHOT_FILE,
+    Decision,
+    Snapshot,
+    read_snapshot,
+)
 from kextless.base.rundir import RuntimeDir, default_root
 from kextless.base.settings import SettingsError, load_settings
 from kextless.deploy.errors import UsageError
@@ -27,12 +33,17 @@ from kextless.deploy.monitor_rows import (
     StateFilter,
     ViewOptions,
     build_view,
+    filter_decisions,
+    parse_decisions,
+    plain_decisions,
     plain_table,
     view_json,
 )
 from kextless.deploy.options import check_netns_name
 
 PROG = "kextless monitor"
+#: How much of the end of decisions.jsonl is read per refresh (~1,000 recent decisions).
+DECISIONS_TAIL_BYTES = 256 * 1024
 
 
 class SnapshotUnavailable(Exception):
@@ -65,12 +76,33 @@ def read_current(run: RuntimeDir) -> Snapshot:
         raise SnapshotUnavailable(f"{path} is not a policy snapshot: {exc}") from None
 
 
+def read_recent_decisions(run: RuntimeDir, max_bytes: int = DECISIONS_TAIL_BYTES) -> list[Decision]:
+    """The last decisions the policy logged, oldest first; none when there is no log yet."""
+    path = run.log_dir / DECISIONS_FILE
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        if not run.path.is_dir():
+            raise SnapshotUnavailable(
+                f"no kextless instance at {run.path} (start one with `kextless up`, or give "
+                "the --netns / --run-root it was started with)"
+            ) from None
+        return []
+    except OSError as exc:
+        raise SnapshotUnavailable(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse_decisions(data, from_start=start == 0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Watch the connections the built-in policy decided: process, addresses, "
         "verdict, rule, bytes, age, end. Live (keys: s/S sort column, r reverse, / filter, "
-        "l live/ended/all, q quit) or once with --once [--json].",
+        "l live/ended/all, d decision log, q quit) or once with --once [--json].",
     )
     p.add_argument("--netns", metavar="NAME", help="the instance's namespace (default: host)")
     p.add_argument(
@@ -91,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the column to sort by (default age: youngest first)",
     )
     p.add_argument("--reverse", action="store_true", help="reverse the sort order")
+    p.add_argument(
+        "--decisions",
+        action="store_true",
+        help="the decision log (every verdict, reload updates too, newest first) instead of "
+        "the connections; --filter applies",
+    )
     p.add_argument(
         "--filter",
         metavar="TEXT",
@@ -121,6 +159,20 @@ def resolve_run_dir(netns: str | None, run_root: Path | None, config: Path | Non
     if run_root is None and settings.instance.run_root:
         run_root = Path(settings.instance.run_root)
     return RuntimeDir.for_instance(netns, run_root)
+
+
+def _once_decisions(run: RuntimeDir, options: ViewOptions, as_json: bool) -> int:
+    try:
+        decisions = filter_decisions(read_recent_decisions(run), options.filter)
+    except SnapshotUnavailable as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        sys.stdout.buffer.write(msgspec.json.encode(decisions) + b"\n")
+        sys.stdout.flush()
+    else:
+        sys.stdout.write(plain_decisions(decisions))
+    return 0
 
 
 def _once(run: RuntimeDir, options: ViewOptions, as_json: bool) -> int:
@@ -164,6 +216,8 @@ def monitor_main(argv: list[str]) -> int:
         state=StateFilter(args.state),
     )
     if args.once:
+        if args.decisions:
+            return _once_decisions(run, options, args.json)
         return _once(run, options, args.json)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print(f"{PROG}: the live view needs a terminal; use --once [--json]", file=sys.stderr)
@@ -182,7 +236,7 @@ def monitor_main(argv: list[str]) -> int:
 
     # A SIGINT outside the app's own key handling (ctrl+c is a key there) still ends quietly.
     with contextlib.suppress(KeyboardInterrupt):
-        MonitorApp(run, options, interval=args.interval).run()
+        MonitorApp(run, options, interval=args.interval, decisions=args.decisions).run()
     return 0
 
 

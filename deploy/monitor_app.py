@@ -18,10 +18,18 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.widgets.data_table import RowDoesNotExist
 
-from kextless.actors.policy.view import Snapshot
+from kextless.actors.policy.view import Decision, Snapshot
 from kextless.base.rundir import RuntimeDir
-from kextless.deploy.monitor import SnapshotUnavailable, read_current
-from kextless.deploy.monitor_rows import Column, View, ViewOptions, build_view
+from kextless.deploy.monitor import SnapshotUnavailable, read_current, read_recent_decisions
+from kextless.deploy.monitor_rows import (
+    DECISION_HEADERS,
+    Column,
+    View,
+    ViewOptions,
+    build_view,
+    decision_cells,
+    filter_decisions,
+)
 
 _COLUMNS = list(Column)
 #: Rows put in the table per redraw. textual's DataTable costs ~0.4 ms a row to fill, so all of
@@ -64,15 +72,25 @@ class MonitorApp(App[None]):
         Binding("r", "reverse", "reverse"),
         Binding("slash", "filter", "filter"),
         Binding("l", "state", "live/ended/all"),
+        Binding("d", "decisions", "connections/decisions"),
         Binding("escape", "leave_filter", "done", show=False),
     ]
 
-    def __init__(self, run: RuntimeDir, options: ViewOptions, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        run: RuntimeDir,
+        options: ViewOptions,
+        interval: float = 1.0,
+        decisions: bool = False,
+    ) -> None:
         super().__init__()
         self.run_dir = run
         self.options = options
         self.interval = interval
+        #: Showing the decision log instead of the connections (key d).
+        self.show_decisions = decisions
         self.snapshot: Snapshot | None = None
+        self.decisions: list[Decision] = []
         self.problem = ""
 
     def compose(self) -> ComposeResult:
@@ -102,12 +120,28 @@ class MonitorApp(App[None]):
         except SnapshotUnavailable as exc:
             self.snapshot = None
             self.problem = str(exc)
+        if self.show_decisions:
+            try:
+                self.decisions = read_recent_decisions(self.run_dir)
+            except SnapshotUnavailable as exc:
+                self.decisions = []
+                self.problem = self.problem or str(exc)
         self.redraw()
 
     def redraw(self) -> None:
         health = self.query_one("#health", Static)
         totals = self.query_one("#totals", Static)
         table: DataTable[Text] = self.query_one(DataTable)
+        if self.show_decisions:
+            self._fill_decisions(table, totals)
+            if self.snapshot is None:
+                health.update(self.problem)
+                health.set_class(True, "bad")
+            else:
+                h = build_view(self.snapshot, time.time(), self.options).health
+                health.update(h.line())
+                health.set_class(h.stale or bool(h.rules_error), "bad")
+            return
         if self.snapshot is None:
             health.update(self.problem)
             health.set_class(True, "bad")
@@ -156,6 +190,42 @@ class MonitorApp(App[None]):
             with contextlib.suppress(RowDoesNotExist):  # that connection is no longer shown
                 table.move_cursor(row=table.get_row_index(keep), animate=False)
 
+    def _fill_decisions(self, table: DataTable[Text], totals: Static) -> None:
+        """The decision log, newest first; the cursor stays on the same line when it can."""
+        keep = None
+        if table.row_count and 0 <= table.cursor_row < table.row_count:
+            keep = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        table.clear(columns=True)
+        for name in DECISION_HEADERS:
+            table.add_column(name, key=name)
+        shown = filter_decisions(self.decisions, self.options.filter)
+        verdict_at = DECISION_HEADERS.index("verdict")
+        seen: set[str] = set()
+        for i, d in enumerate(shown[:MAX_DRAWN]):
+            cells = [Text(c) for c in decision_cells(d)]
+            cells[verdict_at].stylize(_verdict_style(d.verdict))
+            if d.update:
+                cells[-1].stylize("bold")
+            # a connection has a first decision and maybe updates: the id alone repeats
+            key = f"{d.id}:{d.time}:{d.verdict}"
+            if key in seen:
+                key = f"{key}:{i}"
+            seen.add(key)
+            table.add_row(*cells, key=key)
+        if keep is not None:
+            with contextlib.suppress(RowDoesNotExist):
+                table.move_cursor(row=table.get_row_index(keep), animate=False)
+        counts: dict[str, int] = {}
+        for d in shown:
+            counts[d.verdict] = counts.get(d.verdict, 0) + 1
+        updates = sum(1 for d in shown if d.update)
+        listed = f" (first {MAX_DRAWN} listed)" if len(shown) > MAX_DRAWN else ""
+        verdicts = "  ".join(f"{v} {n}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        totals.update(
+            f"decision log, newest first: {len(shown)} of the last {len(self.decisions)}"
+            f"{listed}, {updates} reload update(s)  |  {verdicts or 'no decisions'}"
+        )
+
     # ---- keys ---------------------------------------------------------------------------
 
     def _set(self, **changes: object) -> None:
@@ -171,6 +241,10 @@ class MonitorApp(App[None]):
 
     def action_state(self) -> None:
         self._set(state=self.options.state.next())
+
+    def action_decisions(self) -> None:
+        self.show_decisions = not self.show_decisions
+        self.reload()
 
     def action_filter(self) -> None:
         self.query_one("#filter", Input).focus()

@@ -1,5 +1,6 @@
 """The monitor's data side, pure: a policy Snapshot and a wall-clock `now` in, the rows to
-show (with their computed fields), sorted and filtered, and the totals out.
+show (with their computed fields), sorted and filtered, and the totals out; and the decision
+log's lines (bytes in, Decisions out, filtered newest first).
 
 No file, clock or terminal here, so the unit tests build a Snapshot and check every column;
 `deploy/monitor.py` (the `--once` output) and `deploy/monitor_app.py` (the live screen) only
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
 
-from kextless.actors.policy.view import ConnectionRow, Snapshot
+from kextless.actors.policy.view import ConnectionRow, Decision, Snapshot
 
 #: The policy replaces its snapshot about once a second; older than this, it has stopped.
 STALE_AFTER_S = 5.0
@@ -369,3 +371,77 @@ def view_json(view: View, run_dir: str, snapshot_path: str) -> bytes:
             "connections": view.rows,
         }
     )
+
+
+# ---- the decision log (decisions.jsonl): every verdict the policy gave, updates included ----
+
+DECISION_HEADERS: tuple[str, ...] = (
+    "time",
+    "process",
+    "pid",
+    "dir",
+    "proto",
+    "local",
+    "remote",
+    "verdict",
+    "rule",
+)
+_DECODER = msgspec.json.Decoder(Decision)
+
+
+def parse_decisions(data: bytes, from_start: bool) -> list[Decision]:
+    """The decisions in a chunk of decisions.jsonl, oldest first. A chunk taken from the
+    middle of the file starts inside a line, which is dropped; a torn or foreign line is
+    skipped, never an error (the policy may be appending as we read)."""
+    lines = data.split(b"\n")
+    if not from_start:
+        lines = lines[1:]
+    out = []
+    for line in lines:
+        if line.strip():
+            try:
+                out.append(_DECODER.decode(line))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+    return out
+
+
+def decision_cells(d: Decision) -> tuple[str, ...]:
+    """One decision's text, in DECISION_HEADERS order (the time in this machine's zone)."""
+    return (
+        time.strftime("%H:%M:%S", time.localtime(d.time)),
+        d.process or "?",
+        str(d.pid) if d.pid else "-",
+        _DIRECTION_SHORT.get(d.direction, d.direction),
+        d.protocol,
+        f"{d.local_ip}:{d.local_port}",
+        f"{d.remote_ip}:{d.remote_port}",
+        d.verdict,
+        d.rule,
+    )
+
+
+def filter_decisions(decisions: Iterable[Decision], text: str) -> list[Decision]:
+    """Newest first, those whose text holds every filter word (`!word`: does not)."""
+    terms = filter_terms(text)
+    out = []
+    for d in decisions:
+        hay = " ".join(
+            (*decision_cells(d), d.direction, d.exe, d.user, str(d.id))
+            + (("update",) if d.update else ())
+        ).casefold()
+        if all((t[1:] not in hay) if t.startswith("!") and len(t) > 1 else t in hay for t in terms):
+            out.append(d)
+    out.reverse()
+    return out
+
+
+def plain_decisions(decisions: Sequence[Decision]) -> str:
+    cells = [DECISION_HEADERS, *(decision_cells(d) for d in decisions)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(DECISION_HEADERS))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    if not decisions:
+        lines.append("(no decisions)")
+    return "\n".join(lines) + "\n"

@@ -10,18 +10,31 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from kextless.actors.policy.view import SNAPSHOT_FILE, ConnectionRow, Snapshot, write_snapshot
+from kextless.actors.policy.view import (
+    DECISIONS_FILE,
+    SNAPSHOT_FILE,
+    ConnectionRow,
+    Decision,
+    Snapshot,
+    write_snapshot,
+)
 from kextless.base.rundir import RuntimeDir
 from kextless.deploy.monitor_rows import (
+    DECISION_HEADERS,
     STALE_AFTER_S,
     Column,
     StateFilter,
     ViewOptions,
     build_view,
+    decision_cells,
+    filter_decisions,
     human_bytes,
     human_duration,
+    parse_decisions,
+    plain_decisions,
     plain_table,
 )
 
@@ -398,3 +411,102 @@ def test_the_live_view_without_textual_says_what_to_install(
     assert monitor.monitor_main(["--netns", "kxp3-demo", "--run-root", str(run_root)]) == 1
     err = capsys.readouterr().err
     assert "needs the textual package" in err and "--once" in err
+
+
+# ---- the decision log ---------------------------------------------------------------------------
+
+
+def decision(id: int, **over: object) -> Decision:
+    fields: dict[str, object] = {
+        "time": NOW + id,
+        "id": id,
+        "pid": 200 + id,
+        "process": f"app{id}",
+        "exe": f"/usr/bin/app{id}",
+        "user": "alice",
+        "direction": "outbound",
+        "protocol": "tcp",
+        "local_ip": "10.0.0.1",
+        "local_port": 50000 + id,
+        "remote_ip": "[fd00::9]",
+        "remote_port": 443,
+        "rule": "default",
+        "verdict": "PermanentAccept",
+    }
+    return Decision(**(fields | over))  # type: ignore[arg-type]
+
+
+def jsonl(*ds: Decision) -> bytes:
+    return b"".join(msgspec.json.encode(d) + b"\n" for d in ds)
+
+
+def test_parse_decisions_skips_a_partial_first_line_and_torn_lines() -> None:
+    data = jsonl(decision(1), decision(2), decision(3))
+    assert [d.id for d in parse_decisions(data, from_start=True)] == [1, 2, 3]
+    assert [d.id for d in parse_decisions(data[5:], from_start=False)] == [2, 3]
+    torn = data + b'{"time": 1, "id"'  # the policy is mid-append
+    assert [d.id for d in parse_decisions(torn, from_start=True)] == [1, 2, 3]
+    assert parse_decisions(b"not json\n\n", from_start=True) == []
+
+
+def test_decisions_newest_first_filtered_with_their_cells() -> None:
+    ds = [
+        decision(1),
+        decision(2, verdict="PermanentBlock", rule="rule 2 (line 9)", user="bob"),
+        decision(1, time=NOW + 5, verdict="PermanentBlock", rule="update rule 2", update=True),
+    ]
+    assert [(d.id, d.update) for d in filter_decisions(ds, "")] == [
+        (1, True),
+        (2, False),
+        (1, False),
+    ]
+    assert [d.id for d in filter_decisions(ds, "update")] == [1]
+    assert [d.id for d in filter_decisions(ds, "bob")] == [2]
+    assert [d.id for d in filter_decisions(ds, "block !update")] == [2]
+    cells = decision_cells(ds[0])
+    assert cells[0] == time.strftime("%H:%M:%S", time.localtime(NOW + 1))
+    assert cells[1:] == (
+        "app1",
+        "201",
+        "out",
+        "tcp",
+        "10.0.0.1:50001",
+        "[fd00::9]:443",
+        "PermanentAccept",
+        "default",
+    )
+    assert len(cells) == len(DECISION_HEADERS)
+    assert "(no decisions)" in plain_decisions([])
+
+
+def test_once_decisions_reads_the_end_of_the_log(run_root: Path) -> None:
+    run = RuntimeDir.for_instance("kxp3-demo", run_root)
+    run.log_dir.mkdir()
+    (run.log_dir / DECISIONS_FILE).write_bytes(
+        jsonl(*(decision(i) for i in range(1, 6)), decision(6, verdict="Drop"))
+    )
+    base = ["--netns", "kxp3-demo", "--run-root", str(run_root), "--once", "--decisions"]
+    res = monitor(*base, "--json")
+    assert res.returncode == 0, res.stderr
+    assert [d["id"] for d in json.loads(res.stdout)] == [6, 5, 4, 3, 2, 1]
+    assert [d["id"] for d in json.loads(monitor(*base, "--json", "--filter", "drop").stdout)] == [6]
+    text = monitor(*base).stdout
+    assert text.splitlines()[0].split() == list(DECISION_HEADERS) and "app6" in text
+
+
+def test_recent_decisions_reads_only_the_tail(tmp_path: Path) -> None:
+    from kextless.deploy.monitor import read_recent_decisions
+
+    run = RuntimeDir.for_instance("kxp3-tail", tmp_path).create()
+    assert read_recent_decisions(run) == []  # no log yet: nothing, not an error
+    run.log_dir.mkdir()
+    data = jsonl(*(decision(i) for i in range(1, 101)))
+    (run.log_dir / DECISIONS_FILE).write_bytes(data)
+    tail = read_recent_decisions(run, max_bytes=len(data) // 10)
+    assert 5 <= len(tail) <= 10 and tail[-1].id == 100
+    assert [d.id for d in tail] == list(range(101 - len(tail), 101))
+
+
+def test_once_decisions_without_an_instance_exits_1(tmp_path: Path) -> None:
+    res = monitor("--netns", "kxp3-none", "--run-root", str(tmp_path), "--once", "--decisions")
+    assert res.returncode == 1 and "no kextless instance at" in res.stderr

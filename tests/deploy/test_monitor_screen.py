@@ -17,9 +17,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from kextless.actors.policy.view import SNAPSHOT_FILE, ConnectionRow, Snapshot, write_snapshot
+from kextless.actors.policy.view import (
+    DECISIONS_FILE,
+    SNAPSHOT_FILE,
+    ConnectionRow,
+    Decision,
+    Snapshot,
+    write_snapshot,
+)
 from kextless.base.rundir import RuntimeDir
 
 pytestmark = pytest.mark.slow
@@ -135,6 +143,11 @@ def table_lines(screen: str, marker: str = "10.9.0.2:") -> list[str]:
     return [line for line in screen.splitlines() if marker in line]
 
 
+def names(screen: str) -> list[str]:
+    """The process column of the table's rows, top to bottom."""
+    return [line.split()[0] for line in table_lines(screen)]
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[RuntimeDir, Path, Path]]:
     root = tmp_path / "run"
@@ -151,8 +164,9 @@ def test_rows_appear_keys_sort_filter_and_q_exits_cleanly(
         # No snapshot yet: a message on the screen, not a traceback; it keeps looking.
         screen.wait(lambda s: "no snapshot at" in s, "the no-snapshot message")
         write(run, row(1, "alpha"), row(2, "bravo", verdict="PermanentBlock"), row(3, "charlie"))
-        s = screen.wait(lambda s: len(table_lines(s)) == 3, "three rows")
-        assert "shown 3 [all, sort age asc]: 3 connections (3 live, 0 ended)" in s
+        totals3 = "shown 3 [all, sort age asc]: 3 connections (3 live, 0 ended)"
+        # Each wait names the rows and the totals both: the screen may be caught between them.
+        s = screen.wait(lambda s: len(table_lines(s)) == 3 and totals3 in s, "three rows")
         assert "PermanentAccept 2  PermanentBlock 1" in s
         first = table_lines(s)[0].split()
         assert first[:6] == ["alpha", "4001", "out", "tcp", "10.9.0.1:41001", "10.9.0.2:8001"]
@@ -160,8 +174,10 @@ def test_rows_appear_keys_sort_filter_and_q_exits_cleanly(
 
         # r reverses (oldest first), s moves the sort to the next column (ended).
         screen.keys("r")
-        s = screen.wait(lambda s: "sort age desc" in s, "reversed sort")
-        assert [ln.split()[0] for ln in table_lines(s)] == ["charlie", "bravo", "alpha"]
+        screen.wait(
+            lambda s: "sort age desc" in s and names(s) == ["charlie", "bravo", "alpha"],
+            "reversed sort, oldest first",
+        )
         screen.keys("s")
         screen.wait(lambda s: "sort ended desc" in s and "ended v" in s, "sort by ended")
 
@@ -173,15 +189,16 @@ def test_rows_appear_keys_sort_filter_and_q_exits_cleanly(
             row(3, "charlie"),
             row(4, "delta", verdict="Drop"),
         )
-        s = screen.wait(lambda s: len(table_lines(s)) == 4, "the refreshed snapshot")
-        assert "4 connections (3 live, 1 ended)" in s
+        screen.wait(
+            lambda s: len(table_lines(s)) == 4 and "4 connections (3 live, 1 ended)" in s,
+            "the refreshed snapshot",
+        )
 
         # / opens the filter; typed words narrow the rows; Escape goes back to the table.
         screen.keys("/")
         time.sleep(0.3)
         screen.keys("bra", literal=True)
-        s = screen.wait(lambda s: len(table_lines(s)) == 1, "the filtered row")
-        assert "bravo" in table_lines(s)[0] and "shown 1 of 4" in s
+        screen.wait(lambda s: names(s) == ["bravo"] and "shown 1 of 4" in s, "the filtered row")
         screen.keys("Escape")
         time.sleep(0.3)
         screen.keys("BSpace")  # in the table, not the input: the filter stays
@@ -190,17 +207,18 @@ def test_rows_appear_keys_sort_filter_and_q_exits_cleanly(
         screen.keys("/")
         time.sleep(0.3)
         screen.keys("C-u")  # clear the input
-        screen.wait(lambda s: len(table_lines(s)) == 4, "all rows again")
+        screen.wait(lambda s: len(table_lines(s)) == 4 and "shown 4 [" in s, "all rows again")
         screen.keys("Enter")
         time.sleep(0.3)
 
         # l cycles all -> live -> ended.
         screen.keys("l")
-        s = screen.wait(lambda s: "[live," in s, "live only")
-        assert "bravo" not in s and len(table_lines(s)) == 3
+        screen.wait(
+            lambda s: "[live," in s and sorted(names(s)) == ["alpha", "charlie", "delta"],
+            "live only",
+        )
         screen.keys("l")
-        s = screen.wait(lambda s: "[ended," in s, "ended only")
-        assert [ln.split()[0] for ln in table_lines(s)] == ["bravo"]
+        screen.wait(lambda s: "[ended," in s and names(s) == ["bravo"], "ended only")
 
         screen.keys("q")
         assert screen.exit_code() == 0
@@ -223,7 +241,7 @@ def test_ctrl_c_exits_cleanly_and_a_stale_snapshot_is_flagged(
     write_snapshot(run.path / SNAPSHOT_FILE, old)
     screen = Screen(tmp, root, "--filter", "alpha")
     try:
-        s = screen.wait(lambda s: len(table_lines(s)) == 1, "the row")
+        s = screen.wait(lambda s: len(table_lines(s)) == 1 and "REFUSED" in s, "the row")
         assert "policy not writing (is it running?)" in s
         assert "REFUSED: line 7: unknown verdict 'Allow'" in s
         screen.keys("C-c")
@@ -255,3 +273,61 @@ def test_a_large_table_lists_the_first_rows_and_counts_them_all(
             assert f"{MAX_DRAWN + 100} connections" in totals
 
     asyncio.run(check())
+
+
+def test_d_switches_to_the_decision_log_and_back(setup: tuple[RuntimeDir, Path, Path]) -> None:
+    run, root, tmp = setup
+    write(run, row(1, "alpha"))
+    run.log_dir.mkdir()
+    now = time.time()
+    lines = [
+        Decision(
+            time=now - 2 + i,
+            id=i,
+            pid=4000 + i,
+            process=name,
+            exe=f"/usr/bin/{name}",
+            user="root",
+            direction="outbound",
+            protocol="tcp",
+            local_ip="10.9.0.1",
+            local_port=41000 + i,
+            remote_ip="10.9.0.2",
+            remote_port=8000 + i,
+            rule=rule,
+            verdict=verdict,
+            update=update,
+        )
+        for i, (name, verdict, rule, update) in enumerate(
+            [
+                ("alpha", "PermanentAccept", "default", False),
+                ("bravo", "PermanentBlock", "rule 2 (line 6)", False),
+                ("alpha", "PermanentBlock", "update rule 2 (line 6)", True),
+            ],
+            start=1,
+        )
+    ]
+    (run.log_dir / DECISIONS_FILE).write_bytes(
+        b"".join(msgspec.json.encode(d) + b"\n" for d in lines)
+    )
+    screen = Screen(tmp, root)
+    try:
+        screen.wait(lambda s: len(table_lines(s)) == 1, "the connection")
+        screen.keys("d")
+        s = screen.wait(
+            lambda s: (
+                "3 of the last 3, 1 reload update(s)" in s
+                # newest first: the update on top (column 2 is the process)
+                and [ln.split()[1] for ln in table_lines(s)] == ["alpha", "bravo", "alpha"]
+            ),
+            "the decision log",
+        )
+        assert "update rule 2 (line 6)" in table_lines(s)[0]
+        screen.keys("d")
+        screen.wait(
+            lambda s: "connections (1 live" in s and names(s) == ["alpha"], "the connections again"
+        )
+        screen.keys("q")
+        assert screen.exit_code() == 0
+    finally:
+        screen.close()
