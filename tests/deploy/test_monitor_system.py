@@ -1,7 +1,7 @@
 """`kextless monitor` against a real running system: `kextless up --netns kxp3-...` with the
 built-in policy and a rules file, real connections driven from the guarded namespace, and
-`monitor --once --json` (then the live screen under tmux) waited on until they show with
-their process, verdict, rule, bytes and end."""
+`monitor --once --json` (then the decision log and the live screen under tmux) waited on until
+they show with their process, verdict, rule, bytes and end."""
 
 from __future__ import annotations
 
@@ -163,6 +163,31 @@ def test_once_json_shows_real_connections(system: tuple[NetnsPair, Path]) -> Non
     assert no["verdict"] == "PermanentBlock" and "no 22001" in no["rule"], no
     assert doc["totals"]["verdicts"].get("PermanentBlock", 0) >= 1
     assert doc["totals"]["connections"] == len(doc["connections"]) == doc["total_connections"]
+
+    # The decision log has both, with the rule that decided each, newest first.
+    res = subprocess.run(
+        [
+            *MONITOR,
+            "--netns",
+            pair.a,
+            "--run-root",
+            str(run_root),
+            "--once",
+            "--json",
+            "--decisions",
+            "--filter",
+            pair.ip4_b,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    logged = [(d["remote_port"], d["verdict"], d["rule"]) for d in json.loads(res.stdout)]
+    assert logged[:2] == [
+        (22001, "PermanentBlock", no["rule"]),
+        (22004, "PermanentAccept", "default"),
+    ]
 
     # The same connections on the live screen, filtered to the accepted one.
     tmp = Path(tempfile.mkdtemp(prefix="kxp3s"))
