@@ -50,6 +50,14 @@ UPSTREAM_DNS = "10.77.0.53"
 #: whether the query was redirected.
 LOCAL_ANSWER, UPSTREAM_ANSWER = WEB_V4, "198.51.100.53"
 INBOUND_PORT = 8022
+CHAT_PORT = 7007
+#: Appended by the reload step: cuts the live chat connection without restarting anything.
+RELOAD_RULE = f"""
+[[rule]]   # added by the demo's reload step: cuts the live chat to {NET_V4}:{CHAT_PORT}
+remote = "{NET_V4}"
+remote_port = {CHAT_PORT}
+verdict = "PermanentBlock"
+"""
 BULK_BYTES = 16 * 1024 * 1024
 #: veth MACs: fixed, starting 02: (locally administered; the divert library misreads ARP to
 #: MACs whose first nibble is 4 or 6, see actors/capture/filters.py).
@@ -57,8 +65,13 @@ HOST_MAC, NET_MAC = "02:6b:78:64:00:01", "02:6b:78:64:00:02"
 
 DEMO_RULES = f"""\
 # The kextless demo's rules: first match wins, else `default`.
-# Change one, then `kextless reload --netns kxd-host` (or restart the demo with --keep).
+# Change one and save: the policy reloads it (or `kextless reload --netns kxd-host`); new
+# rules apply to new connections and, when a verdict changes, to live ones too.
 default = "PermanentAccept"
+
+[[rule]]   # an application this machine never lets out, whatever it contacts
+process = "demo-tracker"
+verdict = "PermanentBlock"
 
 [[rule]]   # DNS, wherever it was sent, goes to the resolver inside kxd-host (127.0.0.1:53)
 protocol = "udp"
@@ -273,6 +286,22 @@ class Sandbox:
     def rules(self) -> Path:
         return self.work / "demo-rules.toml"
 
+    @property
+    def config(self) -> Path:
+        return self.work / "demo.toml"
+
+    def config_text(self) -> str:
+        """The demo's configuration file (base/settings.py): what `up --config` reads."""
+        root = f'run_root = "{self.run_root.resolve()}"\n' if self.run_root else ""
+        return (
+            "# kextless demo's settings: kextless up|status|monitor|reload|down --config FILE\n"
+            f'[instance]\nnetns = "{self.host}"\n{root}'
+            "[verdicts]\ntimeout = 5.0\n"
+            "[redirect]  # RedirectNameServer: the resolver inside the guarded namespace\n"
+            'nameserver_v4 = "127.0.0.1"\nnameserver_port = 53\n'
+            f'[policy]\nrules = "{self.rules}"\n'
+        )
+
     def kextless(self, *args: str) -> list[str]:
         root = ["--run-root", str(self.run_root)] if self.run_root else []
         return [*kextless_argv(), *args, "--netns", self.host, *root]
@@ -281,6 +310,7 @@ class Sandbox:
         self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.work / "logs").mkdir(exist_ok=True)
         self.rules.write_text(DEMO_RULES, encoding="utf-8")
+        self.config.write_text(self.config_text(), encoding="utf-8")
         for ns in (self.host, self.net):
             _ip("netns", "add", ns)
             self.namespaces.append(ns)
@@ -478,6 +508,9 @@ def steps() -> list[Step]:
         Step("blocked", f"a connection to {BLOCKED_V4}:80, refused by a rule", "host",
              "demo-blocked", "http", (BLOCKED_V4, 80, 5), "PermanentBlock",
              lambda r: bool(r.get("refused")), _flow("tcp", BLOCKED_V4, 80)),
+        Step("app-rule", f"demo-tracker's GET to {WEB_V4}:80 (the web step's host), refused "
+             "by a per-process rule", "host", "demo-tracker", "http", (WEB_V4, 80, 5),
+             "PermanentBlock", lambda r: bool(r.get("refused")), _flow("tcp", WEB_V4, 80)),
         Step("dropped", f"a connection to {DROPPED_V4}:80, dropped by a rule", "host",
              "demo-dropped", "http", (DROPPED_V4, 80, 2), "PermanentDrop",
              lambda r: bool(r.get("timeout")), _flow("tcp", DROPPED_V4, 80)),
@@ -623,12 +656,15 @@ class Watcher:
                     f"{human_bytes(sent)} sent, {human_bytes(recv)} received"
                 )
 
-    def find(self, match: Callable[[Seen], bool], timeout: float) -> Seen | None:
+    def find(
+        self, match: Callable[[Seen], bool], timeout: float, update: bool = False
+    ) -> Seen | None:
+        """The first decision (or, with `update`, re-decision after a reload) that matches."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for d in self.decisions:
-                    if not d.update and match(d):
+                    if d.update == update and match(d):
                         return d
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -719,7 +755,7 @@ def _signals_deferred(screen: Screen) -> Iterator[None]:
 
 
 def _up(box: Sandbox, screen: Screen) -> float:
-    argv = box.kextless("up", "--policy-rules", str(box.rules), "--verdict-timeout", "5")
+    argv = box.kextless("up", "--config", str(box.config))
     screen.say(f"  $ {' '.join(argv)}")
     t0 = time.monotonic()
     box.up_started = True
@@ -780,6 +816,63 @@ def _run_steps(box: Sandbox, screen: Screen, watcher: Watcher) -> list[Row]:
     return rows
 
 
+def reload_step() -> Step:
+    return Step(
+        "reload",
+        f"a live chat to {NET_V4}:{CHAT_PORT}, then a rule blocking it is saved, no restart",
+        "host", "demo-chat", "chat", (NET_V4, CHAT_PORT, 15), "PermanentBlock",
+        lambda r: bool(r.get("cut")) and int(r.get("echoed", 0)) > 0,
+        _flow("tcp", NET_V4, CHAT_PORT), timeout=25,
+    )  # fmt: skip
+
+
+def _run_reload(box: Sandbox, screen: Screen, watcher: Watcher) -> Row:
+    """The issue's "done when": a rule written while a connection is live takes effect on
+    it without restarting anything (the policy re-decides it and sends UpdateV4)."""
+    step = reload_step()
+    row = Row(step)
+    screen.say(f"  -- {step.key}: {step.what} (expect {step.verdict} on the live connection)")
+    proc = box.start(box.host, step.name, step.role, *step.args)
+    first = _readline(proc.popen, 10.0)
+    try:
+        connected = json.loads(first)
+    except ValueError:
+        connected = {}
+    if not connected.get("connected"):
+        _stop(proc.popen)
+        row.outcome = Outcome(proc.popen.pid, {"ok": False, "detail": "chat never connected"})
+        screen.say(f"     FAIL: chat never connected ({box._log_of(step.name)})")
+        return row
+    screen.names[proc.popen.pid] = step.name
+    pre = Outcome(proc.popen.pid, connected)
+    accepted = watcher.find(_mine(step, pre), timeout=3.0)
+    screen.say(f"     chat is echoing (first decision {accepted.verdict if accepted else '?'}); "
+               f"appending to {box.rules.name}:")  # fmt: skip
+    for line in RELOAD_RULE.strip().splitlines():
+        screen.say(f"        {line}")
+    with box.rules.open("a", encoding="utf-8") as f:
+        f.write(RELOAD_RULE)
+    res = subprocess.run(
+        box.kextless("reload"), capture_output=True, text=True, timeout=30, env=_env()
+    )
+    said = (res.stdout + res.stderr).strip().replace("\n", " / ")
+    screen.say(
+        f"     $ kextless reload --netns {box.host}: {said or 'exit ' + str(res.returncode)}"
+    )
+    try:
+        out, _ = proc.popen.communicate(timeout=step.timeout)
+        result = json.loads(out.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        _stop(proc.popen)
+        result = {"ok": False, "detail": f"chat still running {step.timeout:g} s after reload"}
+    except (ValueError, IndexError):
+        result = {"ok": False, "detail": f"chat crashed: {box._log_of(step.name)}"}
+    row.outcome = Outcome(proc.popen.pid, {**result, "local": connected.get("local")})
+    row.decision = watcher.find(_mine(step, row.outcome), timeout=3.0, update=True)
+    screen.say(f"     {'OK' if row.passed else 'FAIL'}: {result.get('detail', '')}")
+    return row
+
+
 def _mine(step: Step, outcome: Outcome) -> Callable[[Seen], bool]:
     return lambda d: step.matches(d, outcome)
 
@@ -832,6 +925,7 @@ def run_demo(box: Sandbox, keep: bool) -> int:
             watcher = Watcher(box.run, screen).start()
             since = time.time()
             rows = _run_steps(box, screen, watcher)
+            rows.append(_run_reload(box, screen, watcher))
             have_bytes = _collect_bytes(rows, watcher, since)
             watcher.stop()
             screen.say("  [4/4] summary")
@@ -873,22 +967,27 @@ def run_demo(box: Sandbox, keep: bool) -> int:
 def _print_keep(box: Sandbox, screen: Screen) -> None:
     flags = f" --run-root {box.run_root}" if box.run_root else ""
     again = flags if box.prefix == DEFAULT_PREFIX else f"{flags} --prefix {box.prefix}"
+    ns = f"--netns {box.host}{flags}"
+    traffic = f"ip netns exec {box.host} {sys.executable} -m kextless.deploy.demo_traffic"
     screen.say(
         f"""
-The sandbox keeps running (--keep). Try:
-  kextless status --netns {box.host}{flags}                  # processes, interfaces
-  kextless monitor --netns {box.host}{flags}                 # live connections (if installed)
-  ip netns exec {box.host} python3 -c "import urllib.request as u; \
-print(u.urlopen('http://{WEB_V4}/').read())"
-  ip netns exec {box.host} python3 -c \
-      "import socket; socket.create_connection(('{BLOCKED_V4}', 80))"
-  tail -f {box.run.log_dir}/policy.log {box.run.log_dir}/decisions.jsonl
-  $EDITOR {box.rules}    # e.g. block {WEB_V4}, then:
-  kextless reload --netns {box.host}{flags}
-When done, remove it all:
-  kextless demo --cleanup{again}
-  (or by hand: kextless down --netns {box.host}{flags}; ip netns del {box.host}; \
-ip netns del {box.net})"""
+The sandbox keeps running (--keep). {box.net} serves HTTP on {WEB_V4} and [{WEB_V6}], bulk on
+{NET_V4}:9000, UDP echo on :5005, line echo on :{CHAT_PORT} and DNS on {UPSTREAM_DNS}.
+  kextless monitor {ns}     # every connection: process, verdict, rule, bytes
+  kextless status {ns}
+Anything run with `ip netns exec {box.host} ...` is decided by kextless now, e.g.
+  {traffic} my-web http {WEB_V4} 80 5
+A rule on a live connection: start a chat (a line every 0.2 s for 10 minutes)
+  {traffic} my-chat chat {WEB_V4} {CHAT_PORT} 600
+then append to {box.rules} and save:
+  [[rule]]
+  process = "my-chat"
+  verdict = "PermanentBlock"
+The policy reloads the file (or: kextless reload {ns}) and the chat is cut.
+Decisions: {box.run.log_dir}/decisions.jsonl; settings: {box.config}
+(every kextless command above also takes --config {box.config}).
+Remove it all:  kextless demo --cleanup{again}
+  (by hand: kextless down {ns}; ip netns del {box.host}; ip netns del {box.net})"""
     )
 
 

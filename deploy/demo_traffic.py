@@ -152,6 +152,14 @@ class _Bulk(socketserver.BaseRequestHandler):
             left -= BULK_CHUNK
 
 
+class _Echo(socketserver.StreamRequestHandler):
+    """TCP echo, line by line: the live connection the demo's reload step cuts."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
 class _UdpEcho(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data, sock = self.request
@@ -164,14 +172,16 @@ class _ThreadingTCP(socketserver.ThreadingTCPServer):
 
 
 def serve_internet(upstream_dns: str, upstream_answer: str) -> None:
-    """kxd-net: HTTP on port 80 (every address, v4 and v6), bulk on 9000, UDP echo on 5005
-    and an "upstream" resolver whose answer differs from the local one's."""
+    """kxd-net: HTTP on port 80 (every address, v4 and v6), bulk on 9000, UDP echo on 5005,
+    TCP line echo on 7007 and an "upstream" resolver whose answer differs from the local
+    one's."""
     servers: list[Callable[[], object]] = []
     web = _V6Web(("::", 80), _Web)
     web.daemon_threads = True
     servers.append(web.serve_forever)
     servers.append(_ThreadingTCP(("0.0.0.0", 9000), _Bulk).serve_forever)
     servers.append(socketserver.UDPServer(("0.0.0.0", 5005), _UdpEcho).serve_forever)
+    servers.append(_ThreadingTCP(("0.0.0.0", 7007), _Echo).serve_forever)
     servers.append(lambda: serve_dns(upstream_dns, 53, upstream_answer))
     for run in servers:
         threading.Thread(target=run, daemon=True).start()
@@ -358,6 +368,38 @@ def client_banner(host: str, port: int, timeout: float) -> None:
         client_http_like.close()
 
 
+def client_chat(host: str, port: int, seconds: float) -> None:
+    """A live connection: one line every 0.2 s, each echoed back, for up to `seconds`. Prints
+    `{"connected": ...}` once the first echo is back, then the result when the connection
+    ends (or the time is up: then ok is false, nothing cut it)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    echoed, t0 = 0, time.monotonic()
+    local: tuple[object, ...] = ()
+    try:
+        sock.connect((host, port))
+        local = tuple(sock.getsockname()[:2])
+        while time.monotonic() - t0 < seconds:
+            line = f"line {echoed}\n".encode()
+            sock.sendall(line)
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = sock.recv(256)
+                if not chunk:
+                    raise ConnectionResetError("closed by the peer")
+                got += chunk
+            echoed += 1
+            if echoed == 1:
+                _out(connected=True, local=local)
+            time.sleep(0.2)
+        _out(ok=False, detail=f"{echoed} lines echoed, never cut", local=local, echoed=echoed)
+    except (TimeoutError, OSError) as exc:
+        detail = f"{echoed} lines echoed, then {type(exc).__name__} after {_ms(t0)}"
+        _out(ok=echoed > 0, cut=True, echoed=echoed, local=local, detail=detail)
+    finally:
+        sock.close()
+
+
 # ---- dispatch ----------------------------------------------------------------------------------
 
 _ROLES: dict[str, Callable[..., None]] = {
@@ -369,6 +411,7 @@ _ROLES: dict[str, Callable[..., None]] = {
     "udp": lambda host, port, n, t: client_udp(host, int(port), int(n), float(t)),
     "ping": lambda host, n, t: client_ping(host, int(n), float(t)),
     "bulk": lambda host, port, size, t: client_bulk(host, int(port), int(size), float(t)),
+    "chat": lambda host, port, secs: client_chat(host, int(port), float(secs)),
     "banner": lambda host, port, t: client_banner(host, int(port), float(t)),
 }
 

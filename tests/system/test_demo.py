@@ -28,6 +28,7 @@ from kextless.deploy.demo import (
     Seen,
     parse_decision_line,
     parse_log_line,
+    reload_step,
     steps,
 )
 from kextless.deploy.demo_traffic import dns_answer, dns_first_a, dns_query
@@ -98,7 +99,9 @@ def test_resolver_answers_one_a_record_and_ignores_garbage() -> None:
 
 def test_steps_cover_every_verdict_the_issue_asks_for() -> None:
     got = {(s.key, s.verdict) for s in steps()}
+    got.add((reload_step().key, reload_step().verdict))
     for key, verdict in [("web", "PermanentAccept"), ("blocked", "PermanentBlock"),
+                         ("app-rule", "PermanentBlock"), ("reload", "PermanentBlock"),
                          ("dropped", "PermanentDrop"), ("dns", "RedirectNameServer"),
                          ("udp", "PermanentAccept"), ("ping", "PermanentAccept"),
                          ("inbound", "PermanentAccept"), ("bulk", "PermanentAccept")]:  # fmt: skip
@@ -107,7 +110,7 @@ def test_steps_cover_every_verdict_the_issue_asks_for() -> None:
 
 # ---- the real command (root) -------------------------------------------------------------------
 
-STEP_KEYS = ["web", "web-v6", "blocked", "dropped", "dns", "udp", "ping", "inbound", "bulk"]
+STEP_KEYS = [s.key for s in [*steps(), reload_step()]]
 
 
 @pytest.fixture()
@@ -198,18 +201,20 @@ def test_demo_end_to_end_exits_0_and_leaves_nothing(demo_env: tuple[str, Path]) 
     assert res.returncode == 0, out
     rows = _summary(out)
     assert sorted(rows) == sorted(STEP_KEYS), out
-    expected = {s.key: s.verdict for s in steps()}
+    expected = {s.key: s.verdict for s in [*steps(), reload_step()]}
     for key, row in rows.items():
         assert " OK " in f"{row} ", row
         assert row.count(expected[key]) == 2, row  # expected and seen
     # Every decision was shown live, with the step's own process where one owns it.
     live = [("demo-web", "PermanentAccept"), ("demo-blocked", "PermanentBlock"),
             ("demo-dropped", "PermanentDrop"), ("demo-dns", "RedirectNameServer"),
-            ("demo-service", "PermanentAccept"), ("demo-bulk", "PermanentAccept")]  # fmt: skip
+            ("demo-service", "PermanentAccept"), ("demo-bulk", "PermanentAccept"),
+            ("demo-tracker", "PermanentBlock"), ("demo-chat", "PermanentAccept"),
+            ("demo-chat", "PermanentBlock UPDATE")]  # fmt: skip
     for name, verdict in live:
         assert re.search(rf"\d\d:\d\d:\d\d {name}\[\d+\] .* {verdict}", out), (name, out)
     assert "A 10.77.0.80 (reply from 10.77.0.53:53)" in out  # the local resolver answered
-    assert "9/9 steps behaved as expected" in out
+    assert f"{len(STEP_KEYS)}/{len(STEP_KEYS)} steps behaved as expected" in out
     _assert_nothing_left(prefix, root, out)
     assert took < 120, f"took {took:.0f} s"
 
