@@ -9,7 +9,6 @@ screen would otherwise go untested."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -72,7 +71,8 @@ class Screen:
     def __init__(self, tmp: Path, run_root: Path, *args: str, netns: str = NETNS) -> None:
         if shutil.which("tmux") is None:
             pytest.fail("tmux is not installed (apt-get install -y tmux): the screen is untested")
-        self.socket = f"kxp3-{os.getpid()}-{time.monotonic_ns()}"
+        # A server of its own, its socket in the test's directory (nothing left in /tmp/tmux-*).
+        self.socket = str(tmp / "tmux.sock")
         self.rc_file = tmp / "rc"
         monitor = " ".join(
             [
@@ -104,7 +104,7 @@ class Screen:
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["tmux", "-L", self.socket, "-f", "/dev/null", *args],
+            ["tmux", "-S", self.socket, "-f", "/dev/null", *args],
             capture_output=True,
             text=True,
             timeout=10,
@@ -136,6 +136,7 @@ class Screen:
 
     def close(self) -> None:
         self.tmux("kill-server")
+        Path(self.socket).unlink(missing_ok=True)
 
 
 def table_lines(screen: str, marker: str = "10.9.0.2:") -> list[str]:
