@@ -120,10 +120,9 @@ def _keep_or_purge(run: RuntimeDir, report: DownReport, purge: bool) -> None:
         else:
             report.purged = str(path)
             return
-    logs = sorted(p.name for p in run.log_dir.glob("*.log")) if run.log_dir.is_dir() else []
     where = f"the run directory {path}"
-    if logs:
-        where += f" with the logs in {run.log_dir} ({', '.join(logs)})"
+    if run.log_dir.is_dir() and any(run.log_dir.glob("*.log")):
+        where += f" with each process's log in {run.log_dir}"
     if purge:
         report.kept.append(f"{where}: not purged, a process of the instance is still running")
     else:

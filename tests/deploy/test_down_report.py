@@ -25,8 +25,8 @@ def test_down_says_it_keeps_the_run_dir_and_its_logs(tmp_path: Path) -> None:
     assert report.problems == [] and report.purged is None
     assert run.path.is_dir() and (run.log_dir / "ale.log").exists()
     assert lines[-1] == (
-        f"kept: the run directory {run.path} with the logs in {run.log_dir} "
-        "(ale.log, broker.log); `kextless down --purge` removes it"
+        f"kept: the run directory {run.path} with each process's log in {run.log_dir}; "
+        "`kextless down --purge` removes it"
     )
 
 
