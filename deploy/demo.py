@@ -92,8 +92,12 @@ class DemoError(Exception):
     """The demo cannot run (or could not clean up); the message says what to do."""
 
 
+#: Ctrl-C, a kill, a closed terminal (SSH gone): each unwinds to the cleanup.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM: unwind to the cleanup."""
+    """SIGINT, SIGTERM or SIGHUP: unwind to the cleanup."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -564,7 +568,9 @@ class Screen:
         self.names: dict[int, str] = {}  # pid -> process name, for log-line decisions
 
     def say(self, line: str) -> None:
-        with self.lock:
+        """Print one line; a closed terminal (SIGHUP, a dead SSH session) must not stop the
+        cleanup that follows, so write errors are dropped."""
+        with self.lock, contextlib.suppress(OSError, ValueError):
             print(line, flush=True)
 
     def process(self, d: Seen) -> str:
@@ -722,7 +728,7 @@ def summary(rows: list[Row], screen: Screen, have_bytes: bool) -> str:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """SIGINT/SIGTERM raise Interrupted in the main thread until the block ends."""
+    """SIGINT/SIGTERM/SIGHUP raise Interrupted in the main thread until the block ends."""
 
     main = os.getpid()
 
@@ -731,7 +737,7 @@ def _signals_raise() -> Iterator[None]:
             os._exit(128 + signum)
         raise Interrupted(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield
     finally:
@@ -746,7 +752,7 @@ def _signals_deferred(screen: Screen) -> Iterator[None]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         screen.say(f"kextless demo: {signal.Signals(signum).name} ignored while cleaning up")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield
     finally:
@@ -943,7 +949,7 @@ def run_demo(box: Sandbox, keep: bool) -> int:
             code = 0 if passed == len(rows) else 1
     except Interrupted as exc:
         screen.say(f"kextless demo: {exc} - cleaning up")
-        code = 130 if exc.signum == signal.SIGINT else 143
+        code = 128 + exc.signum
         keep = False
     except DemoError as exc:
         screen.say(f"kextless demo: {exc}")
@@ -1034,7 +1040,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def demo_main(argv: list[str]) -> int:
     """`kextless demo ARGS`: 0 when every step behaved as expected, 1 when one did not or
-    something failed, 2 for bad usage, 130/143 when interrupted (after cleaning up)."""
+    something failed, 2 for bad usage, 128+signal when interrupted (after cleaning up)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:

@@ -259,8 +259,9 @@ class _Reader:
     [
         (signal.SIGINT, "-- dns:", 130),  # Ctrl-C mid-traffic
         (signal.SIGTERM, "[2/4] kextless up", 143),  # while `up` is starting everything
+        (signal.SIGHUP, "-- reload:", 129),  # the terminal went away during the last step
     ],
-    ids=["sigint-mid-traffic", "sigterm-during-up"],
+    ids=["sigint-mid-traffic", "sigterm-during-up", "sighup-in-reload-step"],
 )
 def test_interrupted_demo_cleans_up(
     demo_env: tuple[str, Path], sig: signal.Signals, when: str, code: int
