@@ -55,10 +55,7 @@ def _flatten(msg: m.Message) -> list[m.Message]:
 
 
 def _nested(depth: int) -> bytes:
-    frame = m.encode(m.CaptureReady(7))
-    for _ in range(depth):
-        frame = b"\x92\xa6Bundle\x91" + frame  # [tag "Bundle", [inner]]
-    return frame
+    return b"\x92\xa6Bundle\x91" * depth + m.encode(m.CaptureReady(7))  # [tag "Bundle", [inner]]
 
 
 def _deep_stack(n: int, fn):  # type: ignore[no-untyped-def]
