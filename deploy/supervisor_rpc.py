@@ -142,8 +142,18 @@ def signal_policy(netns: str | None, run_root: Path | None, wait: float = 3.0) -
         if line is not None:
             return _REFUSED not in line, f"{sent}: {line}"
         if time.monotonic() >= deadline:
-            return True, f"{sent}; it has not logged the reload yet (see {log})"
+            break
         time.sleep(0.05)
+    try:
+        now = int(proxy.supervisor.getProcessInfo("policy")["pid"])
+    except (*RPC_ERRORS, KeyError, ValueError):
+        now = pid
+    if now != pid:  # SIGHUP before its handler was installed ends it; supervisord restarts it
+        return True, (
+            f"{sent}, which ended it before it was ready; supervisord restarted it (pid {now}), "
+            "and it read its rules file anew"
+        )
+    return True, f"{sent}; it has not logged the reload yet (see {log})"
 
 
 def _reload_line(log: Path, offset: int) -> str | None:
