@@ -38,9 +38,9 @@ from typing import Any
 
 import msgspec
 
+from kextless.base.linebudget import LineBudget
 from kextless.broker import wire
 from kextless.broker.ioqueue import IOQueue, PushResult
-from kextless.broker.linebudget import LineBudget
 from kextless.broker.logring import LogRing
 from kextless.protocol.commands import VerdictCommand, decode_command
 from kextless.protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity

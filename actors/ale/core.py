@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import msgspec
 
-from kextless.actors.ale.linebudget import LineBudget
+from kextless.base.linebudget import LineBudget
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,

@@ -11,6 +11,7 @@ import json
 import pytest
 
 import kextless.broker.core as core_mod
+from kextless.base.linebudget import PER_WINDOW
 from kextless.broker import wire
 from kextless.broker.core import (
     BrokerCore,
@@ -22,7 +23,6 @@ from kextless.broker.core import (
     ToActor,
     ToClient,
 )
-from kextless.broker.linebudget import PER_WINDOW
 from kextless.broker.logring import RING_SLOTS, LogRing, clean_line
 from kextless.protocol.commands import ClearCacheCommand, decode_command, encode_command
 from kextless.protocol.enums import CommandType, InfoType, Severity, Verdict

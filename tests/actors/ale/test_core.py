@@ -17,7 +17,7 @@ from kextless.actors.ale.core import (
     Note,
     flow_text,
 )
-from kextless.actors.ale.linebudget import PER_WINDOW
+from kextless.base.linebudget import PER_WINDOW
 from kextless.protocol import messages as m
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
