@@ -160,9 +160,14 @@ class KernelPut:
 
 @dataclass(frozen=True, slots=True)
 class KernelDelete:
-    """Remove `flow`'s map entry, both orientations, if any: its next packet reaches us."""
+    """Remove `flow`'s map entry, both orientations, if any: its next packet reaches us.
+
+    `keep_counts` (a verdict change, an ask): the entry stays as a miss that keeps its byte
+    counters, so the bandwidth actor still reads what it counted since its last poll; the
+    record's `_forget` deletes it for good."""
 
     flow: Flow
+    keep_counts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +320,9 @@ class Connection:
     #: us, or never there since we started), or None (unknown: a predecessor's may be there).
     kernel: KernelVerdict | None = None
     kernel_absent: bool = False
+    #: Absent as a decision, yet its entry is still in the map as a miss that keeps its
+    #: counters (KernelDelete keep_counts): `_forget` removes it.
+    kernel_retired: bool = False
     #: When we last wrote its kernel entry (a re-put of an evicted entry is rate-limited).
     kernel_put_ns: int = 0
     #: An idle check asked the kernel (`KernelProbe`) and waits for `kernel_activity`.
@@ -1175,7 +1183,7 @@ class CaptureCore:
         conn = self.connections.get(flow)
         if conn is None:
             return []
-        out = self._kernel_remove(conn)
+        out = self._kernel_remove(conn, keep_counts=False)
         self._delete(flow, conn)
         if conn.verdict is not None:
             self._cached -= 1
@@ -1186,7 +1194,10 @@ class CaptureCore:
         if conn.pending:
             # Its held packets still wait for their Decision, which counts them off here.
             self.connections[flow] = Connection(
-                flow, pending=conn.pending, kernel_absent=conn.kernel_absent
+                flow,
+                pending=conn.pending,
+                kernel_absent=conn.kernel_absent,
+                kernel_retired=conn.kernel_retired,
             )
         return out
 
@@ -1222,16 +1233,21 @@ class CaptureCore:
         verdict = conn.verdict
         assert verdict is not None  # (_kernel_want)
         conn.kernel, conn.kernel_absent, conn.kernel_put_ns = want, False, now_ns
+        conn.kernel_retired = False  # the put takes over its counters
         self.counters["kernel_puts"] += 1
         return [KernelPut(conn.flow, want, verdict)]
 
-    def _kernel_remove(self, conn: Connection) -> list[Action]:
-        """Delete `conn`'s kernel entry unless we know it has none."""
-        if not self.config.kernel_cache or conn.kernel_absent:
+    def _kernel_remove(self, conn: Connection, keep_counts: bool = True) -> list[Action]:
+        """Take `conn`'s kernel entry out of play unless we know it has none: by default as
+        a miss that keeps its counters (nothing it counted is lost to the bandwidth actor);
+        `keep_counts=False` (the record is forgotten) deletes it, a retired one too."""
+        if not self.config.kernel_cache:
             return []
-        conn.kernel, conn.kernel_absent = None, True
+        if conn.kernel_absent and (keep_counts or not conn.kernel_retired):
+            return []
+        conn.kernel, conn.kernel_absent, conn.kernel_retired = None, True, keep_counts
         self.counters["kernel_deletes"] += 1
-        return [KernelDelete(conn.flow)]
+        return [KernelDelete(conn.flow, keep_counts)]
 
     def kernel_audit(self, flows: Iterable[Flow], now_ns: int) -> list[Action]:
         """The answer to `KernelAudit`: the kernel map's flows, as their packets carry them

@@ -91,6 +91,11 @@ class Action(enum.IntEnum):
     DROP = 2
 
 
+#: A retired entry's action: not a flow_action, so the program treats the flow as a miss (its
+#: packets go to the divert program) and leaves the counters as they were.
+RETIRED_ACTION = 0
+
+
 class PreStat(enum.IntEnum):
     """Index of kextless_pre's per-CPU counters (enum stat in flowcache.bpf.c)."""
 
@@ -304,11 +309,34 @@ class KernelCache:
     # ---- flows -----------------------------------------------------------------------------
 
     def put(self, key: FlowKey, action: Action, verdict: int = 0) -> None:
-        """Decide the flow in the kernel, both orientations, counters from zero: effective at
-        the next packet. KernelCacheError (E2BIG never: the LRU evicts)."""
-        value = FLOW_VAL.pack(0, 0, 0, 0, action, verdict)
-        self.flows.update(key.pack(), value)
-        self.flows.update(key.reversed().pack(), value)
+        """Decide the flow in the kernel, both orientations: effective at the next packet.
+        An entry already there (a verdict change, a retired entry) keeps its counters, so the
+        bandwidth actor loses nothing it had not read yet; its TCP stream span starts afresh
+        (what passed through Python meanwhile was counted by the guard). KernelCacheError
+        (E2BIG never: the LRU evicts)."""
+        for k in (key.pack(), key.reversed().pack()):
+            self.flows.update(k, self._rewritten(self.flows.lookup(k), action, verdict))
+
+    def retire(self, key: FlowKey) -> bool:
+        """Send the flow's packets to Python again, both orientations, but keep each entry's
+        counters (an action the program does not know is a miss); False if neither was
+        there. `delete` removes it for good once the connection is forgotten."""
+        found = False
+        for k in (key.pack(), key.reversed().pack()):
+            old = self.flows.lookup(k)
+            if old is not None:
+                self.flows.update(k, self._rewritten(old, RETIRED_ACTION, 0))
+                found = True
+        return found
+
+    @staticmethod
+    def _rewritten(old: bytes | None, action: int, verdict: int) -> bytes:
+        """`old`'s counters (none: zero) with a new action and verdict and no TCP span. A
+        packet counted between the lookup and the update is lost, never counted twice."""
+        if old is None:
+            return FLOW_VAL.pack(0, 0, 0, 0, action, verdict)
+        last, packets, nbytes, payload, _a, _v = FLOW_VAL.unpack(old)
+        return FLOW_VAL.pack(last, packets, nbytes, payload, action, verdict)
 
     def delete(self, key: FlowKey) -> bool:
         """Forget the flow, both orientations (its next packet goes to Python); False if

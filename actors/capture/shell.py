@@ -532,7 +532,8 @@ class CaptureShell:
             action = KAction.PASS if a.verdict is KernelVerdict.PASS else KAction.DROP
             kc.put(FlowKey.from_flow(a.flow), action, int(a.reason))
         elif isinstance(a, KernelDelete):
-            kc.delete(FlowKey.from_flow(a.flow))
+            key = FlowKey.from_flow(a.flow)
+            kc.retire(key) if a.keep_counts else kc.delete(key)
         elif isinstance(a, KernelClear):
             n = kc.clear()
             log.info("kernel cache cleared: %d entries", n)

@@ -72,7 +72,8 @@ def test_asking_deletes_a_stale_entry_first_and_only_once() -> None:
     _, acts = feed(core, syn_out(seq=1000))
     assert acts == []
     _, acts = feed(core, udp_out())
-    assert kernel(acts) == [KernelDelete(udp_flow())]
+    # Retired, not deleted: a predecessor's counters stay readable for the bandwidth actor.
+    assert kernel(acts) == [KernelDelete(udp_flow(), keep_counts=True)]
     _, acts = feed(core, udp_out(payload=b"other"))
     assert kernel(acts) == [] and asked(acts)
 
@@ -138,7 +139,8 @@ def test_verdict_change_deletes_the_entry() -> None:
     core = kcore()
     decide(core, syn_out(), Verdict.PERMANENT_ACCEPT)
     out = core.on_message(CacheSet(tcp_flow(), Verdict.PERMANENT_BLOCK), NOW + 1)
-    assert kernel(out) == [KernelDelete(tcp_flow())]
+    # Retired: its packets come here again, its counters stay for the bandwidth actor.
+    assert kernel(out) == [KernelDelete(tcp_flow(), keep_counts=True)]
     assert not [x for x in out if isinstance(x, SetFilter)]
     # Its next packet reaches us (the entry is gone) and is reset at both ends.
     _, acts = feed(core, ack_out(), now=NOW + 2)
@@ -149,7 +151,9 @@ def test_verdict_change_deletes_the_entry() -> None:
     out = core.on_message(CacheSet(tcp_flow(), Verdict.PERMANENT_ACCEPT), NOW + 4)
     assert kernel(out) == [KernelPut(tcp_flow(), KernelVerdict.PASS, Verdict.PERMANENT_ACCEPT)]
     out = core.on_message(CacheSet(tcp_flow(), Verdict.REDIRECT_TUNNEL), NOW + 5)
-    assert kernel(out) == [KernelDelete(tcp_flow())]
+    assert kernel(out) == [KernelDelete(tcp_flow(), keep_counts=True)]
+    # Forgotten (CacheClear aside, the only way): the retired entry is deleted for good.
+    assert core._forget(tcp_flow(), NOW + 6) == [KernelDelete(tcp_flow())]
 
 
 def test_cache_clear_clears_the_kernel_and_re_asks() -> None:
@@ -196,7 +200,7 @@ def test_a_packet_of_an_evicted_flow_puts_it_back_but_not_control_packets() -> N
 def test_excluded_ports_and_other_protocols_are_never_put() -> None:
     core = kcore(exclude_ports=frozenset({53}))
     assert kernel(core.on_message(CacheSet(udp_flow(), Verdict.PERMANENT_ACCEPT), NOW)) == [
-        KernelDelete(udp_flow())
+        KernelDelete(udp_flow(), keep_counts=True)
     ]
     icmp = Flow(1, a(L4), 0, a(R4), 0)
     assert core.on_message(CacheSet(icmp, Verdict.PERMANENT_ACCEPT), NOW) == []
@@ -281,8 +285,10 @@ def test_existing_connections_accept_puts_and_ask_deletes() -> None:
     assert kernel(out) == [KernelPut(flow, KernelVerdict.PASS, Verdict.PERMANENT_ACCEPT)]
     core = kcore()
     out = core.existing([ExistingFlow(flow, Direction.OUTBOUND)], NOW)
-    assert kernel(out) == [KernelDelete(flow)]
-    assert out.index(KernelDelete(flow)) < out.index(next(x for x in out if isinstance(x, ToAle)))
+    assert kernel(out) == [KernelDelete(flow, keep_counts=True)]
+    assert out.index(KernelDelete(flow, keep_counts=True)) < out.index(
+        next(x for x in out if isinstance(x, ToAle))
+    )
     assert not [x for x in out if isinstance(x, SetFilter)]
 
 

@@ -236,14 +236,30 @@ def test_pass_skips_the_chain_drop_drops_miss_goes_on_to_the_guard(v6: bool) -> 
         assert (req.payload, rep.payload) == (320, 320)
         assert t0 <= req.last_seen_ns <= time.monotonic_ns()
 
-        # PASS -> DROP: dropped by kextless_pre from the next packet on.
+        # PASS -> DROP: dropped by kextless_pre from the next packet on; what the PASS entry
+        # counted stays (the bandwidth actor may not have read it yet).
         kc.put(echo.key, Action.DROP)
         before, g0 = kc.stats(), _dropped(kc)
         assert echo.send(5) == 0
         assert _deltas(kc, before)[PreStat.DROPPED] == 5
         assert _dropped(kc) == g0
         got = kc.get(echo.key)
-        assert got is not None and got.packets == 5
+        assert got is not None and (got.action, got.packets, got.payload) == (Action.DROP, 15, 320)
+
+        # Retired (an Update to a verdict Python enforces): a miss, counters kept.
+        assert kc.retire(echo.key)
+        before, g0 = kc.stats(), _dropped(kc)
+        assert echo.send(3) == 0
+        assert _deltas(kc, before)[PreStat.MISSED] == 3
+        assert _dropped(kc) == g0 + 3  # no divert here: the guard drops the misses
+        got, back = kc.get(echo.key), kc.get(echo.key.reversed())
+        assert got is not None and (got.packets, got.payload) == (15, 320)
+        assert back is not None and back.payload == 320
+        # Put again: counting goes on from there.
+        kc.put(echo.key, Action.PASS)
+        assert echo.send(2) == 2
+        got = kc.get(echo.key)
+        assert got is not None and (got.packets, got.payload) == (17, 384)
 
         # Deleted: a miss goes on down the chain, to the guard (no divert here): dropped.
         assert kc.delete(echo.key) and kc.get(echo.key.reversed()) is None
