@@ -40,7 +40,7 @@ from kextless.deploy.processes import (
     wait_gone,
 )
 from kextless.deploy.programs import STOPWAITSECS
-from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc, supervisord_alive
+from kextless.deploy.supervisor_rpc import RPC_ERRORS, SECRET_FILE, rpc, supervisord_alive
 
 
 @dataclass
@@ -199,9 +199,16 @@ def teardown(
 
 
 def remove_state(run: RuntimeDir, inst: Instance | None) -> list[str]:
-    """Remove sockets, config, pidfile and instance file; keep logs for the post-mortem."""
+    """Remove sockets, config, pidfile, instance file and the supervisor socket's password;
+    keep logs for the post-mortem."""
     problems = []
-    paths = [run.supervisor_conf, run.path / PIDFILE, run.path / INSTANCE_FILE]
+    paths = [
+        run.supervisor_conf,
+        run.path / PIDFILE,
+        run.path / INSTANCE_FILE,
+        run.path / SECRET_FILE,
+        run.path / (SECRET_FILE + ".tmp"),
+    ]
     if run.path.is_dir():
         paths += [p for p in run.path.iterdir() if p.is_socket()]
     endpoint = inst.endpoint if inst is not None else ""
@@ -224,6 +231,9 @@ def _read_pidfile(run: RuntimeDir) -> int:
         return 0
 
 
+_SIGKILL_LINE = re.compile(r"killing '([^']+)' \((\d+)\) with SIGKILL")
+
+
 def _sigkilled_since(log: Path, offset: int) -> list[str]:
     """Programs supervisord had to SIGKILL while stopping, from its own log."""
     try:
@@ -232,7 +242,6 @@ def _sigkilled_since(log: Path, offset: int) -> list[str]:
             text = f.read().decode(errors="replace")
     except OSError:
         return []
-    return [
-        f"{m[1]} (pid {m[2]})"
-        for m in re.finditer(r"killing '([^']+)' \((\d+)\) with SIGKILL", text)
-    ]
+    # Under load supervisord may log the same kill twice: each pid is listed once.
+    found = (f"{m[1]} (pid {m[2]})" for m in re.finditer(_SIGKILL_LINE, text))
+    return list(dict.fromkeys(found))

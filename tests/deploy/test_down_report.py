@@ -1,4 +1,5 @@
 """`kextless down` says what it keeps (the run directory and its logs) and `purge` removes it,
+removes the supervisor password with the other state, and names each SIGKILLed program once,
 on a run directory with no running instance (no root needed; the root tests in
 test_deploy_process.py stop real ones)."""
 
@@ -7,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kextless.base.rundir import RuntimeDir
-from kextless.deploy.down import down
+from kextless.deploy.down import _sigkilled_since, down
+from kextless.deploy.supervisor_rpc import SECRET_FILE, new_password
 
 
 def _run_dir_with_logs(root: Path) -> RuntimeDir:
@@ -51,3 +53,27 @@ def test_a_symlinked_run_dir_is_never_purged(tmp_path: Path) -> None:
     RuntimeDir.for_instance(None, root).path.symlink_to(target)
     report = down(None, root, out=lambda _line: None, purge=True)
     assert report.purged is None and (target / "precious").exists()
+
+
+def test_down_removes_the_supervisor_password_with_the_other_state(tmp_path: Path) -> None:
+    run = _run_dir_with_logs(tmp_path)
+    secret = run.path / SECRET_FILE
+    new_password(run)
+    (run.path / (SECRET_FILE + ".tmp")).write_text("half-written\n")
+    report = down(None, tmp_path, out=lambda _line: None)
+    assert report.problems == []
+    assert not secret.exists() and not (run.path / (SECRET_FILE + ".tmp")).exists()
+    assert (run.log_dir / "broker.log").exists()  # the logs stay
+
+
+def test_a_kill_supervisord_logged_twice_is_listed_once(tmp_path: Path) -> None:
+    log = tmp_path / "supervisord.log"
+    log.write_text(
+        "2026-12-01 10:00:00,000 INFO before: killing 'old' (7) with SIGKILL\n"
+        "2026-12-01 10:00:01,000 WARN killing 'capture' (42) with SIGKILL\n"
+        "2026-12-01 10:00:01,001 WARN killing 'capture' (42) with SIGKILL\n"
+        "2026-12-01 10:00:01,002 WARN killing 'lifecycle' (43) with SIGKILL\n"
+    )
+    start = len(log.read_bytes().splitlines(keepends=True)[0])
+    assert _sigkilled_since(log, start) == ["capture (pid 42)", "lifecycle (pid 43)"]
+    assert _sigkilled_since(tmp_path / "missing.log", 0) == []
