@@ -11,10 +11,11 @@ adds every counter. The JSON report always has everything."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kextless.actors.capture.counters import LAST_RISE, LOSS_COUNTERS, PREFIX
+from kextless.actors.capture.counters import KERNEL_PREFIX, LAST_RISE, LOSS_COUNTERS, PREFIX
 from kextless.base.rundir import RuntimeDir
 from kextless.broker.client import KextClient, KextError, KextTimeout
 from kextless.deploy.errors import DeployError
@@ -161,6 +162,73 @@ def divert_counters(broker: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rose)) if rose else None
             ),
         }
+    return out
+
+
+#: The actors `up` waits for, in the order it reports them; any other program (a test's
+#: stand-in) only has to be RUNNING.
+READY_ACTORS = ("ale", "capture", "lifecycle", "bandwidth", "policy")
+
+
+def reported(broker: Mapping[str, Any], name: str, pid: int) -> dict[str, Any] | None:
+    """The actor's entry in the broker's S if the running process (`pid`) itself reported;
+    an entry of a predecessor supervisord since replaced does not count."""
+    entry = broker.get("actors", {}).get(name)
+    if not isinstance(entry, dict) or (pid and entry.get("pid") != pid):
+        return None
+    return entry
+
+
+def not_ready(
+    pids: Mapping[str, int],
+    broker: Mapping[str, Any] | None,
+    interfaces: Sequence[Mapping[str, Any]] | None,
+) -> dict[str, str]:
+    """What of an instance is not ready yet, {actor: why} (empty: all of it is), from the
+    RUNNING programs' pids, the broker's S (None: it did not answer) and `interfaces()`
+    (None: not read). Ready means each actor's first report after its start work: the
+    capture's first Health follows its divert handle and link guard, the lifecycle actor's
+    its FLOW/SOCKET handles, the bandwidth actor's its loop (and, with the kernel flow
+    cache, its finding the capture's counter maps); the policy is ready once a session is
+    open; every interface must be diverted on both hooks (held is not enough: its
+    connections would be dropped, not decided)."""
+    awaited = [n for n in READY_ACTORS if n in pids]
+    if not awaited:
+        return {}
+    if broker is None:
+        return dict.fromkeys(awaited, "the broker does not answer yet")
+    out: dict[str, str] = {}
+    if "ale" in pids and reported(broker, "ale", pids["ale"]) is None:
+        out["ale"] = "has not reported to the broker yet"
+    capture = reported(broker, "capture", pids.get("capture", 0))
+    if "capture" in pids:
+        if capture is None or not capture.get("counters"):
+            out["capture"] = "no divert handle yet (its first report has not arrived)"
+        elif interfaces is None:
+            out["capture"] = "the namespace's interfaces could not be read"
+        else:
+            bad = [
+                f"{i['name']} "
+                + " ".join(f"{hook} {_hook_state(dict(i), hook)}" for hook in ("ingress", "egress"))
+                for i in interfaces
+                if not i["guarded"]
+            ]
+            if bad:
+                out["capture"] = "interface(s) not diverted on both hooks: " + ", ".join(bad)
+    if "lifecycle" in pids and reported(broker, "lifecycle", pids["lifecycle"]) is None:
+        out["lifecycle"] = "its FLOW/SOCKET handles are not open yet (no report)"
+    if "bandwidth" in pids:
+        bandwidth = reported(broker, "bandwidth", pids["bandwidth"])
+        counters = (capture or {}).get("counters") or {}
+        kernel_cache = any(str(k).startswith(KERNEL_PREFIX) for k in counters)
+        if bandwidth is None:
+            out["bandwidth"] = "has not reported to the broker yet"
+        elif "capture" in pids and not counters:
+            out["bandwidth"] = "waits for the capture's counter maps"
+        elif kernel_cache and not (bandwidth.get("counters") or {}).get("maps_found"):
+            out["bandwidth"] = "not reading the capture's counter maps yet"
+    if "policy" in pids and broker.get("session", {}).get("state") != "open":
+        out["policy"] = "has no client session open yet"
     return out
 
 

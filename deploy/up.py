@@ -1,9 +1,16 @@
-"""`kextless up`: start one supervisord with every program of an instance and return once all
-are RUNNING, or fail with the reason and leave nothing behind.
+"""`kextless up`: start one supervisord with every program of an instance and return once the
+namespace is really guarded, or fail with the reason.
 
 supervisord restarts a crashed actor and owns its logs; `up` only renders its config into the
 instance's 0700 run directory, starts it and waits, recording what it started in the instance
 file so `status` and `down` find it again.
+
+RUNNING is not enough: a capture is RUNNING seconds before its divert handle is open, and a
+connection made in that gap is never decided. So `up` then waits (same --timeout) until every
+actor has reported its start work done (`status.not_ready`). A program that cannot start fails
+`up` and leaves nothing behind; an instance that runs but does not become ready in time fails
+`up` too, but is left running: tearing it down would surely leave the namespace unguarded,
+while its guard holds what is not diverted yet and a slow actor may still come up.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from kextless.base.rundir import RuntimeDir
 from kextless.deploy.config import SUPERVISORD_LOG, program_env, render_config, write_config
 from kextless.deploy.down import remove_state, teardown
 from kextless.deploy.errors import DeployError, UsageError
-from kextless.deploy.filters import divert_filters
+from kextless.deploy.filters import divert_filters, interface_coverage
 from kextless.deploy.instance import (
     Instance,
     ProgramRecord,
@@ -33,6 +40,13 @@ from kextless.deploy.instance import (
 from kextless.deploy.options import UpOptions, check_host, validate
 from kextless.deploy.processes import instance_processes
 from kextless.deploy.programs import Program, check_actor_args, programs_for
+from kextless.deploy.status import (
+    STATUS_TIMEOUT,
+    broker_counters,
+    interfaces,
+    not_ready,
+    reported,
+)
 from kextless.deploy.supervisor_rpc import RPC_ERRORS, new_password, rpc, supervisord_alive
 
 
@@ -43,12 +57,23 @@ class UpResult:
     endpoint: str
     supervisord_pid: int
     pids: dict[str, int] = field(default_factory=dict)
+    #: Seconds from up's start until each awaited actor was ready, in the order they became so.
+    ready_s: dict[str, float] = field(default_factory=dict)
+    #: Seconds from up's start until every program was RUNNING, and until it returned.
+    running_s: float = 0.0
+    total_s: float = 0.0
+
+
+class NotReady(DeployError):
+    """The instance runs but did not become ready in time; it is left running (fail closed)."""
 
 
 def up(
     opts: UpOptions, programs: Sequence[Program] | None = None, out: Callable[[str], None] = print
 ) -> UpResult:
-    """Start supervisord with every program and return once all are RUNNING (or raise, clean).
+    """Start supervisord with every program and return once every actor is ready (status.
+    not_ready is empty). A program that does not start raises and leaves nothing behind; an
+    instance not ready by the deadline raises NotReady and is left running.
 
     `programs` replaces the actor list (tests prove the mechanics with trivial programs); only
     the real actors guard anything, so only they need --netns or --host and checked rules.
@@ -102,11 +127,13 @@ def up(
         started=time.time(),
     )
     write_instance(run, instance)
+    t0 = time.monotonic()
+    deadline = t0 + opts.timeout
     try:
         _launch_supervisord(run)
         instance.supervisord_pid = int(rpc(run).supervisor.getPID())
         write_instance(run, instance)
-        infos = _wait_running(run, [p.name for p in progs], opts.timeout)
+        infos = _wait_running(run, [p.name for p in progs], deadline, opts.timeout)
     except BaseException:
         report = teardown(run, instance, opts.netns, check_filters=opts.netns is not None)
         for line in report.problems:
@@ -118,9 +145,12 @@ def up(
     result = UpResult(
         endpoint.connect_url, instance.supervisord_pid, {i["name"]: i["pid"] for i in infos}
     )
+    result.running_s = time.monotonic() - t0
     out(f"kextless is running for {instance_name(opts.netns)} (run dir {run.path})")
     for info in infos:
         out(f"  {info['name']:<10} RUNNING  pid {info['pid']}")
+    result.ready_s = _wait_ready(run, instance, result.pids, opts, t0, deadline, out)
+    result.total_s = time.monotonic() - t0
     out(f"client endpoint: {endpoint.connect_url}")
     return result
 
@@ -171,9 +201,10 @@ def _launch_supervisord(run: RuntimeDir) -> None:
         raise DeployError(f"supervisord did not start (exit {proc.returncode}): {detail}")
 
 
-def _wait_running(run: RuntimeDir, names: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+def _wait_running(
+    run: RuntimeDir, names: Sequence[str], deadline: float, timeout: float
+) -> list[dict[str, Any]]:
     """Poll until every program is RUNNING; raise naming the first that failed or hung."""
-    deadline = time.monotonic() + timeout
     proxy = rpc(run)
     infos: list[dict[str, Any]] = []
     while True:
@@ -201,6 +232,115 @@ def _wait_running(run: RuntimeDir, names: Sequence[str], timeout: float) -> list
             slow = next(by_name[n] for n in names if by_name[n]["statename"] != "RUNNING")
             raise _program_failed(run, slow, f"not RUNNING after {timeout:g} s")
         time.sleep(0.1)
+
+
+#: How often `up` asks the broker (and, once the capture reported, reads the interfaces)
+#: while it waits for readiness: each look costs a few ms of a CPU the actors start on.
+_READY_POLL_S = 0.1
+
+
+def _wait_ready(
+    run: RuntimeDir,
+    instance: Instance,
+    pids: dict[str, int],
+    opts: UpOptions,
+    t0: float,
+    deadline: float,
+    out: Callable[[str], None],
+) -> dict[str, float]:
+    """Poll until `status.not_ready` is empty, printing what it waits for and, per actor, when
+    it became ready; NotReady naming what is not, with its log tail, at the deadline."""
+    pending = not_ready(pids, None, None)
+    if not pending:
+        return {}
+    out(f"waiting until ready: {', '.join(pending)}")
+    proxy = rpc(run)
+    ready: dict[str, float] = {}
+    restarted: dict[str, str] = {}
+    while True:
+        broker: dict[str, Any] | None
+        try:
+            broker = broker_counters(instance, timeout=min(STATUS_TIMEOUT, 0.5))
+        except DeployError:
+            broker = None
+        ifaces = None
+        capture = (
+            reported(broker, "capture", pids["capture"]) if broker and "capture" in pids else None
+        )
+        if capture is not None and capture.get("counters"):
+            with contextlib.suppress(DeployError):
+                ifaces = interfaces(opts.netns)
+        waiting = not_ready(pids, broker, ifaces)
+        now = time.monotonic()
+        for name in pending:
+            if name in waiting:
+                ready.pop(name, None)  # ready since its last (re)start only
+            elif name not in ready:
+                ready[name] = now - t0
+        if not waiting:
+            break
+        if now > deadline:
+            for name, state in restarted.items():
+                if name in waiting:
+                    waiting[name] += f"; it exited since up started it (now {state})"
+            raise _not_ready(run, opts, waiting, ready)
+        _follow_restarts(proxy, pids, waiting, restarted)
+        time.sleep(_READY_POLL_S)
+    out(
+        f"ready after {time.monotonic() - t0:.1f} s: "
+        + ", ".join(f"{name} {secs:.1f} s" for name, secs in ready.items())
+    )
+    return ready
+
+
+def _follow_restarts(
+    proxy: Any, pids: dict[str, int], waiting: dict[str, str], restarted: dict[str, str]
+) -> None:
+    """An awaited program that died (supervisord restarts it under a new pid, or gives up)
+    never reports as the pid we wait for: wait for its successor instead, and remember it."""
+    with contextlib.suppress(*RPC_ERRORS):
+        for info in proxy.supervisor.getAllProcessInfo():
+            name = info["name"]
+            if name in waiting and info["pid"] != pids.get(name):
+                restarted[name] = info["statename"]
+                if info["pid"]:
+                    pids[name] = info["pid"]
+
+
+def _not_ready(
+    run: RuntimeDir, opts: UpOptions, waiting: dict[str, str], ready: dict[str, float]
+) -> NotReady:
+    """The failure: what is not ready and why, each one's log tail, and what is left running."""
+    lines = [f"not ready after {opts.timeout:g} s (--timeout):"]
+    lines += [f"  {name}: {why}" for name, why in waiting.items()]
+    if ready:
+        lines.append("  ready: " + ", ".join(f"{n} ({s:.1f} s)" for n, s in ready.items()))
+    for name in waiting:
+        log = run.log_dir / f"{name}.log"
+        lines.append(f"--- last lines of {log} ---\n{log_tail(log)}")
+    lines.append(_left_running(opts))
+    return NotReady("\n".join(lines))
+
+
+def _left_running(opts: UpOptions) -> str:
+    """What the user should know about the instance `up` leaves running: is it fail closed?"""
+    held = ""
+    if opts.netns is not None:
+        try:
+            open_links = [c.ifname for c in interface_coverage(opts.netns) if not c.closed]
+        except DeployError:
+            open_links = []
+        if open_links:
+            held = (
+                f" WARNING: {', '.join(open_links)} pass(es) packets UNEXAMINED "
+                "(no divert program and no guard on a hook)."
+            )
+        else:
+            held = " Its guard drops what is not diverted (fail closed)."
+    return (
+        f"kextless is left running.{held} Look with `kextless status{_flags(opts)}`, "
+        f"stop it with `kextless down{_flags(opts)}`."
+    )
 
 
 def _program_failed(run: RuntimeDir, info: dict[str, Any], why: str = "") -> DeployError:

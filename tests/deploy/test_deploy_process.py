@@ -32,7 +32,7 @@ from kextless.deploy.options import UpOptions
 from kextless.deploy.processes import pid_alive, wait_gone
 from kextless.deploy.programs import ACTORS, ActorSpec, Program, ip_command, programs_for
 from kextless.deploy.status import status
-from kextless.deploy.up import up
+from kextless.deploy.up import NotReady, up
 from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
 
@@ -211,6 +211,40 @@ def test_a_program_that_cannot_start_fails_up_and_leaves_nothing(inst: tuple[str
     assert lines == []  # the teardown found nothing left over
     assert instance_pids(run.path) == []
     assert sockets_in(run.path) == []
+
+
+@pytest.mark.slow
+def test_an_actor_that_never_becomes_ready_fails_up_and_is_left_running(
+    inst: tuple[str, Path],
+) -> None:
+    """RUNNING is not ready: a "lifecycle" that never reports to the broker fails `up` at its
+    --timeout, naming it with its log tail; the instance stays up for the user to look at."""
+    ns, root = inst
+    opts = UpOptions(netns=ns, run_root=root, timeout=4)
+    run = opts.run_dir
+    lines: list[str] = []
+    t0 = time.monotonic()
+    with pytest.raises(NotReady) as err:
+        up(opts, [fake_broker(run), sleeper(run, ns, "lifecycle")], out=lines.append)
+    took = time.monotonic() - t0
+    assert 4 <= took < 10, took
+    assert "waiting until ready: lifecycle" in lines
+    message = str(err.value)
+    assert message.startswith(
+        "not ready after 4 s (--timeout):\n"
+        "  lifecycle: its FLOW/SOCKET handles are not open yet (no report)\n"
+        f"--- last lines of {run.log_dir / 'lifecycle.log'} ---\n"
+    ), message
+    # No capture guards this namespace: the message must not claim it is fail closed.
+    assert "WARNING: lo, va pass(es) packets UNEXAMINED" in message
+    assert f"stop it with `kextless down --netns {ns} --run-root {root}`" in message
+    _code, report = status(ns, root)
+    assert [(p["name"], p["state"]) for p in report["programs"]] == [
+        ("broker", "RUNNING"),
+        ("lifecycle", "RUNNING"),
+    ]
+    assert down(ns, root, out=lambda _line: None).problems == []
+    assert instance_pids(run.path) == []
 
 
 @pytest.mark.slow

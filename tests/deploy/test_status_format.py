@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from kextless.deploy.status import divert_counters, format_status, problems
+from kextless.deploy.status import divert_counters, format_status, not_ready, problems
 
 ROSE = 1_764_579_661.0  # 2025-12-01 09:01:01 UTC
 
@@ -229,3 +229,84 @@ def test_no_client_default_is_shown_while_no_client_is_connected() -> None:
         "client: none connected; new connections get the default verdict at once "
         "(--no-client default) [2 session(s) since start]"
     ) in text.splitlines()
+
+
+# ---- readiness (what `kextless up` waits for) ------------------------------------------------
+
+PIDS = {"broker": 10, "ale": 11, "lifecycle": 12, "capture": 13, "bandwidth": 14, "policy": 15}
+GUARDED = [
+    {"name": "lo", "ingress": True, "egress": True, "guarded": True},
+    {"name": "va", "ingress": True, "egress": True, "guarded": True},
+]
+
+
+def ready_broker(**over: Any) -> dict[str, Any]:
+    """A broker S with every actor reported by the pids in PIDS, kernel flow cache on."""
+    actors: dict[str, Any] = {
+        "ale": {"pid": 11, "counters": {"pending": 0}},
+        "lifecycle": {"pid": 12, "counters": {"flows": 0}},
+        "capture": {"pid": 13, "relayed": True, "counters": {"kernel.hit": 0.0}},
+        "bandwidth": {"pid": 14, "counters": {"maps_found": 1.0}},
+    }
+    actors.update(over)
+    return {"actors": actors, "session": {"state": "open"}}
+
+
+def test_ready_when_every_actor_reported_and_every_interface_is_diverted() -> None:
+    assert not_ready(PIDS, ready_broker(), GUARDED) == {}
+
+
+def test_stand_in_programs_are_never_waited_for() -> None:
+    assert not_ready({"broker": 1, "sleeper": 2}, None, None) == {}
+
+
+def test_nothing_is_ready_while_the_broker_does_not_answer() -> None:
+    assert list(not_ready(PIDS, None, None)) == [
+        "ale",
+        "capture",
+        "lifecycle",
+        "bandwidth",
+        "policy",
+    ]
+
+
+def test_a_capture_that_has_not_reported_has_no_handle_and_bandwidth_waits_for_it() -> None:
+    broker = ready_broker()
+    del broker["actors"]["capture"]
+    waiting = not_ready(PIDS, broker, GUARDED)
+    assert waiting == {
+        "capture": "no divert handle yet (its first report has not arrived)",
+        "bandwidth": "waits for the capture's counter maps",
+    }
+
+
+def test_a_held_or_unguarded_interface_is_not_ready() -> None:
+    held = {"name": "vb", "ingress": False, "egress": True, "guarded": False}
+    held |= {"held_ingress": True, "held_egress": False}
+    bare = {"name": "wg0", "ingress": False, "egress": False, "guarded": False}
+    waiting = not_ready(PIDS, ready_broker(), [*GUARDED, held, bare])
+    assert waiting == {
+        "capture": "interface(s) not diverted on both hooks: vb ingress held egress guarded, "
+        "wg0 ingress UNGUARDED egress UNGUARDED"
+    }
+    assert "could not be read" in not_ready(PIDS, ready_broker(), None)["capture"]
+
+
+def test_a_report_of_a_replaced_process_does_not_count() -> None:
+    broker = ready_broker(lifecycle={"pid": 99, "counters": {"flows": 0}})
+    assert list(not_ready(PIDS, broker, GUARDED)) == ["lifecycle"]
+
+
+def test_bandwidth_must_read_the_maps_only_with_the_kernel_flow_cache() -> None:
+    no_maps = {"pid": 14, "counters": {"maps_found": 0.0}}
+    waiting = not_ready(PIDS, ready_broker(bandwidth=no_maps), GUARDED)
+    assert waiting == {"bandwidth": "not reading the capture's counter maps yet"}
+    per_port = {"pid": 13, "relayed": True, "counters": {"packets": 0.0}}  # no kernel.* keys
+    assert not_ready(PIDS, ready_broker(bandwidth=no_maps, capture=per_port), GUARDED) == {}
+
+
+def test_the_policy_is_ready_once_a_session_is_open() -> None:
+    broker = ready_broker() | {"session": {"state": "none"}}
+    assert not_ready(PIDS, broker, GUARDED) == {"policy": "has no client session open yet"}
+    without = {k: v for k, v in PIDS.items() if k != "policy"}
+    assert not_ready(without, broker, GUARDED) == {}

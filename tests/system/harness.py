@@ -111,13 +111,15 @@ class Answerer:
 
 
 class System:
-    """`kextless up` for namespace `pair.a`; always torn down by `close()`."""
+    """`kextless up` for namespace `pair.a`, returned once it is ready; always torn down by
+    `close()`."""
 
     def __init__(self, pair: NetnsPair, run_root: Path, *extra: str) -> None:
         self.pair = pair
         self.run_root = run_root
         self.run = RuntimeDir.for_instance(pair.a, root=run_root)
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        t0 = time.monotonic()
         res = subprocess.run(
             [
                 *KEXTLESS,
@@ -134,9 +136,14 @@ class System:
             timeout=90,
             env=env,
         )
+        #: Seconds `kextless up` took, and what it printed (what it waited for, and how long).
+        self.up_seconds = time.monotonic() - t0
+        self.up_output = res.stdout
         if res.returncode != 0:
             self.down()
             raise AssertionError(f"kextless up failed:\n{res.stdout}\n{res.stderr}")
+        # `up` returned: every actor is ready (deploy/status.not_ready), so a connection made
+        # now is decided, attributed and ends with an event; no wait is needed here.
         self.endpoint = self.run.kext_endpoint
 
     def down(self) -> subprocess.CompletedProcess[str]:
