@@ -101,7 +101,8 @@ def inject(name: str, sig: signal.Signals, record: Recorder) -> None:
             happened(m) + ("" if not miss else "; MISSED: " + "; ".join(miss)),
             None if m.restarted_s is None and sig == signal.SIGSTOP else m.whole_s,
             m.lost(),
-            m.as_dict() | {"logs": str(rig.kept_logs)},
+            m.as_dict()
+            | {"logs": str(rig.kept_logs), "unguarded_after_up_s": rig.unguarded_after_up_s},
         )
         assert not miss, f"{miss}\n{m}\n{rig.logs()}"
 
