@@ -351,20 +351,21 @@ def test_the_real_system_up_status_down_leaves_nothing(
     assert f"client endpoint: {run.kext_endpoint}" in started.stdout
     opts = UpOptions(netns=ns, policy=policy, run_root=root)
     expected = [a.name for a in sorted(ACTORS, key=lambda a: a.priority) if a.enabled(opts)]
-    report: dict = {}
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # actors announce themselves to the broker
-        st = subprocess.run(
-            [*KEXTLESS, "status", *base, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        report = json.loads(st.stdout)
-        if st.returncode == 0 and "ale" in report["broker"]["actors"]:
-            break
-        time.sleep(0.3)
+    # up returned once every actor reported (status.not_ready): no waiting here.
+    assert "ready after " in started.stdout, started.stdout
+    st = subprocess.run(
+        [*KEXTLESS, "status", *base, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    report = json.loads(st.stdout)
+    assert st.returncode == 0, st.stdout
+    assert {"ale", "capture", "lifecycle", "bandwidth"} <= set(report["broker"]["actors"])
+    assert all(i["guarded"] for i in report["interfaces"]), report["interfaces"]
+    if policy:
+        assert report["broker"]["session"]["state"] == "open"
     # start order (the actor table's), not alphabetical
     assert [p["name"] for p in report["programs"]] == expected
     assert all(p["state"] == "RUNNING" for p in report["programs"]), report
@@ -397,18 +398,13 @@ def test_real_broker_ale_and_policy_register_and_stop_cleanly(inst: tuple[str, P
     opts = UpOptions(netns=ns, run_root=root, timeout=15)
     actors = _actors({"broker", "ale", "policy"})
     res = up(opts, programs_for(opts, actors), out=lambda _line: None)
-    report: dict = {}
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        code, report = status(ns, root)
-        if code == 0 and "ale" in report["broker"].get("actors", {}):
-            break
-        time.sleep(0.2)
+    assert set(res.ready_s) == {"ale", "policy"}
+    code, report = status(ns, root)  # up returned once both reported: no waiting here
+    assert code == 0, report
     assert report["broker"]["pid"] == res.pids["broker"]
-    if "ale" in res.pids:
-        assert report["broker"]["actors"]["ale"]["pid"] == res.pids["ale"]
-    if "policy" in res.pids:  # the built-in decision maker holds the one client session
-        assert report["broker"]["session"]["state"] == "open"
+    assert report["broker"]["actors"]["ale"]["pid"] == res.pids["ale"]
+    # the built-in decision maker holds the one client session
+    assert report["broker"]["session"]["state"] == "open"
     stopped = down(ns, root, out=lambda _line: None)
     assert stopped.problems == []
     assert stopped.killed == []  # every actor ends on SIGTERM, in time
