@@ -24,6 +24,14 @@ alone through ebpfdivert_send), detects the unwritten ``sent`` with a sentinel, 
 back to packets, retries the failed packet once alone (which also yields its errno), and goes
 on with the rest: one bad packet is logged and counted, never takes the others with it.
 
+Packet boundaries: recv_ex returns no per-packet lengths, so a batch is split by each
+packet's own IP length field. A packet whose field is shorter than what it carries (trailing
+bytes: a forged length, padding the kernel did not trim) makes that impossible: the batch is
+lost (``split_failed``, counted and raised as EPROTO, so its packets are dropped: fail closed)
+and the next `SINGLE_AFTER_SPLIT` receives take one packet each, whose length the library
+gives exactly; each such packet whose field lies again re-arms it. One lying packet then costs
+one batch, not every batch it lands in.
+
 Lifetimes: a Captured's ``raw`` is a memoryview into the batch buffer, valid until the next
 recv(). recv() first flushes what is queued (it points into that buffer), then copies
 (``detach``) every token of the previous batch that was neither queued nor dropped: those are
@@ -50,6 +58,9 @@ log = logging.getLogger("capture.batch")
 ADDR_SIZE = 80  # sizeof(WINDIVERT_ADDRESS) == sizeof(struct ebpfdivert_address)
 #: libebpfdivert's largest packet (pydivert's DEFAULT_PACKET_BUFFER_SIZE): one always fits.
 MAX_PACKET = 65575
+#: Receives taken one packet at a time after a batch could not be split (see the docstring):
+#: a few seconds of traffic at the rates where batching matters, then batches again.
+SINGLE_AFTER_SPLIT = 4096
 _SENTINEL = 0xFFFFFFFF
 # Timestamp (int64), the flags word (uint32), Reserved2, then Network.IfIdx.
 _HDR = struct.Struct("<qI4xI")
@@ -184,6 +195,12 @@ class BatchCounters:
     sent_alone: int = 0
     #: Packets send_ex may or may not have sent (it stopped without saying where).
     send_unconfirmed: int = 0
+    #: Batches that could not be split by their packets' length fields (lost: dropped).
+    split_failed: int = 0
+    #: Packets lost with them.
+    split_lost: int = 0
+    #: Receives taken one packet at a time after a split failure.
+    single_recvs: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -210,6 +227,8 @@ class Batch:
         self._used = c_uint32(0)
         self._count = c_uint32(0)
         self._last: list[Captured] = []
+        #: Receives left to take one packet at a time (after a batch that could not be split).
+        self._single = 0
         # Send side: a reusable buffer and address array the queue is copied into.
         self._sbuf = bytearray(MAX_PACKET + size * 1514)
         self._sbuf_c = (ctypes.c_char * len(self._sbuf)).from_buffer(self._sbuf)
@@ -239,7 +258,8 @@ class Batch:
         OSError(EBADF) once the handle is shut down and empty or closed."""
         self.flush()
         self._release_last()
-        self._count.value = self.size
+        single = self._single > 0
+        self._count.value = 1 if single else self.size
         self.counters.recv_calls += 1
         ret = self._recv_ex(
             self._h(),
@@ -265,24 +285,40 @@ class Batch:
             a = i * ADDR_SIZE
             ts, flags, ifidx = unpack(self._raddr, a)
             # The packet's own length is in its IP header; the library packs them back to back.
-            b0 = self._rbuf[off]
-            if b0 >> 4 == 6:
-                plen = 40 + ((self._rbuf[off + 4] << 8) | self._rbuf[off + 5])
-            else:
-                plen = (self._rbuf[off + 2] << 8) | self._rbuf[off + 3]
+            plen = self._ip_length(off)
             if n == 1:
+                if single:
+                    self.counters.single_recvs += 1
+                    self._single -= 1
+                    if plen != self._used.value:
+                        self._single = SINGLE_AFTER_SPLIT  # another liar: stay careful
                 plen = self._used.value
             elif plen <= 0 or off + plen > self._used.value:  # a GSO/jumbo length: unreliable
+                self._split_failed(n)
                 raise OSError(errno.EPROTO, f"packet {i} of {n}: length {plen} at {off}")
             out.append(
                 Captured(rmv[off : off + plen], amv[a : a + ADDR_SIZE], flags, ifidx, ts, self)
             )
             off += plen
         if n > 1 and off != self._used.value:
+            self._split_failed(n)
             raise OSError(errno.EPROTO, f"batch of {n}: {off} of {self._used.value} bytes parsed")
         self.counters.received += n
         self._last = out
         return out
+
+    def _ip_length(self, off: int) -> int:
+        """The IP total length the packet at `off` claims (IPv6: header + payload length)."""
+        b = self._rbuf
+        if b[off] >> 4 == 6:
+            return 40 + ((b[off + 4] << 8) | b[off + 5])
+        return (b[off + 2] << 8) | b[off + 3]
+
+    def _split_failed(self, n: int) -> None:
+        """A batch whose boundaries cannot be trusted: lost; receive one at a time a while."""
+        self.counters.split_failed += 1
+        self.counters.split_lost += n
+        self._single = SINGLE_AFTER_SPLIT
 
     def _release_last(self) -> None:
         """Detach every token of the previous batch that is neither queued nor dropped."""

@@ -278,12 +278,6 @@ def test_malformed_packets_into_the_namespace_pass_nothing_and_crash_nothing(
     assert not leaked, (leaked, logs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="actors/capture/batch.py splits a recv_ex batch by each packet's own IP length "
-    "field: one packet whose length lies fails the whole batch with EPROTO, and the "
-    "well-formed packets in it are lost (dropped, never decided)",
-)
 def test_well_formed_packets_among_lying_ones_are_still_decided(pair: NetnsPair) -> None:
     s4, d4 = addr(pair.ip4_b), addr(pair.ip4_a)
     good = [_v4(s4, d4, 17, _udp(s4, d4, UDP_PORT, b"kxf-%03d" % i)) for i in range(20)]

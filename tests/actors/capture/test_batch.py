@@ -225,7 +225,10 @@ def _worker(pair: NetnsPair, mode: str, arg: str, stdin: bool = False) -> tuple[
 
 
 def _result(proc: Any, timeout: float = 30.0) -> Any:
-    out, err = proc.communicate(timeout=timeout)
+    # Not communicate(): with a timeout it reads the pipe's fd directly, missing what `_line`'s
+    # buffered readline already took in (the result line, when the helper was quick).
+    proc.wait(timeout=timeout)
+    out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err.decode()[-3000:]
     return json.loads(out.decode().strip().splitlines()[-1])
 
