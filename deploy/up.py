@@ -279,12 +279,19 @@ def _wait_ready(
                 ready[name] = now - t0
         if not waiting:
             break
-        if now > deadline:
+        _follow_restarts(proxy, pids, waiting, restarted)
+        gave_up = [n for n, state in restarted.items() if n in waiting and state == "FATAL"]
+        if now > deadline or gave_up:
             for name, state in restarted.items():
                 if name in waiting:
                     waiting[name] += f"; it exited since up started it (now {state})"
-            raise _not_ready(run, opts, waiting, ready)
-        _follow_restarts(proxy, pids, waiting, restarted)
+            headline = (
+                f"not ready after {opts.timeout:g} s (--timeout):"
+                if not gave_up
+                else f"not ready: supervisord gave up restarting {', '.join(gave_up)}:"
+            )
+            logs = [*(["broker"] if broker is None and "broker" in pids else []), *waiting]
+            raise _not_ready(run, opts, headline, waiting, ready, logs)
         time.sleep(_READY_POLL_S)
     out(
         f"ready after {time.monotonic() - t0:.1f} s: "
@@ -308,14 +315,20 @@ def _follow_restarts(
 
 
 def _not_ready(
-    run: RuntimeDir, opts: UpOptions, waiting: dict[str, str], ready: dict[str, float]
+    run: RuntimeDir,
+    opts: UpOptions,
+    headline: str,
+    waiting: dict[str, str],
+    ready: dict[str, float],
+    logs: Sequence[str],
 ) -> NotReady:
-    """The failure: what is not ready and why, each one's log tail, and what is left running."""
-    lines = [f"not ready after {opts.timeout:g} s (--timeout):"]
+    """The failure: what is not ready and why, the tail of each log that may say why (the
+    broker's too when it did not answer), and what is left running."""
+    lines = [headline]
     lines += [f"  {name}: {why}" for name, why in waiting.items()]
     if ready:
         lines.append("  ready: " + ", ".join(f"{n} ({s:.1f} s)" for n, s in ready.items()))
-    for name in waiting:
+    for name in logs:
         log = run.log_dir / f"{name}.log"
         lines.append(f"--- last lines of {log} ---\n{log_tail(log)}")
     lines.append(_left_running(opts))
