@@ -171,6 +171,19 @@ class KernelDelete:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelRedirect:
+    """The guard counts the re-injected packets of redirected `flow` as the rewrite leaves
+    them (local -> `target`, an address and port) under `flow` itself, the connection the
+    application sees, or (`counted` False) no longer: the kext counts a redirected
+    connection's bytes as its own (kext-spec section 11), and the redirect target's side is
+    not a connection of the application's."""
+
+    flow: Flow
+    target: tuple[bytes, int]
+    counted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class KernelClear:
     """Remove every map entry (CacheClear)."""
 
@@ -201,6 +214,7 @@ Action = (
     | DestroySocket
     | KernelPut
     | KernelDelete
+    | KernelRedirect
     | KernelClear
     | KernelProbe
     | KernelAudit
@@ -747,14 +761,15 @@ class CaptureCore:
                 target_ip, target_port, local = self._target(flow, verdict)
                 if conn is None:
                     conn = self._record(flow)
-                self._add_redirect(conn, target_ip, target_port)
+                pre = self._add_redirect(conn, target_ip, target_port)
                 c["rerouted"] += 1
                 return [
+                    *pre,
                     Reroute(
                         token,
                         bytes(pk.rewrite(raw, p, dst=target_ip, dport=target_port)),
                         local or loopback,
-                    )
+                    ),
                 ]
             # Inbound packets of a redirected connection are not the target's answers: the
             # kext passes them unchanged (its inbound rewrite restores the same addresses).
@@ -802,23 +817,34 @@ class CaptureCore:
         port = cfg.tunnel_port if verdict is Verdict.REDIRECT_TUNNEL else cfg.split_tunnel_port
         return flow.local_ip, port, True  # "unify": the connection's own local address
 
-    def _add_redirect(self, conn: Connection, target_ip: bytes, target_port: int) -> None:
+    def _add_redirect(self, conn: Connection, target_ip: bytes, target_port: int) -> list[Action]:
+        """Rewrite `conn`'s replies from now on, and have its bytes counted as its own (the
+        translation is written before the first rewritten packet is re-injected)."""
         flow = conn.flow
         key = (flow.protocol, target_ip, target_port, flow.local_ip, flow.local_port)
-        if conn.redirect == key:
-            return
-        self._drop_redirect(conn)
+        if conn.redirect == key and self.replies.get(key) is conn:
+            return []
+        out = self._drop_redirect(conn)
         conn.redirect = key
         self.replies[key] = conn
+        if self.config.kernel_cache:
+            out.append(KernelRedirect(flow, (target_ip, target_port)))
+        return out
 
-    def _drop_redirect(self, conn: Connection) -> None:
+    def _drop_redirect(self, conn: Connection) -> list[Action]:
         key = conn.redirect
-        if key is not None:
-            conn.redirect = None
-            # Two connections from one local port redirected to one target share a reply
-            # key; the later one owns it, and the earlier one's end must not take it away.
-            if self.replies.get(key) is conn:
-                del self.replies[key]
+        if key is None:
+            return []
+        conn.redirect = None
+        # Two connections from one local port redirected to one target share a reply key
+        # (and so a rewritten 5-tuple); the later one owns it, and the earlier one's end must
+        # not take it away.
+        if self.replies.get(key) is not conn:
+            return []
+        del self.replies[key]
+        if not self.config.kernel_cache:
+            return []
+        return [KernelRedirect(conn.flow, (key[1], key[2]), counted=False)]
 
     # ---- ALE messages -----------------------------------------------------------------------
 
@@ -901,12 +927,12 @@ class CaptureCore:
             self._cached += 1
         conn.verdict = verdict
         conn.reask = False
+        out: list[Action] = []
         if verdict.is_redirect:
             ip, port, _ = self._target(flow, verdict)
-            self._add_redirect(conn, ip, port)
+            out += self._add_redirect(conn, ip, port)
         else:
-            self._drop_redirect(conn)
-        out: list[Action] = []
+            out += self._drop_redirect(conn)
         if self._cached > self.config.max_flows:
             oldest = next(x for x in conns.values() if x.verdict is not None)
             log.warning("flow table full: forgetting %s", _fmt(oldest.flow))
@@ -1187,7 +1213,7 @@ class CaptureCore:
         self._delete(flow, conn)
         if conn.verdict is not None:
             self._cached -= 1
-        self._drop_redirect(conn)
+        out += self._drop_redirect(conn)
         self._set_per_packet(conn, False)
         if self._ports_dirty and now_ns is not None and self._recheck_ns is None:
             self._recheck_ns = now_ns + _FILTER_RECHECK_NS

@@ -54,6 +54,7 @@ from pydivert.ebpf import SHUTDOWN_RECV
 from zmq.utils.monitor import recv_monitor_message
 
 from kextless.actors.capture import existing, filters, orphans, tcbpf
+from kextless.actors.capture import packets as pk
 from kextless.actors.capture.batch import Batch, Captured
 from kextless.actors.capture.core import (
     Action,
@@ -67,6 +68,7 @@ from kextless.actors.capture.core import (
     KernelDelete,
     KernelProbe,
     KernelPut,
+    KernelRedirect,
     KernelVerdict,
     Pass,
     Reroute,
@@ -81,12 +83,15 @@ from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
 from kextless.base.kernel_maps import (
+    FLOW_KEY,
     GUARD_NAME,
     GUARD_PREF,
     PRE_NAME,
     PRE_PREF,
+    BpfMap,
     FlowKey,
     KernelCacheError,
+    prog_maps,
 )
 from kextless.protocol.enums import Direction
 from kextless.protocol.messages import (
@@ -316,6 +321,66 @@ def start_kernel_cache(ipr: Any, cfg: ShellConfig) -> KernelCache:
     return kc
 
 
+#: The guard's map of redirect translations (guard.bpf.c).
+REDIRECTED_MAP = "redirected"
+
+
+class RedirectMap:
+    """The guard's `redirected` map: the 5-tuple a redirected connection's outbound packet
+    carries after its rewrite (local -> the target) -> the one the application sent, so the
+    guard counts its bytes for the connection the application sees (KernelRedirect)."""
+
+    def __init__(self, m: BpfMap) -> None:
+        self.map = m
+
+    @classmethod
+    def of(cls, kc: KernelCache) -> RedirectMap | None:
+        """The map of `kc`'s guard; None without a guard (fail open) or for an adopted guard
+        older than the map. KernelCacheError/OSError."""
+        if kc.guard_fd is None:
+            return None
+        fds = prog_maps(kc.guard_fd)
+        fd = fds.pop(REDIRECTED_MAP, None)
+        for other in fds.values():
+            os.close(other)
+        if fd is None:
+            return None
+        try:
+            return cls(BpfMap(fd, REDIRECTED_MAP, FLOW_KEY.size, FLOW_KEY.size))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def set(self, rewritten: FlowKey, original: FlowKey) -> None:
+        self.map.update(rewritten.pack(), original.pack())
+
+    def clear(self, rewritten: FlowKey) -> bool:
+        return self.map.delete(rewritten.pack())
+
+    def clear_all(self) -> int:
+        """Delete every translation (at start: a predecessor's; the ALE's replay re-adds the
+        redirects that still hold); how many were deleted."""
+        keys = [k for k, _v in self.map.items()]
+        return sum(self.map.delete(k) for k in keys)
+
+    def close(self) -> None:
+        os.close(self.map.fd)
+
+
+#: ICMP / ICMPv6 echo types (flowcache.bpf.c records the senders of the requests).
+_ECHO = {pk.ICMP: {8: "request", 0: "reply"}, pk.ICMPV6: {128: "request", 129: "reply"}}
+
+
+def _icmp_echo(msg: PacketHeld) -> str:
+    """ "request" or "reply" for an ICMP/ICMPv6 echo, else "": the only ICMP whose sender
+    kextless_pre records (errors and replies are the kernel's own, sent from softirq)."""
+    types = _ECHO.get(msg.flow.protocol)
+    if types is None:
+        return ""
+    p = pk.parse(msg.packet)
+    return "" if p is None else types.get(p.icmp_type, "")
+
+
 def warn_risky_macs(sys_net: Path = Path("/sys/class/net")) -> list[str]:
     """Warn about interfaces whose ARP replies libebpfdivert may misread as IP (filters.py)."""
     risky = []
@@ -368,6 +433,7 @@ class CaptureShell:
         self._destroyer: existing.Destroyer | None = None
         # The kernel flow cache (None: per-port filters and handle swaps).
         self._kc: KernelCache | None = None
+        self._redirects: RedirectMap | None = None
         self._ipr: Any = None
 
     def stop(self, *_: object) -> None:
@@ -511,10 +577,27 @@ class CaptureShell:
             self._kc = None
         self.core.use_kernel_cache(self._kc is not None)
         if self._kc is not None:
+            self._open_redirects(self._kc)
             log.info(
                 "kernel flow cache on %d link(s), guard %s",
                 len(self._kc.attached),
                 "OFF (fail open)" if self.cfg.fail_open else "on (fail closed)",
+            )
+
+    def _open_redirects(self, kc: KernelCache) -> None:
+        """The guard's redirect map, emptied of a predecessor's translations."""
+        try:
+            self._redirects = RedirectMap.of(kc)
+            if self._redirects is not None and self._redirects.clear_all():
+                log.info("a previous capture's redirect byte translations cleared")
+        except (OSError, KernelCacheError) as e:
+            log.error("the guard's redirect map cannot be opened: %s", e)
+            self._redirects = None
+        if self._redirects is None and kc.guard_fd is not None:
+            log.warning(
+                "the guard has no redirect map (an older one, adopted): a redirected"
+                " connection's outbound bytes count under the rewritten 5-tuple until the"
+                " programs are loaded afresh (kextless down, then up)"
             )
 
     def _filter(self, ports: frozenset[int] | None) -> str:
@@ -523,7 +606,8 @@ class CaptureShell:
         return filters.build(ports, self.cfg.exclude_ports)
 
     def _run_kernel(
-        self, a: KernelPut | KernelDelete | KernelClear | KernelProbe | KernelAudit
+        self,
+        a: KernelPut | KernelDelete | KernelRedirect | KernelClear | KernelProbe | KernelAudit,
     ) -> None:
         kc = self._kc
         if kc is None:
@@ -534,6 +618,8 @@ class CaptureShell:
         elif isinstance(a, KernelDelete):
             key = FlowKey.from_flow(a.flow)
             kc.retire(key) if a.keep_counts else kc.delete(key)
+        elif isinstance(a, KernelRedirect):
+            self._run_redirect(a)
         elif isinstance(a, KernelClear):
             n = kc.clear()
             log.info("kernel cache cleared: %d entries", n)
@@ -551,6 +637,19 @@ class CaptureShell:
                         last = max(last, e.last_seen_ns)
                 seen[flow] = last or None
             self._run_actions(self.core.kernel_activity(seen, time.monotonic_ns()))
+
+    def _run_redirect(self, a: KernelRedirect) -> None:
+        """The guard's translation of `a.flow`'s rewritten outbound 5-tuple (local -> the
+        target it is redirected to) back to the flow's own, written or removed."""
+        rmap = self._redirects
+        if rmap is None:
+            return  # fail open (nothing counts what passes Python) or an older guard
+        f = a.flow
+        rewritten = FlowKey.from_flow(Flow(f.protocol, f.local_ip, f.local_port, *a.target))
+        if a.counted:
+            rmap.set(rewritten, FlowKey.from_flow(f))
+        else:
+            rmap.clear(rewritten)
 
     def _on_monitor(self, event: int) -> None:
         """Track the ALE connection; on a reconnect, resend what the lost peer held."""
@@ -684,22 +783,27 @@ class CaptureShell:
                 self._poller.register(self._scan_fd, zmq.POLLIN)
         elif isinstance(a, DestroySocket):
             self._destroy(a)
-        elif isinstance(a, KernelPut | KernelDelete | KernelClear | KernelProbe | KernelAudit):
+        elif isinstance(
+            a, KernelPut | KernelDelete | KernelRedirect | KernelClear | KernelProbe | KernelAudit
+        ):
             self._run_kernel(a)
 
     def _with_owner(self, msg: Message) -> Message:
         """An outbound TCP/UDP PacketHeld with the pid `kextless_pre` recorded for its opener
         at egress (the connect()/sendmsg() caller's context): the ALE then emits the info at
-        once instead of waiting for the lifecycle actor's attribution (docs M25). I/O, so
-        here and not in the core; a miss or no owners map leaves process_id 0."""
+        once instead of waiting for the lifecycle actor's attribution (docs M25). An ICMP
+        echo request the same way (the sendto() caller; nothing else can tell: no socket
+        event names an ICMP flow), and the echo reply that comes back for it (same flow key:
+        local first). I/O, so here and not in the core; a miss or no owners map leaves
+        process_id 0."""
         owners = self._kc.owners if self._kc is not None else None
-        if (
-            owners is None
-            or not isinstance(msg, PacketHeld)
-            or msg.process_id
-            or msg.direction is not Direction.OUTBOUND
-            or msg.flow.protocol not in (6, 17)
-        ):
+        if owners is None or not isinstance(msg, PacketHeld) or msg.process_id:
+            return msg
+        outbound = msg.direction is Direction.OUTBOUND
+        if msg.flow.protocol in (6, 17):
+            if not outbound:
+                return msg
+        elif _icmp_echo(msg) != ("request" if outbound else "reply"):
             return msg
         try:
             owner = owners.get(FlowKey.from_flow(msg.flow))
@@ -924,6 +1028,8 @@ class CaptureShell:
         if self._kc is not None:
             self._read_kernel()  # the last drops, to the log
             self._kc.close()  # fds only: the programs stay attached (fail closed, adopted)
+        if self._redirects is not None:
+            self._redirects.close()
         if self._ipr is not None:
             with contextlib.suppress(Exception):
                 self._ipr.close()

@@ -39,6 +39,13 @@
  * sent from the retransmission timer in whatever task the timer interrupted, so it never
  * overwrites the pid of the connect(). A new socket reusing the 5-tuple has a new cookie
  * and records afresh. One lookup per diverted egress opener, one update per new socket.
+ * ICMP/ICMPv6 echo requests are recorded too, under their addresses with ports 0 (the key
+ * the capture gives an ICMP flow): a raw or ping socket's sendto() reaches TC egress in the
+ * sender's context, and no socket event names their flow (the SOCKET layer only reports an
+ * ICMP socket's close, without addresses). Other ICMP is not: errors and echo replies are the
+ * kernel's own, sent from softirq. The one known blind spot is shared with the openers above:
+ * a first packet to a neighbour not yet resolved leaves later, from softirq (whoever was
+ * interrupted; often tgid 0, which is skipped).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -197,6 +204,10 @@ static __always_inline int count(__u32 what, int verdict)
 	return verdict;
 }
 
+/* Echo request types (ICMP_ECHO of linux/icmp.h, ICMPV6_ECHO_REQUEST of linux/icmpv6.h). */
+#define ICMP_ECHO_REQUEST 8
+#define ICMPV6_ECHO_REQUEST_TYPE 128
+
 /* ICMPv6 types of neighbour discovery and MLD: the link must keep working unasked. */
 static __always_inline int is_neighbour(__u8 type)
 {
@@ -346,6 +357,16 @@ int kextless_pre(struct __sk_buff *skb)
 		if (passed_port(proto, uh.source) || passed_port(proto, uh.dest))
 			return count(ST_PASS_PORT, TC_ACT_OK);
 	} else {
+		__u8 type;
+
+		/* An echo request's sender (see the head comment); ports stay 0 in the key. */
+		if (((key.family == 4 && proto == IPPROTO_ICMP) ||
+		     (key.family == 6 && proto == IPPROTO_ICMPV6)) &&
+		    !bpf_skb_load_bytes_relative(skb, l4, &type, 1, BPF_HDR_START_NET) &&
+		    type == (key.family == 4 ? ICMP_ECHO_REQUEST : ICMPV6_ECHO_REQUEST_TYPE)) {
+			key.proto = proto;
+			record_owner(skb, &key);
+		}
 		return count(ST_UNCACHED, TC_ACT_UNSPEC);
 	}
 	key.proto = proto;

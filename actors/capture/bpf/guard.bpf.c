@@ -18,6 +18,13 @@
  * kextless_pre it never counts a gap: the bytes in one may have passed through the cache). (A re-injected packet of a
  * flow with a PASS entry never gets here: kextless_pre counts it and ends the chain.)
  *
+ * A redirected connection's packets are re-injected rewritten (to the name server, the tunnel):
+ * `redirected` (written by the capture, kernel_cache.KernelCache.set_redirect) maps the 5-tuple
+ * such a packet carries after the rewrite to the one the application sent, and its payload is
+ * counted under that one, so the bytes belong to the connection the application sees (as the
+ * kext counts them) and nothing to the redirect target's side. The replies need no entry: the
+ * capture rewrites them back to the contacted host before re-injecting them.
+ *
  * The library's lo re-injection (0x4D4A mark: an inbound packet on its way to its target's
  * ingress, where it arrives again marked 0x4D49) goes on untouched and uncounted. A loopback
  * packet crosses lo twice, egress then ingress, with its mark: it is counted on egress only.
@@ -81,6 +88,16 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct reinj_val);
 } reinjected SEC(".maps");
+
+/* A redirect's rewritten orientation -> the orientation the application sent (the capture
+ * writes and deletes them; LRU, so a leftover can never fill it: an evicted entry only counts
+ * that flow's bytes under the rewritten 5-tuple). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_key);
+} redirected SEC(".maps");
 
 /* The L2 header's length before the network header (skb->len counts it at TC): 14 when an
  * Ethernet header's type field is there (veth, lo, ...), else 0 (tun, ...). */
@@ -160,6 +177,12 @@ static __always_inline void count_reinjected(struct __sk_buff *skb)
 		return;
 	}
 	key.proto = proto;
+	{
+		struct flow_key *orig = bpf_map_lookup_elem(&redirected, &key);
+
+		if (orig)
+			key = *orig; /* a redirect: counted for the connection the application sees */
+	}
 	/* No length field: a GSO super-packet of 64 KB or more (lo's do reach 65536 bytes; BIG
 	 * TCP) has an IPv4 total length / IPv6 payload length of 0. */
 	if (!end)

@@ -15,6 +15,7 @@ from kextless.actors.capture.core import (
     KernelDelete,
     KernelProbe,
     KernelPut,
+    KernelRedirect,
     KernelVerdict,
     Pass,
     Reroute,
@@ -152,8 +153,12 @@ def test_verdict_change_deletes_the_entry() -> None:
     assert kernel(out) == [KernelPut(tcp_flow(), KernelVerdict.PASS, Verdict.PERMANENT_ACCEPT)]
     out = core.on_message(CacheSet(tcp_flow(), Verdict.REDIRECT_TUNNEL), NOW + 5)
     assert kernel(out) == [KernelDelete(tcp_flow(), keep_counts=True)]
-    # Forgotten (CacheClear aside, the only way): the retired entry is deleted for good.
-    assert core._forget(tcp_flow(), NOW + 6) == [KernelDelete(tcp_flow())]
+    # Forgotten (CacheClear aside, the only way): the retired entry is deleted for good, and
+    # the redirect's byte translation goes with it.
+    assert core._forget(tcp_flow(), NOW + 6) == [
+        KernelDelete(tcp_flow()),
+        KernelRedirect(tcp_flow(), (a(L4), 717), counted=False),
+    ]
 
 
 def test_cache_clear_clears_the_kernel_and_re_asks() -> None:
@@ -326,3 +331,53 @@ def test_after_the_replay_adopted_entries_nobody_vouches_for_are_deleted() -> No
     due = plain.next_deadline_ns()
     assert due is not None
     assert plain.on_deadline(due) == [ScanExisting()]
+
+
+# ---- redirects: their bytes belong to the connection the application sees ------------------
+
+
+def _redirects(acts: list[Action]) -> list[Action]:
+    return [x for x in acts if isinstance(x, KernelRedirect)]
+
+
+def test_a_redirect_has_its_rewritten_packets_counted_as_the_applications_flow() -> None:
+    core = kcore()
+    query = c.v4(L4, "10.0.0.99", c.udp(40000, 53, b"dns?"))
+    flow = Flow(17, a(L4), 40000, a("10.0.0.99"), 53)
+    out = decide(core, query, Verdict.REDIRECT_NAME_SERVER)
+    lo = (a("127.0.0.1"), 53)
+    # The translation is written once, before the first rewritten packet is re-injected.
+    assert _redirects(out) == [KernelRedirect(flow, lo)]
+    first = next(i for i, x in enumerate(out) if isinstance(x, KernelRedirect))
+    assert first < next(i for i, x in enumerate(out) if isinstance(x, Reroute))
+    _, acts = feed(core, query, now=NOW + 1)
+    assert isinstance(acts[-1], Reroute) and _redirects(acts) == []
+    # A verdict that is no redirect: the flow's packets carry its own 5-tuple again.
+    out = core.on_message(CacheSet(flow, Verdict.PERMANENT_ACCEPT), NOW + 2)
+    assert _redirects(out) == [KernelRedirect(flow, lo, counted=False)]
+    out = core.on_message(CacheSet(flow, Verdict.REDIRECT_NAME_SERVER), NOW + 3)
+    assert _redirects(out) == [KernelRedirect(flow, lo)]
+    assert _redirects(core._forget(flow, NOW + 4)) == [KernelRedirect(flow, lo, counted=False)]
+
+
+def test_two_redirects_sharing_a_rewritten_tuple_keep_the_latest_senders() -> None:
+    """One UDP socket querying two servers, both redirected to the one resolver: after the
+    rewrite their packets carry the same 5-tuple, so the translation (like the reply key)
+    follows the connection that sent last, and the other's end does not remove it."""
+    core = kcore()
+    one = Flow(17, a(L4), 40000, a("10.0.0.98"), 53)
+    two = Flow(17, a(L4), 40000, a("10.0.0.99"), 53)
+    lo = (a("127.0.0.1"), 53)
+    decide(core, c.v4(L4, "10.0.0.98", c.udp(40000, 53, b"a")), Verdict.REDIRECT_NAME_SERVER)
+    out = decide(core, c.v4(L4, "10.0.0.99", c.udp(40000, 53, b"b")), Verdict.REDIRECT_NAME_SERVER)
+    assert _redirects(out) == [KernelRedirect(two, lo)]
+    _, acts = feed(core, c.v4(L4, "10.0.0.98", c.udp(40000, 53, b"c")), now=NOW + 1)
+    assert _redirects(acts) == [KernelRedirect(one, lo)]
+    assert _redirects(core._forget(two, NOW + 2)) == []  # `one` owns it now
+    assert _redirects(core._forget(one, NOW + 3)) == [KernelRedirect(one, lo, counted=False)]
+
+
+def test_without_the_kernel_cache_no_redirect_translation_is_asked_for() -> None:
+    core = CaptureCore()
+    out = decide(core, c.v4(L4, "10.0.0.99", c.udp(40000, 53, b"q")), Verdict.REDIRECT_NAME_SERVER)
+    assert isinstance(out[-1], Reroute) and _redirects(out) == []
