@@ -259,7 +259,7 @@ def _parser(name: str, settings: Settings | None = None) -> argparse.ArgumentPar
             "--timeout",
             type=float,
             default=UP_TIMEOUT,
-            help=f"seconds to wait for every program to run (default {UP_TIMEOUT:g})",
+            help=f"seconds to wait until every program runs and is ready (default {UP_TIMEOUT:g})",
         )
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the status as JSON")
