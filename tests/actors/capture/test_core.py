@@ -194,6 +194,43 @@ def test_icmp_block_is_a_silent_drop_and_icmp_is_never_cached() -> None:
     assert len(asked(acts)) == 1  # every ICMP packet is a request
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["icmp", "icmpv6"])
+def test_an_echo_reply_is_asked_inbound_under_the_requests_local_first_flow(v6: bool) -> None:
+    """As the kext does (every ICMP packet is asked, with the direction it travels): the
+    reply is not a new outbound connection of the peer's, but the same local-first flow
+    coming in, so a client keys both to one connection (Portmaster: proto-local-remote)."""
+    core = CaptureCore()
+    lip, rip = (L6, R6) if v6 else (L4, R4)
+    build = c.v6 if v6 else c.v4
+    proto, echo = c.icmp_echo(v6)
+    reply = bytes([129 if v6 else 0]) + echo[1:]
+    t, acts = feed(core, build(lip, rip, (proto, echo)))
+    (out,) = asked(acts)
+    assert core.on_message(Decision((out.hold_id,), Verdict.PERMANENT_ACCEPT), NOW) == [Pass(t)]
+    t2, acts = feed(core, build(rip, lip, (proto, reply)), outbound=False)
+    (back,) = asked(acts)
+    assert (out.direction, back.direction) == (Direction.OUTBOUND, Direction.INBOUND)
+    assert out.flow == back.flow == Flow(proto, a(lip), 0, a(rip), 0)
+    assert core.on_message(Decision((back.hold_id,), Verdict.PERMANENT_ACCEPT), NOW) == [Pass(t2)]
+    assert not core.connections  # nothing cached: the next echo is asked again
+
+
+@pytest.mark.parametrize(
+    ("proto", "icmp_type", "kind"),
+    [(1, 8, "request"), (1, 0, "reply"), (1, 3, ""), (58, 128, "request"), (58, 129, "reply"),
+     (58, 1, ""), (6, 8, "")],
+)  # fmt: skip
+def test_only_echoes_are_looked_up_for_their_sender(proto: int, icmp_type: int, kind: str) -> None:
+    from kextless.actors.capture.shell import _icmp_echo
+
+    v6 = proto == 58
+    lip, rip = (L6, R6) if v6 else (L4, R4)
+    body = bytes([icmp_type]) + c.icmp_echo(v6)[1][1:]
+    raw = (c.v6 if v6 else c.v4)(lip, rip, (proto, body) if proto != 6 else c.tcp(1, 2, c.SYN))
+    msg = PacketHeld(1, Flow(proto, a(lip), 0, a(rip), 0), Direction.OUTBOUND, raw, NOW)
+    assert _icmp_echo(msg) == kind
+
+
 def test_ipv6_neighbour_discovery_is_never_held() -> None:
     core = CaptureCore()
     ns = (58, bytes([135, 0, 0, 0]) + b"\0" * 20)
