@@ -146,6 +146,11 @@ class IdCacheEntry:
     flow: m.Flow
     created_ns: int
     direction: Direction = Direction.OUTBOUND
+    #: The connection info as emitted, kept to emit it again to a restarted broker (the
+    #: record's bytes already exist: this is one reference per pending id).
+    emit: m.Emit | None = None
+    #: The broker epoch (AleCore.broker_lost) it was emitted in.
+    epoch: int = 0
 
 
 def _with_pid(msg: m.PacketHeld, pid: int) -> m.PacketHeld:
@@ -201,6 +206,15 @@ class AleCore:
         #: Log-file lines for timed-out and for refused infos: one each up to a rate.
         self.timeout_lines = LineBudget()
         self.refused_lines = LineBudget()
+        self.unknown_id_lines = LineBudget()
+        #: Counts broker losses: a pending info emitted in an earlier epoch may have died with
+        #: the broker that queued it, and is emitted again when a broker is back.
+        self._broker_epoch = 0
+        #: Connections whose decided state changed since the last `take_journal()` (the
+        #: shell appends them to the journal once per loop pass, actors/ale/journal.py), and
+        #: whether a ClearCache came first.
+        self._dirty: dict[m.Flow, None] = {}
+        self._cleared = False
         self.counters: dict[str, float] = {
             "ids_issued": 0,
             "verdicts": 0,
@@ -218,6 +232,8 @@ class AleCore:
             "pid_wait_max_us": 0,
             "pid_found": 0,
             "pid_unknown": 0,
+            "reemitted": 0,
+            "restored": 0,
         }
 
     # ---- inputs -------------------------------------------------------------------------
@@ -257,6 +273,7 @@ class AleCore:
             conn = self.connection_cache.get(flow)
             if conn is not None and not conn.process_id:
                 conn.process_id = pid
+                self._touch(flow, conn)
             # This connect's hint is accounted for now (unless its SYN already used it).
             if flow in self._hinted:
                 del self._hinted[flow]
@@ -356,11 +373,13 @@ class AleCore:
         pid = msg.process_id or (conn.process_id if conn else 0)
         if conn is not None and msg.process_id and not conn.process_id:
             conn.process_id = msg.process_id
+            self._touch(flow, conn)
         self.counters["pid_found" if pid else "pid_unknown"] += 1
         new_id = self.next_id
         self.next_id += 1
         self.counters["ids_issued"] += 1
-        self.id_cache[new_id] = IdCacheEntry(msg.hold_id, flow, now_ns, msg.direction)
+        entry = IdCacheEntry(msg.hold_id, flow, now_ns, msg.direction, None, self._broker_epoch)
+        self.id_cache[new_id] = entry
         self._timeout_order.append(new_id)
         info = ConnectionIpv6 if flow.is_v6 else ConnectionIpv4
         record = info(
@@ -375,7 +394,8 @@ class AleCore:
             PayloadLayer.NETWORK,
             msg.packet,
         ).encode()
-        return [m.Emit(info.TYPE, record, new_id)]
+        entry.emit = m.Emit(info.TYPE, record, new_id)
+        return [entry.emit]
 
     def command(self, cmd: Command, now_ns: int) -> list[Effect]:
         """Apply one validated kext command routed to us by the broker."""
@@ -429,6 +449,13 @@ class AleCore:
             "(not logged one by one; counter timeouts)",
         )
 
+    def _unknown_id_summary(self, n: int) -> Note:
+        return Note(
+            logging.WARNING,
+            f"invalid id: {n} more verdict(s) for invalid ids within a second ignored "
+            "(not logged one by one; counter verdicts_unknown_id)",
+        )
+
     def next_deadline_ns(self) -> int | None:
         """The earliest of the verdict deadline, the oldest pid wait's end and a due summary
         of log lines left out."""
@@ -437,7 +464,7 @@ class AleCore:
             first = next(iter(self.waiting.values()))
             wait_due = first.since_ns + self.config.attribution_wait_ns
             due = wait_due if due is None else min(due, wait_due)
-        for budget in (self.timeout_lines, self.refused_lines):
+        for budget in (self.timeout_lines, self.refused_lines, self.unknown_id_lines):
             b = budget.due_ns()
             if b is not None:
                 due = b if due is None else min(due, b)
@@ -460,6 +487,9 @@ class AleCore:
         n = self.refused_lines.flush(now_ns)
         if n:
             out.append(self._refused_summary(n))
+        n = self.unknown_id_lines.flush(now_ns)
+        if n:
+            out.append(self._unknown_id_summary(n))
         return out
 
     def _verdict_deadline_ns(self) -> int | None:
@@ -547,6 +577,7 @@ class AleCore:
         if conn is None or conn.ended_ns:
             return []
         conn.ended_ns = now_ns
+        self._touch(msg.flow, conn)
         self.counters["ended"] += 1
         f = msg.flow
         cls = ConnectionEndEventV6 if f.is_v6 else ConnectionEndEventV4
@@ -561,6 +592,66 @@ class AleCore:
         )
         kind = InfoType.CONNECTION_END_EVENT_V6 if f.is_v6 else InfoType.CONNECTION_END_EVENT_V4
         return [m.Emit(kind, info.encode())]
+
+    # ---- restarts ---------------------------------------------------------------------------
+
+    def broker_lost(self, now_ns: int) -> list[Effect]:
+        """The broker connection dropped: every info emitted so far may have died in its
+        queue (what the shell sends from now on waits in the socket for the next broker)."""
+        self._broker_epoch += 1
+        return []
+
+    def broker_back(self, now_ns: int) -> list[Effect]:
+        """A (new) broker is connected: emit again, same ids and in order, every still
+        pending info emitted before the broker was lost. A client that already holds one
+        answers it once; a second answer is an unknown id, which changes nothing."""
+        epoch = self._broker_epoch
+        again: list[m.Emit] = []
+        for entry in self.id_cache.values():
+            if entry.epoch < epoch and entry.emit is not None:
+                entry.epoch = epoch
+                again.append(entry.emit)
+        if not again:
+            return []
+        self.counters["reemitted"] += len(again)
+        note = Note(
+            logging.INFO,
+            f"broker back: emitted {len(again)} pending connection info(s) again "
+            f"(ids {again[0].id}..{again[-1].id})",
+        )
+        return [*again, note]
+
+    def _touch(self, flow: m.Flow, conn: Connection) -> None:
+        """A decided connection's pid or end changed: it goes to the journal (an undecided
+        one is never journaled: a restart asks about it again anyway)."""
+        if conn.verdict is not Verdict.UNDECIDED:
+            self._dirty[flow] = None
+
+    def take_journal(self) -> tuple[bool, list[tuple[m.Flow, Connection | None]]]:
+        """What changed since the last call, for the journal: whether the cache was cleared
+        first, then each changed flow with its current entry (None: forgotten, or no longer
+        decided)."""
+        cleared, self._cleared = self._cleared, False
+        if not self._dirty:
+            return cleared, []
+        cache = self.connection_cache
+        changes: list[tuple[m.Flow, Connection | None]] = []
+        for flow in self._dirty:
+            conn = cache.get(flow)
+            changes.append(
+                (flow, conn if conn is not None and conn.verdict != Verdict.UNDECIDED else None)
+            )
+        self._dirty = {}
+        return cleared, changes
+
+    def restore(self, connections: dict[m.Flow, Connection], now_ns: int) -> None:
+        """Decided connections of this instance's previous ALE process (its journal): an
+        Update or an end for them works as if the ALE had never stopped."""
+        for flow, conn in connections.items():
+            if flow.protocol in _CACHED_PROTOCOLS and conn.verdict != Verdict.UNDECIDED:
+                conn.last_seen_ns = now_ns
+                self.connection_cache[flow] = conn
+        self.counters["restored"] = len(self.connection_cache)
 
     def health(self) -> dict[str, float]:
         return {
@@ -581,6 +672,17 @@ class AleCore:
         if pending_id not in self.id_cache:
             self.counters["verdicts_unknown_id"] += 1
             out.append(_log(Severity.ERROR, f"Verdict invalid id: {pending_id}"))
+            summary, own_line = self.unknown_id_lines.note(now_ns)
+            if summary:
+                out.append(self._unknown_id_summary(summary))
+            if own_line:
+                out.append(
+                    Note(
+                        logging.WARNING,
+                        f"verdict {verdict.kext_name} for invalid id {pending_id} ignored "
+                        "(never issued, already answered or timed out)",
+                    )
+                )
             return out
         self.counters["verdicts"] += 1
         self._resolve(pending_id, verdict, now_ns, out)
@@ -604,6 +706,7 @@ class AleCore:
             conn.last_seen_ns = now_ns
             if conn.verdict != verdict:
                 conn.verdict = verdict
+                self._dirty[flow] = None
                 out.append(m.CacheSet(flow, verdict))
         if entry.hold_id is not None:
             out.append(m.Decision((entry.hold_id,), verdict))
@@ -622,11 +725,14 @@ class AleCore:
         if conn.verdict == cmd.verdict:  # idempotent: Portmaster sends every update twice
             return []
         conn.verdict = cmd.verdict
+        self._dirty[flow] = None
         return [m.CacheSet(flow, cmd.verdict)]
 
     def _clear_cache(self) -> list[Effect]:
         self.counters["clear_cache"] += 1
         self.connection_cache.clear()
+        self._dirty.clear()
+        self._cleared = True
         return [m.CacheClear()]
 
     def _shutdown(self, now_ns: int) -> list[Effect]:
@@ -653,6 +759,7 @@ class AleCore:
         for flow in gone:
             del cache[flow]
             self.flow_pids.pop(flow, None)
+            self._dirty[flow] = None
         self.counters["expired"] += len(gone)
         ttl = self.config.opener_ttl_ns
         for key in [k for k, h in self.openers.items() if not h or now_ns - h[-1][1] > ttl]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import time
 from pathlib import Path
 
 from kextless.actors.ale.core import AleConfig, AleCore
 from kextless.actors.ale.ids import IdReservation
+from kextless.actors.ale.journal import FILE_NAME, Journal, instance_owner
 from kextless.actors.ale.shell import AleShell
 from kextless.base import logs
+from kextless.base.heartbeat import Heartbeat
 from kextless.base.rundir import RuntimeDir
 from kextless.protocol.enums import Verdict
 
@@ -78,12 +82,25 @@ def main(argv: list[str]) -> int:
     except (RuntimeError, OSError) as exc:
         logging.getLogger("ale").error("%s", exc)
         return 1
-    logging.getLogger("ale").info("issuing pending ids from %d", first_id)
+    log = logging.getLogger("ale")
+    log.info("issuing pending ids from %d", first_id)
+    core = AleCore(config, first_id)
+    journal = Journal(run.path / FILE_NAME, instance_owner(os.getppid()))
+    try:
+        restored = journal.load()
+    except OSError as exc:
+        log.error("cannot use the connection journal %s: %s", journal.path, exc)
+        return 1
+    core.restore(restored, time.monotonic_ns())
+    if restored:
+        log.info("restored %d decided connection(s) from %s", len(restored), journal.path)
     shell = AleShell(
-        AleCore(config, first_id),
+        core,
         args.capture_endpoint or run.ale_endpoint,
         args.actors_endpoint or run.actors_endpoint,
         ids,
+        journal=journal,
+        heartbeat=Heartbeat(run.path, "ale"),
     )
     shell.run()
     return 0

@@ -9,6 +9,14 @@ and sleeps until the next input, the core's next deadline (a held packet's verdi
 its own keepalive: Hello and Health to the broker every second. That cadence is the shell's,
 not the core's: it is about the broker connection (a restarted broker relearns who owns what),
 and the core only supplies the counters (`health()`).
+
+Restarts (issue 12): a socket monitor on the broker DEALER tells the core when the broker
+connection drops and when a (restarted) broker is connected again; the shell then says Hello at
+once (so Verdicts are routed to it again) and sends what the core emits again, the pending
+connection infos that died in the old broker's queue. Each pass's changes to decided
+connections go to the journal (`journal.py`) and the id reservation is extended before that
+pass's messages leave, so nothing a capture enforces or a client holds is unknown to a
+restarted ALE. Every pass beats the heartbeat (`base/heartbeat.py`) the watchdog reads.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ import time
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from kextless.actors.ale.core import TO_CAPTURE, AleCore, Effect, Note
 from kextless.actors.ale.ids import IdReservation
+from kextless.actors.ale.journal import Journal
 from kextless.base.cores import wait_ms
+from kextless.base.heartbeat import Heartbeat, capped_timeout_ms
 from kextless.protocol import messages as m
 from kextless.protocol.commands import decode_command
 from kextless.protocol.enums import CommandType
@@ -55,9 +66,13 @@ class AleShell:
         broker_endpoint: str,
         ids: IdReservation | None = None,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        journal: Journal | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.core = core
         self.ids = ids
+        self.journal = journal
+        self.heartbeat = heartbeat
         self.ctx = ctx or zmq.Context.instance()
         self.capture = self.ctx.socket(zmq.ROUTER)
         self.capture.setsockopt(zmq.LINGER, 0)
@@ -68,6 +83,8 @@ class AleShell:
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
         self.broker.setsockopt(zmq.IDENTITY, b"ale")
+        # Before connect, so the first connection is seen too.
+        self._monitor = self.broker.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.broker.connect(broker_endpoint)
         self._capture_id: bytes | None = None
         #: Broker-bound messages of one loop pass: a burst of events leaves as one Emits.
@@ -76,6 +93,7 @@ class AleShell:
         #: when several, sent at the end of the pass in order.
         self._to_capture: list[m.Message] = []
         self._running = True
+        self._lost_broker = False
         self._hello = m.encode(m.Hello("ale", os.getpid(), m.CONTRACT_VERSION, OWNED_COMMANDS))
 
     def stop(self, *_: object) -> None:
@@ -106,7 +124,21 @@ class AleShell:
                 log.warning("capture unreachable (%s); dropped %d message(s)", exc, len(out))
                 return
 
+    def _persist(self) -> None:
+        """Before a pass's messages leave: its decided connections into the journal, and an
+        id reservation covering every id issued (the ids a client may hold)."""
+        if self.ids is not None:
+            self.ids.ensure(self.core.next_id)
+        if self.journal is not None:
+            cleared, changes = self.core.take_journal()
+            if cleared or changes:
+                try:
+                    self.journal.append(cleared, changes, self.core.connection_cache)
+                except OSError as exc:  # a full disk must not stop the decisions
+                    log.error("journal write failed (%s): %d change(s) not kept", exc, len(changes))
+
     def _send_to_broker(self) -> None:
+        self._persist()
         self._send_to_capture()
         batch, self._to_broker = self._to_broker, []
         if not batch:
@@ -143,8 +175,6 @@ class AleShell:
         `_capture_id`."""
         if isinstance(msg, m.PacketHeld):
             self._capture_id = ident
-            if self.ids is not None:
-                self.ids.ensure(self.core.next_id)
             self._carry_out(self.core.packet_held(msg, now))
         elif isinstance(msg, m.CaptureReady):
             log.info(
@@ -206,8 +236,34 @@ class AleShell:
             wake_r.close()
             wake_w.close()
         log.info("stopping: %d packet(s) still pending", len(self.core.id_cache))
+        self._persist()
+        if self.journal is not None:
+            self.journal.close()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
         self.capture.close()
+        self.broker.disable_monitor()
+        self._monitor.close()
         self.broker.close()
+
+    def _on_monitor(self, now: int) -> None:
+        """The broker connection dropped (the broker died or stopped) or came (back)."""
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("broker connection lost; pending infos are emitted again on return")
+                self._lost_broker = True
+                self._carry_out(self.core.broker_lost(now))
+            elif event["event"] == zmq.EVENT_CONNECTED and self._lost_broker:
+                # (The first connection needs nothing: what was sent before it waited for it.)
+                self._send_to_broker()  # what this pass queued belongs before the Hello
+                self.broker.send_multipart(
+                    [self._hello, m.encode(m.Health("ale", os.getpid(), self.core.health()))]
+                )
+                self._carry_out(self.core.broker_back(now))
 
     def _loop(self, wake: socket.socket) -> None:
         core, capture, broker = self.core, self.capture, self.broker
@@ -215,7 +271,9 @@ class AleShell:
         poller = zmq.Poller()
         poller.register(capture, zmq.POLLIN)
         poller.register(broker, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         poller.register(wake.fileno(), zmq.POLLIN)
+        heartbeat = self.heartbeat
         broker.send(self._hello)
         next_health = clock()
         log.info(
@@ -225,8 +283,12 @@ class AleShell:
         )
         while self._running:
             now = clock()
+            if heartbeat is not None:
+                heartbeat.beat(now)
             timeout = wait_ms(core.next_deadline_ns(), now, wait_ms(next_health, now))
-            events = dict(poller.poll(timeout))  # pyzmq retries EINTR itself
+            events = dict(poller.poll(capped_timeout_ms(timeout)))  # pyzmq retries EINTR
+            if self._monitor in events:
+                self._on_monitor(clock())
             if capture in events:
                 for _ in range(_BATCH):  # drain in batches, but keep the broker served too
                     try:
