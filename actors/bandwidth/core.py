@@ -7,7 +7,10 @@ payload of every accepted packet, in two places (map layouts in base/kernel_maps
   that never reach Python;
 * `Source.REINJECTED`: the guard's count of every packet Python let through (re-injected).
 
-Each packet is counted once, in one of them. The shell reads both maps (`ReadCounters`, every
+Each packet is counted once, in one of them. A redirected connection's rewritten outbound
+packets are counted by the guard under the 5-tuple the application sent (the capture's
+`redirected` translation), so they too arrive here as the application's own orientation and
+need nothing special. The shell reads both maps (`ReadCounters`, every
 `poll_ns`, and before every answer) and hands the readings to `poll`. The core keeps the last
 value of every counter and adds the growth to the connection the packet belongs to: a packet
 from a local address is transmitted by (local=src, remote=dst), one to a local address is
