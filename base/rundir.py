@@ -7,8 +7,11 @@ socket is not open to every local process. Every process derives its endpoints f
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from kextless.base.security import UnsafePath, check_private
 
 ROOT_ENV = "KEXTLESS_RUN_ROOT"
 
@@ -38,10 +41,37 @@ class RuntimeDir:
         return cls(run_dir) if run_dir else cls.for_instance()
 
     def create(self) -> RuntimeDir:
-        """Make the directory (and parents) with mode 0700, tightening it if it exists."""
+        """Make the directory (and parents) with mode 0700, tightening it if it exists; then
+        `check` it. UnsafePath if another user owns it or can change a directory above it."""
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path, 0o700)
+        st = os.lstat(self.path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            os.chmod(self.path, 0o700)
+        self.check()
         return self
+
+    def check(self) -> None:
+        """Refuse a run directory someone else could enter or change: its sockets steer the
+        firewall. It must be a real directory (not a symlink), ours, mode 0700, on a path only
+        trusted users can change (base/security.py)."""
+        try:
+            st = os.lstat(self.path)
+        except OSError as exc:
+            raise UnsafePath(
+                f"run directory {self.path} cannot be checked: {exc.strerror}"
+            ) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePath(f"run directory {self.path} is a symlink; give the real directory")
+        if st.st_uid != os.geteuid():
+            raise UnsafePath(
+                f"run directory {self.path} is owned by uid {st.st_uid}, not by uid "
+                f"{os.geteuid()} who runs kextless"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise UnsafePath(
+                f"run directory {self.path} is mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+            )
+        check_private(self.path, "run directory", directory=True)
 
     @property
     def kext_endpoint(self) -> str:

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from kextless.base.security import UnsafePath, check_private
+
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 #: The ALE refuses a verdict timeout above an hour (a held packet is a stalled application).
 VerdictSeconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -112,6 +114,9 @@ class PolicySettings(_Section, frozen=True):
     rules: str | None = None
     #: Watch the rules file and reload it when it changes (SIGHUP and `kextless reload` too).
     watch: bool = True
+    #: With a tcp:// endpoint: the policy's own zmq.auth secret certificate (its public key
+    #: must be in instance.curve_clients); the server's key comes from curve_server_secret.
+    curve_client_secret: str | None = None
 
 
 class Settings(_Section, frozen=True):
@@ -145,9 +150,14 @@ def parse_settings(text: str, where: str = "<config>", base: Path | None = None)
 
 
 def load_settings(path: Path | None) -> Settings:
-    """The file's settings, or the defaults when `path` is None."""
+    """The file's settings, or the defaults when `path` is None. A file another user could
+    change is refused (base/security.py): it would let them steer the firewall."""
     if path is None:
         return Settings()
+    try:
+        check_private(path, "configuration file")
+    except UnsafePath as exc:
+        raise SettingsError(str(exc)) from None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -190,7 +200,11 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         curve_server_secret=rel(s.instance.curve_server_secret),
         curve_clients=rel(s.instance.curve_clients),
     )
-    policy = msgspec.structs.replace(s.policy, rules=rel(s.policy.rules))
+    policy = msgspec.structs.replace(
+        s.policy,
+        rules=rel(s.policy.rules),
+        curve_client_secret=rel(s.policy.curve_client_secret),
+    )
     return msgspec.structs.replace(s, instance=inst, policy=policy)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.auth
 
+from kextless.base.security import UnsafePath, check_private
 from kextless.broker import wire
 from kextless.protocol.commands import (
     CleanEndedConnectionsCommand,
@@ -101,7 +102,13 @@ def load_curve_certs(
 ) -> tuple[bytes, tuple[bytes, bytes]]:
     """(server public key, (client public, client secret)) from zmq.auth certificate files, as
     `zmq.auth.create_certificates` writes them. The server's may be its public or secret file;
-    the client's must hold its secret key. ValueError with a one-line reason otherwise."""
+    the client's must hold its secret key. ValueError with a one-line reason otherwise, also
+    when another user could change either file (they would choose whom we trust, or be us)."""
+    try:
+        check_private(os.fspath(server_cert), "CURVE server certificate", secret=True)
+        check_private(os.fspath(client_cert), "CURVE client certificate", secret=True)
+    except UnsafePath as e:
+        raise ValueError(str(e)) from None
     try:
         server_public, _ = zmq.auth.load_certificate(server_cert)
         public, secret = zmq.auth.load_certificate(client_cert)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kextless.actors.capture.core import ExistingMode
 from kextless.base.rundir import RuntimeDir
+from kextless.base.security import UnsafePath, check_private, check_private_tree
 from kextless.base.settings import Settings
 from kextless.deploy.errors import UsageError
 from kextless.protocol.enums import Verdict
@@ -86,6 +87,9 @@ class UpOptions:
     run_root: Path | None = None
     curve_server_secret: Path | None = None
     curve_clients: Path | None = None
+    #: The built-in policy's own secret certificate for a tcp endpoint (its public key must be
+    #: in `curve_clients`): it is a CURVE client like any other.
+    policy_curve_secret: Path | None = None
     policy_rules: Path | None = None
     verdict_timeout: float | None = None
     default_verdict: str | None = None
@@ -116,6 +120,7 @@ class UpOptions:
             run_root=_path(inst.run_root),
             curve_server_secret=_path(inst.curve_server_secret),
             curve_clients=_path(inst.curve_clients),
+            policy_curve_secret=_path(s.policy.curve_client_secret),
             policy_rules=_path(s.policy.rules) if s.policy.enabled else None,
             verdict_timeout=s.verdicts.timeout
             if s.verdicts.timeout != d.verdicts.timeout
@@ -199,17 +204,17 @@ def validate(opts: UpOptions) -> Endpoint:
             f"--endpoint {endpoint.url}: a tcp endpoint needs CURVE "
             "(--curve-server-secret FILE and --curve-clients DIR); the broker refuses plain tcp"
         )
-    if endpoint.scheme == "tcp" and opts.policy:
-        raise UsageError(
-            f"--endpoint {endpoint.url}: the built-in policy has no CURVE client options yet, "
-            "so it could not reach a tcp endpoint; add --no-policy and answer from your client"
-        )
     if endpoint.scheme == "ipc" and curve != (None, None):
         raise UsageError("--curve-* options only apply to a tcp:// endpoint")
     if opts.curve_server_secret is not None and not opts.curve_server_secret.is_file():
         raise UsageError(f"--curve-server-secret {opts.curve_server_secret}: no such file")
     if opts.curve_clients is not None and not opts.curve_clients.is_dir():
         raise UsageError(f"--curve-clients {opts.curve_clients}: no such directory")
+    if endpoint.scheme == "tcp" and opts.policy:
+        check_policy_curve(opts)
+    elif opts.policy_curve_secret is not None and opts.policy:
+        raise UsageError("policy.curve_client_secret only applies to a tcp:// endpoint")
+    check_private_files(opts)
     if opts.policy_rules is not None and not opts.policy:
         raise UsageError("--policy-rules makes no sense with --no-policy")
     if opts.policy_rules is not None and not opts.policy_rules.is_file():
@@ -228,3 +233,55 @@ def validate(opts: UpOptions) -> Endpoint:
                 f"--default-verdict {opts.default_verdict!r}: one of {', '.join(names)}"
             )
     return endpoint
+
+
+def check_policy_curve(opts: UpOptions) -> None:
+    """The built-in policy reaches a tcp endpoint as a CURVE client: its certificate must exist
+    and be one the broker lets in, or it would retry forever while `up` waits for it."""
+    import zmq.auth
+
+    secret = opts.policy_curve_secret
+    if secret is None:
+        raise UsageError(
+            f"--endpoint {opts.endpoint}: the built-in policy needs its own CURVE certificate "
+            "for a tcp endpoint: policy.curve_client_secret = FILE in the config file (a "
+            "zmq.auth secret certificate whose public key is in --curve-clients), or --no-policy"
+        )
+    if not secret.is_file():
+        raise UsageError(f"policy.curve_client_secret {secret}: no such file")
+    try:
+        public, private = zmq.auth.load_certificate(secret)
+        allowed = set(zmq.auth.load_certificates(str(opts.curve_clients)).keys())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"policy.curve_client_secret {secret}: {exc}") from None
+    if private is None:
+        raise UsageError(f"policy.curve_client_secret {secret}: holds no secret key")
+    if public not in allowed:
+        raise UsageError(
+            f"policy.curve_client_secret {secret}: its public key is not in --curve-clients "
+            f"{opts.curve_clients}, so the broker would refuse the policy; copy its .key there"
+        )
+
+
+def check_private_files(opts: UpOptions) -> None:
+    """Every file that steers this instance, refused before anything starts if a user other
+    than root and its owner could change it (base/security.py). The configuration file and the
+    rules are checked where they are read (load_settings, check_rules); this covers the keys
+    and the run directory."""
+    try:
+        if opts.config is not None:
+            check_private(opts.config, "configuration file")
+        if opts.curve_server_secret is not None:
+            check_private(opts.curve_server_secret, "CURVE server secret", secret=True)
+        if opts.curve_clients is not None:
+            check_private_tree(opts.curve_clients, "CURVE clients directory")
+        if opts.policy and opts.policy_curve_secret is not None:
+            check_private(opts.policy_curve_secret, "policy CURVE secret", secret=True)
+        run = opts.run_dir
+        if run.path.exists() or run.path.is_symlink():
+            run.check()
+        else:  # `up` creates it 0700: what is above it must already be safe
+            existing = next(p for p in run.path.parents if p.exists())
+            check_private(existing, "run directory's parent", directory=True)
+    except UnsafePath as exc:
+        raise UsageError(str(exc)) from None

@@ -113,9 +113,13 @@ def _bandwidth_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
 
 
 def _policy_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
-    # A custom ipc endpoint is where the broker listens; tcp needs CURVE, which policy lacks,
-    # so it keeps its default (the run dir's kext.sock).
-    args = ["--endpoint", endpoint.url] if opts.endpoint and endpoint.scheme == "ipc" else []
+    # A custom endpoint is where the broker listens; a tcp one needs the policy's CURVE keys
+    # (options.check_policy_curve): it is a CURVE client like Portmaster.
+    args = ["--endpoint", endpoint.connect_url] if opts.endpoint else []
+    if endpoint.scheme == "tcp" and opts.curve_server_secret is not None:
+        args += ["--curve-server-public", str(opts.curve_server_secret)]
+    if endpoint.scheme == "tcp" and opts.policy_curve_secret is not None:
+        args += ["--curve-client-secret", str(opts.policy_curve_secret)]
     if opts.config is not None:  # what only the policy reads there (policy.watch, ...)
         args += ["--config", str(opts.config)]
     if opts.policy_rules is not None:

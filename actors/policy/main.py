@@ -46,8 +46,9 @@ from kextless.actors.policy.view import (
 )
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
-from kextless.base.settings import SettingsError, load_settings
-from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout
+from kextless.base.security import UnsafePath
+from kextless.base.settings import Settings, SettingsError, load_settings
+from kextless.broker.client import KextClient, KextEOF, KextError, KextTimeout, load_curve_certs
 from kextless.protocol.commands import UpdateV4Command, UpdateV6Command, encode_command
 from kextless.protocol.enums import Severity, Verdict
 from kextless.protocol.infos import (
@@ -164,8 +165,11 @@ class PolicyRunner:
         run_dir: Path | None = None,
         watch: bool = False,
         table: ConnectionTable | None = None,
+        curve: tuple[bytes, tuple[bytes, bytes]] | None = None,
     ) -> None:
+        """`curve`: (server public key, (our public, our secret)) for a tcp:// endpoint."""
         self.endpoint = endpoint
+        self.curve = curve
         self.policy = policy
         self.rules_file = rules_file
         self.watch = watch and rules_file is not None
@@ -374,7 +378,12 @@ class PolicyRunner:
                 raise err  # as a single write's failure would
 
     def _session(self) -> None:
-        with KextClient(self.endpoint) as client:
+        server_key, keypair = self.curve if self.curve is not None else (None, None)
+        # A CURVE handshake the broker refuses is silence, not an error: each request then
+        # times out (KextTimeout, a KextError) and run() retries with backoff.
+        with KextClient(
+            self.endpoint, curve_server_key=server_key, curve_keypair=keypair
+        ) as client:
             version = client.version()
             log.info(
                 "session open at %s, kext interface %s", self.endpoint, ".".join(map(str, version))
@@ -428,6 +437,42 @@ class PolicyRunner:
                 self.decision_file.close()
 
 
+def _connect_url(endpoint: str | None) -> str | None:
+    """Where to reach a configured broker endpoint: a wildcard bind address means loopback."""
+    if endpoint is None or not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if host in ("*", "0.0.0.0"):
+        return f"tcp://127.0.0.1:{port}"
+    if host in ("[::]", "::"):
+        return f"tcp://[::1]:{port}"
+    return endpoint
+
+
+def _curve(
+    endpoint: str, args: argparse.Namespace, settings: Settings
+) -> tuple[bytes, tuple[bytes, bytes]] | None:
+    """The CURVE keys a tcp:// endpoint needs (the broker refuses tcp without them), from the
+    flags or the configuration file; ValueError naming what is missing or unsafe."""
+    server: Path | None = args.curve_server_public
+    client: Path | None = args.curve_client_secret
+    if not endpoint.startswith("tcp://"):
+        if server is not None or client is not None:
+            raise ValueError("--curve-* options only apply to a tcp:// endpoint")
+        return None
+    if server is None and settings.instance.curve_server_secret is not None:
+        server = Path(settings.instance.curve_server_secret)
+    if client is None and settings.policy.curve_client_secret is not None:
+        client = Path(settings.policy.curve_client_secret)
+    if server is None or client is None:
+        raise ValueError(
+            f"{endpoint}: a tcp endpoint needs CURVE: --curve-server-public FILE and "
+            "--curve-client-secret FILE (or instance.curve_server_secret and "
+            "policy.curve_client_secret in --config)"
+        )
+    return load_curve_certs(server, client)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kextless run policy", description=__doc__)
     p.add_argument("--config", type=Path, help="the kextless configuration file (TOML)")
@@ -437,6 +482,18 @@ def main(argv: list[str]) -> int:
         "--rules", type=Path, help=f"TOML rules file (default: the shipped {DEFAULT_RULES_FILE})"
     )
     p.add_argument("--no-watch", action="store_true", help="reload on SIGHUP only")
+    p.add_argument(
+        "--curve-server-public",
+        type=Path,
+        help="tcp:// endpoint: a zmq.auth certificate holding the broker's public key (its "
+        "public or secret file; default: instance.curve_server_secret of --config)",
+    )
+    p.add_argument(
+        "--curve-client-secret",
+        type=Path,
+        help="tcp:// endpoint: the policy's own zmq.auth secret certificate, whose public key "
+        "the broker's --curve-clients holds (default: policy.curve_client_secret of --config)",
+    )
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     try:
@@ -461,15 +518,24 @@ def main(argv: list[str]) -> int:
     else:
         root = Path(settings.instance.run_root) if settings.instance.run_root else None
         run = RuntimeDir.for_instance(settings.instance.netns, root)
-    endpoint = args.endpoint
-    if endpoint is None and (settings.instance.endpoint or "").startswith("ipc://"):
-        endpoint = settings.instance.endpoint  # tcp needs CURVE, which the policy lacks
+    try:
+        run.create()  # the rules' decisions and the monitor's files live there
+    except (UnsafePath, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    endpoint = args.endpoint or _connect_url(settings.instance.endpoint) or run.kext_endpoint
+    try:
+        curve = _curve(endpoint, args, settings)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     runner = PolicyRunner(
-        endpoint or run.kext_endpoint,
+        endpoint,
         policy,
         rules_file=rules,
         run_dir=run.path,
         watch=settings.policy.watch and not args.no_watch,
+        curve=curve,
     )
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
@@ -481,5 +547,7 @@ def main(argv: list[str]) -> int:
         policy.default.kext_name,
         ", watching it" if runner.watch else "",
     )
+    if curve is not None:
+        log.info("CURVE client of %s", endpoint)
     runner.run()
     return 0

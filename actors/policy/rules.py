@@ -31,6 +31,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from kextless.actors.policy.view import ProcessFacts
+from kextless.base.security import UnsafePath, check_private
 from kextless.protocol.enums import Direction, Verdict
 from kextless.protocol.infos import ConnectionIpv4, ConnectionIpv6
 
@@ -296,7 +297,12 @@ def parse(text: str, where: str = "<rules>") -> Policy:
 
 
 def load(path: Path) -> Policy:
-    """Read and parse a rules file; RulesError (one line naming the file and line) otherwise."""
+    """Read and parse a rules file; RulesError (one line naming the file and line) otherwise,
+    also when another user could change it (base/security.py): they would decide verdicts."""
+    try:
+        check_private(path, "rules file")
+    except UnsafePath as exc:
+        raise RulesError(str(exc)) from None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
