@@ -281,8 +281,11 @@ class LifecycleShell:
             and ev.flow.protocol == IpProtocol.TCP
             and self._owners_in_kernel(now)
         ):
+            # The kernel gives the opener's pid with the SYN: neither resolving the CONNECT
+            # nor its OPENER hint (a message and an ALE wakeup per connect) would add anything.
             self.skipped_connects += 1
-        elif ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
+            return
+        if ev.event is SocketEvent.CONNECT and ev.flow.protocol == IpProtocol.TCP:
             family = socket.AF_INET6 if ev.flow.is_v6 else socket.AF_INET
             self._connects[ev.endpoint_id] = (ev.process_id, now, family)
             log.debug("connect %d (pid %d) seen", ev.endpoint_id, ev.process_id)
