@@ -16,7 +16,10 @@ Session model (docs/broker-wire.md, "Sessions"):
   Shutdown goes to its owners (the ALE resolves pending verdicts as PermanentBlock). Reads get E
   until the owner closes; writes are still tolerated, as Portmaster's tickers may still fire;
 * OPEN/SHUT -> C (or the owner disconnects) -> NONE. Without Shutdown the queue is kept for the
-  next opener, but a half-delivered info is rewound and sent whole again.
+  next opener, but a half-delivered info is rewound and sent whole again, and the connection
+  infos the session read but never answered go back to the front of the queue, in the order
+  they were read (a client killed mid-decision loses nothing; one decided meanwhile by the
+  ALE's verdict timeout, `Resolved`, is not asked again).
 Any peer may R and W while a session is open (they are the threads sharing the handle); only the
 owner opens and closes.
 
@@ -40,7 +43,7 @@ import msgspec
 
 from kextless.base.linebudget import LineBudget
 from kextless.broker import wire
-from kextless.broker.ioqueue import IOQueue, PushResult
+from kextless.broker.ioqueue import IOQueue, Item, PushResult
 from kextless.broker.logring import LogRing
 from kextless.protocol.commands import VerdictCommand, decode_command
 from kextless.protocol.enums import INTERFACE_VERSION, CommandType, InfoType, Severity
@@ -62,7 +65,9 @@ from kextless.protocol.messages import (
 )
 
 DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024
-#: Delivered-but-unanswered connection ids remembered for the latency measurement.
+#: Delivered-but-unanswered connection infos remembered (for the latency measurement, and to
+#: queue them again when their session ends unanswered); past it the oldest half is forgotten
+#: (they would time out anyway).
 LATENCY_TRACKED_IDS = 65536
 #: Latency samples kept for the quantiles.
 LATENCY_SAMPLES = 8192
@@ -194,7 +199,8 @@ class BrokerCore:
         self.frame_errors = 0
         self.actor_garbage = 0
         self.reads = {"answered": 0, "parked": 0, "timeouts": 0, "eof": 0, "undelivered": 0}
-        self._delivered_at: dict[int, int] = {}
+        #: Delivered, unanswered connection infos by id: (when delivered, the info).
+        self._delivered_at: dict[int, tuple[int, Item]] = {}
         self._latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self._warned_episode = 0
         self._handlers: dict[bytes, Handler] = {
@@ -358,7 +364,24 @@ class BrokerCore:
         self.sessions["closed"] += 1
         self.queue.rewind_partial()
         out.append(Event(f"session {why}"))
+        self._requeue_unanswered(out)
         self._refuse_queued(out)
+
+    def _requeue_unanswered(self, out: list[Effect]) -> None:
+        """The session ended without Shutdown: what it read and did not answer is asked
+        again, first and in order, of the next session."""
+        unanswered = self._delivered_at
+        if not unanswered:
+            return
+        items = [item for _t, item in unanswered.values()]
+        self._delivered_at = {}
+        self.queue.requeue(items)
+        out.append(
+            Event(
+                f"{len(items)} connection info(s) read but not answered queued again "
+                f"(ids {items[0][2]}..{items[-1][2]})"
+            )
+        )
 
     def _answer_parked_eof(self, out: list[Effect]) -> None:
         parked = self.parked
@@ -404,11 +427,11 @@ class BrokerCore:
 
     def _delivered(self, peer: bytes, data: bytes, now_ns: int) -> ToClient:
         self.reads["answered"] += 1
-        ids = self.queue.last_delivered_ids
-        if ids:
+        items = self.queue.last_delivered
+        if items:
             at = self._delivered_at
-            for i in ids:
-                at[i] = now_ns
+            for item in items:
+                at[item[2]] = (now_ns, item)
             if len(at) > LATENCY_TRACKED_IDS:
                 # Forget the oldest half in one go: ids Portmaster never answered (or answered
                 # after a Shutdown) must not grow this map, and trimming one by one from the
@@ -457,6 +480,8 @@ class BrokerCore:
     def read_undeliverable(self, peer: bytes) -> list[Effect]:
         """The shell could not send a read reply (the reader vanished): put the data back."""
         self.reads["undelivered"] += 1
+        for item in self.queue.last_delivered:  # back in the queue: not unanswered
+            self._delivered_at.pop(item[2], None)
         self.queue.undo_read()
         return [Event(f"read reply to {peer.hex()} undeliverable; infos put back")]
 
@@ -498,7 +523,7 @@ class BrokerCore:
         if type(cmd) is VerdictCommand:
             sent = self._delivered_at.pop(cmd.id, None)
             if sent is not None:
-                self._latencies.append(now_ns - sent)
+                self._latencies.append(now_ns - sent[0])
         elif t == CommandType.SHUTDOWN:
             self._shutdown(out)
         elif t == CommandType.GET_LOGS:
@@ -823,6 +848,7 @@ class BrokerCore:
                 "refused": by_type(q.refused),
                 "discarded": by_type(q.discarded),
                 "withdrawn": by_type(q.withdrawn),
+                "requeued": by_type(q.requeued),
             },
             "no_client": {"mode": self.no_client.value, "refused": self.no_client_refused},
             "commands": self.commands,

@@ -75,8 +75,10 @@ class IOQueue:
         self.refused = [0] * _N_TYPES
         self.discarded = [0] * _N_TYPES
         self.withdrawn = [0] * _N_TYPES
-        #: Ids of connection infos whose last byte went out in the latest read (for latency).
-        self.last_delivered_ids: list[int] = []
+        #: Connection infos whose last byte went out in the latest read (for latency, and to
+        #: queue them again if their session ends unanswered).
+        self.last_delivered: list[Item] = []
+        self.requeued = [0] * _N_TYPES
         # What the latest read took, so a reply that could not be sent can be put back.
         self._undo: tuple[Item | None, int, list[Item]] | None = None
 
@@ -89,6 +91,10 @@ class IOQueue:
     @property
     def bytes(self) -> int:
         return self.prio_bytes + self.bulk_bytes
+
+    @property
+    def last_delivered_ids(self) -> list[int]:
+        return [item[2] for item in self.last_delivered]
 
     @property
     def depth_priority(self) -> int:
@@ -175,8 +181,8 @@ class IOQueue:
             return None
         undo_popped: list[Item] = []
         self._undo = (lo, self._leftover_off, undo_popped)
-        ids: list[int] = []
-        self.last_delivered_ids = ids
+        ids: list[Item] = []
+        self.last_delivered = ids
         parts: list[builtins.bytes] = []
         free = max_bytes
         if lo is not None:
@@ -217,7 +223,7 @@ class IOQueue:
                 kind = item[0]
                 delivered[kind] += 1
                 if kind in _CONNECTION_TYPES:
-                    ids.append(item[2])
+                    ids.append(item)
             else:
                 parts.append(rec[:free])
                 self._leftover = item
@@ -228,11 +234,11 @@ class IOQueue:
             self.overflowing = False
         return b"".join(parts)
 
-    def _finished(self, item: Item, ids: list[int]) -> None:
+    def _finished(self, item: Item, ids: list[Item]) -> None:
         kind = item[0]
         self.delivered[kind] += 1
         if kind in _CONNECTION_TYPES:
-            ids.append(item[2])
+            ids.append(item)
 
     def undo_read(self) -> None:
         """Put back what the latest read took (its reply could not be delivered)."""
@@ -257,7 +263,7 @@ class IOQueue:
                 self.bulk_bytes += len(item[1])
         self._leftover = lo
         self._leftover_off = off
-        self.last_delivered_ids = []
+        self.last_delivered = []
 
     # ---- withdrawing ----------------------------------------------------------------------------
 
@@ -311,6 +317,28 @@ class IOQueue:
         return ids
 
     # ---- session changes -----------------------------------------------------------------------
+
+    def requeue(self, items: list[Item]) -> None:
+        """Connection infos a reader got whose session ended unanswered go first again, in the
+        order given, ahead of an info waiting whole in the leftover slot (it came after them).
+        They held their bytes before, so they are taken even beyond the byte budget."""
+        if not items:
+            return
+        lo = self._leftover
+        if lo is not None and self._leftover_off == 0:
+            self._leftover = None
+            if lo[0] in _PRIORITY_TYPES:
+                self._prio.appendleft(lo)
+                self.prio_bytes += len(lo[1])
+            else:
+                self._bulk.appendleft(lo)
+                self.bulk_bytes += len(lo[1])
+        prio = self._prio
+        for item in reversed(items):
+            prio.appendleft(item)
+            self.prio_bytes += len(item[1])
+            self.requeued[item[0]] += 1
+        self._undo = None
 
     def rewind_partial(self) -> None:
         """A new reader must never start mid-info: deliver a partial info again from its start."""

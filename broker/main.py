@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from kextless.base import logs
+from kextless.base.heartbeat import Heartbeat
 from kextless.base.rundir import RuntimeDir
 from kextless.broker.core import DEFAULT_QUEUE_BYTES, BrokerCore, NoClient
 from kextless.broker.server import BrokerServer, ConfigError, CurveConfig
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> int:
             else None
         )
         endpoint, actors_endpoint = args.endpoint, args.actors_endpoint
+        heartbeat = None
         if (
             args.run_dir
             or endpoint is None
@@ -76,6 +78,7 @@ def main(argv: list[str]) -> int:
         ):
             run_dir = RuntimeDir.from_arg(args.run_dir)
             run_dir.create()
+            heartbeat = Heartbeat(run_dir.path, "broker")
             endpoint = endpoint or run_dir.kext_endpoint
             actors_endpoint = actors_endpoint or run_dir.actors_endpoint
         if actors_endpoint is None:
@@ -84,7 +87,7 @@ def main(argv: list[str]) -> int:
         core = BrokerCore(args.queue_bytes, pid=os.getpid(), no_client=args.no_client)
         if args.no_client is NoClient.DEFAULT:
             log.info("no client: connection infos are refused at once while no session is open")
-        server = BrokerServer(core, endpoint, actors_endpoint, curve, log)
+        server = BrokerServer(core, endpoint, actors_endpoint, curve, log, heartbeat)
         return server.run()
     except ConfigError as exc:
         log.error("%s", exc)

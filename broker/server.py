@@ -8,7 +8,8 @@ effects the core returns, in order. It sleeps until the next message or the core
 deadline (a parked read's timeout). It never trusts a peer: frame errors are answered by the
 core, send failures (vanished peer, full pipe) are handled here, and a socket monitor tells it
 when a client's connection drops, so a crashed Portmaster does not keep the device "busy"
-forever.
+forever. With a run directory each pass beats the broker's heartbeat (base/heartbeat.py, read
+by the watchdog), and the poll never sleeps longer than its cap.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from kextless.base.cores import wait_ms
+from kextless.base.heartbeat import Heartbeat, capped_timeout_ms
 from kextless.broker import wire
 from kextless.broker.core import BrokerCore, Effect, Event, Memory, ToActor, ToClient
 from kextless.protocol.enums import CommandType
@@ -151,6 +153,7 @@ class BrokerServer:
         actors_endpoint: str,
         curve: CurveConfig | None = None,
         log: logging.Logger | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         check_endpoint(endpoint, curve, "client")
         check_endpoint(actors_endpoint, None, "actors")
@@ -159,6 +162,8 @@ class BrokerServer:
         self.actors_endpoint = actors_endpoint
         self.curve = curve
         self.log = log or logging.getLogger("broker")
+        #: Beaten every loop pass, read by the watchdog (base/heartbeat.py).
+        self.heartbeat = heartbeat
         self._stop = False
         self._fds: dict[bytes, int] = {}
         self._ctx = zmq.Context()
@@ -257,8 +262,14 @@ class BrokerServer:
         poller.register(monitor, zmq.POLLIN)
         poller.register(wake.fileno(), zmq.POLLIN)
         clock = time.monotonic_ns
+        heartbeat = self.heartbeat
         while not self._stop:
-            timeout = wait_ms(core.next_deadline_ns(), clock())
+            now = clock()
+            if heartbeat is not None:
+                heartbeat.beat(now)
+            timeout = wait_ms(core.next_deadline_ns(), now)
+            if heartbeat is not None:
+                timeout = capped_timeout_ms(timeout)
             try:
                 events = dict(poller.poll(timeout))
             except zmq.ZMQError as exc:
@@ -397,6 +408,8 @@ class BrokerServer:
                 sock.close(linger=0 if sock is getattr(self, "_monitor", None) else 500)
         if self._auth is not None:
             self._auth.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
         self._ctx.term()
         for path in self._bound:
             with contextlib.suppress(FileNotFoundError):
