@@ -49,6 +49,7 @@ _ACTORS: dict[str, str] = {
     "lifecycle": "kextless.actors.lifecycle.main",
     "bandwidth": "kextless.actors.bandwidth.main",
     "policy": "kextless.actors.policy.main",
+    "watchdog": "kextless.deploy.watchdog",
 }
 _ACTOR_JOBS: dict[str, str] = {
     "broker": "the endpoint clients talk to (the kext's device semantics)",
@@ -57,6 +58,7 @@ _ACTOR_JOBS: dict[str, str] = {
     "lifecycle": "process ids and connection ends",
     "bandwidth": "per-connection bytes for GetBandwidthStats",
     "policy": "the built-in decision maker (rules file)",
+    "watchdog": "kills a hung process (its loop stopped beating) so supervisord restarts it",
 }
 
 _USAGE = """usage: kextless <command> [args]

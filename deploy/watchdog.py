@@ -1,0 +1,292 @@
+"""`kextless run watchdog`: kill a hung process so supervisord restarts it (issue 12, fault 1).
+
+supervisord only sees exits: a process whose loop stopped (SIGSTOP, a deadlock, a call that
+never returns) keeps its pid and would never be restarted. Every loop beats into
+RUN/heartbeat/NAME (base/heartbeat.py); this program reads the beats every 100 ms and
+supervisord's process table about every second, and SIGKILLs a RUNNING program whose beat is
+older than STALE_NS. supervisord then restarts it like any crashed process.
+
+What it never does: kill itself or supervisord; kill a program that has not beaten since its
+pid started (no heartbeat file, a 0 stamp, or only the previous pid's stamp: a process that
+does not beat yet is not watched); kill within GRACE_NS of a pid's start; kill one pid twice;
+kill on a process table older than TABLE_FRESH_NS (the pid must be the live one, not a
+restarted program's old pid). An unreachable supervisord is retried (every second; every
+0.3 s while a beat is stale) and logged once.
+
+The decisions are a pure core (`WatchdogCore`: beats, the table and now_ns in, kills out);
+`WatchdogShell` reads the files, calls supervisord and sends the signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kextless.base import logs
+from kextless.base.heartbeat import STALE_NS, read_heartbeats
+from kextless.base.rundir import RuntimeDir
+
+log = logging.getLogger("watchdog")
+
+NAME = "watchdog"
+#: How often the beats are read (the detection delay past STALE_NS is at most this).
+POLL_NS = 100_000_000
+#: How often supervisord's process table is read when nothing is stale.
+TABLE_EVERY_NS = 1_000_000_000
+#: A kill needs a table at most this old, so the pid killed is the program's live one.
+TABLE_FRESH_NS = 300_000_000
+#: The least time between two table reads (also the retry period while supervisord is down).
+TABLE_RETRY_NS = 1_000_000_000
+#: No kill this soon after a pid started. supervisord calls a program RUNNING after 1 s
+#: (startsecs) and the actors' loops beat within ~0.2-1.2 s of exec under load (measured in
+#: the reliability suite); 3 s leaves a slow start on a loaded 2-CPU machine room without
+#: delaying the detection of a hang of a process that has been running (the grace only
+#: applies to a pid younger than it).
+GRACE_NS = 3_000_000_000
+#: How long an XML-RPC call to supervisord may take (local socket; it answers in ms).
+RPC_TIMEOUT_S = 1.0
+#: The watchdog's counters, read by `kextless status`.
+STATE_FILE = "watchdog.json"
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One program in supervisord's table, as the core needs it."""
+
+    name: str
+    pid: int
+    running: bool
+    #: CLOCK_MONOTONIC estimate of the pid's start (supervisord's `start` is whole seconds,
+    #: rounded down, so this may be up to 1 s early).
+    started_ns: int
+
+
+@dataclass(frozen=True)
+class ReadTable:
+    """Effect: read supervisord's process table now and hand it to `on_table`."""
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Effect: SIGKILL `pid` (program `name`), whose last beat is `beat_age_ns` old."""
+
+    name: str
+    pid: int
+    beat_age_ns: int
+    running_ns: int
+
+    def line(self) -> str:
+        return (
+            f"{self.name} (pid {self.pid}) hung: no loop progress for "
+            f"{self.beat_age_ns / 1e9:.2f} s (stale after {STALE_NS / 1e9:g} s), running for "
+            f"{self.running_ns / 1e9:.1f} s; SIGKILL, supervisord restarts it"
+        )
+
+
+Effect = ReadTable | Kill
+
+
+@dataclass
+class WatchdogCore:
+    """Kill decisions from heartbeats and supervisord's table (no clock, files or signals)."""
+
+    own_pid: int
+    stale_ns: int = STALE_NS
+    grace_ns: int = GRACE_NS
+    table_every_ns: int = TABLE_EVERY_NS
+    table_fresh_ns: int = TABLE_FRESH_NS
+    table_retry_ns: int = TABLE_RETRY_NS
+    procs: tuple[Proc, ...] = ()
+    #: Never killed: ours, supervisord's (filled from the table's reader), pid 0 and 1.
+    spared: set[int] = field(default_factory=set)
+    table_ns: int | None = None
+    asked_ns: int | None = None
+    killed: set[int] = field(default_factory=set)
+    kills: int = 0
+    last_kill: Kill | None = None
+
+    def on_table(self, procs: Sequence[Proc], supervisord_pid: int, now_ns: int) -> None:
+        """A fresh process table (read at `now_ns`)."""
+        self.procs = tuple(procs)
+        self.spared.add(supervisord_pid)
+        self.table_ns = now_ns
+        live = {p.pid for p in self.procs}
+        self.killed &= live  # a pid gone from the table can be reused by a new program
+
+    def on_table_failed(self, now_ns: int) -> None:
+        """supervisord did not answer; the old table stays (too old to kill on)."""
+        self.asked_ns = now_ns
+
+    def _may_ask(self, now_ns: int) -> bool:
+        return self.asked_ns is None or now_ns - self.asked_ns >= self.table_retry_ns
+
+    def _table_age(self, now_ns: int) -> int | None:
+        return None if self.table_ns is None else now_ns - self.table_ns
+
+    def on_beats(self, beats: Mapping[str, int], now_ns: int) -> list[Effect]:
+        """Every program's last beat (0: none yet) at `now_ns`: what to do now."""
+        age = self._table_age(now_ns)
+        if (age is None or age >= self.table_every_ns) and self._may_ask(now_ns):
+            self.asked_ns = now_ns
+            return [ReadTable()]
+        hung = [p for p in self.procs if self._hung(p, beats.get(p.name, 0), now_ns)]
+        if not hung:
+            return []
+        if age is None or age > self.table_fresh_ns:
+            # Confirm the pid before killing it (retried every TABLE_FRESH_NS meanwhile).
+            if self.asked_ns is None or now_ns - self.asked_ns >= self.table_fresh_ns:
+                self.asked_ns = now_ns
+                return [ReadTable()]
+            return []
+        out: list[Effect] = []
+        for p in hung:
+            kill = Kill(p.name, p.pid, now_ns - beats[p.name], now_ns - p.started_ns)
+            self.killed.add(p.pid)
+            self.kills += 1
+            self.last_kill = kill
+            out.append(kill)
+        return out
+
+    def _hung(self, p: Proc, beat_ns: int, now_ns: int) -> bool:
+        if not p.running or p.name == NAME or p.pid <= 1:
+            return False
+        if p.pid == self.own_pid or p.pid in self.spared or p.pid in self.killed:
+            return False
+        if beat_ns <= 0 or beat_ns <= p.started_ns:
+            return False  # has not beaten since this pid started: not watched (yet)
+        if now_ns - p.started_ns < self.grace_ns:
+            return False
+        return now_ns - beat_ns > self.stale_ns
+
+
+def procs_from(infos: Sequence[Mapping[str, Any]], now_ns: int) -> list[Proc]:
+    """supervisord's getAllProcessInfo() as Procs; `now_ns` is when the answer came."""
+    out = []
+    for info in infos:
+        try:
+            running = info["statename"] == "RUNNING"
+            up_ns = max(0, int(info["now"]) - int(info["start"])) * 1_000_000_000
+            out.append(Proc(str(info["name"]), int(info["pid"]), running, now_ns - up_ns))
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed entry: that program is not watched
+    return out
+
+
+class WatchdogShell:
+    """The thin I/O part: heartbeat files, supervisord's RPC, os.kill, the state file."""
+
+    def __init__(self, run: RuntimeDir, core: WatchdogCore | None = None) -> None:
+        self.rundir = run
+        self.core = core or WatchdogCore(own_pid=os.getpid())
+        self._running = True
+        self._rpc_down = False
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def read_table(self) -> None:
+        from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc
+
+        try:
+            proxy = rpc(self.rundir, RPC_TIMEOUT_S)
+            sv_pid = int(proxy.supervisor.getPID())
+            infos = proxy.supervisor.getAllProcessInfo()
+        except (*RPC_ERRORS, ValueError, TypeError) as e:
+            if not self._rpc_down:
+                log.warning("supervisord not reachable (%s); retrying every second", e)
+                self._rpc_down = True
+            self.core.on_table_failed(time.monotonic_ns())
+            return
+        if self._rpc_down:
+            log.info("supervisord reachable again")
+            self._rpc_down = False
+        now = time.monotonic_ns()
+        self.core.on_table(procs_from(infos, now), sv_pid, now)
+
+    def kill(self, k: Kill) -> None:
+        try:
+            os.kill(k.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            log.info("%s (pid %d) was gone before its SIGKILL", k.name, k.pid)
+            return
+        except PermissionError as e:
+            log.error("cannot kill %s (pid %d): %s", k.name, k.pid, e)
+            return
+        log.warning("%s", k.line())
+        self._write_state()
+
+    def _write_state(self) -> None:
+        last = self.core.last_kill
+        state = {
+            "pid": os.getpid(),
+            "kills": self.core.kills,
+            "last": None if last is None else {"name": last.name, "pid": last.pid},
+            "last_wall": time.time(),
+        }
+        path = self.rundir.path / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e.strerror)
+
+    def step(self) -> None:
+        """One pass: read the beats, carry out what the core says (a table read first)."""
+        now = time.monotonic_ns()
+        effects = self.core.on_beats(read_heartbeats(self.rundir.path), now)
+        if any(isinstance(e, ReadTable) for e in effects):
+            self.read_table()
+            now = time.monotonic_ns()
+            effects = self.core.on_beats(read_heartbeats(self.rundir.path), now)
+        for e in effects:
+            if isinstance(e, Kill):
+                self.kill(e)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        log.info(
+            "watching %s: stale after %.1f s, grace %.1f s after a start",
+            self.rundir.path / "heartbeat",
+            self.core.stale_ns / 1e9,
+            self.core.grace_ns / 1e9,
+        )
+        self._write_state()
+        while self._running:
+            t0 = time.monotonic_ns()
+            self.step()
+            left = POLL_NS - (time.monotonic_ns() - t0)
+            if left > 0:
+                time.sleep(left / 1e9)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kextless run watchdog", description=__doc__)
+    p.add_argument("--run-dir", type=Path, help="runtime directory (default: the host instance)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE_NS / 1e9,
+        metavar="SECONDS",
+        help=f"no kill this soon after a process started (default {GRACE_NS / 1e9:g})",
+    )
+    args = p.parse_args(argv)
+    if not 0 <= args.grace <= 600:
+        p.error("--grace must be between 0 and 600 seconds")
+    logs.setup(NAME, args.log_level or "INFO")
+    run = RuntimeDir.from_arg(args.run_dir)
+    core = WatchdogCore(own_pid=os.getpid(), grace_ns=int(args.grace * 1e9))
+    WatchdogShell(run, core).run()
+    return 0
