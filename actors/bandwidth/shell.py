@@ -19,6 +19,7 @@ import os
 import signal
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,6 +27,7 @@ import zmq
 
 from kextless.actors.bandwidth.core import BandwidthCore, Effect, ReadCounters, Reading, Source
 from kextless.base.cores import wait_ms
+from kextless.base.heartbeat import Heartbeat, capped_timeout_ms
 from kextless.base.kernel_maps import (
     PAYLOAD_OFFSET,
     REINJECTED_PAYLOAD_OFFSET,
@@ -43,6 +45,20 @@ _U64 = struct.Struct("=Q")
 OWNED_COMMANDS = (CommandType.GET_BANDWIDTH_STATS,)
 HEALTH_NS = 1_000_000_000
 _BATCH = 256
+
+
+def open_heartbeat(run_dir: Path | None, broker_endpoint: str) -> Heartbeat | None:
+    """RUN/heartbeat/bandwidth for the watchdog. Without `run_dir` the run dir is the one the
+    broker's ipc socket (RUN/actors.sock) lives in; with neither, no heartbeat (not watched)."""
+    if run_dir is None and broker_endpoint.startswith("ipc://"):
+        run_dir = Path(broker_endpoint[len("ipc://") :]).parent
+    if run_dir is None:
+        return None
+    try:
+        return Heartbeat(run_dir, "bandwidth")
+    except OSError as e:
+        log.warning("no heartbeat (the watchdog will not watch this process): %s", e)
+        return None
 
 
 def local_addresses(ipr: Any) -> frozenset[bytes]:
@@ -64,8 +80,10 @@ class BandwidthShell:
         broker_endpoint: str,
         ipr: Any | None = None,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         self.core = core
+        self.heartbeat = open_heartbeat(run_dir, broker_endpoint)
         self.ctx = ctx or zmq.Context.instance()
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
@@ -199,6 +217,8 @@ class BandwidthShell:
             self.broker.close()
             with contextlib.suppress(Exception):
                 self.ipr.close()
+            if self.heartbeat is not None:
+                self.heartbeat.close()
 
     def _loop(self) -> None:
         core, clock = self.core, time.monotonic_ns
@@ -209,6 +229,8 @@ class BandwidthShell:
         log.info("running; polling the kernel counters every %.2f s", core.config.poll_ns / 1e9)
         while self._running:
             now = clock()
+            if self.heartbeat is not None:
+                self.heartbeat.beat(now)
             if now >= next_health:
                 self.broker.send(self._hello)
                 health = {
@@ -223,7 +245,7 @@ class BandwidthShell:
             if due is not None and now >= due:
                 self.carry_out(core.on_deadline(now))
                 due = core.next_deadline_ns()
-            timeout = wait_ms(due, now, wait_ms(next_health, now))
+            timeout = capped_timeout_ms(wait_ms(due, now, wait_ms(next_health, now)))
             try:
                 ready = poller.poll(timeout)
             except zmq.ZMQError:

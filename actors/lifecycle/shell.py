@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -41,6 +42,7 @@ from kextless.actors.lifecycle.core import (
 )
 from kextless.actors.lifecycle.diag import DiagRow, SockDiag
 from kextless.base.cores import wait_ms
+from kextless.base.heartbeat import Heartbeat, capped_timeout_ms
 from kextless.base.kernel_maps import OwnerMap
 from kextless.protocol import messages as m
 from kextless.protocol.enums import CommandType, IpProtocol, Severity
@@ -145,6 +147,20 @@ def socket_owners(netns_ino: int) -> dict[int, int]:
     return owners
 
 
+def open_heartbeat(run_dir: Path | None, broker_endpoint: str) -> Heartbeat | None:
+    """RUN/heartbeat/lifecycle for the watchdog. Without `run_dir` the run dir is the one the
+    broker's ipc socket (RUN/actors.sock) lives in; with neither, no heartbeat (not watched)."""
+    if run_dir is None and broker_endpoint.startswith("ipc://"):
+        run_dir = Path(broker_endpoint[len("ipc://") :]).parent
+    if run_dir is None:
+        return None
+    try:
+        return Heartbeat(run_dir, "lifecycle")
+    except OSError as e:
+        log.warning("no heartbeat (the watchdog will not watch this process): %s", e)
+        return None
+
+
 class LifecycleShell:
     def __init__(
         self,
@@ -154,8 +170,10 @@ class LifecycleShell:
         table_interval_s: float = 0.25,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         coalesce_s: float = COALESCE_S,
+        run_dir: Path | None = None,
     ) -> None:
         self.core = core
+        self.heartbeat = open_heartbeat(run_dir, broker_endpoint)
         #: With outbound owners from the kernel, nothing on a connect's path waits for this
         #: actor: its events are read this long after they begin to arrive, so its work
         #: comes after the connect's verdict round trip, not beside it (M25).
@@ -441,6 +459,8 @@ class LifecycleShell:
             self.broker.close()
             if self._diag is not None:
                 self._diag.close()
+            if self.heartbeat is not None:
+                self.heartbeat.close()
 
     def _loop(self, handles: dict[Layer, EBPFDivert]) -> None:
         core, clock = self.core, time.monotonic_ns
@@ -454,6 +474,8 @@ class LifecycleShell:
         log.info("running in netns inode %d", self.netns_ino)
         while self._running:
             now = clock()
+            if self.heartbeat is not None:
+                self.heartbeat.beat(now)
             if now >= next_health:
                 health = {
                     **core.health(),
@@ -475,6 +497,7 @@ class LifecycleShell:
                 self._last_resolve_ns = now
             self._flush()
             timeout = 0 if self._connects else wait_ms(due, now, wait_ms(next_health, now))
+            timeout = capped_timeout_ms(timeout)
             events = poller.poll(timeout)
             if not events and self._connects:
                 # A CONNECT not in the table yet: look again shortly, not in a busy loop (a
