@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kextless.actors.policy.procfacts import FactsCache
@@ -45,6 +46,7 @@ from kextless.actors.policy.view import (
     write_snapshot,
 )
 from kextless.base import logs
+from kextless.base.heartbeat import EVERY_NS, Heartbeat
 from kextless.base.rundir import RuntimeDir
 from kextless.base.security import UnsafePath
 from kextless.base.settings import Settings, SettingsError, load_settings
@@ -120,6 +122,38 @@ class DecisionLog:
             log.info("%d more decision(s) in the last second, not logged one by one: %s", n, counts)
 
 
+class Progress:
+    """What loop progress means for a process whose threads wait on the broker.
+
+    The reader parks in a read without a timeout and every command waits for the broker's
+    reply: waiting on the broker is not a hang of ours (a hung broker is the watchdog's
+    business; killing the policy too would only add a restart). So a thread marks only its
+    own work (`with progress.working():`), and the process has progressed up to the start
+    of its oldest unfinished piece of work, or up to now when no thread is working. A
+    beater thread writes that to the heartbeat: a SIGSTOP stops the beater too, and a thread
+    stuck in its own work (a deadlock, a runaway loop) holds the stamp where the work began.
+    """
+
+    def __init__(self) -> None:
+        self._since: dict[int, int] = {}  # thread ident -> monotonic ns its work started
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        key = threading.get_ident()
+        with self._lock:
+            self._since[key] = time.monotonic_ns()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._since.pop(key, None)
+
+    def progress_ns(self, now_ns: int) -> int:
+        with self._lock:
+            return min([now_ns, *self._since.values()])
+
+
 def decision(row: Row, wall: float, update: bool = False) -> Decision:
     f, p = row.flow, row.facts
     return Decision(
@@ -175,6 +209,8 @@ class PolicyRunner:
         self.watch = watch and rules_file is not None
         self.table = table or ConnectionTable()
         self.stopping = threading.Event()
+        self.progress = Progress()
+        self.heartbeat = Heartbeat(run_dir, "policy") if run_dir is not None else None
         self.decisions = DecisionLog()
         self.facts = FactsCache()
         self.rules_loaded = time.time()
@@ -211,15 +247,17 @@ class PolicyRunner:
         those whose verdict changed. A bad file is refused and the last good rules stay."""
         path = self.rules_file or DEFAULT_RULES_FILE
         try:
-            policy = load(path)
+            with self.progress.working():
+                policy = load(path)
         except RulesError as exc:
             self.rules_error = str(exc)
             log.error("rules reload (%s) refused, keeping the last good rules: %s", why, exc)
             return False
         wall = time.time()
         with self._lock:
-            self.policy = policy
-            changes = self.table.reload(policy)
+            with self.progress.working():
+                self.policy = policy
+                changes = self.table.reload(policy)
             client = self._client
             errors: list[KextError | None] = []
             if changes and client is not None:
@@ -284,13 +322,20 @@ class PolicyRunner:
     def _housekeeping(self) -> None:
         """Each second, session or not: expire ended rows, write the snapshot."""
         while not self.stopping.wait(1.0):
-            with self._lock:
+            with self._lock, self.progress.working():
                 self.table.expire(time.monotonic_ns())
             if self.snapshot_path is not None:
                 try:
                     write_snapshot(self.snapshot_path, self.snapshot())
                 except OSError as exc:
                     log.warning("cannot write %s: %s", self.snapshot_path, exc.strerror)
+
+    def _beater(self) -> None:
+        """The heartbeat (see Progress), until the process exits: also while it shuts down."""
+        assert self.heartbeat is not None
+        while True:
+            self.heartbeat.beat(self.progress.progress_ns(time.monotonic_ns()))
+            time.sleep(EVERY_NS / 1e9)
 
     def _reloader(self) -> None:
         while not self.stopping.is_set():
@@ -355,24 +400,27 @@ class PolicyRunner:
         decided: list[Row] = []
         wall = time.time()
         with self._lock:
-            for one in batch:
-                if isinstance(one, ConnectionIpv4 | ConnectionIpv6):
-                    facts = self.facts.get(one.process_id)
-                    flow = flow_of(one)
-                    verdict, rule = self.policy.match(flow, facts)
-                    verdicts.append((one.id, verdict))
-                    decided.append(self.table.decided(one, flow, facts, verdict, rule, wall))
-                    self.decisions.decided(one, verdict, rule)
-                elif isinstance(one, ConnectionEndEventV4 | ConnectionEndEventV6):
-                    self.table.ended(one, time.monotonic_ns(), wall)
-                elif isinstance(one, BandwidthStatsV4 | BandwidthStatsV6):
-                    self.table.bandwidth(one)
-                elif isinstance(one, LogLine):
-                    level = _LOG_LEVELS.get(one.severity)
-                    if level is not None:
-                        log.log(level, "kext: %s", one.line)
+            # Our own work, the verdicts' round trip aside (waiting on the broker is no hang).
+            with self.progress.working():
+                for one in batch:
+                    if isinstance(one, ConnectionIpv4 | ConnectionIpv6):
+                        facts = self.facts.get(one.process_id)
+                        flow = flow_of(one)
+                        verdict, rule = self.policy.match(flow, facts)
+                        verdicts.append((one.id, verdict))
+                        decided.append(self.table.decided(one, flow, facts, verdict, rule, wall))
+                        self.decisions.decided(one, verdict, rule)
+                    elif isinstance(one, ConnectionEndEventV4 | ConnectionEndEventV6):
+                        self.table.ended(one, time.monotonic_ns(), wall)
+                    elif isinstance(one, BandwidthStatsV4 | BandwidthStatsV6):
+                        self.table.bandwidth(one)
+                    elif isinstance(one, LogLine):
+                        level = _LOG_LEVELS.get(one.severity)
+                        if level is not None:
+                            log.log(level, "kext: %s", one.line)
             errors = client.send_verdicts(verdicts) if verdicts else []
-            self._write_decisions([decision(r, wall) for r in decided])
+            with self.progress.working():
+                self._write_decisions([decision(r, wall) for r in decided])
         for err in errors:
             if err is not None:
                 raise err  # as a single write's failure would
@@ -415,6 +463,8 @@ class PolicyRunner:
 
     def run(self) -> None:
         helpers = [self._housekeeping, self._reloader] + ([self._watcher] if self.watch else [])
+        if self.heartbeat is not None:
+            helpers.append(self._beater)
         for target in helpers:
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
         backoff = 0.2
