@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,7 +157,7 @@ def test_up_checks_every_key_file_and_the_run_dir_before_starting(
             path.chmod(old)
     (d / "run").mkdir(mode=0o700)
     (d / "run").chmod(0o757)
-    with pytest.raises(UsageError, match="^run directory's parent .* is writable by every"):
+    with pytest.raises(UsageError, match=r"^run directory's parent .* is writable by every"):
         validate(_opts(d, certs))
 
 
@@ -218,3 +220,63 @@ def test_run_policy_refuses_unsafe_files_with_one_line(
     assert r.returncode == 2 and f"CURVE client certificate {client} is writable" in r.stderr
     r = _run_policy("--rules", str(rules), "--run-dir", str(run), "--endpoint", "tcp://[::1]:9")
     assert r.returncode == 2 and "a tcp endpoint needs CURVE" in r.stderr
+
+
+@pytest.fixture
+def empty_netns() -> Iterator[str]:
+    """An empty namespace (`up` checks that it exists); nothing in it is ever guarded here."""
+    name = f"kxs-{os.getpid()}-up"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], timeout=10)
+
+
+@pytest.mark.root
+def test_up_refuses_each_unsafe_file_in_one_line_and_starts_nothing(
+    empty_netns: str, certs: tuple[Path, Path, Path]
+) -> None:
+    server, _, clients = certs
+    top = Path(tempfile.mkdtemp(prefix="kxs-", dir="/tmp"))
+    try:
+        root = top / "run"
+        rules = _write(top / "rules.toml", RULES_BLOCK)
+        cfg = _write(top / "kextless.toml", "[verdicts]\ntimeout = 3\n")
+        tcp = ["--endpoint", "tcp://127.0.0.1:23999", "--curve-server-secret", str(server),
+               "--curve-clients", str(clients), "--no-policy"]  # fmt: skip
+        cases: list[tuple[Path, int, list[str], str]] = [
+            (cfg, 0o666, ["--config", str(cfg)], f"configuration file {cfg} is writable"),
+            (rules, 0o646, ["--policy-rules", str(rules)], f"rules file {rules} is writable"),
+            (server, 0o606, tcp, f"CURVE server secret {server} is writable"),
+            (clients, 0o777, tcp, f"CURVE clients directory {clients} is writable"),
+            (top, 0o777, [], f"run directory's parent {top} is writable"),
+        ]
+        for path, mode, args, message in cases:
+            old = path.stat().st_mode & 0o7777
+            path.chmod(mode)
+            try:
+                r = subprocess.run(
+                    [*KEXTLESS, "up", "--netns", empty_netns, "--run-root", str(root), *args],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            finally:
+                path.chmod(old)
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+            assert message in r.stderr
+            assert not root.exists()  # nothing was made, so nothing was started
+        root.mkdir(mode=0o700)
+        os.chown(root, NOBODY, NOBODY)  # someone else's run root: they could swap our sockets
+        r = subprocess.run(
+            [*KEXTLESS, "up", "--netns", empty_netns, "--run-root", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2 and "is owned by nobody (uid 65534)" in r.stderr, r.stderr
+        assert list(root.iterdir()) == []
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
