@@ -134,18 +134,31 @@ KILL_XFAILS: dict[str, str] = {
     "died is lost: nobody asks it again, it waits the whole verdict timeout (10 s; the probe "
     "gave up after 6 s)",
 }
-_NO_WATCHDOG = (
-    "no watchdog: a hung (SIGSTOPped) process keeps its pid and is never restarted "
-    "(supervisord only sees exits), so nothing recovers until it is resumed after 4 s"
+_NOT_WATCHED = (
+    "does not beat yet (no RUN/heartbeat/{0}), so the watchdog (deploy/watchdog.py) leaves it "
+    "alone: a hung {0} keeps its pid and nothing recovers until it is resumed after 4 s; new "
+    "connections wait until then (~4 s)"
 )
 STOP_XFAILS: dict[str, str] = {
-    "broker": _NO_WATCHDOG + "; new connections wait until then (~4 s)",
-    "capture": _NO_WATCHDOG + "; new connections wait until then (~4 s)",
-    "ale": _NO_WATCHDOG + "; new connections wait until then (~4 s)",
-    "lifecycle": _NO_WATCHDOG + "; connections stay fine (pid waits end after 50 ms)",
-    "bandwidth": _NO_WATCHDOG + "; connections stay fine",
-    "policy": _NO_WATCHDOG + "; new connections wait until then (~4 s)",
+    "capture": "the capture " + _NOT_WATCHED.format("capture"),
+    "ale": "the ALE " + _NOT_WATCHED.format("ale"),
 }
+#: Cases that meet the 2 s or miss it by the machine's load (measured), so not strict: the
+#: watchdog kills ~1.1 s after the SIGSTOP, the rest is the new process's start.
+STOP_UNSURE: dict[str, str] = {
+    "policy": "the watchdog kills the hung policy ~1.1 s after the SIGSTOP, but the new one "
+    "took up to 1.7 s from its start to its session on a loaded 2-CPU machine (load 6-8): new "
+    "connections were decided again after 1.12, 2.25 and 2.42 s (target 2 s)",
+}
+
+
+def _stop_cases() -> list[object]:
+    unsure = {
+        name: pytest.param(name, marks=[pytest.mark.xfail(strict=False, reason=why)], id=name)
+        for name, why in STOP_UNSURE.items()
+    }
+    cases = _cases(signal.SIGSTOP, STOP_XFAILS)
+    return [unsure.get(name, case) for name, case in zip(PROCESSES, cases, strict=True)]
 
 
 @pytest.mark.parametrize("name", _cases(signal.SIGKILL, KILL_XFAILS))
@@ -153,6 +166,6 @@ def test_sigkill(name: str, record: Recorder) -> None:
     inject(name, signal.SIGKILL, record)
 
 
-@pytest.mark.parametrize("name", _cases(signal.SIGSTOP, STOP_XFAILS))
+@pytest.mark.parametrize("name", _stop_cases())
 def test_sigstop(name: str, record: Recorder) -> None:
     inject(name, signal.SIGSTOP, record)
