@@ -93,6 +93,8 @@ def _capture_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
         args += ["--existing-connections", opts.existing_connections.value]
     if opts.fail_open:
         args.append("--fail-open")
+    if opts.default_verdict is not None:  # what its held packets get when it stops, too
+        args += ["--stop-verdict", opts.default_verdict]
     r, d = opts.settings.redirect, _DEFAULTS.redirect
     args += _changed("--nameserver-v4", r.nameserver_v4, d.nameserver_v4)
     args += _changed("--nameserver-v6", r.nameserver_v6, d.nameserver_v6)
@@ -153,6 +155,10 @@ ACTORS: tuple[ActorSpec, ...] = (
         extra_args=_bandwidth_args,
     ),
     ActorSpec("policy", 900, enabled=lambda opts: opts.policy, extra_args=_policy_args),
+    # Not an actor: it SIGKILLs a program whose loop stopped beating (deploy/watchdog.py), so
+    # supervisord restarts a hung process as it does a crashed one. Last to start, so every
+    # actor already beats, and first to stop, so it never sees a slow shutdown.
+    ActorSpec("watchdog", 950),
 )
 
 
