@@ -93,6 +93,8 @@ def _capture_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
         args += ["--existing-connections", opts.existing_connections.value]
     if opts.fail_open:
         args.append("--fail-open")
+    if opts.default_verdict is not None:  # what its held packets get when it stops, too
+        args += ["--stop-verdict", opts.default_verdict]
     r, d = opts.settings.redirect, _DEFAULTS.redirect
     args += _changed("--nameserver-v4", r.nameserver_v4, d.nameserver_v4)
     args += _changed("--nameserver-v6", r.nameserver_v6, d.nameserver_v6)

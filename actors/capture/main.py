@@ -18,6 +18,7 @@ from kextless.actors.capture.kernel_cache import DEFAULT_FLOWS_MAX
 from kextless.actors.capture.shell import CaptureShell, ShellConfig, install_signals
 from kextless.base import logs
 from kextless.base.rundir import RuntimeDir
+from kextless.protocol.enums import Verdict
 
 
 def _addr(version: int) -> Callable[[str], bytes]:
@@ -86,8 +87,23 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_FLOWS_MAX,
         help="entries of the kernel flow cache (LRU; an evicted flow is asked again)",
     )
+    ap.add_argument(
+        "--stop-verdict",
+        type=_stop_verdict,
+        default=Verdict.BLOCK,
+        metavar="NAME",
+        help="what packets still held when the capture stops get (default Block; `up` passes "
+        "the ALE's --default-verdict)",
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
+
+
+def _stop_verdict(text: str) -> Verdict:
+    names = {v.kext_name: v for v in Verdict}
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(names)}")
+    return names[text]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel_cache=not args.no_kernel_cache,
             fail_open=args.fail_open,
             flows_max=args.flows_max,
+            stop_verdict=args.stop_verdict,
         ),
     )
     install_signals(shell)

@@ -93,9 +93,11 @@ from kextless.base.kernel_maps import (
     KernelCacheError,
     prog_maps,
 )
-from kextless.protocol.enums import Direction
+from kextless.protocol.enums import Direction, Verdict
 from kextless.protocol.messages import (
     BUNDLE_MAX,
+    CacheSet,
+    Decision,
     Flow,
     Health,
     Log,
@@ -150,6 +152,10 @@ class ShellConfig:
     fail_open: bool = False
     #: Entries of the kernel's flow map (LRU: an evicted flow is asked again, never passed).
     flows_max: int = DEFAULT_FLOWS_MAX
+    #: What packets still held when the capture stops get (the ALE's default verdict: the
+    #: client stops first, so nobody would answer them; a Block fails the connection at once
+    #: instead of its retransmit getting through once kextless is gone).
+    stop_verdict: Verdict = Verdict.BLOCK
 
 
 class _Opener:
@@ -555,6 +561,7 @@ class CaptureShell:
                 # Verdicts, deadlines and drains queued re-injections: one send_ex for all.
                 self._flush()
         finally:
+            self._resolve_held()
             self._send_ale()
             self._shutdown()
             sock.disable_monitor()
@@ -1002,6 +1009,27 @@ class CaptureShell:
                 lost = len(out) - i * BUNDLE_MAX
                 log.warning("ALE queue full: %d message(s) not sent (held packets expire)", lost)
                 return
+
+    def _resolve_held(self) -> None:
+        """Stopping: every held packet gets `stop_verdict` now, not dropped with the handle."""
+        ids = tuple(self.core.held)
+        if not ids or self.handle is None:
+            return
+        verdict = self.cfg.stop_verdict
+        now = time.monotonic_ns()
+        try:
+            if verdict in (Verdict.ACCEPT, Verdict.PERMANENT_ACCEPT):
+                # Accepted for good: with no capture after us, a temporary Accept's replies
+                # would only meet the guard; the kernel map lets the rest of the flow pass.
+                for flow in {h.flow for h in self.core.held.values()}:
+                    cache_set = CacheSet(flow, Verdict.PERMANENT_ACCEPT)
+                    self._run_actions(self.core.on_message(cache_set, now))
+            self._run_actions(self.core.on_message(Decision(ids, verdict), now))
+            self._flush()
+        except Exception as e:  # stopping anyway: the rest of the shutdown must still run
+            log.error("held packets not resolved at stop: %s", e)
+            return
+        log.info("stopping: %d held packet(s) given %s", len(ids), verdict.kext_name)
 
     def _shutdown(self) -> None:
         h, self.handle = self.handle, None

@@ -30,23 +30,14 @@ HELD = 4
 #: Each held client gives up after this; a connection still open then was never resolved.
 CLIENT_TIMEOUT_S = 15.0
 
-#: Measured misses, with the product change each needs (see the fault table).
-_DROPPED = (
-    "the capture stops first and drops its held packets ('N held packet(s) dropped') instead "
-    "of applying the default verdict; the connections only go on by TCP resending the SYN "
-    "once kextless is gone"
-)
+#: Measured misses, with the product change each needs (see the fault table). (The stopping
+#: capture gives its held packets the default verdict: `capture --stop-verdict`, passed by up.)
 _LEFT = (
-    "; SIGTERM to supervisord leaves kextless_pre and kextless_guard on every hook (only "
-    "`kextless down` removes them), so the namespace stays fail closed: held connections time "
-    "out and a new connection afterwards times out"
+    "SIGTERM to supervisord leaves kextless_pre and kextless_guard on every hook (only "
+    "`kextless down` removes them), so the namespace stays fail closed: a new connection "
+    "afterwards times out"
 )
-XFAILS: dict[str, str] = {
-    "down-Block": _DROPPED + " (default Block: they connect instead of being refused)",
-    "down-Accept": _DROPPED,
-    "sigterm-Block": _DROPPED + _LEFT,
-    "sigterm-Accept": _DROPPED + _LEFT,
-}
+XFAILS: dict[str, str] = {"sigterm-Block": _LEFT, "sigterm-Accept": _LEFT}
 
 
 #: connect() and read the greeting; prints the outcome (errno name), and the monotonic time
