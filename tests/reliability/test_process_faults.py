@@ -120,19 +120,12 @@ def _cases(sig: signal.Signals, xfails: dict[str, str]) -> list[object]:
 
 #: Measured misses (see the session's fault table); each names the product change it needs.
 KILL_XFAILS: dict[str, str] = {
-    "broker": "a connection info queued in the broker when it dies is lost: the ALE does not "
-    "emit its pending connections again to the restarted broker, so that connection waits the "
-    "whole verdict timeout (10 s; the probe gave up after 6 s); needs the ALE to re-emit "
-    "pending infos when the broker's Hello comes from a new pid",
+    # broker, ale and policy pass: the ALE emits its pending infos again to a restarted broker,
+    # keeps its decided connections in a journal (actors/ale/journal.py), and a killed
+    # client's unanswered infos go back to the front of the broker's queue.
     "capture": "a SYN sent while the capture restarts (~0.1-0.5 s) is dropped by the guard and "
     "TCP resends it only after 1 s: the longest new-connection wait across a capture kill was "
     "1.04-2.09 s in 4 runs, the target is < 1 s",
-    "ale": "the ALE's connection cache dies with it: an UpdateV4 (PermanentBlock) for a "
-    "connection decided before the kill is ignored (updates_unknown) and the connection keeps "
-    "flowing",
-    "policy": "a connection info the broker had handed to the policy's parked read when it "
-    "died is lost: nobody asks it again, it waits the whole verdict timeout (10 s; the probe "
-    "gave up after 6 s)",
 }
 _NOT_WATCHED = (
     "does not beat yet (no RUN/heartbeat/{0}), so the watchdog (deploy/watchdog.py) leaves it "
