@@ -253,6 +253,12 @@ def _wait_ready(
     pending = not_ready(pids, None, None)
     if not pending:
         return {}
+    cert = opts.policy_curve_secret
+    if instance.client_url.startswith("tcp://") and cert is None:
+        # The broker answers `S` over CURVE only; with no client certificate of ours there
+        # is no asking it, so readiness is not checked (the guard still fails closed).
+        out("not waiting until ready: a tcp endpoint without a client certificate")
+        return {}
     out(f"waiting until ready: {', '.join(pending)}")
     proxy = rpc(run)
     ready: dict[str, float] = {}
@@ -260,7 +266,7 @@ def _wait_ready(
     while True:
         broker: dict[str, Any] | None
         try:
-            broker = broker_counters(instance, timeout=min(STATUS_TIMEOUT, 0.5))
+            broker = broker_counters(instance, timeout=min(STATUS_TIMEOUT, 0.5), client_cert=cert)
         except DeployError:
             broker = None
         ifaces = None

@@ -140,17 +140,6 @@ verdict = "PermanentAccept"
 """
 
 
-#: `up`'s readiness wait (deploy/up.py `_wait_ready`) asks the broker's counters without a
-#: CURVE certificate, so over tcp it never hears the broker and `up` fails "not ready" (with
-#: or without the policy). The change asked of up.py's owner: pass the policy's certificate,
-#: `broker_counters(instance, timeout=..., client_cert=opts.policy_curve_secret)`. With it
-#: applied (tried in-process, not committed) these three tests pass.
-UP_CANNOT_ASK_A_TCP_BROKER = pytest.mark.xfail(
-    strict=True,
-    reason="deploy/up.py's readiness wait has no CURVE certificate for a tcp endpoint",
-)
-
-
 @dataclass
 class CurveSystem:
     pair: NetnsPair
@@ -249,7 +238,6 @@ def _stats(cs: CurveSystem) -> dict[str, object]:
         client.close_sockets()
 
 
-@UP_CANNOT_ASK_A_TCP_BROKER
 def test_the_built_in_policy_decides_over_a_curve_endpoint(curve_system: CurveSystem) -> None:
     cs, p = curve_system, curve_system.pair
     for port in (ACCEPTED_PORT, BLOCKED_PORT):
@@ -263,7 +251,6 @@ def test_the_built_in_policy_decides_over_a_curve_endpoint(curve_system: CurveSy
     assert isinstance(session, dict) and session["state"] == "open"
 
 
-@UP_CANNOT_ASK_A_TCP_BROKER
 def test_only_authorized_curve_clients_reach_the_broker(curve_system: CurveSystem) -> None:
     cs = curve_system
     before = _stats(cs)["session"]
@@ -291,7 +278,6 @@ def test_only_authorized_curve_clients_reach_the_broker(curve_system: CurveSyste
     assert after["busy_refused"] == before["busy_refused"] + 1  # type: ignore[operator]
 
 
-@UP_CANNOT_ASK_A_TCP_BROKER
 def test_the_control_port_never_waits_for_a_verdict(curve_system: CurveSystem) -> None:
     """Everything but one port is PermanentBlock, yet a connection on the endpoint's port is
     never asked about: the capture keeps that port out of interception (for `--host`, where
