@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from kextless.deploy.watchdog import (
     Proc,
     ReadTable,
     WatchdogCore,
+    pid_start_ns,
     procs_from,
 )
 from tests.netns import NetnsPair
@@ -189,10 +191,26 @@ def test_procs_from_supervisord_s_table() -> None:
         {"name": "broken"},  # a malformed entry is not watched
         _info("policy", 0, "BACKOFF", 1_700_000_000),
     ]
+    # whole seconds from supervisord: taken 1 s later, so the previous pid's beats never count
     assert procs_from(infos, now) == [
-        Proc("ale", 50, True, now - 7 * S),
-        Proc("policy", 0, False, now - 5 * S),
+        Proc("ale", 50, True, now - 6 * S),
+        Proc("policy", 0, False, now - 4 * S),
     ]
+    exact = now - 6_543_000_000
+    assert procs_from(infos, now, {50: exact})[0] == Proc("ale", 50, True, exact)
+
+
+def test_a_pid_s_start_from_proc_is_on_the_monotonic_clock() -> None:
+    before = time.monotonic_ns()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        start = pid_start_ns(child.pid)
+        assert start is not None
+        assert before - 20_000_000 <= start <= time.monotonic_ns()  # clock ticks: 10 ms
+    finally:
+        child.kill()
+        child.wait()
+    assert pid_start_ns(child.pid) is None  # gone
 
 
 # ---- the policy's progress ------------------------------------------------------------------
