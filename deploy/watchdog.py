@@ -45,12 +45,12 @@ TABLE_EVERY_NS = 1_000_000_000
 TABLE_FRESH_NS = 300_000_000
 #: The least time between two table reads (also the retry period while supervisord is down).
 TABLE_RETRY_NS = 1_000_000_000
-#: No kill this soon after a pid started. Measured under the reliability suite's load, from
-#: exec to the first beat: broker 0.19-0.29 s, ALE 0.52-0.66 s, bandwidth 0.21-0.48 s,
-#: policy 0.13-0.16 s, lifecycle 0.95 s (up to ~4 s when its divert handles are slow to open;
-#: it beats only from its loop on, so it is not watched until then). 3 s is 4-5x the usual
-#: start and costs nothing when a process that has been running hangs: only a pid younger
-#: than the grace waits for it.
+#: No kill this soon after a pid started. Measured under the reliability suite's load (4
+#: restarts each), from exec to the first beat: broker 0.19-0.88 s, ALE 0.22-0.66 s,
+#: bandwidth 0.21-0.89 s, policy 0.13-0.44 s, lifecycle 0.95-1.44 s (once ~4 s, its divert
+#: handles slow to open; it beats only from its loop on, so it is not watched until then).
+#: 3 s is twice the slowest and costs nothing when a process that has been running hangs:
+#: only a pid younger than the grace waits for it.
 GRACE_NS = 3_000_000_000
 #: How long an XML-RPC call to supervisord may take (local socket; it answers in ms).
 RPC_TIMEOUT_S = 1.0
