@@ -433,8 +433,14 @@ def run_main(argv: list[str]) -> int:
         except UsageError as e:
             print(f"kextless run {actor}: error: {e}", file=sys.stderr)
             return 2
+    from kextless.base.security import UnsafePath
+
     module = importlib.import_module(_ACTORS[actor])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except UnsafePath as e:  # a run dir or key file others could change: one line, no trace
+        print(f"kextless run {actor}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _with_config(actor: str, argv: list[str]) -> list[str]:
