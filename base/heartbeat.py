@@ -13,6 +13,7 @@ CLOCK_MONOTONIC is the same for every process of one boot, so readers compare ag
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -88,3 +89,20 @@ def capped_timeout_ms(timeout_ms: int | None) -> int:
     if timeout_ms is None or timeout_ms < 0:
         return cap
     return min(timeout_ms, cap)
+
+
+def open_heartbeat(run_dir: Path | None, name: str, broker_endpoint: str = "") -> Heartbeat | None:
+    """RUN/heartbeat/NAME for the watchdog. Without `run_dir`, the run dir is the one the
+    broker's ipc socket (RUN/actors.sock) lives in; with neither, or if the file cannot be
+    made, no heartbeat: the process runs unwatched (said once), it is not refused."""
+    if run_dir is None and broker_endpoint.startswith("ipc://"):
+        run_dir = Path(broker_endpoint[len("ipc://") :]).parent
+    if run_dir is None:
+        return None
+    try:
+        return Heartbeat(run_dir, name)
+    except OSError as e:
+        logging.getLogger(name).warning(
+            "no heartbeat (the watchdog will not watch this process): %s", e
+        )
+        return None

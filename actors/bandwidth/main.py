@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     run = RuntimeDir.from_arg(args.run_dir).create()
     logs.setup("bandwidth", args.log_level)
     core = BandwidthCore(BandwidthConfig(poll_ns=int(args.poll_interval * 1e9)))
-    BandwidthShell(core, args.actors_endpoint or run.actors_endpoint).run()
+    BandwidthShell(core, args.actors_endpoint or run.actors_endpoint, run_dir=run.path).run()
     return 0
 
 

@@ -27,7 +27,7 @@ import zmq
 
 from kextless.actors.bandwidth.core import BandwidthCore, Effect, ReadCounters, Reading, Source
 from kextless.base.cores import wait_ms
-from kextless.base.heartbeat import Heartbeat, capped_timeout_ms
+from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat
 from kextless.base.kernel_maps import (
     PAYLOAD_OFFSET,
     REINJECTED_PAYLOAD_OFFSET,
@@ -45,20 +45,6 @@ _U64 = struct.Struct("=Q")
 OWNED_COMMANDS = (CommandType.GET_BANDWIDTH_STATS,)
 HEALTH_NS = 1_000_000_000
 _BATCH = 256
-
-
-def open_heartbeat(run_dir: Path | None, broker_endpoint: str) -> Heartbeat | None:
-    """RUN/heartbeat/bandwidth for the watchdog. Without `run_dir` the run dir is the one the
-    broker's ipc socket (RUN/actors.sock) lives in; with neither, no heartbeat (not watched)."""
-    if run_dir is None and broker_endpoint.startswith("ipc://"):
-        run_dir = Path(broker_endpoint[len("ipc://") :]).parent
-    if run_dir is None:
-        return None
-    try:
-        return Heartbeat(run_dir, "bandwidth")
-    except OSError as e:
-        log.warning("no heartbeat (the watchdog will not watch this process): %s", e)
-        return None
 
 
 def local_addresses(ipr: Any) -> frozenset[bytes]:
@@ -83,7 +69,7 @@ class BandwidthShell:
         run_dir: Path | None = None,
     ) -> None:
         self.core = core
-        self.heartbeat = open_heartbeat(run_dir, broker_endpoint)
+        self.heartbeat = open_heartbeat(run_dir, "bandwidth", broker_endpoint)
         self.ctx = ctx or zmq.Context.instance()
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             fail_open=args.fail_open,
             flows_max=args.flows_max,
             stop_verdict=args.stop_verdict,
+            run_dir=RuntimeDir.from_arg(args.run_dir).path,
         ),
     )
     install_signals(shell)

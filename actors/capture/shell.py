@@ -82,6 +82,7 @@ from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
 from kextless.base.cores import wait_ms
+from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat
 from kextless.base.kernel_maps import (
     FLOW_KEY,
     GUARD_NAME,
@@ -156,6 +157,8 @@ class ShellConfig:
     #: client stops first, so nobody would answer them; a Block fails the connection at once
     #: instead of its retransmit getting through once kextless is gone).
     stop_verdict: Verdict = Verdict.BLOCK
+    #: The instance's run dir, for the loop's heartbeat (base/heartbeat.py; None: unwatched).
+    run_dir: Path | None = None
 
 
 class _Opener:
@@ -512,9 +515,12 @@ class CaptureShell:
             self._on_links(self._links.start(time.monotonic_ns()))
         core = self.core
         last_read = next_stats = time.monotonic_ns()
+        heartbeat = open_heartbeat(self.cfg.run_dir, "capture")
         try:
             while not self._stop:
                 now = time.monotonic_ns()
+                if heartbeat is not None:
+                    heartbeat.beat(now)  # the watchdog's proof that this loop still turns
                 bound = (
                     _BUSY_RECV_TIMEOUT_NS
                     if now - self._last_packet_ns < _BUSY_NS
@@ -535,7 +541,7 @@ class CaptureShell:
                 if self._existing:  # a scan's parts still to hand over: do not sleep
                     self._existing_part()
                     read_ms = 0
-                for item, _ev in poller.poll(wait_ms(deadline, now, read_ms)):
+                for item, _ev in poller.poll(capped_timeout_ms(wait_ms(deadline, now, read_ms))):
                     if item is sock:
                         self._drain_ale()
                     elif item is monitor:
@@ -564,6 +570,8 @@ class CaptureShell:
             self._resolve_held()
             self._send_ale()
             self._shutdown()
+            if heartbeat is not None:
+                heartbeat.close()
             sock.disable_monitor()
             monitor.close(0)
             sock.close(0)

@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
         args.actors_endpoint or run.actors_endpoint,
         table_interval_s=args.table_interval,
         coalesce_s=args.coalesce_ms / 1000,
+        run_dir=run.path,
     )
     shell.run()
     return 0

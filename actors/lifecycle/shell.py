@@ -42,7 +42,7 @@ from kextless.actors.lifecycle.core import (
 )
 from kextless.actors.lifecycle.diag import DiagRow, SockDiag
 from kextless.base.cores import wait_ms
-from kextless.base.heartbeat import Heartbeat, capped_timeout_ms
+from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat
 from kextless.base.kernel_maps import OwnerMap
 from kextless.protocol import messages as m
 from kextless.protocol.enums import CommandType, IpProtocol, Severity
@@ -147,20 +147,6 @@ def socket_owners(netns_ino: int) -> dict[int, int]:
     return owners
 
 
-def open_heartbeat(run_dir: Path | None, broker_endpoint: str) -> Heartbeat | None:
-    """RUN/heartbeat/lifecycle for the watchdog. Without `run_dir` the run dir is the one the
-    broker's ipc socket (RUN/actors.sock) lives in; with neither, no heartbeat (not watched)."""
-    if run_dir is None and broker_endpoint.startswith("ipc://"):
-        run_dir = Path(broker_endpoint[len("ipc://") :]).parent
-    if run_dir is None:
-        return None
-    try:
-        return Heartbeat(run_dir, "lifecycle")
-    except OSError as e:
-        log.warning("no heartbeat (the watchdog will not watch this process): %s", e)
-        return None
-
-
 class LifecycleShell:
     def __init__(
         self,
@@ -173,7 +159,7 @@ class LifecycleShell:
         run_dir: Path | None = None,
     ) -> None:
         self.core = core
-        self.heartbeat = open_heartbeat(run_dir, broker_endpoint)
+        self.heartbeat = open_heartbeat(run_dir, "lifecycle", broker_endpoint)
         #: With outbound owners from the kernel, nothing on a connect's path waits for this
         #: actor: its events are read this long after they begin to arrive, so its work
         #: comes after the connect's verdict round trip, not beside it (M25).

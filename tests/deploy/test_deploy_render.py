@@ -91,6 +91,7 @@ def test_default_config_parses_and_runs_every_actor_in_order(tmp_path: Path) -> 
         "capture",
         "bandwidth",
         "policy",
+        "watchdog",
     ]
     for g in groups:
         pc = g.process_configs[0]
@@ -126,6 +127,7 @@ def test_no_policy_leaves_the_decision_maker_out(tmp_path: Path) -> None:
         "broker",
         "capture",
         "lifecycle",
+        "watchdog",
     ]
 
 
@@ -137,13 +139,14 @@ def test_no_lifecycle_leaves_the_lifecycle_actor_out(tmp_path: Path) -> None:
         "broker",
         "capture",
         "policy",
+        "watchdog",
     ]
 
 
 def test_no_bandwidth_leaves_the_bandwidth_actor_out(tmp_path: Path) -> None:
     opts = UpOptions(netns="n1", bandwidth=False, run_root=tmp_path)
     names = sorted(_argvs(tmp_path, _render(opts)))
-    assert names == ["ale", "broker", "capture", "lifecycle", "policy"]
+    assert names == ["ale", "broker", "capture", "lifecycle", "policy", "watchdog"]
     argv = _argvs(tmp_path, _render(UpOptions(netns="n1", run_root=tmp_path)))["bandwidth"]
     assert argv[1:4] == ["netns", "exec", "n1"]
 
@@ -252,6 +255,7 @@ def test_a_new_actor_is_one_table_entry(tmp_path: Path) -> None:
         "bandwidth",
         "monitor",
         "policy",
+        "watchdog",
     ]
     argvs = _argvs(tmp_path, _render(opts, progs))
     assert argvs["monitor"][1:4] == ["netns", "exec", "n1"]
@@ -304,7 +308,7 @@ def test_actor_args_must_name_a_running_actor() -> None:
     with pytest.raises(
         UsageError,
         match=r"no such actor in this instance "
-        r"\(running: ale, bandwidth, broker, capture, lifecycle\)",
+        r"\(running: ale, bandwidth, broker, capture, lifecycle, watchdog\)",
     ):
         check_actor_args(UpOptions(policy=False, actor_args=(("policy", "--x"),)))
 

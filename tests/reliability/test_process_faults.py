@@ -132,12 +132,16 @@ _NOT_WATCHED = (
     "alone: a hung {0} keeps its pid and nothing recovers until it is resumed after 4 s; new "
     "connections wait until then (~4 s)"
 )
-STOP_XFAILS: dict[str, str] = {
-    "capture": "the capture " + _NOT_WATCHED.format("capture"),
-}
+STOP_XFAILS: dict[str, str] = {}
 #: Cases that meet the 2 s or miss it by the machine's load (measured), so not strict: the
 #: watchdog kills ~1.1 s after the SIGSTOP, the rest is the new process's start.
 STOP_UNSURE: dict[str, str] = {
+    # Measured with the capture's heartbeat: restarted after 1.02 s, whole again after 1.29 s,
+    # longest wait 2.06 s (the 1 s target is the SIGKILL one; a hung capture's ring holds
+    # the SYNs that arrive while it is stopped, and they die with it: TCP resends after 1-3 s).
+    "capture": "the watchdog restarts a hung capture ~1.0 s after the SIGSTOP (whole again "
+    "after ~1.3 s), but SYNs that reached its ring while it was stopped are lost with it, so "
+    "their connections wait for TCP's resend: longest wait 2.06 s (the capture target is 1 s)",
     "policy": "the watchdog kills the hung policy ~1.0-1.2 s after the SIGSTOP, but the new "
     "one took 0.2-1.7 s from its start to its session on a loaded 2-CPU machine (load 6-9): "
     "new connections were decided again after 1.12, 2.25, 2.42 and 3.56 s (target 2 s)",
