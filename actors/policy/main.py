@@ -24,6 +24,7 @@ from pathlib import Path
 from kextless.actors.policy.procfacts import FactsCache
 from kextless.actors.policy.rules import (
     DEFAULT_RULES_FILE,
+    Flow,
     Policy,
     RulesError,
     flow_of,
@@ -154,8 +155,10 @@ class Progress:
             return min([now_ns, *self._since.values()])
 
 
-def decision(row: Row, wall: float, update: bool = False) -> Decision:
-    f, p = row.flow, row.facts
+def decision(row: Row, wall: float, update: bool = False, flow: Flow | None = None) -> Decision:
+    """The log line for `row`'s decision; `flow` is the info's own (an ICMP echo and its reply
+    share one row, keyed local side first, but go opposite ways)."""
+    f, p = flow or row.flow, row.facts
     return Decision(
         time=wall,
         id=row.id,
@@ -397,7 +400,7 @@ class PolicyRunner:
     def _handle(self, client: KextClient, batch: list[object]) -> None:
         """One read's infos: every connection gets its verdict, pipelined in one round trip."""
         verdicts: list[tuple[int, Verdict]] = []
-        decided: list[Row] = []
+        decided: list[tuple[Row, Flow]] = []
         wall = time.time()
         with self._lock:
             # Our own work, the verdicts' round trip aside (waiting on the broker is no hang).
@@ -408,7 +411,8 @@ class PolicyRunner:
                         flow = flow_of(one)
                         verdict, rule = self.policy.match(flow, facts)
                         verdicts.append((one.id, verdict))
-                        decided.append(self.table.decided(one, flow, facts, verdict, rule, wall))
+                        row = self.table.decided(one, flow, facts, verdict, rule, wall)
+                        decided.append((row, flow))
                         self.decisions.decided(one, verdict, rule)
                     elif isinstance(one, ConnectionEndEventV4 | ConnectionEndEventV6):
                         self.table.ended(one, time.monotonic_ns(), wall)
@@ -420,7 +424,7 @@ class PolicyRunner:
                             log.log(level, "kext: %s", one.line)
             errors = client.send_verdicts(verdicts) if verdicts else []
             with self.progress.working():
-                self._write_decisions([decision(r, wall) for r in decided])
+                self._write_decisions([decision(r, wall, flow=f) for r, f in decided])
         for err in errors:
             if err is not None:
                 raise err  # as a single write's failure would

@@ -175,3 +175,17 @@ def test_reload_updates_only_live_tcp_udp_connections_whose_verdict_changes() ->
     )
     assert t.reload(new) == []  # the same rules again: nothing changes
     assert [c.row.id for c in t.reload(old)] == [1, 3]  # back
+
+
+def test_an_echo_and_its_reply_share_a_row_but_each_decision_line_has_its_own_direction() -> None:
+    t = ConnectionTable()
+    out = info(1, 0, proto=1, lport=0)
+    back = ConnectionIpv4(2, 7, Direction.INBOUND, 1, L4, R4, 0, 0, PayloadLayer.NETWORK, b"")
+    lines = []
+    for one in (out, back):
+        flow = flow_of(one)
+        row = t.decided(one, flow, FACTS, Verdict.ACCEPT, "default", 1.0)
+        lines.append(decision(row, 1.0, flow=flow))
+    assert len(t.rows) == 1
+    assert [line.direction for line in lines] == ["outbound", "inbound"]
+    assert [line.id for line in lines] == [1, 2]
