@@ -338,7 +338,7 @@ def _lifecycle(system: System, action: str) -> None:
         while log.read_text().count("running in netns") <= seen:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        time.sleep(1.2)
+        time.sleep(2.0)  # its start-up reads (sockets, /proc) are over
 
 
 def _p50(values: list[int]) -> int:
@@ -373,17 +373,25 @@ def test_measure_pids_latency_and_end_delay(
     )
     inbound_right = sum(i.process_id == server_pid for i in found)
     print(f"MEASURE inbound pids right: {inbound_right}/{len(peers)} (infos {len(found)})")
-    # Latency on vs off, alternating rounds.
+    # Latency on vs off, alternating rounds in ABBA order (on-off, off-on, ...), so neither
+    # state always comes right after the lifecycle actor's restart; paired per round.
     lat: dict[str, list[int]] = {"on": [], "off": []}
-    for _ in range(rounds):
-        for state in ("on", "off"):
-            if state == "off":
-                _lifecycle(system, "stop")
+    running = True
+    for i in range(rounds):
+        for state in ("on", "off") if i % 2 == 0 else ("off", "on"):
+            if (state == "on") != running:
+                _lifecycle(system, "start" if state == "on" else "stop")
+                running = state == "on"
             samples = [r["us"] for r in _bench(pair, pair.ip4_b, echo_port, 100, 2)]
             lat[state].append(_p50(samples))
-            if state == "off":
-                _lifecycle(system, "start")
+    if not running:
+        _lifecycle(system, "start")
+    diffs = sorted(a - b for a, b in zip(lat["on"], lat["off"], strict=True))
     print(f"MEASURE connect p50 us per round: on {lat['on']} off {lat['off']}")
+    print(
+        f"MEASURE attribution adds (paired, on - off): median {_p50(diffs)} us, "
+        f"spread {diffs[0]}..{diffs[-1]} us over {len(diffs)} rounds"
+    )
     # End delay after close: when each end info reached the client (polled every 5 ms).
     # A 5-tuple reused from an earlier connection (the same remote, ~2000 connections
     # before) keeps that connection's cached verdict and ended entry: not asked, no new end.
