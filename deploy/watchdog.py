@@ -56,6 +56,15 @@ GRACE_NS = 3_000_000_000
 RPC_TIMEOUT_S = 1.0
 #: The watchdog's counters, read by `kextless status`.
 STATE_FILE = "watchdog.json"
+#: A process whose beat is this old is sampled (its state and scheduler times), so that by
+#: STALE_NS the watchdog knows whether it is stuck or only waiting for a CPU.
+SAMPLE_AFTER_NS = 500_000_000
+#: A process that spent at least this share of the sampled time runnable but waiting for a
+#: CPU is starved, not hung (measured: a flood on 2 CPUs left healthy low-priority actors
+#: without a beat for over 1 s, 22 wrongful kills in 135 s).
+STARVED_SHARE = 0.25
+#: A starved process is killed only when its beat is this old (it may still be hung).
+STARVED_STALE_NS = 10_000_000_000
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,24 @@ class Kill:
 Effect = ReadTable | Kill
 
 
+@dataclass(frozen=True)
+class Sched:
+    """One sample of a process's scheduling (/proc/PID/stat state, /proc/PID/schedstat)."""
+
+    state: str  # R, S, D, T, t, Z, ...
+    run_ns: int  # time on a CPU so far
+    wait_ns: int  # time runnable but waiting for a CPU so far
+    at_ns: int  # when sampled (CLOCK_MONOTONIC)
+
+
+def starved(before: Sched, now: Sched) -> bool:
+    """Between two samples the process mostly waited for a CPU (a loaded machine), rather than
+    being stopped, blocked or spinning: its stale beat says nothing about a hang yet."""
+    if now.state in ("T", "t") or now.at_ns <= before.at_ns:
+        return False
+    return now.wait_ns - before.wait_ns >= STARVED_SHARE * (now.at_ns - before.at_ns)
+
+
 @dataclass
 class WatchdogCore:
     """Kill decisions from heartbeats and supervisord's table (no clock, files or signals)."""
@@ -113,6 +140,8 @@ class WatchdogCore:
     killed: set[int] = field(default_factory=set)
     kills: int = 0
     last_kill: Kill | None = None
+    starved_stale_ns: int = STARVED_STALE_NS
+    _starving: frozenset[int] = frozenset()
 
     def on_table(self, procs: Sequence[Proc], supervisord_pid: int, now_ns: int) -> None:
         """A fresh process table (read at `now_ns`)."""
@@ -132,8 +161,12 @@ class WatchdogCore:
     def _table_age(self, now_ns: int) -> int | None:
         return None if self.table_ns is None else now_ns - self.table_ns
 
-    def on_beats(self, beats: Mapping[str, int], now_ns: int) -> list[Effect]:
-        """Every program's last beat (0: none yet) at `now_ns`: what to do now."""
+    def on_beats(
+        self, beats: Mapping[str, int], now_ns: int, starving: frozenset[int] = frozenset()
+    ) -> list[Effect]:
+        """Every program's last beat (0: none yet) at `now_ns`: what to do now. `starving`:
+        pids the shell saw waiting for a CPU (`starved`); they get STARVED_STALE_NS."""
+        self._starving = starving
         age = self._table_age(now_ns)
         if (age is None or age >= self.table_every_ns) and self._may_ask(now_ns):
             self.asked_ns = now_ns
@@ -165,7 +198,19 @@ class WatchdogCore:
             return False  # has not beaten since this pid started: not watched (yet)
         if now_ns - p.started_ns < self.grace_ns:
             return False
-        return now_ns - beat_ns > self.stale_ns
+        limit = self.starved_stale_ns if p.pid in self._starving else self.stale_ns
+        return now_ns - beat_ns > limit
+
+    def suspects(self, beats: Mapping[str, int], now_ns: int) -> list[int]:
+        """Pids whose beat is old enough to sample their scheduling (SAMPLE_AFTER_NS)."""
+        return [
+            p.pid
+            for p in self.procs
+            if p.running
+            and p.pid > 1
+            and beats.get(p.name, 0) > p.started_ns
+            and now_ns - beats[p.name] > SAMPLE_AFTER_NS
+        ]
 
 
 def procs_from(
@@ -192,6 +237,18 @@ def procs_from(
     return out
 
 
+def read_sched(pid: int, now_ns: int) -> Sched | None:
+    """`pid`'s state and scheduler times now (None: gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            run_ns, wait_ns = (int(x) for x in f.read().split()[:2])
+    except (OSError, IndexError, ValueError, UnicodeDecodeError):
+        return None
+    return Sched(state, run_ns, wait_ns, now_ns)
+
+
 def pid_start_ns(pid: int) -> int | None:
     """When `pid` started, in CLOCK_MONOTONIC ns (/proc/PID/stat's starttime is in clock ticks
     of CLOCK_BOOTTIME, which runs ahead of CLOCK_MONOTONIC by the time spent suspended)."""
@@ -213,6 +270,8 @@ class WatchdogShell:
         self.core = core or WatchdogCore(own_pid=os.getpid())
         self._running = True
         self._rpc_down = False
+        #: The first scheduling sample of each suspect pid (its beat past SAMPLE_AFTER_NS).
+        self._samples: dict[int, Sched] = {}
 
     def stop(self, *_: object) -> None:
         self._running = False
@@ -273,14 +332,33 @@ class WatchdogShell:
         except OSError as e:
             log.warning("cannot write %s: %s", path, e.strerror)
 
+    def _starving(self, beats: Mapping[str, int], now: int) -> frozenset[int]:
+        """Sample each suspect's scheduling; the pids that waited for a CPU since the first
+        sample of their stale spell (only suspects are read: nothing while all beat)."""
+        suspects = set(self.core.suspects(beats, now))
+        for pid in list(self._samples):
+            if pid not in suspects:
+                del self._samples[pid]  # beating again (or gone): a new spell starts afresh
+        out = set()
+        for pid in suspects:
+            cur = read_sched(pid, now)
+            if cur is None:
+                continue
+            first = self._samples.setdefault(pid, cur)
+            if starved(first, cur):
+                out.add(pid)
+        return frozenset(out)
+
     def step(self) -> None:
         """One pass: read the beats, carry out what the core says (a table read first)."""
         now = time.monotonic_ns()
-        effects = self.core.on_beats(read_heartbeats(self.rundir.path), now)
+        beats = read_heartbeats(self.rundir.path)
+        effects = self.core.on_beats(beats, now, self._starving(beats, now))
         if any(isinstance(e, ReadTable) for e in effects):
             self.read_table()
             now = time.monotonic_ns()
-            effects = self.core.on_beats(read_heartbeats(self.rundir.path), now)
+            beats = read_heartbeats(self.rundir.path)
+            effects = self.core.on_beats(beats, now, self._starving(beats, now))
         for e in effects:
             if isinstance(e, Kill):
                 self.kill(e)

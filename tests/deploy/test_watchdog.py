@@ -29,15 +29,19 @@ from kextless.deploy.supervisor_rpc import rpc
 from kextless.deploy.up import up
 from kextless.deploy.watchdog import (
     GRACE_NS,
+    STARVED_STALE_NS,
     STATE_FILE,
     TABLE_EVERY_NS,
     TABLE_FRESH_NS,
     Kill,
     Proc,
     ReadTable,
+    Sched,
     WatchdogCore,
     pid_start_ns,
     procs_from,
+    read_sched,
+    starved,
 )
 from tests.netns import NetnsPair
 
@@ -72,6 +76,31 @@ def test_a_stale_beat_of_a_running_armed_process_kills_it_once() -> None:
     assert "ale (pid 50) hung" in kill.line() and "SIGKILL" in kill.line()
     assert c.on_beats({"ale": beat}, now + 50_000_000) == []  # once per pid
     assert c.kills == 1 and c.last_kill == kill
+
+
+def test_a_process_starved_of_cpu_gets_the_long_limit_and_a_stopped_one_does_not() -> None:
+    c = core()
+    now = T0 + GRACE_NS + 5 * S
+    table(c, now, ale())
+    beat = now - 2 * S
+    assert c.suspects({"ale": beat}, now) == [50]
+    assert c.on_beats({"ale": beat}, now, frozenset({50})) == []  # starved: not yet
+    late = beat + STARVED_STALE_NS + 1
+    table(c, late, ale())
+    (kill,) = c.on_beats({"ale": beat}, late, frozenset({50}))
+    assert kill.pid == 50  # starved that long: killed all the same
+    # What counts as starved: waiting for a CPU a quarter of the time, not stopped.
+    a = Sched("R", 0, 0, 0)
+    assert starved(a, Sched("R", 100, 300_000_000, S))
+    assert not starved(a, Sched("R", 900_000_000, 10_000_000, S))  # on a CPU: spinning
+    assert not starved(a, Sched("S", 0, 0, S))  # blocked
+    assert not starved(a, Sched("T", 0, 900_000_000, S))  # SIGSTOPped
+
+
+def test_our_own_scheduling_reads_back() -> None:
+    sample = read_sched(os.getpid(), 5)
+    assert sample is not None and sample.state == "R" and sample.run_ns > 0 and sample.at_ns == 5
+    assert read_sched(2**22 + 12345, 0) is None
 
 
 def test_fresh_beats_kill_nothing() -> None:
