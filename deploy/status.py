@@ -10,6 +10,7 @@ adds every counter. The JSON report always has everything."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from kextless.deploy.filters import interface_coverage
 from kextless.deploy.instance import Instance, instance_name, read_instance
 from kextless.deploy.options import check_netns_name
 from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc, supervisord_alive
+from kextless.deploy.watchdog import STATE_FILE as WATCHDOG_STATE_FILE
 
 STATUS_TIMEOUT = 2.0
 #: The capture reports every 5 s; three missed reports mean its counters are out of date.
@@ -115,6 +117,7 @@ def status(
         capture = report["broker"].get("actors", {}).get("capture")
         if report["divert_counters"] is not None and isinstance(capture, dict):
             report["divert_counters_age_s"] = capture.get("last_seen_s_ago")
+    report["watchdog"] = watchdog_state(run)
     # Only an instance with a capture guards its namespace; without one nothing is expected.
     guarding = "capture" in inst.programs
     try:
@@ -125,6 +128,15 @@ def status(
     if guarding and any(not i["closed"] for i in report["interfaces"]):
         code = 1
     return code, report
+
+
+def watchdog_state(run: RuntimeDir) -> dict[str, Any] | None:
+    """The watchdog's counters (RUN/watchdog.json: kills of hung processes), or None."""
+    try:
+        data = json.loads((run.path / WATCHDOG_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def interfaces(netns: str | None) -> list[dict[str, Any]]:
@@ -396,6 +408,13 @@ def problems(report: dict[str, Any]) -> list[str]:
     for i in report.get("interfaces", []):
         if not i["guarded"] and not i.get("closed"):
             out.append(f"interface {i['name']} is UNGUARDED: its packets pass kextless unseen")
+    dog = report.get("watchdog") or {}
+    if isinstance(dog.get("kills"), int) and dog["kills"] > 0:
+        last = dog.get("last") or {}
+        out.append(
+            f"the watchdog killed {dog['kills']} hung process(es), last {last.get('name')} "
+            f"pid {last.get('pid')} (see {logs}/watchdog.log)"
+        )
     age = report.get("divert_counters_age_s")
     if isinstance(age, int | float) and age > STALE_S:
         out.append(f"the capture stopped reporting its counters ({age:.0f} s ago)")

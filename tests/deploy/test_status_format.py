@@ -310,3 +310,16 @@ def test_the_policy_is_ready_once_a_session_is_open() -> None:
     assert not_ready(PIDS, broker, GUARDED) == {"policy": "has no client session open yet"}
     without = {k: v for k, v in PIDS.items() if k != "policy"}
     assert not_ready(without, broker, GUARDED) == {}
+
+
+def test_watchdog_kills_are_a_problem_with_the_last_one_named() -> None:
+    quiet = json.loads(json.dumps(BROKER))
+    quiet["actors"]["ale"]["counters"].update(timeouts=0)
+    quiet["commands"] = {"Verdict": {"ok": 1, "malformed": 0, "unhandled": 0}}
+    base = report(programs=PROGRAMS, broker=quiet, interfaces=report()["interfaces"][:1])
+    assert problems(base | {"watchdog": {"kills": 0, "last": None}}) == []
+    dog = {"kills": 2, "last": {"name": "capture", "pid": 4242}}
+    assert problems(base | {"watchdog": dog}) == [
+        "the watchdog killed 2 hung process(es), last capture pid 4242 "
+        "(see /run/kextless/netns-klt-x/logs/watchdog.log)"
+    ]
