@@ -2,7 +2,8 @@
 command, and well-formed packets of every shape, so the fuzzer starts inside the formats.
 
 msgspec and struct are C code atheris cannot see into (no coverage feedback there), so from
-an empty corpus it seldom builds a framed info or a msgpack message at all. Usage: .venv/bin/python fuzz/make_seeds.py [DIR]
+an empty corpus it seldom builds a framed info or a msgpack message at all.
+Usage: .venv/bin/python fuzz/make_seeds.py [DIR]
 (default fuzz/corpus); one file per seed, named by its SHA-1, in DIR/<target>/.
 """
 
