@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kextless.base.rundir import RuntimeDir
+from kextless.base.supervisor import USERNAME
 from kextless.deploy.errors import DeployError, UsageError
 from kextless.deploy.options import Endpoint, UpOptions
 from kextless.deploy.programs import Program
-from kextless.deploy.supervisor_rpc import USERNAME, password_digest
+from kextless.deploy.supervisor_rpc import password_digest
 
 #: supervisord's own files in the run dir, as the rendered config names them.
 PIDFILE = "supervisord.pid"

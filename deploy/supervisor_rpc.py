@@ -13,36 +13,22 @@ supervisord logs no CRIT line about an unauthenticated server.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import secrets
-import socket
 import time
 import xmlrpc.client
 from pathlib import Path
-from typing import Any
 
-from supervisor.xmlrpc import Faults, SupervisorTransport, UnixStreamHTTPConnection
+from supervisor.xmlrpc import Faults
 
 from kextless.base.rundir import RuntimeDir
+from kextless.base.supervisor import (
+    RPC_ERRORS,
+    SECRET_FILE,
+    rpc,
+)
 from kextless.deploy.errors import DeployError
 from kextless.deploy.instance import instance_name, read_instance
-
-RPC_TIMEOUT = 5.0
-#: supervisord's HTTP user for the instance socket, and the file holding its password.
-USERNAME = "kextless"
-SECRET_FILE = "supervisor.secret"
-#: What a call can raise when supervisord is gone, stopped, or answers badly.
-RPC_ERRORS = (OSError, xmlrpc.client.Error, http.client.HTTPException)
-
-
-class _TimedUnixConnection(UnixStreamHTTPConnection):  # type: ignore[misc]  # supervisor is untyped
-    """supervisor's connection, but its socket honours `timeout` (connect, send and receive)."""
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socketfile)
 
 
 def new_password(run: RuntimeDir) -> str:
@@ -56,35 +42,9 @@ def new_password(run: RuntimeDir) -> str:
     return password
 
 
-def read_password(run: RuntimeDir) -> str | None:
-    """The instance's password, or None (an instance started before passwords existed)."""
-    try:
-        return (run.path / SECRET_FILE).read_text().strip() or None
-    except OSError:
-        return None
-
-
 def password_digest(password: str) -> str:
     """supervisord's `{SHA}` form, so its own section holds no reusable plain password."""
     return "{SHA}" + hashlib.sha1(password.encode()).hexdigest()
-
-
-def rpc(run: RuntimeDir, timeout: float = RPC_TIMEOUT) -> Any:
-    """A proxy for supervisord's XML-RPC interface over the instance's unix socket; every call
-    raises one of RPC_ERRORS instead of waiting longer than `timeout` seconds."""
-    path = str(run.supervisor_socket)
-    password = read_password(run)
-    transport = SupervisorTransport(
-        username=USERNAME if password else None, password=password, serverurl=f"unix://{path}"
-    )
-
-    def connection() -> _TimedUnixConnection:
-        conn = _TimedUnixConnection("localhost", timeout=timeout)
-        conn.socketfile = path
-        return conn
-
-    transport._get_connection = connection
-    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport, allow_none=True)
 
 
 def supervisord_alive(run: RuntimeDir, timeout: float = 2.0) -> bool:

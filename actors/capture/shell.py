@@ -53,7 +53,7 @@ from pydivert import EBPFDivert
 from pydivert.ebpf import SHUTDOWN_RECV
 from zmq.utils.monitor import recv_monitor_message
 
-from kextless.actors.capture import existing, filters, orphans, tcbpf
+from kextless.actors.capture import existing, filters, nftguard, orphans, tcbpf
 from kextless.actors.capture import packets as pk
 from kextless.actors.capture.batch import Batch, Captured
 from kextless.actors.capture.core import (
@@ -94,6 +94,8 @@ from kextless.base.kernel_maps import (
     KernelCacheError,
     prog_maps,
 )
+from kextless.base.rundir import RuntimeDir
+from kextless.base.supervisor import supervisor_state
 from kextless.protocol.enums import Direction, Verdict
 from kextless.protocol.messages import (
     BUNDLE_MAX,
@@ -567,9 +569,19 @@ class CaptureShell:
                 # Verdicts, deadlines and drains queued re-injections: one send_ex for all.
                 self._flush()
         finally:
+            # The whole instance stopping (`down`, a SIGTERM to supervisord), not just us being
+            # restarted: then our kernel programs and nft table go too, leaving the network as
+            # it was; a restart keeps them (fail closed until the next capture adopts them).
+            state = (
+                "no run dir"
+                if self.cfg.run_dir is None
+                else supervisor_state(RuntimeDir(self.cfg.run_dir))
+            )
+            whole = state == "SHUTDOWN"
+            log.info("stopping; supervisord: %s", state)
             self._resolve_held()
             self._send_ale()
-            self._shutdown()
+            self._shutdown(remove_programs=whole)
             if heartbeat is not None:
                 heartbeat.close()
             sock.disable_monitor()
@@ -1018,6 +1030,28 @@ class CaptureShell:
                 log.warning("ALE queue full: %d message(s) not sent (held packets expire)", lost)
                 return
 
+    def _remove_programs(self) -> None:
+        """The instance is stopping: our TC programs off every link and the nft table gone."""
+        kc = self._kc
+        if kc is None or self._ipr is None:
+            return
+        links = sorted(kc.attached.items())
+        for index, _name in links:
+            try:
+                kc.detach(self._ipr, index)
+            except Exception as e:  # a link gone meanwhile took its filters with it
+                log.warning("kernel programs on ifindex %d not removed: %s", index, e)
+        removed: list[str] = []
+        if self._links is not None and self._links.nft is not None:  # we made one
+            removed, errors = nftguard.remove_tables()
+            for e in errors:
+                log.error("nft table not removed: %s", e)
+        log.info(
+            "instance stopping: kernel programs removed from %d link(s), %s",
+            len(links),
+            ", ".join(removed) or "no nft table",
+        )
+
     def _resolve_held(self) -> None:
         """Stopping: every held packet gets `stop_verdict` now, not dropped with the handle."""
         ids = tuple(self.core.held)
@@ -1039,7 +1073,7 @@ class CaptureShell:
             return
         log.info("stopping: %d held packet(s) given %s", len(ids), verdict.kext_name)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, remove_programs: bool = False) -> None:
         h, self.handle = self.handle, None
         held = len(self.core.held)
         if h is not None:
@@ -1063,6 +1097,8 @@ class CaptureShell:
             self._l2pass.close()
         if self._kc is not None:
             self._read_kernel()  # the last drops, to the log
+            if remove_programs:
+                self._remove_programs()
             self._kc.close()  # fds only: the programs stay attached (fail closed, adopted)
         if self._redirects is not None:
             self._redirects.close()

@@ -30,14 +30,11 @@ HELD = 4
 #: Each held client gives up after this; a connection still open then was never resolved.
 CLIENT_TIMEOUT_S = 15.0
 
-#: Measured misses, with the product change each needs (see the fault table). (The stopping
-#: capture gives its held packets the default verdict: `capture --stop-verdict`, passed by up.)
-_LEFT = (
-    "SIGTERM to supervisord leaves kextless_pre and kextless_guard on every hook (only "
-    "`kextless down` removes them), so the namespace stays fail closed: a new connection "
-    "afterwards times out"
-)
-XFAILS: dict[str, str] = {"sigterm-Block": _LEFT, "sigterm-Accept": _LEFT}
+#: Measured misses, with the product change each needs (see the fault table): none now. The
+#: stopping capture gives its held packets the default verdict (`--stop-verdict`, passed by
+#: up) and, when the whole instance stops (supervisord in SHUTDOWN), removes its kernel
+#: programs and nft table.
+XFAILS: dict[str, str] = {}
 
 
 #: connect() and read the greeting; prints the outcome (errno name), and the monotonic time
