@@ -22,11 +22,14 @@ from pathlib import Path
 from supervisor.xmlrpc import Faults
 
 from kextless.base.rundir import RuntimeDir
-from kextless.base.supervisor import (
-    RPC_ERRORS,
-    SECRET_FILE,
-    rpc,
-)
+
+# The transport lives in base (the capture asks it too); deploy's callers keep these names here.
+from kextless.base.supervisor import RPC_ERRORS as RPC_ERRORS
+from kextless.base.supervisor import RPC_TIMEOUT as RPC_TIMEOUT
+from kextless.base.supervisor import SECRET_FILE as SECRET_FILE
+from kextless.base.supervisor import USERNAME as USERNAME
+from kextless.base.supervisor import read_password as read_password
+from kextless.base.supervisor import rpc as rpc
 from kextless.deploy.errors import DeployError
 from kextless.deploy.instance import instance_name, read_instance
 

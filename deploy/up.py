@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,10 @@ class NotReady(DeployError):
 
 
 def up(
-    opts: UpOptions, programs: Sequence[Program] | None = None, out: Callable[[str], None] = print
+    opts: UpOptions,
+    programs: Sequence[Program] | None = None,
+    out: Callable[[str], None] = print,
+    await_ready: Collection[str] | None = None,
 ) -> UpResult:
     """Start supervisord with every program and return once every actor is ready (status.
     not_ready is empty). A program that does not start raises and leaves nothing behind; an
@@ -77,6 +80,8 @@ def up(
 
     `programs` replaces the actor list (tests prove the mechanics with trivial programs); only
     the real actors guard anything, so only they need --netns or --host and checked rules.
+    `await_ready`: the programs whose readiness to wait for (None: every actor; a test's
+    stand-in that merely carries an actor's name reports nothing, so it passes ()).
     """
     endpoint = validate(opts)
     check_actor_args(opts)
@@ -149,7 +154,8 @@ def up(
     out(f"kextless is running for {instance_name(opts.netns)} (run dir {run.path})")
     for info in infos:
         out(f"  {info['name']:<10} RUNNING  pid {info['pid']}")
-    result.ready_s = _wait_ready(run, instance, result.pids, opts, t0, deadline, out)
+    awaited = {n: pid for n, pid in result.pids.items() if await_ready is None or n in await_ready}
+    result.ready_s = _wait_ready(run, instance, awaited, opts, t0, deadline, out)
     result.total_s = time.monotonic() - t0
     out(f"client endpoint: {endpoint.connect_url}")
     return result

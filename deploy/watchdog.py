@@ -277,7 +277,7 @@ class WatchdogShell:
         self._running = False
 
     def read_table(self) -> None:
-        from kextless.deploy.supervisor_rpc import RPC_ERRORS, rpc
+        from kextless.base.supervisor import RPC_ERRORS, rpc
 
         try:
             proxy = rpc(self.rundir, RPC_TIMEOUT_S)

@@ -1044,8 +1044,8 @@ class CaptureShell:
         removed: list[str] = []
         if self._links is not None and self._links.nft is not None:  # we made one
             removed, errors = nftguard.remove_tables()
-            for e in errors:
-                log.error("nft table not removed: %s", e)
+            for error in errors:
+                log.error("nft table not removed: %s", error)
         log.info(
             "instance stopping: kernel programs removed from %d link(s), %s",
             len(links),

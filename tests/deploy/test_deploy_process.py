@@ -550,7 +550,8 @@ def test_up_from_a_config_file_without_crit_lines_then_reload(
         if code == 0 and (report["broker"].get("session") or {}).get("state") == "open":
             break
         time.sleep(0.2)
-    pid = status(ns, root)[1]["programs"][-1]["pid"]
+    programs = status(ns, root)[1]["programs"]
+    pid = next(p["pid"] for p in programs if p["name"] == "policy")  # (the watchdog comes last)
     (tmp_path / "rules.toml").write_text('default = "Block"\n')
     r = _kextless("reload", "--config", str(conf))
     assert r.returncode == 0, r.stderr

@@ -210,6 +210,10 @@ def test_outbound_connections_carry_their_openers_pid(
 def test_ipv6_outbound_tcp_carries_its_pid(
     pair: NetnsPair, echo_port: int, answerer: Answerer
 ) -> None:
+    # The neighbour resolved first: a SYN queued behind neighbour discovery leaves later from
+    # softirq, where the kernel program may record whichever process the CPU was running
+    # (a known limit, README "Known limits"; seen: the other client's pid).
+    clients(pair, pair.ip6_b, echo_port, "tcp", 1, 1)
     for r in clients(pair, pair.ip6_b, echo_port, "tcp", 3, 2):
         assert conn_pid(answerer, IpProtocol.TCP, r["port"]) == [r["pid"]], r
 
