@@ -278,14 +278,17 @@ class Batch:
                 raise OSError(errno.EBADF, "divert handle shut down")
             raise OSError(err, f"ebpfdivert_recv_ex: {errno.errorcode.get(err, err)}")
         n = self._count.value
-        rmv, amv, unpack = self._rmv, self._amv, _HDR.unpack_from
+        rbuf, rmv, amv, unpack = self._rbuf, self._rmv, self._amv, _HDR.unpack_from
         out: list[Captured] = []
         off = 0
         for i in range(n):
             a = i * ADDR_SIZE
             ts, flags, ifidx = unpack(self._raddr, a)
             # The packet's own length is in its IP header; the library packs them back to back.
-            plen = self._ip_length(off)
+            if rbuf[off] >> 4 == 6:
+                plen = 40 + ((rbuf[off + 4] << 8) | rbuf[off + 5])
+            else:
+                plen = (rbuf[off + 2] << 8) | rbuf[off + 3]
             if n == 1:
                 if single:
                     self.counters.single_recvs += 1
@@ -306,13 +309,6 @@ class Batch:
         self.counters.received += n
         self._last = out
         return out
-
-    def _ip_length(self, off: int) -> int:
-        """The IP total length the packet at `off` claims (IPv6: header + payload length)."""
-        b = self._rbuf
-        if b[off] >> 4 == 6:
-            return 40 + ((b[off + 4] << 8) | b[off + 5])
-        return (b[off + 2] << 8) | b[off + 3]
 
     def _split_failed(self, n: int) -> None:
         """A batch whose boundaries cannot be trusted: lost; receive one at a time a while."""

@@ -827,7 +827,7 @@ class CaptureShell:
         if owners is None or not isinstance(msg, PacketHeld) or msg.process_id:
             return msg
         outbound = msg.direction is Direction.OUTBOUND
-        if msg.flow.protocol in (6, 17):
+        if msg.flow.protocol in (pk.TCP, pk.UDP):
             if not outbound:
                 return msg
         elif _icmp_echo(msg) != ("request" if outbound else "reply"):
