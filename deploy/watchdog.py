@@ -141,7 +141,6 @@ class WatchdogCore:
     kills: int = 0
     last_kill: Kill | None = None
     starved_stale_ns: int = STARVED_STALE_NS
-    _starving: frozenset[int] = frozenset()
 
     def on_table(self, procs: Sequence[Proc], supervisord_pid: int, now_ns: int) -> None:
         """A fresh process table (read at `now_ns`)."""
@@ -166,12 +165,11 @@ class WatchdogCore:
     ) -> list[Effect]:
         """Every program's last beat (0: none yet) at `now_ns`: what to do now. `starving`:
         pids the shell saw waiting for a CPU (`starved`); they get STARVED_STALE_NS."""
-        self._starving = starving
         age = self._table_age(now_ns)
         if (age is None or age >= self.table_every_ns) and self._may_ask(now_ns):
             self.asked_ns = now_ns
             return [ReadTable()]
-        hung = [p for p in self.procs if self._hung(p, beats.get(p.name, 0), now_ns)]
+        hung = [p for p in self.procs if self._hung(p, beats.get(p.name, 0), now_ns, starving)]
         if not hung:
             return []
         if age is None or age > self.table_fresh_ns:
@@ -189,7 +187,7 @@ class WatchdogCore:
             out.append(kill)
         return out
 
-    def _hung(self, p: Proc, beat_ns: int, now_ns: int) -> bool:
+    def _hung(self, p: Proc, beat_ns: int, now_ns: int, starving: frozenset[int]) -> bool:
         if not p.running or p.name == NAME or p.pid <= 1:
             return False
         if p.pid == self.own_pid or p.pid in self.spared or p.pid in self.killed:
@@ -198,7 +196,7 @@ class WatchdogCore:
             return False  # has not beaten since this pid started: not watched (yet)
         if now_ns - p.started_ns < self.grace_ns:
             return False
-        limit = self.starved_stale_ns if p.pid in self._starving else self.stale_ns
+        limit = self.starved_stale_ns if p.pid in starving else self.stale_ns
         return now_ns - beat_ns > limit
 
     def suspects(self, beats: Mapping[str, int], now_ns: int) -> list[int]:
