@@ -153,10 +153,12 @@ for line in sys.stdin:
 
 #: Raw-socket ICMP(v6) echo: send `count` requests, report how many replies came back.
 PING = r"""
-import json, socket, struct, sys, time
+import json, os, socket, struct, sys, time
 host, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+kind = sys.argv[4] if len(sys.argv) > 4 else "raw"  # raw, or dgram: a ping socket
 v6 = ":" in host
-s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                  socket.SOCK_RAW if kind == "raw" else socket.SOCK_DGRAM,
                   socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
 s.settimeout(timeout)
 def csum(b):
@@ -175,11 +177,12 @@ for i in range(count):
             data = s.recv(2000)
         except (socket.timeout, TimeoutError):
             break
-        icmp = data if v6 else data[(data[0] & 15) * 4:]
-        if icmp[0] == (129 if v6 else 0) and icmp[4:8] == struct.pack("!HH", 4242, i):
+        icmp = data[(data[0] & 15) * 4:] if (kind == "raw" and not v6) else data
+        # A ping socket's kernel rewrites the identifier: match the sequence number only.
+        if icmp[0] == (129 if v6 else 0) and icmp[6:8] == struct.pack("!H", i):
             replies += 1
             break
-print(json.dumps({"replies": replies, "sent": count}))
+print(json.dumps({"replies": replies, "sent": count, "pid": os.getpid()}))
 """
 
 #: Open `n` TCP connections at once (non-blocking connects), report how many completed.

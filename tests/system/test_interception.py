@@ -56,17 +56,6 @@ def pair() -> Iterator[NetnsPair]:
 
 
 @pytest.fixture()
-def answerer(system: System) -> Iterator[Answerer]:
-    a = Answerer(system.endpoint).start()
-    try:
-        yield a
-    finally:
-        a.stop()
-        print(system.logs())  # shown by pytest only when the test failed
-        assert not a.errors, a.errors
-
-
-@pytest.fixture()
 def port() -> int:
     return next(_PORTS)
 

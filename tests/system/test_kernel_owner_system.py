@@ -40,17 +40,6 @@ def system(pair: NetnsPair, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         s.close()
 
 
-@pytest.fixture()
-def answerer(system: System) -> Iterator[Answerer]:
-    a = Answerer(system.endpoint).start()
-    try:
-        yield a
-    finally:
-        a.stop()
-        print(system.logs())  # shown by pytest only when the test failed
-        assert not a.errors, a.errors
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("kind", "v6"), [("tcp", False), ("tcp", True), ("udp", False), ("sendto", True)]

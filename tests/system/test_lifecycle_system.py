@@ -146,17 +146,6 @@ def system(pair: NetnsPair, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         s.close()
 
 
-@pytest.fixture()
-def answerer(system: System) -> Iterator[Answerer]:
-    a = Answerer(system.endpoint).start()
-    try:
-        yield a
-    finally:
-        a.stop()
-        print(system.logs())  # shown by pytest only when the test failed
-        assert not a.errors, a.errors
-
-
 def clients(pair: NetnsPair, host: str, port: int, kind: str, n: int, procs: int) -> list[dict]:  # type: ignore[type-arg]
     """Run `procs` client processes at once in `a`; every connection's report."""
     running = [

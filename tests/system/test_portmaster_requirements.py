@@ -174,17 +174,6 @@ def raw(system: System) -> Iterator[Raw]:
         print(system.logs())
 
 
-@pytest.fixture()
-def answerer(system: System) -> Iterator[Answerer]:
-    a = Answerer(system.endpoint).start()
-    try:
-        yield a
-    finally:
-        a.stop()
-        print(system.logs())
-        assert not a.errors, a.errors
-
-
 def decode(data: bytes) -> list[Info]:
     dec = InfoStreamDecoder()
     out = dec.feed(data)

@@ -98,34 +98,6 @@ out.update(sent=sent, received=got)
 print(json.dumps(out), flush=True)
 """
 
-#: `count` ICMP echoes through a raw socket or a ping socket (SOCK_DGRAM); prints its pid.
-PING = r"""
-import json, os, socket, struct, sys, time
-host, count, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-v6 = ":" in host
-fam, proto = socket.AF_INET6 if v6 else socket.AF_INET, 58 if v6 else 1
-s = socket.socket(fam, socket.SOCK_RAW if kind == "raw" else socket.SOCK_DGRAM, proto)
-s.settimeout(3)
-def csum(b):
-    b += b"\0" * (len(b) % 2); n = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while n >> 16: n = (n & 0xFFFF) + (n >> 16)
-    return ~n & 0xFFFF
-replies = 0
-for i in range(count):
-    body = struct.pack("!HH", 4343, i) + b"kextless"
-    hdr = struct.pack("!BBH", 128 if v6 else 8, 0, 0)
-    pkt = hdr + body if v6 else struct.pack("!BBH", 8, 0, csum(hdr + body)) + body
-    s.sendto(pkt, (host, 0))
-    end = time.monotonic() + 3
-    while time.monotonic() < end:
-        data = s.recv(2000)
-        icmp = data[(data[0] & 15) * 4:] if (kind == "raw" and not v6) else data
-        if icmp[0] == (129 if v6 else 0) and icmp[6:8] == struct.pack("!H", i):
-            replies += 1
-            break
-print(json.dumps({"pid": os.getpid(), "replies": replies}), flush=True)
-"""
-
 
 def _outside(p: NetnsPair, v6: bool) -> str:
     """An address of b's that a's applications contact: a redirect sends it elsewhere."""
@@ -271,10 +243,7 @@ def test_an_icmp_echo_is_asked_outbound_and_its_reply_inbound_with_the_senders_p
     a_ip, b_ip = (pair.ip6_a, pair.ip6_b) if v6 else (pair.ip4_a, pair.ip4_b)
     proto = 58 if v6 else 1
     before = len(answerer.connections())
-    r = pair.run(pair.a, [sys.executable, "-c", PING, b_ip, 2, kind], timeout=30)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert lines, r.stderr[-3000:]
-    out = json.loads(lines[-1])
+    out = apps.run(pair, pair.a, apps.PING, b_ip, 2, 3, kind)
     assert out["replies"] == 2, out
     infos = [
         i
