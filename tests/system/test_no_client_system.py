@@ -91,7 +91,13 @@ def test_a_timed_out_connection_is_logged_and_never_handed_to_a_later_client(
     assert f"{pair.ip4_b}:23500 timed out" in _log(system, "ale"), _log(system, "ale")
     _, out = status(system)
     assert json.loads(out)["broker"]["infos"]["withdrawn"]["ConnectionIpv4"] == 1, out
-    _, text = status(system, as_json=False)
+    # The ALE's counters reach the broker with its next Health (once a second): wait for them.
+    deadline = time.monotonic() + 3
+    while True:
+        _, text = status(system, as_json=False)
+        if "verdict timeout(s)" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     print(text)
     assert len(text.splitlines()) <= 25, text
     assert "  1 decided by timeout before any client read them (not handed out)" in text
