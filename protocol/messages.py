@@ -116,6 +116,18 @@ class PacketHeld(_Msg, frozen=True):
     packet: bytes
     seen_ns: int
     process_id: int = 0
+    #: The link it was met on (0: unknown), so a restarted capture can hold it again (Rehold).
+    ifindex: int = 0
+
+
+class Rehold(_Msg, frozen=True):
+    """ALE -> a restarted capture: a packet its killed predecessor held, still undecided. The
+    capture holds it again as if just received; the ALE matches the PacketHeld that follows to
+    the pending id it already issued, so the client is not asked twice."""
+
+    packet: bytes
+    direction: Direction
+    ifindex: int
 
 
 class Decision(_Msg, frozen=True):
@@ -202,6 +214,7 @@ Message = (
     | Resolved
     | Command
     | PacketHeld
+    | Rehold
     | Decision
     | CacheSet
     | CacheClear

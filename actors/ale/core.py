@@ -59,7 +59,7 @@ _SECOND = 1_000_000_000
 TIMEOUT_BATCH_NS = 100_000_000
 
 #: Message types that go to the capture actor; every other message goes to the broker.
-TO_CAPTURE: frozenset[type[m.Message]] = frozenset({m.Decision, m.CacheSet, m.CacheClear})
+TO_CAPTURE: frozenset[type[m.Message]] = frozenset({m.Decision, m.CacheSet, m.CacheClear, m.Rehold})
 _PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPv6"}
 
 
@@ -151,10 +151,34 @@ class IdCacheEntry:
     emit: m.Emit | None = None
     #: The broker epoch (AleCore.broker_lost) it was emitted in.
     epoch: int = 0
+    #: The held packet, to hand a restarted capture again (Rehold); None once it died.
+    held: m.PacketHeld | None = None
 
 
 def _with_pid(msg: m.PacketHeld, pid: int) -> m.PacketHeld:
-    return m.PacketHeld(msg.hold_id, msg.flow, msg.direction, msg.packet, msg.seen_ns, pid)
+    return msgspec.structs.replace(msg, process_id=pid)
+
+
+def _rehold(msg: m.PacketHeld) -> m.Rehold:
+    return m.Rehold(msg.packet, msg.direction, msg.ifindex)
+
+
+#: A TCP SYN decided this recently before a capture (re)starts is handed to it again: its
+#: Decision may have gone to the capture that died (sent as it was killed, or while it was
+#: gone), and a SYN twice is harmless (TCP ignores the copy), a lost one costs the 1 s resend.
+REHOLD_RECENT_NS = 2_000_000_000
+#: How many such SYNs are kept (a few ms of decisions matter; this is seconds of them).
+REHOLD_RECENT_MAX = 1024
+
+
+def is_tcp_syn(packet: bytes) -> bool:
+    """An IPv4/IPv6 TCP segment with SYN and without ACK (no IPv6 extension headers)."""
+    if len(packet) < 20:
+        return False
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0xF) * 4
+        return packet[9] == 6 and len(packet) > ihl + 13 and packet[ihl + 13] & 0x12 == 0x02
+    return len(packet) > 53 and packet[6] == 6 and packet[53] & 0x12 == 0x02
 
 
 def _percentiles(name: str, samples: deque[int]) -> dict[str, float]:
@@ -198,6 +222,11 @@ class AleCore:
         self.listeners: OrderedDict[_LocalKey, int] = OrderedDict()
         #: Outbound flows whose info waits for a pid, in arrival order (deadline order).
         self.waiting: dict[m.Flow, _Waiting] = {}
+        #: Pending ids whose packet died with a killed capture and was handed to its successor
+        #: (Rehold), by flow: the PacketHeld that comes back takes the id instead of a new one.
+        self.orphans: dict[m.Flow, deque[int]] = {}
+        #: (when decided, the packet) of recently decided TCP SYNs (REHOLD_RECENT_NS).
+        self.recent_syns: deque[tuple[int, m.PacketHeld]] = deque(maxlen=REHOLD_RECENT_MAX)
         #: Flows whose pid came from an OPENER hint (their exact attribution is still to come).
         self._hinted: OrderedDict[m.Flow, None] = OrderedDict()
         self._lifecycle_seen_ns: int | None = None
@@ -234,6 +263,8 @@ class AleCore:
             "pid_unknown": 0,
             "reemitted": 0,
             "restored": 0,
+            "reholds": 0,
+            "reheld": 0,
         }
 
     # ---- inputs -------------------------------------------------------------------------
@@ -366,7 +397,9 @@ class AleCore:
             if conn.verdict.is_permanent:
                 # Capture asked before our CacheSet reached it: answer without an event.
                 return [m.Decision((msg.hold_id,), conn.verdict)]
-        elif cached:
+        if flow in self.orphans and self._claim_orphan(msg):
+            return []  # the client has this packet's info already: its answer releases it
+        if conn is None and cached:
             conn = Connection(Verdict.UNDECIDED, msg.process_id, msg.direction, now_ns)
             self.connection_cache[flow] = conn
             self._share_key(flow)
@@ -378,7 +411,9 @@ class AleCore:
         new_id = self.next_id
         self.next_id += 1
         self.counters["ids_issued"] += 1
-        entry = IdCacheEntry(msg.hold_id, flow, now_ns, msg.direction, None, self._broker_epoch)
+        entry = IdCacheEntry(
+            msg.hold_id, flow, now_ns, msg.direction, None, self._broker_epoch, msg
+        )
         self.id_cache[new_id] = entry
         self._timeout_order.append(new_id)
         info = ConnectionIpv6 if flow.is_v6 else ConnectionIpv4
@@ -561,15 +596,45 @@ class AleCore:
         return out
 
     def capture_ready(self, now_ns: int) -> list[Effect]:
-        """A (re)started capture holds nothing: orphan old hold_ids and replay every verdict."""
-        for entry in self.id_cache.values():
-            entry.hold_id = None
-        self.waiting.clear()  # their packets died with the old capture
-        return [
+        """A (re)started capture holds nothing: replay every verdict, then hand it back the
+        packets its predecessor held that are still undecided (Rehold; their connections
+        would otherwise wait for the sender's resend, 1 s for a TCP SYN). Their pending ids
+        stay: the PacketHeld each one comes back as takes its id (`_claim_orphan`)."""
+        out: list[Effect] = [
             m.CacheSet(flow, conn.verdict)
             for flow, conn in self.connection_cache.items()
             if conn.verdict != Verdict.UNDECIDED
         ]
+        self.orphans.clear()
+        for pending_id, entry in self.id_cache.items():
+            # (hold_id None too: handed to a capture that died before it held it again)
+            if entry.held is not None and entry.held.ifindex:
+                self.orphans.setdefault(entry.flow, deque()).append(pending_id)
+                out.append(_rehold(entry.held))
+            entry.hold_id = None
+        for waiting in self.waiting.values():  # no id yet: they come back and wait again
+            out.extend(_rehold(h) for h in waiting.held if h.ifindex)
+        self.waiting.clear()
+        cutoff = now_ns - REHOLD_RECENT_NS
+        out.extend(_rehold(h) for t, h in self.recent_syns if t >= cutoff and h.ifindex)
+        self.recent_syns.clear()
+        n = sum(type(e) is m.Rehold for e in out)
+        self.counters["reholds"] += n
+        return out
+
+    def _claim_orphan(self, msg: m.PacketHeld) -> bool:
+        """Give `msg` the pending id of its flow that lost its packet in a capture restart."""
+        ids = self.orphans[msg.flow]
+        while ids:
+            entry = self.id_cache.get(ids.popleft())
+            if entry is not None and entry.hold_id is None:
+                entry.hold_id, entry.held = msg.hold_id, msg
+                if not ids:
+                    del self.orphans[msg.flow]
+                self.counters["reheld"] += 1
+                return True
+        del self.orphans[msg.flow]
+        return False
 
     def connection_ended(self, msg: m.ConnectionEnded, now_ns: int) -> list[Effect]:
         """Record an end once and report it (the kext re-ended entries, kext-contract C15-8)."""
@@ -693,6 +758,8 @@ class AleCore:
         entry = self.id_cache.pop(pending_id, None)
         if entry is None:
             return
+        if entry.held is not None and entry.held.ifindex and is_tcp_syn(entry.held.packet):
+            self.recent_syns.append((now_ns, entry.held))
         key = f"decided.{verdict.kext_name}"
         self.counters[key] = self.counters.get(key, 0) + 1
         flow = entry.flow

@@ -177,13 +177,16 @@ class AleShell:
             self._capture_id = ident
             self._carry_out(self.core.packet_held(msg, now))
         elif isinstance(msg, m.CaptureReady):
-            log.info(
-                "capture pid %d ready; replaying %d verdict(s)",
-                msg.pid,
-                len(self.core.connection_cache),
-            )
             self._capture_id = ident
-            self._carry_out(self.core.capture_ready(now))
+            effects = self.core.capture_ready(now)
+            reholds = sum(type(e) is m.Rehold for e in effects)
+            log.info(
+                "capture pid %d ready; replaying %d verdict(s), handing back %d held packet(s)",
+                msg.pid,
+                len(effects) - reholds,
+                reholds,
+            )
+            self._carry_out(effects)
         elif isinstance(msg, m.Attribution):  # from the lifecycle actor, same socket
             effects = self.core.attribution(msg, now)
             if effects and log.isEnabledFor(logging.DEBUG):
