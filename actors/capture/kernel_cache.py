@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kextless.actors.capture import tcbpf
+from kextless.actors.capture.parked import ParkControl, ParkRing, open_parking
 
 # The map layouts, the libbpf binding and the lookup of our attached programs are shared with
 # the bandwidth actor through base; the names the capture shell imports from here are
@@ -108,6 +109,8 @@ class PreStat(enum.IntEnum):
     TCP_CONTROL = 6
     UNCACHED = 7
     LO_REDIRECT = 8
+    PARKED = 9
+    PARK_LOST = 10
 
 
 #: struct pass_port: port (host order), proto, pad.
@@ -179,6 +182,9 @@ class KernelCache:
     reinjected: BpfMap | None = None
     #: Who sent each egress opener (None: an adopted program older than the map).
     owners: OwnerMap | None = None
+    #: Packets parked while no capture read (parked.py; None: an older program).
+    park_ring: ParkRing | None = None
+    park_ctl: ParkControl | None = None
     attached: dict[int, str] = field(default_factory=dict)
     ncpus: int = 1
 
@@ -251,6 +257,7 @@ class KernelCache:
         """Wrap fds by name (programs and maps); closes the ones it does not keep."""
         keep = {PRE_NAME, "flows", "pass_ports", "stats", GUARD_NAME, "guard_stats"}
         keep |= {REINJECTED_MAP, OWNERS_MAP}
+        parking = open_parking(pre)  # takes its maps' fds out of `pre` (closed on failure)
         for name, fd in list(pre.items()) + list(guard.items()):
             if name not in keep:
                 os.close(fd)
@@ -274,6 +281,8 @@ class KernelCache:
                 else None
             ),
             owners=OwnerMap.from_fd(pre[OWNERS_MAP]) if OWNERS_MAP in pre else None,
+            park_ring=parking[0] if parking else None,
+            park_ctl=parking[1] if parking else None,
             ncpus=libbpf().check(libbpf().lib.libbpf_num_possible_cpus(), "possible cpus"),
         )
 
@@ -285,6 +294,10 @@ class KernelCache:
         for fd in [self.pre_fd, self.guard_fd] + [m.fd if m else None for m in maps]:
             if fd is not None:
                 os.close(fd)
+        if self.park_ring is not None:
+            self.park_ring.close()
+        if self.park_ctl is not None:
+            self.park_ctl.close()
 
     # ---- links -----------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kextless.actors.capture import existing, filters, nftguard, orphans, tcbpf
 from kextless.actors.capture import packets as pk
-from kextless.actors.capture.batch import Batch, Captured
+from kextless.actors.capture.batch import AddrFlag, Batch, Captured, fresh_address
 from kextless.actors.capture.core import (
     Action,
     CaptureCore,
@@ -81,6 +81,7 @@ from kextless.actors.capture.kernel_cache import DEFAULT_FLOWS_MAX, KernelCache
 from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
+from kextless.actors.capture.parked import fresh
 from kextless.base.cores import wait_ms
 from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat
 from kextless.base.kernel_maps import (
@@ -106,6 +107,7 @@ from kextless.protocol.messages import (
     Log,
     Message,
     PacketHeld,
+    Rehold,
     decode,
     encode_many,
     unbundle,
@@ -446,6 +448,12 @@ class CaptureShell:
         self._kc: KernelCache | None = None
         self._redirects: RedirectMap | None = None
         self._ipr: Any = None
+        # This capture's liveness for kextless_pre (parked.py): one end of a socket pair in
+        # its `reader` map while the handle is read; the kernel removes it when we die.
+        self._reader: tuple[socket.socket, socket.socket] | None = None
+        self.park_counts: dict[str, int] = dict.fromkeys(
+            ("parked_replayed", "parked_stale", "parked_bad", "reheld"), 0
+        )
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -493,6 +501,7 @@ class CaptureShell:
         ).open()
         log.info("handle open (priority %d): %s", self.cfg.priority, first)
         self._run_actions(self.core.start(os.getpid(), time.monotonic_ns()))
+        pfd = self._start_reading()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -500,6 +509,8 @@ class CaptureShell:
         self._poller = poller
         hfd = self._event_fd(self.handle)
         poller.register(hfd, zmq.POLLIN)
+        if pfd >= 0:
+            poller.register(pfd, zmq.POLLIN)
         lfd = -1
         # Never drop traffic of the machine's own namespace, nor touch a test's tc filters.
         if self.cfg.owns_namespace and in_initial_netns():
@@ -561,6 +572,8 @@ class CaptureShell:
                     elif item == hfd:
                         self._drain_handle(self.handle)
                         last_read = time.monotonic_ns()
+                    elif item == pfd:
+                        self._replay_parked()
                     elif item == lfd and self._links is not None:
                         need = self._links.on_event(time.monotonic_ns())
                         if self._l2pass is not None:  # before the new link's handle opens
@@ -579,6 +592,8 @@ class CaptureShell:
             )
             whole = state == "SHUTDOWN"
             log.info("stopping; supervisord: %s", state)
+            if not whole:
+                self._stop_reading()  # what arrives from now on waits for the next capture
             self._resolve_held()
             self._send_ale()
             self._shutdown(remove_programs=whole)
@@ -589,6 +604,99 @@ class CaptureShell:
             sock.close(0)
             ctx.term()
         return 0
+
+    # ---- parked packets (parked.py) ---------------------------------------------------------
+
+    def _start_reading(self) -> int:
+        """The handle is open: tell kextless_pre a capture reads (parking stops), then replay
+        what it parked while none did. The parked ring's fd (-1: no parking here)."""
+        kc = self._kc
+        if kc is None or kc.park_ctl is None or kc.park_ring is None:
+            return -1
+        try:
+            self._reader = socket.socketpair()  # close-on-exec: a child never keeps it
+            kc.park_ctl.register(self._reader[0].fileno(), os.getpid())
+        except (OSError, KernelCacheError) as e:
+            log.error("capture not registered as the reader (packets stay parked): %s", e)
+        self._replay_parked()
+        return kc.park_ring.fileno()
+
+    def _stop_reading(self) -> None:
+        kc = self._kc
+        if kc is None or kc.park_ctl is None or self._reader is None:
+            return
+        try:
+            kc.park_ctl.unregister()
+        except (OSError, KernelCacheError) as e:
+            log.error("reader not removed (it goes when we exit): %s", e)
+
+    def _replay_parked(self) -> None:
+        """Every packet parked while no capture read, through the core as if just diverted
+        (asked, held, decided like any other); one older than parked.MAX_AGE_NS is dropped."""
+        kc = self._kc
+        ring = kc.park_ring if kc is not None else None
+        if ring is None or self.handle is None:
+            return
+        counts = self.park_counts
+        while True:
+            try:
+                parked, bad = ring.take()
+            except (OSError, KernelCacheError) as e:
+                log.error("parked packets not read: %s", e)
+                return
+            counts["parked_bad"] += bad
+            if not parked:
+                break
+            now = time.monotonic_ns()
+            replayed = 0
+            for p in parked:
+                if not fresh(p, now):
+                    counts["parked_stale"] += 1
+                    continue
+                tok = self._token(p.raw, p.ifindex, p.inbound, now)
+                try:
+                    acts = self.core.on_packet(tok, tok.raw, tok.outbound, tok.loopback, now)
+                except Exception:
+                    log.exception("core failed on a parked %d-byte packet: dropped", len(p.raw))
+                    continue
+                replayed += 1
+                self._run_actions(acts)
+            counts["parked_replayed"] += replayed
+            oldest = (now - parked[0].ktime_ns) / 1e6
+            log.info(
+                "replayed %d parked packet(s) (oldest %.0f ms; %d too old)",
+                replayed,
+                oldest,
+                len(parked) - replayed,
+            )
+            self._flush()
+
+    def _rehold(self, msg: Rehold, now: int) -> None:
+        """A packet our killed predecessor held, still undecided: held again, as if just
+        received (the ALE gives it back the pending id it had)."""
+        if self.handle is None or not msg.ifindex or not msg.packet:
+            return
+        raw = msg.packet
+        tok = self._token(raw, msg.ifindex, msg.direction is Direction.INBOUND, now)
+        self.park_counts["reheld"] += 1
+        try:
+            acts = self.core.on_packet(tok, raw, tok.outbound, tok.loopback, now)
+        except Exception:
+            log.exception("core failed on a re-held %d-byte packet: dropped", len(raw))
+            return
+        self._run_actions(acts)
+
+    def _token(self, raw: bytes, ifindex: int, inbound: bool, now: int) -> Captured:
+        """A packet we did not receive from the handle (parked, re-held), as a detached token
+        with a fresh address: re-injected where it was met."""
+        loopback = ifindex == self._lo
+        outbound = loopback or not inbound
+        flags = (int(AddrFlag.OUTBOUND) if outbound else 0) | (
+            int(AddrFlag.LOOPBACK) if loopback else 0
+        )
+        if raw and raw[0] >> 4 == 6:
+            flags |= int(AddrFlag.IPV6)
+        return Captured(raw, fresh_address(ifindex, outbound, loopback), flags, ifindex, now, None)
 
     # ---- the kernel flow cache --------------------------------------------------------------
 
@@ -603,6 +711,16 @@ class CaptureShell:
             log.error("kernel flow cache unavailable (%s): per-port filters instead", e)
             self._kc = None
         self.core.use_kernel_cache(self._kc is not None)
+        if self._kc is not None and self._kc.park_ctl is not None:
+            try:  # until our handle reads, what would be diverted is parked (not with fail open)
+                self._kc.park_ctl.enable(not self.cfg.fail_open)
+            except (OSError, KernelCacheError) as e:
+                log.error("parking not set: %s", e)
+        elif self._kc is not None:
+            log.warning(
+                "kextless_pre adopted without parking (an older one): a packet sent"
+                " while no capture runs is dropped until its sender resends it"
+            )
         if self._kc is not None:
             self._open_redirects(self._kc)
             log.info(
@@ -765,6 +883,9 @@ class CaptureShell:
                 continue
             now = time.monotonic_ns()
             for msg in msgs:
+                if type(msg) is Rehold:
+                    self._rehold(msg, now)
+                    continue
                 try:
                     acts = self.core.on_message(msg, now)
                 except Exception:
@@ -816,30 +937,45 @@ class CaptureShell:
             self._run_kernel(a)
 
     def _with_owner(self, msg: Message) -> Message:
-        """An outbound TCP/UDP PacketHeld with the pid `kextless_pre` recorded for its opener
-        at egress (the connect()/sendmsg() caller's context): the ALE then emits the info at
-        once instead of waiting for the lifecycle actor's attribution (docs M25). An ICMP
-        echo request the same way (the sendto() caller; nothing else can tell: no socket
+        """A PacketHeld with the link its packet came in on (so a successor can hold it again
+        if we die: Rehold) and, for an outbound TCP/UDP opener, the pid `kextless_pre`
+        recorded at egress (the connect()/sendmsg() caller's context): the ALE then emits the
+        info at once instead of waiting for the lifecycle actor's attribution (docs M25). An
+        ICMP echo request the same way (the sendto() caller; nothing else can tell: no socket
         event names an ICMP flow), and the echo reply that comes back for it (same flow key:
         local first). I/O, so here and not in the core; a miss or no owners map leaves
         process_id 0."""
-        owners = self._kc.owners if self._kc is not None else None
-        if owners is None or not isinstance(msg, PacketHeld) or msg.process_id:
+        if not isinstance(msg, PacketHeld):
             return msg
+        h = self.core.held.get(msg.hold_id)
+        tok = h.token if h is not None else None
+        ifindex = tok.ifindex if isinstance(tok, Captured) and not msg.ifindex else 0
+        pid = 0 if msg.process_id else self._owner_pid(msg)
+        if pid and ifindex:
+            return msgspec.structs.replace(msg, process_id=pid, ifindex=ifindex)
+        if pid:
+            return msgspec.structs.replace(msg, process_id=pid)
+        if ifindex:
+            return msgspec.structs.replace(msg, ifindex=ifindex)
+        return msg
+
+    def _owner_pid(self, msg: PacketHeld) -> int:
+        """The pid kextless_pre recorded for this held packet's opener (0: none)."""
+        owners = self._kc.owners if self._kc is not None else None
+        if owners is None:
+            return 0
         outbound = msg.direction is Direction.OUTBOUND
         if msg.flow.protocol in (pk.TCP, pk.UDP):
             if not outbound:
-                return msg
+                return 0
         elif _icmp_echo(msg) != ("request" if outbound else "reply"):
-            return msg
+            return 0
         try:
             owner = owners.get(FlowKey.from_flow(msg.flow))
         except (OSError, KernelCacheError) as e:
             log.debug("owner lookup failed: %s", e)
-            return msg
-        if owner is None or not owner.pid:
-            return msg
-        return msgspec.structs.replace(msg, process_id=owner.pid)
+            return 0
+        return owner.pid if owner is not None else 0
 
     # ---- connections that predate us --------------------------------------------------------
 
@@ -981,7 +1117,7 @@ class CaptureShell:
             return
         self._read_loss(self.handle)
         self._read_kernel()
-        self._to_ale([self.loss.health(os.getpid(), self.core.counters)])
+        self._to_ale([self.loss.health(os.getpid(), self.core.counters | self.park_counts)])
 
     def _read_loss(self, h: EBPFDivert) -> None:
         try:

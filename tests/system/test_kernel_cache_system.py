@@ -469,3 +469,105 @@ def test_a_blast_that_fills_the_ring_passes_nothing_unexamined_unless_fail_open(
         else:
             assert got == 0, fig
             assert drops > 0, fig
+
+
+#: One UDP datagram from a fixed source port (a new flow nobody decided).
+_ONE_DATAGRAM = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", int(sys.argv[3]))); u.sendto(b"parked?", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _connect(pair: NetnsPair, port: int, timeout: float = 5.0) -> subprocess.Popen[bytes]:
+    return pair.popen(pair.b, [sys.executable, "-c", apps.TCP_CLIENT, pair.ip4_a, port, timeout])
+
+
+def _result(proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    out, _ = proc.communicate(timeout=15)
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def _until(pred: object, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_what_arrives_while_no_capture_runs_is_parked_and_decided_by_the_next_one() -> None:
+    """actors/capture/parked.py: a SYN and a datagram sent while the capture is dead are
+    neither lost nor passed: the next capture decides them (a connection completes well
+    before TCP's 1 s resend; a blocked port's datagram never arrives); one parked longer than
+    parked.MAX_AGE_NS is not replayed."""
+    ok_port, udp_ok, udp_blocked = 7460, 7461, 7462
+
+    def policy(msg: PacketHeld) -> Verdict:
+        if udp_blocked in (msg.flow.local_port, msg.flow.remote_port):
+            return Verdict.PERMANENT_BLOCK
+        return Verdict.PERMANENT_ACCEPT
+
+    with _env(policy) as (pair, ale, tmp):
+        apps.start(pair, pair.a, apps.ECHO_SERVER, ok_port)
+        rcv_ok = pair.popen(
+            pair.a, [sys.executable, "-c", _RECEIVER, udp_ok], stdin=subprocess.PIPE
+        )
+        rcv_blk = pair.popen(
+            pair.a, [sys.executable, "-c", _RECEIVER, udp_blocked], stdin=subprocess.PIPE
+        )
+        for r in (rcv_ok, rcv_blk):
+            assert r.stdout is not None and r.stdout.readline().strip() == b"ready"
+        cap = _start(pair, ale, tmp)
+        assert apps.run(pair, pair.b, apps.TCP_CLIENT, pair.ip4_a, ok_port, 2)["result"] == "ok"
+        cap.stop(signal.SIGKILL)
+        # Dead: a new connection and two new UDP flows.
+        conn = _connect(pair, ok_port)
+        for port, sport in ((udp_ok, 47001), (udp_blocked, 47002)):
+            pair.run(pair.b, [sys.executable, "-c", _ONE_DATAGRAM, pair.ip4_a, port, sport])
+        time.sleep(0.2)
+        assert (_rx(rcv_ok), _rx(rcv_blk)) == (0, 0)  # nothing passed undecided
+        cap = _start(pair, ale, tmp)
+        res = _result(conn)
+        assert res["result"] == "ok", (res, cap.log()[-3000:])
+        # Decided at the restart, not by TCP's resend 1 s after the first SYN.
+        assert float(res["elapsed"]) < 1.0, (res, cap.log()[-3000:])  # type: ignore[arg-type]
+        assert _until(lambda: _rx(rcv_ok) == 1, 2), cap.log()[-3000:]
+        time.sleep(0.3)
+        assert _rx(rcv_blk) == 0
+        assert "replayed" in cap.log() and "parked packet(s)" in cap.log()
+        # Parked too long: dropped, not replayed (the sender has resent or given up).
+        cap.stop(signal.SIGKILL)
+        pair.run(pair.b, [sys.executable, "-c", _ONE_DATAGRAM, pair.ip4_a, udp_ok, 47003])
+        time.sleep(3.3)
+        cap = _start(pair, ale, tmp)
+        time.sleep(0.5)
+        assert _rx(rcv_ok) == 1, cap.log()[-3000:]
+        assert "1 too old" in cap.log(), cap.log()[-3000:]
+        cap.stop()
+
+
+@pytest.mark.slow
+def test_a_stopped_capture_parks_and_replays_its_own_packets_when_continued() -> None:
+    """A SIGSTOPped capture is no reader (kextless_pre reads its task's state): what arrives
+    meanwhile is parked, not left in its divert ring, and replayed by the same process once it
+    runs again (the ring wakes its loop)."""
+    udp_ok = 7463
+    with _env() as (pair, ale, tmp):
+        rcv = pair.popen(pair.a, [sys.executable, "-c", _RECEIVER, udp_ok], stdin=subprocess.PIPE)
+        assert rcv.stdout is not None and rcv.stdout.readline().strip() == b"ready"
+        cap = _start(pair, ale, tmp)
+        cap.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.1)
+            pair.run(pair.b, [sys.executable, "-c", _ONE_DATAGRAM, pair.ip4_a, udp_ok, 47004])
+            time.sleep(0.3)
+            assert _rx(rcv) == 0
+        finally:
+            cap.proc.send_signal(signal.SIGCONT)
+        assert _until(lambda: _rx(rcv) == 1, 2), cap.log()[-3000:]
+        counters = cap.stop()
+        assert "replayed 1 parked packet(s)" in cap.log(), cap.log()[-3000:]
+        assert counters.get("asked", 0) >= 1

@@ -46,6 +46,23 @@
  * kernel's own, sent from softirq. The one known blind spot is shared with the openers above:
  * a first packet to a neighbour not yet resolved leaves later, from softirq (whoever was
  * interrupted; often tgid 0, which is skipped).
+ *
+ * Parking: a packet bound for the divert program while no capture reads it would be lost: a
+ * killed capture's orphaned divert program still takes packets into its dead ring (for ~2.5 s),
+ * and with no divert program the guard drops them; TCP then resends a SYN only after 1 s (then
+ * 3 s). So the capture names itself the reader: one of its sockets in `reader` (a SOCKMAP: the
+ * kernel removes a socket from it when its last fd closes) and its pid in `park_ctl`, with
+ * `enabled` (never with --fail-open). A killed process's fds close only late in its exit
+ * (after its memory is unmapped: tens of ms), so the pid's task is looked at too: exiting
+ * (PF_EXITING, set as the kill is taken), stopped or traced, or gone counts as no reader; the
+ * socket covers a reused pid. While there is no reader every packet that would go on to the
+ * divert program is copied from its network header into `parked` (a ring buffer that lives
+ * with the program) and dropped. The next capture, or the same one once it runs again (the
+ * ring wakes its loop), replays each one through its core as if it had just been diverted
+ * (actors/capture/parked.py): a connection opened during a restart waits for the restart, not
+ * for TCP's resend. Never parked: the library's re-injections (already decided), lo ingress
+ * (its egress copy is the one diverted). A packet larger than PARK_MAX, or a full ring: dropped
+ * and counted (fail closed, as the guard would).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -59,6 +76,20 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+/* The two fields of the kernel's task_struct parking reads (CO-RE: libbpf finds their offsets
+ * in the running kernel's BTF at load), and the kfuncs that find a task by pid. */
+struct task_struct {
+	unsigned int __state;
+	unsigned int flags;
+} __attribute__((preserve_access_index));
+
+extern struct task_struct *bpf_task_from_pid(__s32 pid) __ksym;
+extern void bpf_task_release(struct task_struct *p) __ksym;
+
+/* include/linux/sched.h: a task in do_exit(); stopped (SIGSTOP) or traced. */
+#define PF_EXITING 0x00000004
+#define TASK_STOPPED_OR_TRACED 0x0000000c
+
 /* The loopback device's ifindex: 1 in every network namespace. */
 #define LO_IFINDEX 1
 
@@ -67,6 +98,9 @@
 
 /* The divert library's lo re-injection mark, high half (REDIRECT_MARK_MASK). */
 #define LO_REDIRECT_MARK_HI 0x4D4A
+
+/* The largest packet (from its network header) a park record holds; parked.PARK_MAX. */
+#define PARK_MAX 2048
 
 /* Key of `flows`, 40 bytes; kernel_cache.FlowKey.pack() writes the same layout. */
 struct flow_key {
@@ -164,6 +198,8 @@ enum stat {
 	ST_TCP_CONTROL,   /* TCP SYN (no ACK), FIN, RST: on to divert */
 	ST_UNCACHED,      /* other protocols, fragments, VLAN, unparsable: on to divert */
 	ST_LO_REDIRECT,   /* the library's lo re-injection (0x4D4A mark): on, untouched */
+	ST_PARKED,        /* no capture reading: copied into `parked`, dropped */
+	ST_PARK_LOST,     /* no capture reading, `parked` full or the packet too big: dropped */
 	ST_COUNT,
 };
 
@@ -194,6 +230,51 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } stats SEC(".maps");
+
+/* The running capture's liveness: one of its sockets (empty: none reads the divert ring). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64)); /* an fd from user space (a cookie when read) */
+} reader SEC(".maps");
+
+/* Value of `park_ctl` (parked.ParkControl): whether to park at all, and the reader's pid. */
+struct park_ctl {
+	__u32 enabled; /* 1: park while there is no reader; 0: never (fail open, or not set yet) */
+	__u32 pid;     /* the reading capture (init pid namespace); 0: judge by `reader` alone */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct park_ctl);
+} park_ctl SEC(".maps");
+
+/* A parked packet: this header (parked.PARK_HDR) then `len` bytes from the network header. */
+struct park_rec {
+	__u64 ktime;           /* bpf_ktime_get_ns() when parked */
+	__u32 ifindex;         /* skb->ifindex: the link it was on */
+	__u32 ingress_ifindex; /* == ifindex on ingress; 0 (local) or another link on egress */
+	__u32 len;
+	__u32 pad;
+	__u8 data[PARK_MAX];
+};
+
+/* The ring of parked packets; the loader sets its size (a power of two of pages). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 21);
+} parked SEC(".maps");
+
+/* Per-CPU room to build a record in (too big for the 512-byte stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct park_rec);
+} park_buf SEC(".maps");
 
 static __always_inline int count(__u32 what, int verdict)
 {
@@ -256,6 +337,70 @@ static __always_inline __u32 l2_len(struct __sk_buff *skb)
 	return 0;
 }
 
+/* Whether no capture is reading the divert program's ring and this packet should be parked. */
+static __always_inline int must_park(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct park_ctl *c = bpf_map_lookup_elem(&park_ctl, &zero);
+	struct bpf_sock *sk;
+
+	if (!c || !c->enabled)
+		return 0;
+	if ((skb->mark >> 16) == REINJECT_MARK_HI)
+		return 0; /* re-injected: decided already, the divert program lets it by */
+	if (skb->ifindex == LO_IFINDEX && skb->ingress_ifindex == LO_IFINDEX)
+		return 0; /* lo ingress: the egress copy is the one that is diverted */
+	sk = bpf_map_lookup_elem(&reader, &zero);
+	if (!sk)
+		return 1;
+	bpf_sk_release(sk);
+	if (c->pid) {
+		struct task_struct *t = bpf_task_from_pid(c->pid);
+		int gone;
+
+		if (!t)
+			return 1;
+		gone = (t->flags & PF_EXITING) || (t->__state & TASK_STOPPED_OR_TRACED);
+		bpf_task_release(t);
+		return gone;
+	}
+	return 0;
+}
+
+/* Copy the packet from its network header into `parked` and drop it (see the head comment). */
+static __always_inline int park(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct park_rec *r = bpf_map_lookup_elem(&park_buf, &zero);
+	__u32 len = skb->len - l2_len(skb);
+
+	if (!r || len < 1 || len > PARK_MAX)
+		return count(ST_PARK_LOST, TC_ACT_SHOT);
+	/* The same value, in a form the verifier can bound in the register passed on (clang
+	 * would otherwise test a copy): PARK_MAX is a power of two. */
+	asm volatile("" : "+r"(len));
+	len = ((len - 1) & (PARK_MAX - 1)) + 1;
+	if (bpf_skb_load_bytes_relative(skb, 0, r->data, len, BPF_HDR_START_NET))
+		return count(ST_PARK_LOST, TC_ACT_SHOT);
+	r->ktime = bpf_ktime_get_ns();
+	r->ifindex = skb->ifindex;
+	r->ingress_ifindex = skb->ingress_ifindex;
+	r->len = len;
+	r->pad = 0;
+	if (bpf_ringbuf_output(&parked, r, sizeof(*r) - PARK_MAX + len, 0))
+		return count(ST_PARK_LOST, TC_ACT_SHOT);
+	return count(ST_PARKED, TC_ACT_SHOT);
+}
+
+/* On to the divert program (counted as `what`), or parked while no capture reads it. */
+static __always_inline int on(struct __sk_buff *skb, __u32 what)
+{
+	count(what, 0);
+	if (must_park(skb))
+		return park(skb);
+	return TC_ACT_UNSPEC;
+}
+
 SEC("tc")
 int kextless_pre(struct __sk_buff *skb)
 {
@@ -275,10 +420,10 @@ int kextless_pre(struct __sk_buff *skb)
 		struct iphdr ip;
 
 		if (bpf_skb_load_bytes_relative(skb, 0, &ip, sizeof(ip), BPF_HDR_START_NET))
-			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			return on(skb, ST_UNCACHED);
 		/* A fragment has no (or not only) ports: leave it to the divert program. */
 		if (ip.ihl < 5 || (ip.frag_off & bpf_htons(0x3fff)))
-			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			return on(skb, ST_UNCACHED);
 		key.family = 4;
 		__builtin_memcpy(key.src, &ip.saddr, 4);
 		__builtin_memcpy(key.dst, &ip.daddr, 4);
@@ -289,7 +434,7 @@ int kextless_pre(struct __sk_buff *skb)
 		struct ipv6hdr ip6;
 
 		if (bpf_skb_load_bytes_relative(skb, 0, &ip6, sizeof(ip6), BPF_HDR_START_NET))
-			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			return on(skb, ST_UNCACHED);
 		key.family = 6;
 		__builtin_memcpy(key.src, &ip6.saddr, 16);
 		__builtin_memcpy(key.dst, &ip6.daddr, 16);
@@ -302,7 +447,7 @@ int kextless_pre(struct __sk_buff *skb)
 			__u8 ext[2]; /* next header, length in 8-byte units beyond the first 8 */
 
 			if (bpf_skb_load_bytes_relative(skb, l4, ext, sizeof(ext), BPF_HDR_START_NET))
-				return count(ST_UNCACHED, TC_ACT_UNSPEC);
+				return on(skb, ST_UNCACHED);
 			proto = ext[0];
 			l4 += (ext[1] + 1) * 8;
 		}
@@ -310,14 +455,14 @@ int kextless_pre(struct __sk_buff *skb)
 			__u8 type;
 
 			if (bpf_skb_load_bytes_relative(skb, l4, &type, 1, BPF_HDR_START_NET))
-				return count(ST_UNCACHED, TC_ACT_UNSPEC);
+				return on(skb, ST_UNCACHED);
 			if (is_neighbour(type))
 				return count(ST_NEIGHBOUR, TC_ACT_OK);
 		}
 	} else if (skb->protocol == bpf_htons(ETH_P_8021Q) ||
 		   skb->protocol == bpf_htons(ETH_P_8021AD)) {
 		/* An un-offloaded VLAN tag: the divert program parses it. */
-		return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		return on(skb, ST_UNCACHED);
 	} else {
 		/* ARP and every other ethertype: the divert program must never see them, it would
 		 * misread them as IP (actors/capture/filters.py). */
@@ -328,7 +473,7 @@ int kextless_pre(struct __sk_buff *skb)
 		struct tcphdr th;
 
 		if (bpf_skb_load_bytes_relative(skb, l4, &th, sizeof(th), BPF_HDR_START_NET))
-			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			return on(skb, ST_UNCACHED);
 		key.sport = th.source;
 		key.dport = th.dest;
 		hlen = th.doff * 4;
@@ -342,15 +487,15 @@ int kextless_pre(struct __sk_buff *skb)
 		if (th.syn && !th.ack) {
 			key.proto = proto;
 			record_owner(skb, &key);
-			return count(ST_TCP_CONTROL, TC_ACT_UNSPEC);
+			return on(skb, ST_TCP_CONTROL);
 		}
 		if (th.fin || th.rst)
-			return count(ST_TCP_CONTROL, TC_ACT_UNSPEC);
+			return on(skb, ST_TCP_CONTROL);
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr uh;
 
 		if (bpf_skb_load_bytes_relative(skb, l4, &uh, sizeof(uh), BPF_HDR_START_NET))
-			return count(ST_UNCACHED, TC_ACT_UNSPEC);
+			return on(skb, ST_UNCACHED);
 		key.sport = uh.source;
 		key.dport = uh.dest;
 		hlen = sizeof(uh);
@@ -367,7 +512,7 @@ int kextless_pre(struct __sk_buff *skb)
 			key.proto = proto;
 			record_owner(skb, &key);
 		}
-		return count(ST_UNCACHED, TC_ACT_UNSPEC);
+		return on(skb, ST_UNCACHED);
 	}
 	key.proto = proto;
 
@@ -376,14 +521,14 @@ int kextless_pre(struct __sk_buff *skb)
 	if (!v) {
 		if (proto == IPPROTO_UDP)
 			record_owner(skb, &key);
-		return count(ST_MISSED, TC_ACT_UNSPEC);
+		return on(skb, ST_MISSED);
 	}
 	if (v->action == ACTION_DROP) {
 		__sync_fetch_and_add(&v->packets, 1);
 		return count(ST_DROPPED, TC_ACT_SHOT);
 	}
 	if (v->action != ACTION_PASS)
-		return count(ST_MISSED, TC_ACT_UNSPEC);
+		return on(skb, ST_MISSED);
 	/* The entry is shared by all CPUs: atomic adds, a plain store of the time. */
 	v->last_seen_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&v->packets, 1);
