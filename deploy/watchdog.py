@@ -4,7 +4,8 @@ supervisord only sees exits: a process whose loop stopped (SIGSTOP, a deadlock, 
 never returns) keeps its pid and would never be restarted. Every loop beats into
 RUN/heartbeat/NAME (base/heartbeat.py); this program reads the beats every 100 ms and
 supervisord's process table about every second, and SIGKILLs a RUNNING program whose beat is
-older than STALE_NS. supervisord then restarts it like any crashed process.
+older than STALE_NS (STOPPED_STALE_NS if it is stopped: /proc says state T). supervisord then
+restarts it like any crashed process.
 
 What it never does: kill itself or supervisord; kill a program that has not beaten since its
 pid started (no heartbeat file, a 0 stamp, or only the previous pid's stamp: a process that
@@ -58,7 +59,12 @@ RPC_TIMEOUT_S = 1.0
 STATE_FILE = "watchdog.json"
 #: A process whose beat is this old is sampled (its state and scheduler times), so that by
 #: STALE_NS the watchdog knows whether it is stuck or only waiting for a CPU.
-SAMPLE_AFTER_NS = 500_000_000
+SAMPLE_AFTER_NS = 300_000_000
+#: A process found stopped (state T: SIGSTOP, SIGTSTP; nothing in kextless stops itself) is
+#: hung for certain once its beat is this old: more than a loop's longest sleep (0.25 s,
+#: base/heartbeat.MAX_SLEEP_S), so it cannot be a healthy loop caught between two beats. A
+#: traced stop (t: a debugger) keeps the STALE_NS rule.
+STOPPED_STALE_NS = 400_000_000
 #: A process that spent at least this share of the sampled time runnable but waiting for a
 #: CPU is starved, not hung (measured: a flood on 2 CPUs left healthy low-priority actors
 #: without a beat for over 1 s, 22 wrongful kills in 135 s).
@@ -92,11 +98,14 @@ class Kill:
     pid: int
     beat_age_ns: int
     running_ns: int
+    stopped: bool = False
 
     def line(self) -> str:
+        limit = STOPPED_STALE_NS if self.stopped else STALE_NS
         return (
             f"{self.name} (pid {self.pid}) hung: no loop progress for "
-            f"{self.beat_age_ns / 1e9:.2f} s (stale after {STALE_NS / 1e9:g} s), running for "
+            f"{self.beat_age_ns / 1e9:.2f} s (stale after {limit / 1e9:g} s"
+            f"{', stopped' if self.stopped else ''}), running for "
             f"{self.running_ns / 1e9:.1f} s; SIGKILL, supervisord restarts it"
         )
 
@@ -141,6 +150,7 @@ class WatchdogCore:
     kills: int = 0
     last_kill: Kill | None = None
     starved_stale_ns: int = STARVED_STALE_NS
+    stopped_stale_ns: int = STOPPED_STALE_NS
 
     def on_table(self, procs: Sequence[Proc], supervisord_pid: int, now_ns: int) -> None:
         """A fresh process table (read at `now_ns`)."""
@@ -161,15 +171,22 @@ class WatchdogCore:
         return None if self.table_ns is None else now_ns - self.table_ns
 
     def on_beats(
-        self, beats: Mapping[str, int], now_ns: int, starving: frozenset[int] = frozenset()
+        self,
+        beats: Mapping[str, int],
+        now_ns: int,
+        starving: frozenset[int] = frozenset(),
+        stopped: frozenset[int] = frozenset(),
     ) -> list[Effect]:
         """Every program's last beat (0: none yet) at `now_ns`: what to do now. `starving`:
-        pids the shell saw waiting for a CPU (`starved`); they get STARVED_STALE_NS."""
+        pids the shell saw waiting for a CPU (`starved`); they get STARVED_STALE_NS.
+        `stopped`: pids it saw in state T; they get STOPPED_STALE_NS."""
         age = self._table_age(now_ns)
         if (age is None or age >= self.table_every_ns) and self._may_ask(now_ns):
             self.asked_ns = now_ns
             return [ReadTable()]
-        hung = [p for p in self.procs if self._hung(p, beats.get(p.name, 0), now_ns, starving)]
+        hung = [
+            p for p in self.procs if self._hung(p, beats.get(p.name, 0), now_ns, starving, stopped)
+        ]
         if not hung:
             return []
         if age is None or age > self.table_fresh_ns:
@@ -180,14 +197,22 @@ class WatchdogCore:
             return []
         out: list[Effect] = []
         for p in hung:
-            kill = Kill(p.name, p.pid, now_ns - beats[p.name], now_ns - p.started_ns)
+            age = now_ns - beats[p.name]
+            kill = Kill(p.name, p.pid, age, now_ns - p.started_ns, p.pid in stopped)
             self.killed.add(p.pid)
             self.kills += 1
             self.last_kill = kill
             out.append(kill)
         return out
 
-    def _hung(self, p: Proc, beat_ns: int, now_ns: int, starving: frozenset[int]) -> bool:
+    def _hung(
+        self,
+        p: Proc,
+        beat_ns: int,
+        now_ns: int,
+        starving: frozenset[int],
+        stopped: frozenset[int],
+    ) -> bool:
         if not p.running or p.name == NAME or p.pid <= 1:
             return False
         if p.pid == self.own_pid or p.pid in self.spared or p.pid in self.killed:
@@ -196,7 +221,12 @@ class WatchdogCore:
             return False  # has not beaten since this pid started: not watched (yet)
         if now_ns - p.started_ns < self.grace_ns:
             return False
-        limit = self.starved_stale_ns if p.pid in starving else self.stale_ns
+        if p.pid in stopped:
+            limit = self.stopped_stale_ns
+        elif p.pid in starving:
+            limit = self.starved_stale_ns
+        else:
+            limit = self.stale_ns
         return now_ns - beat_ns > limit
 
     def suspects(self, beats: Mapping[str, int], now_ns: int) -> list[int]:
@@ -330,33 +360,36 @@ class WatchdogShell:
         except OSError as e:
             log.warning("cannot write %s: %s", path, e.strerror)
 
-    def _starving(self, beats: Mapping[str, int], now: int) -> frozenset[int]:
-        """Sample each suspect's scheduling; the pids that waited for a CPU since the first
-        sample of their stale spell (only suspects are read: nothing while all beat)."""
+    def _sample(self, beats: Mapping[str, int], now: int) -> tuple[frozenset[int], frozenset[int]]:
+        """Sample each suspect's scheduling: the pids that waited for a CPU since the first
+        sample of their stale spell, and the pids stopped now (only suspects are read:
+        nothing while all beat)."""
         suspects = set(self.core.suspects(beats, now))
         for pid in list(self._samples):
             if pid not in suspects:
                 del self._samples[pid]  # beating again (or gone): a new spell starts afresh
-        out = set()
+        starving, stopped = set(), set()
         for pid in suspects:
             cur = read_sched(pid, now)
             if cur is None:
                 continue
             first = self._samples.setdefault(pid, cur)
             if starved(first, cur):
-                out.add(pid)
-        return frozenset(out)
+                starving.add(pid)
+            if cur.state == "T":
+                stopped.add(pid)
+        return frozenset(starving), frozenset(stopped)
 
     def step(self) -> None:
         """One pass: read the beats, carry out what the core says (a table read first)."""
         now = time.monotonic_ns()
         beats = read_heartbeats(self.rundir.path)
-        effects = self.core.on_beats(beats, now, self._starving(beats, now))
+        effects = self.core.on_beats(beats, now, *self._sample(beats, now))
         if any(isinstance(e, ReadTable) for e in effects):
             self.read_table()
             now = time.monotonic_ns()
             beats = read_heartbeats(self.rundir.path)
-            effects = self.core.on_beats(beats, now, self._starving(beats, now))
+            effects = self.core.on_beats(beats, now, *self._sample(beats, now))
         for e in effects:
             if isinstance(e, Kill):
                 self.kill(e)

@@ -31,6 +31,7 @@ from kextless.deploy.watchdog import (
     GRACE_NS,
     STARVED_STALE_NS,
     STATE_FILE,
+    STOPPED_STALE_NS,
     TABLE_EVERY_NS,
     TABLE_FRESH_NS,
     Kill,
@@ -95,6 +96,23 @@ def test_a_process_starved_of_cpu_gets_the_long_limit_and_a_stopped_one_does_not
     assert not starved(a, Sched("R", 900_000_000, 10_000_000, S))  # on a CPU: spinning
     assert not starved(a, Sched("S", 0, 0, S))  # blocked
     assert not starved(a, Sched("T", 0, 900_000_000, S))  # SIGSTOPped
+
+
+def test_a_stopped_process_gets_the_short_limit_never_shorter_than_a_loop_s_sleep() -> None:
+    c = core()
+    now = T0 + GRACE_NS + 5 * S
+    table(c, now, ale())
+    stopped = frozenset({50})
+    assert STOPPED_STALE_NS > 250_000_000  # base/heartbeat.MAX_SLEEP_S: a healthy loop's gap
+    assert c.on_beats({"ale": now - STOPPED_STALE_NS}, now, frozenset(), stopped) == []
+    (kill,) = c.on_beats({"ale": now - STOPPED_STALE_NS - 1}, now, frozenset(), stopped)
+    assert kill.stopped and "stopped" in kill.line()
+    # The same stale beat without the stopped state: not yet (the 1 s rule).
+    c2 = core()
+    table(c2, now, ale())
+    assert c2.on_beats({"ale": now - STOPPED_STALE_NS - 1}, now) == []
+    # Stopped and starved at once cannot happen (starved() says no for T); stopped wins.
+    assert c2.suspects({"ale": now - 300_000_001}, now) == [50]
 
 
 def test_our_own_scheduling_reads_back() -> None:
@@ -296,10 +314,15 @@ def test_run_watchdog_refuses_a_bad_grace(capsys: pytest.CaptureFixture[str]) ->
 # ---- a real supervisord --------------------------------------------------------------------
 
 #: A program whose loop beats every 50 ms (one line: supervisord's ini takes no line breaks).
+#: Beats every 50 ms until SIGUSR1, then stays alive without beating (a deadlocked loop: state
+#: S, not T).
 BEATER = (
-    "import sys, time; from pathlib import Path; from kextless.base.heartbeat import Heartbeat; "
-    "hb = Heartbeat(Path(sys.argv[1]), sys.argv[2]); "
-    "[(hb.beat(time.monotonic_ns()), time.sleep(0.05)) for _ in iter(int, 1)]"
+    "import signal, sys, time; from pathlib import Path; "
+    "from kextless.base.heartbeat import Heartbeat; "
+    "hb = Heartbeat(Path(sys.argv[1]), sys.argv[2]); stuck = []; "
+    "signal.signal(signal.SIGUSR1, lambda *_: stuck.append(1)); "
+    "[(hb.beat(time.monotonic_ns()) if not stuck else None, time.sleep(0.05)) "
+    "for _ in iter(int, 1)]"
 )
 
 
@@ -364,16 +387,25 @@ def test_a_sigstopped_program_is_killed_and_restarted_a_mute_one_never(
         os.kill(old, signal.SIGSTOP)
         restarted = _wait(lambda: _pid(run, "beater")[0] not in (0, old), 5)
         assert restarted is not None, (run.log_dir / "watchdog.log").read_text()
-        # stale 1 s after the last beat (written at most every EVERY_NS, so up to 0.1 s
-        # before the SIGSTOP), read every 0.1 s, then supervisord's restart
-        assert (STALE_NS - EVERY_NS) / 1e9 <= restarted < 2.0, restarted
+        # stopped (state T): stale STOPPED_STALE_NS after the last beat (written at most
+        # every EVERY_NS, so up to 0.1 s before the SIGSTOP), read every 0.1 s, then
+        # supervisord's restart
+        assert (STOPPED_STALE_NS - EVERY_NS) / 1e9 <= restarted < 1.5, restarted
         assert _wait(lambda: _pid(run, "beater")[1] == "RUNNING", 5) is not None
         log = (run.log_dir / "watchdog.log").read_text()
-        assert f"beater (pid {old}) hung: no loop progress for " in log
+        assert f"beater (pid {old}) hung: no loop progress for " in log and "stopped" in log
         assert json.loads((run.path / STATE_FILE).read_text())["kills"] == 1
         time.sleep(1.5)
         assert _pid(run, "mute") == (mute_pid, "RUNNING")
         assert log.count("hung:") == 1
+        # A loop that stops beating but is not stopped (a deadlock): the 1 s rule.
+        second, _ = _pid(run, "beater")
+        assert _wait(lambda: read_heartbeats(run.path).get("beater", 0) > 0, 5) is not None
+        os.kill(second, signal.SIGUSR1)
+        again = _wait(lambda: _pid(run, "beater")[0] not in (0, second), 5)
+        assert again is not None, (run.log_dir / "watchdog.log").read_text()
+        assert (STALE_NS - EVERY_NS) / 1e9 <= again < 2.5, again
+        assert json.loads((run.path / STATE_FILE).read_text())["kills"] == 2
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(mute_pid, signal.SIGCONT)
