@@ -247,6 +247,8 @@ class Measured:
     waiting_result: str | None = None
     waiting_s: float | None = None
     leftover_programs: int = 0
+    #: The slowest new connections: (start relative to the fault, s; wait, s), slowest first.
+    slowest: list[tuple[float, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def lost(self) -> str:
@@ -482,6 +484,8 @@ class Rig:
         m.results = dict(Counter(c["result"] for c in conns))
         m.failed = sum(c["result"] != "ok" for c in conns)
         m.max_wait_s = round(max((c["wait"] for c in conns), default=0.0), 3)
+        slow = sorted(conns, key=lambda c: -c["wait"])[:5]
+        m.slowest = [(round(c["t"] - fault_t, 3), round(c["wait"], 3)) for c in slow]
         m.whole_s = whole_after(conns, fault_t)
         self._bulk.wait(timeout=15)
         sink_out, _ = self._sink.communicate(timeout=40)

@@ -26,15 +26,20 @@ HUNG_WINDOW_S = 4.0
 PROCESSES = ("broker", "capture", "ale", "lifecycle", "bandwidth", "policy")
 
 
-def demands(name: str, m: Measured) -> list[str]:
+def demands(name: str, m: Measured, sig: signal.Signals = signal.SIGKILL) -> list[str]:
     """Every demand of fault 1 the measurement misses, as a short reason."""
     miss = []
     if m.restarted_s is None or m.restarted_s > WHOLE_S:
         miss.append(f"{name} not running again within {WHOLE_S:g} s ({m.restarted_s})")
     if m.whole_s > WHOLE_S:
         miss.append(f"new connections whole only after {m.whole_s:.2f} s")
-    if name == "capture" and m.max_wait_s >= 1.0:
-        miss.append(f"a new connection waited {m.max_wait_s:.2f} s across a capture fault")
+    # Across a capture kill no connection may wait 1 s (TCP's first SYN resend): what it held
+    # or was sent meanwhile is replayed (parked by kextless_pre, handed back by the ALE). A
+    # hung capture is first detected (the watchdog), so there the bound is the 2 s of "whole".
+    if name == "capture" and sig == signal.SIGKILL and m.max_wait_s >= 1.0:
+        miss.append(f"a new connection waited {m.max_wait_s:.2f} s across a capture kill")
+    if name == "capture" and sig == signal.SIGSTOP and m.max_wait_s > WHOLE_S:
+        miss.append(f"a new connection waited {m.max_wait_s:.2f} s across a hung capture")
     if m.failed:
         miss.append(f"{m.failed} new connections failed {m.results}")
     if m.unasked:
@@ -47,7 +52,8 @@ def demands(name: str, m: Measured) -> list[str]:
         miss.append(f"bulk stream gap {m.bulk_gap_s:.2f} s ({m.bulk_result})")
     if m.update_honoured is False:
         miss.append("an Update for a connection decided before the fault was ignored")
-    if m.waiting_result is not None and (m.waiting_result != "ok" or (m.waiting_s or 0) > 2.5):
+    waited = 1.0 if name == "capture" else 2.5
+    if m.waiting_result is not None and (m.waiting_result != "ok" or (m.waiting_s or 0) >= waited):
         miss.append(
             f"a connection waiting at the kill ended {m.waiting_result} after {m.waiting_s} s"
         )
@@ -65,7 +71,9 @@ def waiting_at_a_kill(rig: Rig, name: str, m: Measured) -> None:
     else:
         rig.send_signal("policy", signal.SIGSTOP)
     proc = rig.probe()
-    time.sleep(0.5)  # its SYN is held, its info queued
+    # Its SYN is held, its info queued. For the capture, 0.1 s: the SYN then must come back
+    # from the ALE (Rehold) at the restart, well before TCP would resend it (1 s after it).
+    time.sleep(0.1 if name == "capture" else 0.5)
     old, _t = rig.send_signal(name, signal.SIGKILL)
     if rig.decider is not None:
         rig.decider.resume()
@@ -94,7 +102,7 @@ def inject(name: str, sig: signal.Signals, record: Recorder) -> None:
         m.restarted_s = None if new_t is None else round(new_t - fault_t, 3)
         if sig == signal.SIGKILL:
             waiting_at_a_kill(rig, name, m)
-        miss = demands(name, m)
+        miss = demands(name, m, sig)
         label = "SIGKILL" if sig == signal.SIGKILL else "SIGSTOP (hung)"
         record(
             f"{label} {name}",
@@ -119,32 +127,16 @@ def _cases(sig: signal.Signals, xfails: dict[str, str]) -> list[object]:
 
 
 #: Measured misses (see the session's fault table); each names the product change it needs.
-KILL_XFAILS: dict[str, str] = {
-    # broker, ale and policy pass: the ALE emits its pending infos again to a restarted broker,
-    # keeps its decided connections in a journal (actors/ale/journal.py), and a killed
-    # client's unanswered infos go back to the front of the broker's queue.
-    "capture": "a SYN sent while the capture restarts (~0.1-0.5 s) is dropped by the guard and "
-    "TCP resends it only after 1 s: the longest new-connection wait across a capture kill was "
-    "1.04-2.09 s in 4 runs, the target is < 1 s",
-}
-_NOT_WATCHED = (
-    "does not beat yet (no RUN/heartbeat/{0}), so the watchdog (deploy/watchdog.py) leaves it "
-    "alone: a hung {0} keeps its pid and nothing recovers until it is resumed after 4 s; new "
-    "connections wait until then (~4 s)"
-)
+#: None now: a capture kill's connections are replayed (actors/capture/parked.py and the
+#: ALE's Rehold), the broker's, ALE's and policy's are kept across their restarts.
+KILL_XFAILS: dict[str, str] = {}
 STOP_XFAILS: dict[str, str] = {}
-#: Cases that meet the 2 s or miss it by the machine's load (measured), so not strict: the
-#: watchdog kills ~1.1 s after the SIGSTOP, the rest is the new process's start.
+#: Cases that meet the 2 s or miss it by the machine's load (measured), so not strict.
 STOP_UNSURE: dict[str, str] = {
-    # Measured with the capture's heartbeat: restarted after 1.02 s, whole again after 1.29 s,
-    # longest wait 2.06 s (the 1 s target is the SIGKILL one; a hung capture's ring holds
-    # the SYNs that arrive while it is stopped, and they die with it: TCP resends after 1-3 s).
-    "capture": "the watchdog restarts a hung capture ~1.0 s after the SIGSTOP (whole again "
-    "after ~1.3 s), but SYNs that reached its ring while it was stopped are lost with it, so "
-    "their connections wait for TCP's resend: longest wait 2.06 s (the capture target is 1 s)",
-    "policy": "the watchdog kills the hung policy ~1.0-1.2 s after the SIGSTOP, but the new "
-    "one took 0.2-1.7 s from its start to its session on a loaded 2-CPU machine (load 6-9): "
-    "new connections were decided again after 1.12, 2.25, 2.42 and 3.56 s (target 2 s)",
+    "policy": "the watchdog kills the hung policy ~0.4-0.5 s after the SIGSTOP (state T), but "
+    "the new one took 0.2-1.7 s from its start to its session on a loaded 2-CPU machine "
+    "(load 6-9): new connections were decided again after 1.12, 2.25, 2.42 and 3.56 s "
+    "(target 2 s) before the stopped rule",
 }
 
 
