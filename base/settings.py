@@ -66,6 +66,10 @@ class VerdictSettings(_Section, frozen=True):
     #: With no client session open: "wait" holds each new connection until `timeout`, then
     #: `default` (the kext's behaviour); "default" gives `default` at once.
     no_client: Literal["wait", "default"] = "wait"
+    #: At most this many packets wait for a verdict; a new one beyond is dropped unasked (its
+    #: client never sees it; TCP resends), so a flood leaves no backlog of seconds behind it
+    #: (docs/overload.md). 0: unbounded (the backlog grows until `timeout`).
+    max_pending: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 8192
 
 
 class QueueSettings(_Section, frozen=True):

@@ -78,7 +78,8 @@ def _broker_args(opts: UpOptions, endpoint: Endpoint) -> list[str]:
 
 
 def _ale_args(opts: UpOptions, _endpoint: Endpoint) -> list[str]:
-    args = []
+    v, d = opts.settings.verdicts, _DEFAULTS.verdicts
+    args = _changed("--max-pending", v.max_pending, d.max_pending)
     if opts.verdict_timeout is not None:
         args += ["--verdict-timeout", f"{opts.verdict_timeout:g}"]
     if opts.default_verdict is not None:

@@ -113,6 +113,11 @@ class AleConfig:
     opener_hints: bool = False
     #: Bound of each attribution table (flows, openers, listeners); the oldest entry goes first.
     attribution_cap: int = 65_536
+    #: At most this many packets wait for a verdict (ids issued, not yet answered); a new one
+    #: beyond it is dropped at once (Drop: not cached, so a TCP resend is asked again) and its
+    #: client never sees it. Overload then costs what arrives while the client is behind,
+    #: not the seconds it takes to work off a backlog (docs/overload.md). 0: unbounded.
+    max_pending: int = 8192
 
 
 @dataclass(slots=True)
@@ -236,6 +241,7 @@ class AleCore:
         self.timeout_lines = LineBudget()
         self.refused_lines = LineBudget()
         self.unknown_id_lines = LineBudget()
+        self.shed_lines = LineBudget(per_window=1)
         #: Counts broker losses: a pending info emitted in an earlier epoch may have died with
         #: the broker that queued it, and is emitted again when a broker is back.
         self._broker_epoch = 0
@@ -265,6 +271,7 @@ class AleCore:
             "restored": 0,
             "reholds": 0,
             "reheld": 0,
+            "shed": 0,
         }
 
     # ---- inputs -------------------------------------------------------------------------
@@ -399,6 +406,9 @@ class AleCore:
                 return [m.Decision((msg.hold_id,), conn.verdict)]
         if flow in self.orphans and self._claim_orphan(msg):
             return []  # the client has this packet's info already: its answer releases it
+        cap = self.config.max_pending
+        if cap and len(self.id_cache) >= cap:
+            return self._shed(msg, now_ns)
         if conn is None and cached:
             conn = Connection(Verdict.UNDECIDED, msg.process_id, msg.direction, now_ns)
             self.connection_cache[flow] = conn
@@ -468,6 +478,30 @@ class AleCore:
             )
         return out
 
+    def _shed(self, msg: m.PacketHeld, now_ns: int) -> list[Effect]:
+        """The client is `max_pending` packets behind: drop this one unasked (see AleConfig)."""
+        self.counters["shed"] += 1
+        out: list[Effect] = [m.Decision((msg.hold_id,), Verdict.DROP)]
+        summary, own_line = self.shed_lines.note(now_ns)
+        if summary:
+            out.append(self._shed_summary(summary))
+        if own_line:
+            out.append(
+                Note(
+                    logging.WARNING,
+                    f"overload: {self.config.max_pending} packets wait for a verdict; "
+                    f"{flow_text(msg.flow, msg.direction)} dropped unasked (its sender may "
+                    "resend; counter shed)",
+                )
+            )
+        return out
+
+    def _shed_summary(self, n: int) -> Note:
+        return Note(
+            logging.WARNING,
+            f"overload: {n} more packet(s) dropped unasked within a second (counter shed)",
+        )
+
     def _refused_summary(self, n: int) -> Note:
         verdict = self.config.default_verdict.kext_name
         return Note(
@@ -499,7 +533,8 @@ class AleCore:
             first = next(iter(self.waiting.values()))
             wait_due = first.since_ns + self.config.attribution_wait_ns
             due = wait_due if due is None else min(due, wait_due)
-        for budget in (self.timeout_lines, self.refused_lines, self.unknown_id_lines):
+        budgets = (self.timeout_lines, self.refused_lines, self.unknown_id_lines, self.shed_lines)
+        for budget in budgets:
             b = budget.due_ns()
             if b is not None:
                 due = b if due is None else min(due, b)
@@ -525,6 +560,9 @@ class AleCore:
         n = self.unknown_id_lines.flush(now_ns)
         if n:
             out.append(self._unknown_id_summary(n))
+        n = self.shed_lines.flush(now_ns)
+        if n:
+            out.append(self._shed_summary(n))
         return out
 
     def _verdict_deadline_ns(self) -> int | None:

@@ -66,6 +66,14 @@ def main(argv: list[str]) -> int:
         help="how long an outbound connection info waits for its pid while the lifecycle "
         "actor runs (default 0.05; 0 never waits)",
     )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=AleConfig.max_pending,
+        metavar="N",
+        help="at most N packets wait for a verdict; a new one beyond is dropped unasked "
+        f"(default {AleConfig.max_pending}; 0: unbounded)",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     run = RuntimeDir.from_arg(args.run_dir).create()
@@ -75,6 +83,7 @@ def main(argv: list[str]) -> int:
         default_verdict=args.default_verdict,
         attribution_wait_ns=max(0, int(args.attribution_wait * 1e9)),
         opener_hints=args.opener_hints,
+        max_pending=max(0, args.max_pending),
     )
     ids = IdReservation(run.path / "ale-ids")
     try:

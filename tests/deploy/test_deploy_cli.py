@@ -196,6 +196,7 @@ run_root = "run"
 timeout = 2.5
 default = "PermanentDrop"
 no_client = "default"
+max_pending = 100
 
 [queues]
 max_bytes = 1048576
@@ -285,6 +286,7 @@ def test_every_setting_reaches_its_actor_and_the_actor_takes_it(
     assert broker.queue_bytes == 1 << 20 and str(broker.no_client) == "default"
     ale = actor_parse(monkeypatch, "ale", flags["ale"])
     assert (ale.verdict_timeout, ale.default_verdict.kext_name) == (2.5, "PermanentDrop")
+    assert ale.max_pending == 100
     cap = actor_parse(monkeypatch, "capture", flags["capture"])
     assert cap.nameserver_v4 == bytes([10, 9, 0, 53])
     assert cap.nameserver_v6 == ipaddress.IPv6Address("fd00::53").packed
@@ -298,6 +300,7 @@ def test_every_setting_reaches_its_actor_and_the_actor_takes_it(
     # and each actor gets only its own
     assert "--verdict-timeout" not in flags["broker"] + flags["capture"] + flags["policy"]
     assert "--queue-bytes" not in flags["ale"] + flags["capture"]
+    assert "--max-pending" not in flags["broker"] + flags["capture"] + flags["policy"]
 
 
 def test_defaults_leave_every_argv_bare(tmp_path: Path) -> None:

@@ -12,10 +12,9 @@ accepted), to see when new connections are decided promptly again after the floo
 Fail closed: 0 datagrams arrive and the guard dropped what the ring let by. `--fail-open`: the
 ring's bypass reaches the listener (the test fails if nothing leaked there, so the fail-closed
 case is not passing by accident). Both: every program RUNNING at the end and none restarted
-but by the watchdog. Not restarted at all, and new connections decided promptly again within
-WHOLE_S of the flood's end, are the issue's targets too; they are missed today (measured:
-docs/overload.md), so a miss makes the test xfail with what was measured. Figures per rate:
-tests/benchmarks/bench_overload.py, docs/overload.md. Each case takes 35-45 s.
+but by the watchdog; none restarted at all, and new connections decided promptly again within
+WHOLE_S of the flood's end (the ALE's max_pending bounds the backlog it leaves). Figures per
+rate: tests/benchmarks/bench_overload.py, docs/overload.md. Each case takes 35-45 s.
 """
 
 from __future__ import annotations
@@ -168,13 +167,9 @@ def test_a_flood_far_above_saturation_passes_nothing_unexamined_unless_fail_open
     assert all(st == "RUNNING" for _pid, st in after_progs.values()), after_progs
     not_watchdog = sorted(set(restarted) - set(killed))
     assert not_watchdog == [], (fig, logs[-3000:])  # a crash, not a watchdog kill
-    # Measured misses of issue 12 fault 3 (docs/overload.md), after the safety asserts above:
-    # on the 2-CPU machine the flood starves the actors' loops past the watchdog's 1 s, so it
-    # SIGKILLs them; and the flood's backlog of asked flows (FIFO) delays later connections.
-    misses = []
-    if restarted:
-        misses.append(f"the watchdog SIGKILLed {killed} during the flood (heartbeat > 1 s)")
-    if whole > WHOLE_S:
-        misses.append(f"new connections decided promptly again only {whole} s after the flood")
-    if misses:
-        pytest.xfail("; ".join(misses))
+    # Recovery (issue 12, fault 3: whole again within 2 s): the flood starves the actors'
+    # loops on 2 CPUs, but the watchdog waits for a starved one (deploy/watchdog.py), and the
+    # ALE's max_pending keeps the backlog the flood leaves to well under a second of decisions
+    # (measured without it: 3.3-5 s).
+    assert restarted == [], (fig, logs[-3000:])
+    assert whole <= WHOLE_S, (fig, logs[-3000:])

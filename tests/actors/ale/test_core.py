@@ -383,6 +383,32 @@ def test_a_syn_decided_just_before_a_capture_restart_is_handed_back() -> None:
     ]  # handed back once
 
 
+def test_beyond_max_pending_a_new_packet_is_dropped_unasked_and_logged_once_a_second() -> None:
+    core = AleCore(AleConfig(max_pending=2))
+    flows = [m.Flow(6, L4, 40000 + i, R4, 443) for i in range(6)]
+    assert len(broker(core.packet_held(held(1, flows[0]), 0))) == 1
+    assert len(broker(core.packet_held(held(2, flows[1]), 0))) == 1
+    out = core.packet_held(held(3, flows[2]), 0)
+    assert capture(out) == [m.Decision((3,), Verdict.DROP)] and broker(out) == []
+    assert len(notes(out)) == 1 and "dropped unasked" in notes(out)[0]
+    assert flows[2] not in core.connection_cache  # not remembered: a resend is asked again
+    out = core.packet_held(held(4, flows[3]), 1)
+    assert capture(out) == [m.Decision((4,), Verdict.DROP)] and notes(out) == []
+    assert core.counters["shed"] == 2
+    # A permanent verdict already known is still answered, whatever the backlog.
+    core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 2)
+    core.packet_held(held(5, flows[4]), 3)  # room again: asked (2 pending)
+    out = core.packet_held(held(6, flows[0]), 4)
+    assert capture(out) == [m.Decision((6,), Verdict.PERMANENT_ACCEPT)]
+    # The suppressed line is summed up once its second is over.
+    out = core.on_deadline(2 * S)
+    assert any("1 more packet(s) dropped unasked" in n for n in notes(out)), notes(out)
+    # 0: unbounded.
+    free = AleCore(AleConfig(max_pending=0))
+    for i, f in enumerate(flows):
+        assert len(broker(free.packet_held(held(i + 1, f), 0))) == 1
+
+
 def test_connection_end_is_reported_once_and_expires_after_grace() -> None:
     core = AleCore()
     core.packet_held(held(1, pid=42), 0)
