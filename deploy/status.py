@@ -376,6 +376,8 @@ def summary_lines(broker: dict[str, Any]) -> list[str]:
         f"{_num(ale, 'timeouts')} by verdict timeout",
         f"{_num(ale, 'refused')} refused at once",
     ]
+    if _num(ale, "shed"):
+        parts.append(f"{_num(ale, 'shed')} dropped unasked (overload)")
     lines.append("decisions: " + ", ".join(parts))
     by_verdict = _by_verdict(ale)
     if by_verdict:
@@ -437,6 +439,11 @@ def problems(report: dict[str, Any]) -> list[str]:
             _num(ale, "refused"),
             f"connection info(s) refused (queue full or no client), got the default at once "
             f"(see {logs}/ale.log)",
+        ),
+        (
+            _num(ale, "shed"),
+            "packet(s) dropped unasked: verdicts.max_pending were already waiting for a "
+            f"verdict (overload; see {logs}/ale.log)",
         ),
         (
             _num(ale, "verdicts_unknown_id"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -164,26 +165,20 @@ def _with_pid(msg: m.PacketHeld, pid: int) -> m.PacketHeld:
     return msgspec.structs.replace(msg, process_id=pid)
 
 
+def _budgeted(
+    budget: LineBudget, now_ns: int, summary: Callable[[int], Note], line: Callable[[], str]
+) -> list[Effect]:
+    """One event's log lines under `budget`: the summary of a finished window, if due, and
+    the event's own warning line (built only if it gets one)."""
+    n, own_line = budget.note(now_ns)
+    out: list[Effect] = [summary(n)] if n else []
+    if own_line:
+        out.append(Note(logging.WARNING, line()))
+    return out
+
+
 def _rehold(msg: m.PacketHeld) -> m.Rehold:
     return m.Rehold(msg.packet, msg.direction, msg.ifindex)
-
-
-#: A TCP SYN decided this recently before a capture (re)starts is handed to it again: its
-#: Decision may have gone to the capture that died (sent as it was killed, or while it was
-#: gone), and a SYN twice is harmless (TCP ignores the copy), a lost one costs the 1 s resend.
-REHOLD_RECENT_NS = 2_000_000_000
-#: How many such SYNs are kept (a few ms of decisions matter; this is seconds of them).
-REHOLD_RECENT_MAX = 1024
-
-
-def is_tcp_syn(packet: bytes) -> bool:
-    """An IPv4/IPv6 TCP segment with SYN and without ACK (no IPv6 extension headers)."""
-    if len(packet) < 20:
-        return False
-    if packet[0] >> 4 == 4:
-        ihl = (packet[0] & 0xF) * 4
-        return packet[9] == 6 and len(packet) > ihl + 13 and packet[ihl + 13] & 0x12 == 0x02
-    return len(packet) > 53 and packet[6] == 6 and packet[53] & 0x12 == 0x02
 
 
 def _percentiles(name: str, samples: deque[int]) -> dict[str, float]:
@@ -230,8 +225,6 @@ class AleCore:
         #: Pending ids whose packet died with a killed capture and was handed to its successor
         #: (Rehold), by flow: the PacketHeld that comes back takes the id instead of a new one.
         self.orphans: dict[m.Flow, deque[int]] = {}
-        #: (when decided, the packet) of recently decided TCP SYNs (REHOLD_RECENT_NS).
-        self.recent_syns: deque[tuple[int, m.PacketHeld]] = deque(maxlen=REHOLD_RECENT_MAX)
         #: Flows whose pid came from an OPENER hint (their exact attribution is still to come).
         self._hinted: OrderedDict[m.Flow, None] = OrderedDict()
         self._lifecycle_seen_ns: int | None = None
@@ -465,35 +458,29 @@ class AleCore:
         self._resolve(pending_id, self.config.default_verdict, now_ns, out)
         line = f"event {pending_id} refused by the broker ({reason}); applied {verdict}"
         out.append(_log(Severity.WARNING, line))
-        summary, own_line = self.refused_lines.note(now_ns)
-        if summary:
-            out.append(self._refused_summary(summary))
-        if own_line:
-            what = flow_text(entry.flow, entry.direction) if entry else "(no longer held)"
-            out.append(
-                Note(
-                    logging.WARNING,
-                    f"id {pending_id} {what} refused by the broker ({reason}): {verdict}",
-                )
-            )
+        what = flow_text(entry.flow, entry.direction) if entry else "(no longer held)"
+        out += _budgeted(
+            self.refused_lines,
+            now_ns,
+            self._refused_summary,
+            lambda: f"id {pending_id} {what} refused by the broker ({reason}): {verdict}",
+        )
         return out
 
     def _shed(self, msg: m.PacketHeld, now_ns: int) -> list[Effect]:
         """The client is `max_pending` packets behind: drop this one unasked (see AleConfig)."""
         self.counters["shed"] += 1
         out: list[Effect] = [m.Decision((msg.hold_id,), Verdict.DROP)]
-        summary, own_line = self.shed_lines.note(now_ns)
-        if summary:
-            out.append(self._shed_summary(summary))
-        if own_line:
-            out.append(
-                Note(
-                    logging.WARNING,
-                    f"overload: {self.config.max_pending} packets wait for a verdict; "
-                    f"{flow_text(msg.flow, msg.direction)} dropped unasked (its sender may "
-                    "resend; counter shed)",
-                )
-            )
+        out += _budgeted(
+            self.shed_lines,
+            now_ns,
+            self._shed_summary,
+            lambda: (
+                f"overload: {self.config.max_pending} packets wait for a verdict; "
+                f"{flow_text(msg.flow, msg.direction)} dropped unasked (its sender may resend; "
+                "counter shed)"
+            ),
+        )
         return out
 
     def _shed_summary(self, n: int) -> Note:
@@ -637,7 +624,9 @@ class AleCore:
         """A (re)started capture holds nothing: replay every verdict, then hand it back the
         packets its predecessor held that are still undecided (Rehold; their connections
         would otherwise wait for the sender's resend, 1 s for a TCP SYN). Their pending ids
-        stay: the PacketHeld each one comes back as takes its id (`_claim_orphan`)."""
+        stay: the PacketHeld each one comes back as takes its id (`_claim_orphan`). (A SYN
+        decided as the capture died, its Decision lost, comes back from the kernel instead:
+        actors/capture/parked.py, shadow SYNs.)"""
         out: list[Effect] = [
             m.CacheSet(flow, conn.verdict)
             for flow, conn in self.connection_cache.items()
@@ -653,9 +642,6 @@ class AleCore:
         for waiting in self.waiting.values():  # no id yet: they come back and wait again
             out.extend(_rehold(h) for h in waiting.held if h.ifindex)
         self.waiting.clear()
-        cutoff = now_ns - REHOLD_RECENT_NS
-        out.extend(_rehold(h) for t, h in self.recent_syns if t >= cutoff and h.ifindex)
-        self.recent_syns.clear()
         n = sum(type(e) is m.Rehold for e in out)
         self.counters["reholds"] += n
         return out
@@ -775,17 +761,15 @@ class AleCore:
         if pending_id not in self.id_cache:
             self.counters["verdicts_unknown_id"] += 1
             out.append(_log(Severity.ERROR, f"Verdict invalid id: {pending_id}"))
-            summary, own_line = self.unknown_id_lines.note(now_ns)
-            if summary:
-                out.append(self._unknown_id_summary(summary))
-            if own_line:
-                out.append(
-                    Note(
-                        logging.WARNING,
-                        f"verdict {verdict.kext_name} for invalid id {pending_id} ignored "
-                        "(never issued, already answered or timed out)",
-                    )
-                )
+            out += _budgeted(
+                self.unknown_id_lines,
+                now_ns,
+                self._unknown_id_summary,
+                lambda: (
+                    f"verdict {verdict.kext_name} for invalid id {pending_id} ignored "
+                    "(never issued, already answered or timed out)"
+                ),
+            )
             return out
         self.counters["verdicts"] += 1
         self._resolve(pending_id, verdict, now_ns, out)
@@ -796,8 +780,6 @@ class AleCore:
         entry = self.id_cache.pop(pending_id, None)
         if entry is None:
             return
-        if entry.held is not None and entry.held.ifindex and is_tcp_syn(entry.held.packet):
-            self.recent_syns.append((now_ns, entry.held))
         key = f"decided.{verdict.kext_name}"
         self.counters[key] = self.counters.get(key, 0) + 1
         flow = entry.flow

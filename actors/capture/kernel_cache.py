@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kextless.actors.capture import tcbpf
-from kextless.actors.capture.parked import ParkControl, ParkRing, open_parking
+from kextless.actors.capture.parked import SYN_SHADOW_MAP, ParkControl, ParkRing, open_parking
 
 # The map layouts, the libbpf binding and the lookup of our attached programs are shared with
 # the bandwidth actor through base; the names the capture shell imports from here are
@@ -185,6 +185,8 @@ class KernelCache:
     #: Packets parked while no capture read (parked.py; None: an older program).
     park_ring: ParkRing | None = None
     park_ctl: ParkControl | None = None
+    #: The shadow SYN circle's fd (parked.read_shadow; None: an older program).
+    syn_shadow_fd: int | None = None
     attached: dict[int, str] = field(default_factory=dict)
     ncpus: int = 1
 
@@ -256,7 +258,7 @@ class KernelCache:
     def _from_fds(cls, pre: dict[str, int], guard: dict[str, int]) -> KernelCache:
         """Wrap fds by name (programs and maps); closes the ones it does not keep."""
         keep = {PRE_NAME, "flows", "pass_ports", "stats", GUARD_NAME, "guard_stats"}
-        keep |= {REINJECTED_MAP, OWNERS_MAP}
+        keep |= {REINJECTED_MAP, OWNERS_MAP, SYN_SHADOW_MAP}
         parking = open_parking(pre)  # takes its maps' fds out of `pre` (closed on failure)
         for name, fd in list(pre.items()) + list(guard.items()):
             if name not in keep:
@@ -283,6 +285,7 @@ class KernelCache:
             owners=OwnerMap.from_fd(pre[OWNERS_MAP]) if OWNERS_MAP in pre else None,
             park_ring=parking[0] if parking else None,
             park_ctl=parking[1] if parking else None,
+            syn_shadow_fd=pre.get(SYN_SHADOW_MAP),
             ncpus=libbpf().check(libbpf().lib.libbpf_num_possible_cpus(), "possible cpus"),
         )
 
@@ -294,6 +297,8 @@ class KernelCache:
         for fd in [self.pre_fd, self.guard_fd] + [m.fd if m else None for m in maps]:
             if fd is not None:
                 os.close(fd)
+        if self.syn_shadow_fd is not None:
+            os.close(self.syn_shadow_fd)
         if self.park_ring is not None:
             self.park_ring.close()
         if self.park_ctl is not None:

@@ -19,8 +19,15 @@ never parks: with no capture, packets pass.
     ctl = ParkControl(kc_maps["park_ctl"], kc_maps["reader"])
     ctl.enable(True); ctl.register(sock.fileno(), os.getpid()); ring.take() -> (parked, bad)
 
-Decoding and the age rule are pure (`decode`, `fresh`); the ring itself is libbpf's
-ring_buffer (its consumer protocol, not ours).
+Shadow SYNs: kextless_pre also keeps, per CPU, a circle of the last SYN_SLOTS TCP openers it
+sent on to the divert program while a capture read (`syn_shadow`). A SYN that reached the
+divert program just before the capture was killed died in its ring, its queue or the capture
+itself; `recent_syns` picks the shadow copies from just before the predecessor's last
+heartbeat on, and the shell replays those whose flow has no verdict in the kernel map yet (a
+decided one is not asked again; a SYN twice is harmless to TCP).
+
+Decoding and the age rules are pure (`decode`, `fresh`, `recent_syns`, `syn_key`); the ring
+itself is libbpf's ring_buffer (its consumer protocol, not ours).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from kextless.base.kernel_maps import BpfMap, KernelCacheError, libbpf
+from kextless.base.kernel_maps import BpfMap, FlowKey, KernelCacheError, libbpf
 
 log = logging.getLogger("capture.parked")
 
@@ -53,6 +60,16 @@ _KEY0 = struct.pack("=I", 0)
 MAX_AGE_NS = 3_000_000_000
 #: Records taken per `take` (the rest stay in the ring for the next call).
 TAKE_MAX = 4096
+#: The shadow SYN circle (SYN_SLOTS, SYN_MAX in flowcache.bpf.c): slots per CPU, bytes each.
+SYN_SHADOW_MAP = "syn_shadow"
+SYN_SLOTS = 64
+SYN_MAX = 128
+#: struct syn_slot: the park header, then SYN_MAX bytes.
+SYN_SLOT_SIZE = PARK_HDR.size + SYN_MAX
+#: Shadow SYNs from this long before the predecessor's last heartbeat on are replayed: its
+#: loop beats at most every base/heartbeat.EVERY_NS (0.1 s) while it turns, so a SYN it may
+#: not have asked about yet is younger than that stamp minus this.
+SYN_BEFORE_BEAT_NS = 200_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +106,48 @@ def decode(record: bytes) -> Parked | None:
 def fresh(p: Parked, now_ns: int, max_age_ns: int = MAX_AGE_NS) -> bool:
     """Whether `p` is still worth replaying at `now_ns` (same clock)."""
     return now_ns - p.ktime_ns <= max_age_ns
+
+
+def recent_syns(shadow: list[Parked], last_beat_ns: int, now_ns: int) -> list[Parked]:
+    """The shadow SYNs a killed capture may not have asked about, oldest first: from
+    SYN_BEFORE_BEAT_NS before its last heartbeat (0: none known) on, and never older than
+    MAX_AGE_NS; each 5-tuple once (its latest copy)."""
+    since = max(last_beat_ns - SYN_BEFORE_BEAT_NS, now_ns - MAX_AGE_NS)
+    latest: dict[bytes, Parked] = {}
+    for p in sorted(shadow, key=lambda p: p.ktime_ns):
+        k = syn_key(p.raw)
+        if p.ktime_ns >= since and k is not None:
+            latest.pop(k.pack(), None)
+            latest[k.pack()] = p
+    return list(latest.values())
+
+
+def syn_key(raw: bytes) -> FlowKey | None:
+    """The TCP 5-tuple of an IPv4 / IPv6 packet (no IPv6 extension headers), as it carries
+    it; None if it is not one."""
+    if len(raw) >= 40 and raw[0] >> 4 == 4 and raw[9] == 6:
+        ihl = (raw[0] & 0xF) * 4
+        if len(raw) < ihl + 4:
+            return None
+        sport, dport = struct.unpack_from("!HH", raw, ihl)
+        return FlowKey(6, bytes(raw[12:16]), sport, bytes(raw[16:20]), dport)
+    if len(raw) >= 60 and raw[0] >> 4 == 6 and raw[6] == 6:
+        sport, dport = struct.unpack_from("!HH", raw, 40)
+        return FlowKey(6, bytes(raw[8:24]), sport, bytes(raw[24:40]), dport)
+    return None
+
+
+def read_shadow(map_fd: int, ncpus: int) -> list[Parked]:
+    """Every filled slot of `syn_shadow`, all CPUs."""
+    m = BpfMap(map_fd, SYN_SHADOW_MAP, 4, SYN_SLOT_SIZE)
+    out = []
+    for slot in range(SYN_SLOTS):
+        raw = m.lookup(struct.pack("=I", slot), SYN_SLOT_SIZE * ncpus) or b""
+        for cpu in range(len(raw) // SYN_SLOT_SIZE):
+            p = decode(raw[cpu * SYN_SLOT_SIZE : (cpu + 1) * SYN_SLOT_SIZE])
+            if p is not None:
+                out.append(p)
+    return out
 
 
 # ---- the maps ----------------------------------------------------------------------------
@@ -181,7 +240,12 @@ class ParkControl:
     def unregister(self) -> bool:
         """Parking resumes (this capture stops reading); False if no reader was set."""
         self.ctl.update(_KEY0, _CTL.pack(int(self.read()[0]), 0))
-        return self.reader.delete(_KEY0)
+        try:
+            return self.reader.delete(_KEY0)
+        except KernelCacheError as e:
+            if e.errno == errno.EINVAL:  # a SOCKMAP says so of an empty slot
+                return False
+            raise
 
     def close(self) -> None:
         os.close(self.ctl.fd)

@@ -81,9 +81,9 @@ from kextless.actors.capture.kernel_cache import DEFAULT_FLOWS_MAX, KernelCache
 from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
-from kextless.actors.capture.parked import fresh
+from kextless.actors.capture.parked import fresh, read_shadow, recent_syns, syn_key
 from kextless.base.cores import wait_ms
-from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat
+from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat, read_heartbeats
 from kextless.base.kernel_maps import (
     FLOW_KEY,
     GUARD_NAME,
@@ -452,8 +452,10 @@ class CaptureShell:
         # its `reader` map while the handle is read; the kernel removes it when we die.
         self._reader: tuple[socket.socket, socket.socket] | None = None
         self.park_counts: dict[str, int] = dict.fromkeys(
-            ("parked_replayed", "parked_stale", "parked_bad", "reheld"), 0
+            ("parked_replayed", "parked_stale", "parked_bad", "reheld", "shadow_replayed"), 0
         )
+        #: The previous capture's last heartbeat (0: none): which shadow SYNs to replay.
+        self._last_beat_ns = 0
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -461,6 +463,8 @@ class CaptureShell:
     # ---- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.cfg.run_dir is not None:  # before ours overwrites it
+            self._last_beat_ns = read_heartbeats(self.cfg.run_dir).get("capture", 0)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -618,8 +622,44 @@ class CaptureShell:
             kc.park_ctl.register(self._reader[0].fileno(), os.getpid())
         except (OSError, KernelCacheError) as e:
             log.error("capture not registered as the reader (packets stay parked): %s", e)
+        self._replay_shadow()
         self._replay_parked()
         return kc.park_ring.fileno()
+
+    def _replay_shadow(self) -> None:
+        """The TCP openers that reached the divert program just before our predecessor died
+        and have no verdict in the kernel map: through the core again (parked.recent_syns)."""
+        kc = self._kc
+        if kc is None or kc.syn_shadow_fd is None:
+            return
+        now = time.monotonic_ns()
+        try:
+            syns = recent_syns(read_shadow(kc.syn_shadow_fd, kc.ncpus), self._last_beat_ns, now)
+        except (OSError, KernelCacheError) as e:
+            log.error("shadow SYNs not read: %s", e)
+            return
+        todo = []
+        for p in syns:
+            key = syn_key(p.raw)
+            entry = kc.get(key) if key is not None else None
+            if entry is None or entry.action not in (KAction.PASS, KAction.DROP):
+                todo.append(p)
+        for p in todo:
+            tok = self._token(p.raw, p.ifindex, p.inbound, now)
+            try:
+                self._run_actions(
+                    self.core.on_packet(tok, tok.raw, tok.outbound, tok.loopback, now)
+                )
+            except Exception:
+                log.exception("core failed on a shadow SYN: dropped")
+        self.park_counts["shadow_replayed"] += len(todo)
+        if todo:
+            log.info(
+                "replayed %d SYN(s) our predecessor may not have asked about (of %d recent)",
+                len(todo),
+                len(syns),
+            )
+            self._flush()
 
     def _stop_reading(self) -> None:
         kc = self._kc

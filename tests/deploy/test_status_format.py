@@ -199,6 +199,19 @@ def test_the_short_status_shows_processes_connections_decisions_and_problems() -
     assert "problems:" not in verbose  # verbose is every counter, as status always was
 
 
+def test_packets_dropped_unasked_under_overload_show_as_a_decision_and_a_problem() -> None:
+    broker = {**BROKER, "actors": {"ale": {**BROKER["actors"]["ale"]}}}  # type: ignore[dict-item]
+    broker["actors"]["ale"]["counters"] = {**BROKER["actors"]["ale"]["counters"], "shed": 7}  # type: ignore[index]
+    lines = format_status(report(programs=PROGRAMS, broker=broker)).splitlines()
+    assert (
+        "decisions: 45 by the client, 5 by verdict timeout, 0 refused at once, "
+        "7 dropped unasked (overload)"
+    ) in lines
+    assert any(
+        line.startswith("  7 packet(s) dropped unasked: verdicts.max_pending") for line in lines
+    ), lines
+
+
 def test_nothing_wrong_says_so() -> None:
     quiet = json.loads(json.dumps(BROKER))
     quiet["actors"]["ale"]["counters"].update(timeouts=0)

@@ -131,22 +131,6 @@ def _cases(sig: signal.Signals, xfails: dict[str, str]) -> list[object]:
 #: ALE's Rehold), the broker's, ALE's and policy's are kept across their restarts.
 KILL_XFAILS: dict[str, str] = {}
 STOP_XFAILS: dict[str, str] = {}
-#: Cases that meet the 2 s or miss it by the machine's load (measured), so not strict.
-STOP_UNSURE: dict[str, str] = {
-    "policy": "the watchdog kills the hung policy ~0.4-0.5 s after the SIGSTOP (state T), but "
-    "the new one took 0.2-1.7 s from its start to its session on a loaded 2-CPU machine "
-    "(load 6-9): new connections were decided again after 1.12, 2.25, 2.42 and 3.56 s "
-    "(target 2 s) before the stopped rule",
-}
-
-
-def _stop_cases() -> list[object]:
-    unsure = {
-        name: pytest.param(name, marks=[pytest.mark.xfail(strict=False, reason=why)], id=name)
-        for name, why in STOP_UNSURE.items()
-    }
-    cases = _cases(signal.SIGSTOP, STOP_XFAILS)
-    return [unsure.get(name, case) for name, case in zip(PROCESSES, cases, strict=True)]
 
 
 @pytest.mark.parametrize("name", _cases(signal.SIGKILL, KILL_XFAILS))
@@ -154,6 +138,6 @@ def test_sigkill(name: str, record: Recorder) -> None:
     inject(name, signal.SIGKILL, record)
 
 
-@pytest.mark.parametrize("name", _stop_cases())
+@pytest.mark.parametrize("name", _cases(signal.SIGSTOP, STOP_XFAILS))
 def test_sigstop(name: str, record: Recorder) -> None:
     inject(name, signal.SIGSTOP, record)

@@ -63,6 +63,14 @@
  * for TCP's resend. Never parked: the library's re-injections (already decided), lo ingress
  * (its egress copy is the one diverted). A packet larger than PARK_MAX, or a full ring: dropped
  * and counted (fail closed, as the guard would).
+ *
+ * Shadow SYNs: a SYN that reached the divert program just before its capture was killed dies
+ * in the library's ring or queue, or in the capture before it asked about it; its connection
+ * would wait for TCP's 1 s resend. So while a capture reads, each TCP opener (SYN without ACK)
+ * sent on to the divert program is also copied into `syn_shadow`, a per-CPU circle of the last
+ * SYN_SLOTS. A new capture replays those of them from just before its predecessor's last
+ * heartbeat on whose flow has no verdict in `flows` (parked.recent_syns): a SYN that was
+ * decided already is not asked again, and one sent twice is harmless to TCP.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -101,6 +109,10 @@ extern void bpf_task_release(struct task_struct *p) __ksym;
 
 /* The largest packet (from its network header) a park record holds; parked.PARK_MAX. */
 #define PARK_MAX 2048
+/* The last SYN_SLOTS TCP openers each CPU sent on to the divert program, up to SYN_MAX bytes
+ * each (parked.SYN_SLOTS, SYN_MAX): see "Shadow SYNs" in the head comment. */
+#define SYN_SLOTS 64
+#define SYN_MAX 128
 
 /* Key of `flows`, 40 bytes; kernel_cache.FlowKey.pack() writes the same layout. */
 struct flow_key {
@@ -268,6 +280,31 @@ struct {
 	__uint(max_entries, 1 << 21);
 } parked SEC(".maps");
 
+/* A shadow SYN (parked.SYN_HDR, then `len` bytes): the same header as a park record. */
+struct syn_slot {
+	__u64 ktime;
+	__u32 ifindex;
+	__u32 ingress_ifindex;
+	__u32 len; /* 0: an empty slot */
+	__u32 pad;
+	__u8 data[SYN_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SYN_SLOTS);
+	__type(key, __u32);
+	__type(value, struct syn_slot);
+} syn_shadow SEC(".maps");
+
+/* Each CPU's next slot in `syn_shadow` (counts up; the slot is it modulo SYN_SLOTS). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} syn_next SEC(".maps");
+
 /* Per-CPU room to build a record in (too big for the 512-byte stack). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -392,12 +429,55 @@ static __always_inline int park(struct __sk_buff *skb)
 	return count(ST_PARKED, TC_ACT_SHOT);
 }
 
+/* Copy a TCP opener on its way to the divert program into this CPU's `syn_shadow`. */
+static __always_inline void shadow_syn(struct __sk_buff *skb)
+{
+	__u32 zero = 0, slot, len = skb->len - l2_len(skb);
+	__u32 *next = bpf_map_lookup_elem(&syn_next, &zero);
+	struct syn_slot *r;
+
+	if (!next || len < 1 || len > SYN_MAX)
+		return;
+	slot = *next % SYN_SLOTS;
+	*next += 1;
+	r = bpf_map_lookup_elem(&syn_shadow, &slot);
+	if (!r)
+		return;
+	asm volatile("" : "+r"(len)); /* as in park(): a bound the verifier sees */
+	len = ((len - 1) & (SYN_MAX - 1)) + 1;
+	if (bpf_skb_load_bytes_relative(skb, 0, r->data, len, BPF_HDR_START_NET)) {
+		r->len = 0;
+		return;
+	}
+	r->ktime = bpf_ktime_get_ns();
+	r->ifindex = skb->ifindex;
+	r->ingress_ifindex = skb->ingress_ifindex;
+	r->len = len;
+	r->pad = 0;
+}
+
 /* On to the divert program (counted as `what`), or parked while no capture reads it. */
 static __always_inline int on(struct __sk_buff *skb, __u32 what)
 {
 	count(what, 0);
 	if (must_park(skb))
 		return park(skb);
+	return TC_ACT_UNSPEC;
+}
+
+/* A TCP opener: on, as above, and (while a capture reads) into `syn_shadow`. */
+static __always_inline int on_syn(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct park_ctl *c;
+
+	count(ST_TCP_CONTROL, 0);
+	if (must_park(skb))
+		return park(skb);
+	c = bpf_map_lookup_elem(&park_ctl, &zero);
+	if (c && c->enabled && (skb->mark >> 16) != REINJECT_MARK_HI &&
+	    !(skb->ifindex == LO_IFINDEX && skb->ingress_ifindex == LO_IFINDEX))
+		shadow_syn(skb);
 	return TC_ACT_UNSPEC;
 }
 
@@ -487,7 +567,7 @@ int kextless_pre(struct __sk_buff *skb)
 		if (th.syn && !th.ack) {
 			key.proto = proto;
 			record_owner(skb, &key);
-			return on(skb, ST_TCP_CONTROL);
+			return on_syn(skb);
 		}
 		if (th.fin || th.rst)
 			return on(skb, ST_TCP_CONTROL);

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 from kextless.actors.ale.core import (
-    REHOLD_RECENT_NS,
     TIMEOUT_BATCH_NS,
     TO_CAPTURE,
     AleConfig,
@@ -17,7 +16,6 @@ from kextless.actors.ale.core import (
     Effect,
     Note,
     flow_text,
-    is_tcp_syn,
 )
 from kextless.base.linebudget import PER_WINDOW
 from kextless.protocol import messages as m
@@ -310,29 +308,10 @@ def test_capture_restart_replays_verdicts_and_orphans_old_packets() -> None:
     assert capture(out) == [m.CacheSet(UDP6, Verdict.PERMANENT_DROP)]  # no stale Decision
 
 
-def _tcp(flags: int, v6: bool = False) -> bytes:
-    """An IP packet carrying a 20-byte TCP header with `flags` (enough for is_tcp_syn)."""
-    tcp = bytes(13) + bytes([flags]) + bytes(6)
-    if v6:
-        return bytes([0x60, 0, 0, 0, 0, 20, 6, 64]) + bytes(32) + tcp
-    return bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6]) + bytes(10) + tcp
-
-
-SYN, SYN_ACK, ACK = 0x02, 0x12, 0x10
-
-
 def held_on(
     hold_id: int, flow: m.Flow = TCP4, packet: bytes = PKT, ifindex: int = 3
 ) -> m.PacketHeld:
     return m.PacketHeld(hold_id, flow, Direction.OUTBOUND, packet, 0, 0, ifindex)
-
-
-def test_is_tcp_syn_reads_ipv4_and_ipv6() -> None:
-    assert is_tcp_syn(_tcp(SYN)) and is_tcp_syn(_tcp(SYN, v6=True))
-    assert not is_tcp_syn(_tcp(SYN_ACK)) and not is_tcp_syn(_tcp(ACK, v6=True))
-    udp = bytearray(_tcp(SYN))
-    udp[9] = 17
-    assert not is_tcp_syn(bytes(udp)) and not is_tcp_syn(b"") and not is_tcp_syn(PKT[:10])
 
 
 def test_a_restarted_capture_gets_its_predecessors_undecided_packets_back() -> None:
@@ -360,27 +339,6 @@ def test_a_capture_that_dies_again_before_re_holding_gets_them_again() -> None:
     core.packet_held(held_on(1), 0)
     assert len(capture(core.capture_ready(1))) == 1
     assert capture(core.capture_ready(2)) == [m.Rehold(PKT, Direction.OUTBOUND, 3)]
-
-
-def test_a_syn_decided_just_before_a_capture_restart_is_handed_back() -> None:
-    """Its Decision may have gone to the capture that died: a SYN twice is harmless, a lost
-    one costs TCP's 1 s resend. Not a SYN (no duplicate datagrams), not an old one."""
-    core = AleCore()
-    syn, other = _tcp(SYN), m.Flow(6, L4, 40001, R4, 443)
-    core.packet_held(held_on(1, TCP4, syn), 0)
-    core.packet_held(held_on(2, UDP6, PKT), 0)
-    core.packet_held(held_on(3, other, syn), 0)
-    core.command(VerdictCommand(1, Verdict.PERMANENT_ACCEPT), 1 * S)
-    core.command(VerdictCommand(2, Verdict.PERMANENT_ACCEPT), 1 * S)
-    core.command(VerdictCommand(3, Verdict.PERMANENT_BLOCK), 0)
-    out = capture(core.capture_ready(1 * S + REHOLD_RECENT_NS))
-    # Verdicts first (the re-held SYN meets its verdict at once), then the SYN decided
-    # within REHOLD_RECENT_NS; the one decided at 0 is older than that.
-    assert out[-1] == m.Rehold(syn, Direction.OUTBOUND, 3)
-    assert sum(type(x) is m.Rehold for x in out) == 1
-    assert capture(core.capture_ready(2 * S + REHOLD_RECENT_NS)) == [
-        x for x in out if type(x) is m.CacheSet
-    ]  # handed back once
 
 
 def test_beyond_max_pending_a_new_packet_is_dropped_unasked_and_logged_once_a_second() -> None:

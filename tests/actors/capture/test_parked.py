@@ -112,6 +112,7 @@ def test_packets_are_parked_only_while_no_running_capture_reads() -> None:
             ctl.register(b.fileno(), os.getpid())
             assert parked(1) == 0
             assert ctl.unregister() and ctl.read() == (True, 0)
+            assert not ctl.unregister()  # twice: nothing to remove
             assert parked(1) == 1  # a capture that stops reading parks what follows
             ctl.enable(False)
             assert parked(2) == 0  # off (fail open): never parked
