@@ -123,6 +123,11 @@ class DecisionLog:
             log.info("%d more decision(s) in the last second, not logged one by one: %s", n, counts)
 
 
+#: Infos worked through under one progress mark (Progress.working): a chunk takes well under a
+#: millisecond, so a healthy policy never looks stuck however large a read is.
+PROGRESS_CHUNK = 256
+
+
 class Progress:
     """What loop progress means for a process whose threads wait on the broker.
 
@@ -403,31 +408,48 @@ class PolicyRunner:
         decided: list[tuple[Row, Flow]] = []
         wall = time.time()
         with self._lock:
-            # Our own work, the verdicts' round trip aside (waiting on the broker is no hang).
-            with self.progress.working():
-                for one in batch:
-                    if isinstance(one, ConnectionIpv4 | ConnectionIpv6):
-                        facts = self.facts.get(one.process_id)
-                        flow = flow_of(one)
-                        verdict, rule = self.policy.match(flow, facts)
-                        verdicts.append((one.id, verdict))
-                        row = self.table.decided(one, flow, facts, verdict, rule, wall)
-                        decided.append((row, flow))
-                        self.decisions.decided(one, verdict, rule)
-                    elif isinstance(one, ConnectionEndEventV4 | ConnectionEndEventV6):
-                        self.table.ended(one, time.monotonic_ns(), wall)
-                    elif isinstance(one, BandwidthStatsV4 | BandwidthStatsV6):
-                        self.table.bandwidth(one)
-                    elif isinstance(one, LogLine):
-                        level = _LOG_LEVELS.get(one.severity)
-                        if level is not None:
-                            log.log(level, "kext: %s", one.line)
+            # Our own work, the verdicts' round trip aside (waiting on the broker is no hang),
+            # marked per chunk: one read can bring thousands of infos, which on a CPU the
+            # traffic saturates may take longer than the watchdog's 1 s to work through
+            # (measured: a flood's read got the policy killed) while every chunk progresses.
+            for start in range(0, len(batch), PROGRESS_CHUNK):
+                with self.progress.working():
+                    self._decide(batch[start : start + PROGRESS_CHUNK], wall, verdicts, decided)
             errors = client.send_verdicts(verdicts) if verdicts else []
-            with self.progress.working():
-                self._write_decisions([decision(r, wall, flow=f) for r, f in decided])
+            for start in range(0, len(decided), PROGRESS_CHUNK):
+                with self.progress.working():
+                    chunk = decided[start : start + PROGRESS_CHUNK]
+                    self._write_decisions([decision(r, wall, flow=f) for r, f in chunk])
         for err in errors:
             if err is not None:
                 raise err  # as a single write's failure would
+
+    def _decide(
+        self,
+        infos: list[object],
+        wall: float,
+        verdicts: list[tuple[int, Verdict]],
+        decided: list[tuple[Row, Flow]],
+    ) -> None:
+        """Match `infos` against the rules (the caller holds the lock); verdicts and table rows
+        are appended to `verdicts` and `decided`."""
+        for one in infos:
+            if isinstance(one, ConnectionIpv4 | ConnectionIpv6):
+                facts = self.facts.get(one.process_id)
+                flow = flow_of(one)
+                verdict, rule = self.policy.match(flow, facts)
+                verdicts.append((one.id, verdict))
+                row = self.table.decided(one, flow, facts, verdict, rule, wall)
+                decided.append((row, flow))
+                self.decisions.decided(one, verdict, rule)
+            elif isinstance(one, ConnectionEndEventV4 | ConnectionEndEventV6):
+                self.table.ended(one, time.monotonic_ns(), wall)
+            elif isinstance(one, BandwidthStatsV4 | BandwidthStatsV6):
+                self.table.bandwidth(one)
+            elif isinstance(one, LogLine):
+                level = _LOG_LEVELS.get(one.severity)
+                if level is not None:
+                    log.log(level, "kext: %s", one.line)
 
     def _session(self) -> None:
         server_key, keypair = self.curve if self.curve is not None else (None, None)
