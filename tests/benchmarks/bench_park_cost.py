@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 from kextless.actors.capture.kernel_cache import KernelCache
+from kextless.actors.capture.packets import fix_checksums
 from kextless.base.kernel_maps import libbpf
 
 
@@ -50,15 +51,6 @@ class _TestRunOpts(ctypes.Structure):
     ]
 
 
-def _csum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def frame(proto: int, sport: int) -> bytes:
     """Ethernet + IPv4 + a TCP SYN (proto 6) or an 8-byte UDP datagram (17)."""
     l4 = (
@@ -66,12 +58,12 @@ def frame(proto: int, sport: int) -> bytes:
         if proto == 6
         else struct.pack("!HHHH", sport, 53, 16, 0) + b"x" * 8
     )
-    ip = struct.pack(
+    ip = bytearray(struct.pack(
         "!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
         bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2]),
-    )  # fmt: skip
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + ip + l4
+    ) + l4)  # fmt: skip
+    fix_checksums(ip, 4, 20, proto)
+    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(ip)
 
 
 def run_ns(prog_fd: int, data: bytes, repeat: int) -> float:
