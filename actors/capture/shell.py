@@ -131,6 +131,8 @@ _BUSY_RECV_TIMEOUT_NS = 10_000_000
 _IDLE_RECV_TIMEOUT_NS = 1_000_000_000
 _BUSY_NS = 250_000_000
 _STATS_NS = 5_000_000_000
+#: Takes of up to parked.TAKE_MAX parked packets per wakeup of the parked ring.
+_PARKED_TAKES = 4
 #: Existing connections handed to the core per loop pass (the core takes ~25 us each, so a
 #: part keeps packets waiting a few ms at most).
 _EXISTING_PART = 128
@@ -678,7 +680,7 @@ class CaptureShell:
         if ring is None or self.handle is None:
             return
         counts = self.park_counts
-        while True:
+        for _ in range(_PARKED_TAKES):  # bounded: the ring's fd wakes the loop for the rest
             try:
                 parked, bad = ring.take()
             except (OSError, KernelCacheError) as e:
