@@ -15,9 +15,10 @@ held, re-injected or dropped like any other). Before it exits it `unregister`s, 
 arrives while it stops is parked for the next capture too. `enable(False)` (--fail-open)
 never parks: with no capture, packets pass.
 
-    ring = ParkRing.open(kc_maps["parked"]); ring.fileno()  # readable when a record is there
-    ctl = ParkControl(kc_maps["park_ctl"], kc_maps["reader"])
-    ctl.enable(True); ctl.register(sock.fileno(), os.getpid()); ring.take() -> (parked, bad)
+    ring, ctl = open_parking(map_fds)  # KernelCache.park_ring / park_ctl hold them
+    ctl.enable(True); ctl.register(sock.fileno(), os.getpid())
+    ring.fileno()  # an epoll fd, readable when a record is there
+    ring.take() -> (parked, bad)
 
 Shadow SYNs: kextless_pre also keeps, per CPU, a circle of the last SYN_SLOTS TCP openers it
 sent on to the divert program while a capture read (`syn_shadow`). A SYN that reached the
@@ -34,15 +35,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+from kextless.actors.capture import packets as pk
 from kextless.base.kernel_maps import BpfMap, FlowKey, KernelCacheError, libbpf
-
-log = logging.getLogger("capture.parked")
 
 #: Map names in flowcache.bpf.c.
 PARKED_MAP = "parked"
@@ -50,7 +49,8 @@ PARK_CTL_MAP = "park_ctl"
 READER_MAP = "reader"
 #: The largest packet a record holds (PARK_MAX in flowcache.bpf.c).
 PARK_MAX = 2048
-#: struct park_rec's header: ktime, ifindex, ingress_ifindex, len, pad.
+#: struct park_hdr, the head of a park record and of a shadow SYN slot: ktime, ifindex,
+#: ingress_ifindex, len, pad.
 PARK_HDR = struct.Struct("=QIIII")
 #: struct park_ctl: enabled, pid.
 _CTL = struct.Struct("=II")
@@ -88,10 +88,6 @@ class Parked:
         that leaves by the link it came in on (hairpin) looks inbound: a known limit."""
         return self.ingress_ifindex == self.ifindex and self.ifindex != 0
 
-    @property
-    def ipv6(self) -> bool:
-        return bool(self.raw) and self.raw[0] >> 4 == 6
-
 
 def decode(record: bytes) -> Parked | None:
     """A ring record -> Parked; None if it is not one (short, a length that does not fit)."""
@@ -108,33 +104,28 @@ def fresh(p: Parked, now_ns: int, max_age_ns: int = MAX_AGE_NS) -> bool:
     return now_ns - p.ktime_ns <= max_age_ns
 
 
-def recent_syns(shadow: list[Parked], last_beat_ns: int, now_ns: int) -> list[Parked]:
-    """The shadow SYNs a killed capture may not have asked about, oldest first: from
-    SYN_BEFORE_BEAT_NS before its last heartbeat (0: none known) on, and never older than
-    MAX_AGE_NS; each 5-tuple once (its latest copy)."""
+def recent_syns(
+    shadow: list[Parked], last_beat_ns: int, now_ns: int
+) -> list[tuple[FlowKey, Parked]]:
+    """The shadow SYNs a killed capture may not have asked about, oldest first, with the
+    5-tuple each carries: from SYN_BEFORE_BEAT_NS before its last heartbeat (0: none known)
+    on, and never older than MAX_AGE_NS; each 5-tuple once (its latest copy)."""
     since = max(last_beat_ns - SYN_BEFORE_BEAT_NS, now_ns - MAX_AGE_NS)
-    latest: dict[bytes, Parked] = {}
+    latest: dict[FlowKey, Parked] = {}
     for p in sorted(shadow, key=lambda p: p.ktime_ns):
         k = syn_key(p.raw)
         if p.ktime_ns >= since and k is not None:
-            latest.pop(k.pack(), None)
-            latest[k.pack()] = p
-    return list(latest.values())
+            latest.pop(k, None)  # re-inserted: the order is that of the latest copies
+            latest[k] = p
+    return list(latest.items())
 
 
 def syn_key(raw: bytes) -> FlowKey | None:
-    """The TCP 5-tuple of an IPv4 / IPv6 packet (no IPv6 extension headers), as it carries
-    it; None if it is not one."""
-    if len(raw) >= 40 and raw[0] >> 4 == 4 and raw[9] == 6:
-        ihl = (raw[0] & 0xF) * 4
-        if len(raw) < ihl + 4:
-            return None
-        sport, dport = struct.unpack_from("!HH", raw, ihl)
-        return FlowKey(6, bytes(raw[12:16]), sport, bytes(raw[16:20]), dport)
-    if len(raw) >= 60 and raw[0] >> 4 == 6 and raw[6] == 6:
-        sport, dport = struct.unpack_from("!HH", raw, 40)
-        return FlowKey(6, bytes(raw[8:24]), sport, bytes(raw[24:40]), dport)
-    return None
+    """The 5-tuple of a TCP packet as it carries it (packets.parse); None if it is not one."""
+    p = pk.parse(raw)
+    if p is None or p.protocol != pk.TCP or p.fragment:
+        return None
+    return FlowKey(pk.TCP, p.src, p.sport, p.dst, p.dport)
 
 
 def read_shadow(map_fd: int, ncpus: int) -> list[Parked]:

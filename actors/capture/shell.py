@@ -81,7 +81,7 @@ from kextless.actors.capture.kernel_cache import DEFAULT_FLOWS_MAX, KernelCache
 from kextless.actors.capture.kernel_cache import Action as KAction
 from kextless.actors.capture.l2pass import L2Pass
 from kextless.actors.capture.links import LinkGuard, in_initial_netns
-from kextless.actors.capture.parked import fresh, read_shadow, recent_syns, syn_key
+from kextless.actors.capture.parked import fresh, read_shadow, recent_syns
 from kextless.base.cores import wait_ms
 from kextless.base.heartbeat import capped_timeout_ms, open_heartbeat, read_heartbeats
 from kextless.base.kernel_maps import (
@@ -641,19 +641,12 @@ class CaptureShell:
             log.error("shadow SYNs not read: %s", e)
             return
         todo = []
-        for p in syns:
-            key = syn_key(p.raw)
-            entry = kc.get(key) if key is not None else None
+        for key, p in syns:
+            entry = kc.get(key)
             if entry is None or entry.action not in (KAction.PASS, KAction.DROP):
                 todo.append(p)
         for p in todo:
-            tok = self._token(p.raw, p.ifindex, p.inbound, now)
-            try:
-                self._run_actions(
-                    self.core.on_packet(tok, tok.raw, tok.outbound, tok.loopback, now)
-                )
-            except Exception:
-                log.exception("core failed on a shadow SYN: dropped")
+            self._replay(self._token(p.raw, p.ifindex, p.inbound, now), now, "a shadow SYN")
         self.park_counts["shadow_replayed"] += len(todo)
         if todo:
             log.info(
@@ -694,15 +687,8 @@ class CaptureShell:
             for p in parked:
                 if not fresh(p, now):
                     counts["parked_stale"] += 1
-                    continue
-                tok = self._token(p.raw, p.ifindex, p.inbound, now)
-                try:
-                    acts = self.core.on_packet(tok, tok.raw, tok.outbound, tok.loopback, now)
-                except Exception:
-                    log.exception("core failed on a parked %d-byte packet: dropped", len(p.raw))
-                    continue
-                replayed += 1
-                self._run_actions(acts)
+                elif self._replay(self._token(p.raw, p.ifindex, p.inbound, now), now, "a parked"):
+                    replayed += 1
             counts["parked_replayed"] += replayed
             oldest = (now - parked[0].ktime_ns) / 1e6
             log.info(
@@ -718,15 +704,20 @@ class CaptureShell:
         received (the ALE gives it back the pending id it had)."""
         if self.handle is None or not msg.ifindex or not msg.packet:
             return
-        raw = msg.packet
-        tok = self._token(raw, msg.ifindex, msg.direction is Direction.INBOUND, now)
+        tok = self._token(msg.packet, msg.ifindex, msg.direction is Direction.INBOUND, now)
         self.park_counts["reheld"] += 1
+        self._replay(tok, now, "a re-held")
+
+    def _replay(self, tok: Captured, now: int, what: str) -> bool:
+        """A packet that did not come from the handle (parked, a shadow SYN, re-held) through
+        the core as if it had; False if the core failed on it (dropped, logged)."""
         try:
-            acts = self.core.on_packet(tok, raw, tok.outbound, tok.loopback, now)
+            acts = self.core.on_packet(tok, tok.raw, tok.outbound, tok.loopback, now)
         except Exception:
-            log.exception("core failed on a re-held %d-byte packet: dropped", len(raw))
-            return
+            log.exception("core failed on %s %d-byte packet: dropped", what, len(tok.raw))
+            return False
         self._run_actions(acts)
+        return True
 
     def _token(self, raw: bytes, ifindex: int, inbound: bool, now: int) -> Captured:
         """A packet we did not receive from the handle (parked, re-held), as a detached token
@@ -956,7 +947,7 @@ class CaptureShell:
                 b.drop(a.token)  # no copy at the next receive
         elif isinstance(a, ToAle):
             # sent by _flush, with the loop pass's others
-            self._ale_out.append(self._with_owner(a.msg))
+            self._ale_out.append(self._stamp(a.msg))
         elif isinstance(a, Reroute):
             b.reroute(a.token, a.raw, a.loopback)  # type: ignore[arg-type]
         elif isinstance(a, Inject):
@@ -978,7 +969,7 @@ class CaptureShell:
         ):
             self._run_kernel(a)
 
-    def _with_owner(self, msg: Message) -> Message:
+    def _stamp(self, msg: Message) -> Message:
         """A PacketHeld with the link its packet came in on (so a successor can hold it again
         if we die: Rehold) and, for an outbound TCP/UDP opener, the pid `kextless_pre`
         recorded at egress (the connect()/sendmsg() caller's context): the ALE then emits the

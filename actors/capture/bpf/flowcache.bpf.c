@@ -264,29 +264,29 @@ struct {
 	__type(value, struct park_ctl);
 } park_ctl SEC(".maps");
 
-/* A parked packet: this header (parked.PARK_HDR) then `len` bytes from the network header. */
-struct park_rec {
-	__u64 ktime;           /* bpf_ktime_get_ns() when parked */
+/* The head of a parked packet and of a shadow SYN (parked.PARK_HDR); `len` bytes from the
+ * network header follow it. */
+struct park_hdr {
+	__u64 ktime;           /* bpf_ktime_get_ns() when copied */
 	__u32 ifindex;         /* skb->ifindex: the link it was on */
 	__u32 ingress_ifindex; /* == ifindex on ingress; 0 (local) or another link on egress */
-	__u32 len;
+	__u32 len;             /* 0: an empty shadow slot */
 	__u32 pad;
+};
+
+struct park_rec {
+	struct park_hdr h;
 	__u8 data[PARK_MAX];
 };
 
-/* The ring of parked packets; the loader sets its size (a power of two of pages). */
+/* The ring of parked packets, 2 MiB (about 20 000 SYNs). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 21);
 } parked SEC(".maps");
 
-/* A shadow SYN (parked.SYN_HDR, then `len` bytes): the same header as a park record. */
 struct syn_slot {
-	__u64 ktime;
-	__u32 ifindex;
-	__u32 ingress_ifindex;
-	__u32 len; /* 0: an empty slot */
-	__u32 pad;
+	struct park_hdr h;
 	__u8 data[SYN_MAX];
 };
 
@@ -374,34 +374,49 @@ static __always_inline __u32 l2_len(struct __sk_buff *skb)
 	return 0;
 }
 
-/* Whether no capture is reading the divert program's ring and this packet should be parked. */
-static __always_inline int must_park(struct __sk_buff *skb)
+/* What parking makes of a packet bound for the divert program (reader_state). */
+enum park_state {
+	PS_OFF,     /* parking off (fail open, not set yet), or a packet never parked */
+	PS_READING, /* a running capture reads the divert program's ring */
+	PS_PARK,    /* none does: park it */
+};
+
+static __always_inline enum park_state reader_state(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
 	struct park_ctl *c = bpf_map_lookup_elem(&park_ctl, &zero);
 	struct bpf_sock *sk;
+	struct task_struct *t;
+	int gone;
 
 	if (!c || !c->enabled)
-		return 0;
+		return PS_OFF;
 	if ((skb->mark >> 16) == REINJECT_MARK_HI)
-		return 0; /* re-injected: decided already, the divert program lets it by */
+		return PS_OFF; /* re-injected: decided already, the divert program lets it by */
 	if (skb->ifindex == LO_IFINDEX && skb->ingress_ifindex == LO_IFINDEX)
-		return 0; /* lo ingress: the egress copy is the one that is diverted */
+		return PS_OFF; /* lo ingress: the egress copy is the one that is diverted */
 	sk = bpf_map_lookup_elem(&reader, &zero);
 	if (!sk)
-		return 1;
+		return PS_PARK;
 	bpf_sk_release(sk);
-	if (c->pid) {
-		struct task_struct *t = bpf_task_from_pid(c->pid);
-		int gone;
+	if (!c->pid)
+		return PS_READING;
+	t = bpf_task_from_pid(c->pid);
+	if (!t)
+		return PS_PARK;
+	gone = (t->flags & PF_EXITING) || (t->__state & TASK_STOPPED_OR_TRACED);
+	bpf_task_release(t);
+	return gone ? PS_PARK : PS_READING;
+}
 
-		if (!t)
-			return 1;
-		gone = (t->flags & PF_EXITING) || (t->__state & TASK_STOPPED_OR_TRACED);
-		bpf_task_release(t);
-		return gone;
-	}
-	return 0;
+/* Fill `h` for the packet's `len` bytes, just copied after it. */
+static __always_inline void fill_hdr(struct park_hdr *h, struct __sk_buff *skb, __u32 len)
+{
+	h->ktime = bpf_ktime_get_ns();
+	h->ifindex = skb->ifindex;
+	h->ingress_ifindex = skb->ingress_ifindex;
+	h->len = len;
+	h->pad = 0;
 }
 
 /* Copy the packet from its network header into `parked` and drop it (see the head comment). */
@@ -419,12 +434,8 @@ static __always_inline int park(struct __sk_buff *skb)
 	len = ((len - 1) & (PARK_MAX - 1)) + 1;
 	if (bpf_skb_load_bytes_relative(skb, 0, r->data, len, BPF_HDR_START_NET))
 		return count(ST_PARK_LOST, TC_ACT_SHOT);
-	r->ktime = bpf_ktime_get_ns();
-	r->ifindex = skb->ifindex;
-	r->ingress_ifindex = skb->ingress_ifindex;
-	r->len = len;
-	r->pad = 0;
-	if (bpf_ringbuf_output(&parked, r, sizeof(*r) - PARK_MAX + len, 0))
+	fill_hdr(&r->h, skb, len);
+	if (bpf_ringbuf_output(&parked, r, sizeof(r->h) + len, 0))
 		return count(ST_PARK_LOST, TC_ACT_SHOT);
 	return count(ST_PARKED, TC_ACT_SHOT);
 }
@@ -446,37 +457,23 @@ static __always_inline void shadow_syn(struct __sk_buff *skb)
 	asm volatile("" : "+r"(len)); /* as in park(): a bound the verifier sees */
 	len = ((len - 1) & (SYN_MAX - 1)) + 1;
 	if (bpf_skb_load_bytes_relative(skb, 0, r->data, len, BPF_HDR_START_NET)) {
-		r->len = 0;
+		r->h.len = 0;
 		return;
 	}
-	r->ktime = bpf_ktime_get_ns();
-	r->ifindex = skb->ifindex;
-	r->ingress_ifindex = skb->ingress_ifindex;
-	r->len = len;
-	r->pad = 0;
+	fill_hdr(&r->h, skb, len);
 }
 
-/* On to the divert program (counted as `what`), or parked while no capture reads it. */
-static __always_inline int on(struct __sk_buff *skb, __u32 what)
+/* On to the divert program (counted as `what`), or parked while no capture reads it; a TCP
+ * opener (`syn`) going on is also kept in `syn_shadow`. */
+static __always_inline int on(struct __sk_buff *skb, __u32 what, int syn)
 {
+	enum park_state st;
+
 	count(what, 0);
-	if (must_park(skb))
+	st = reader_state(skb);
+	if (st == PS_PARK)
 		return park(skb);
-	return TC_ACT_UNSPEC;
-}
-
-/* A TCP opener: on, as above, and (while a capture reads) into `syn_shadow`. */
-static __always_inline int on_syn(struct __sk_buff *skb)
-{
-	__u32 zero = 0;
-	struct park_ctl *c;
-
-	count(ST_TCP_CONTROL, 0);
-	if (must_park(skb))
-		return park(skb);
-	c = bpf_map_lookup_elem(&park_ctl, &zero);
-	if (c && c->enabled && (skb->mark >> 16) != REINJECT_MARK_HI &&
-	    !(skb->ifindex == LO_IFINDEX && skb->ingress_ifindex == LO_IFINDEX))
+	if (syn && st == PS_READING)
 		shadow_syn(skb);
 	return TC_ACT_UNSPEC;
 }
@@ -500,10 +497,10 @@ int kextless_pre(struct __sk_buff *skb)
 		struct iphdr ip;
 
 		if (bpf_skb_load_bytes_relative(skb, 0, &ip, sizeof(ip), BPF_HDR_START_NET))
-			return on(skb, ST_UNCACHED);
+			return on(skb, ST_UNCACHED, 0);
 		/* A fragment has no (or not only) ports: leave it to the divert program. */
 		if (ip.ihl < 5 || (ip.frag_off & bpf_htons(0x3fff)))
-			return on(skb, ST_UNCACHED);
+			return on(skb, ST_UNCACHED, 0);
 		key.family = 4;
 		__builtin_memcpy(key.src, &ip.saddr, 4);
 		__builtin_memcpy(key.dst, &ip.daddr, 4);
@@ -514,7 +511,7 @@ int kextless_pre(struct __sk_buff *skb)
 		struct ipv6hdr ip6;
 
 		if (bpf_skb_load_bytes_relative(skb, 0, &ip6, sizeof(ip6), BPF_HDR_START_NET))
-			return on(skb, ST_UNCACHED);
+			return on(skb, ST_UNCACHED, 0);
 		key.family = 6;
 		__builtin_memcpy(key.src, &ip6.saddr, 16);
 		__builtin_memcpy(key.dst, &ip6.daddr, 16);
@@ -527,7 +524,7 @@ int kextless_pre(struct __sk_buff *skb)
 			__u8 ext[2]; /* next header, length in 8-byte units beyond the first 8 */
 
 			if (bpf_skb_load_bytes_relative(skb, l4, ext, sizeof(ext), BPF_HDR_START_NET))
-				return on(skb, ST_UNCACHED);
+				return on(skb, ST_UNCACHED, 0);
 			proto = ext[0];
 			l4 += (ext[1] + 1) * 8;
 		}
@@ -535,14 +532,14 @@ int kextless_pre(struct __sk_buff *skb)
 			__u8 type;
 
 			if (bpf_skb_load_bytes_relative(skb, l4, &type, 1, BPF_HDR_START_NET))
-				return on(skb, ST_UNCACHED);
+				return on(skb, ST_UNCACHED, 0);
 			if (is_neighbour(type))
 				return count(ST_NEIGHBOUR, TC_ACT_OK);
 		}
 	} else if (skb->protocol == bpf_htons(ETH_P_8021Q) ||
 		   skb->protocol == bpf_htons(ETH_P_8021AD)) {
 		/* An un-offloaded VLAN tag: the divert program parses it. */
-		return on(skb, ST_UNCACHED);
+		return on(skb, ST_UNCACHED, 0);
 	} else {
 		/* ARP and every other ethertype: the divert program must never see them, it would
 		 * misread them as IP (actors/capture/filters.py). */
@@ -553,7 +550,7 @@ int kextless_pre(struct __sk_buff *skb)
 		struct tcphdr th;
 
 		if (bpf_skb_load_bytes_relative(skb, l4, &th, sizeof(th), BPF_HDR_START_NET))
-			return on(skb, ST_UNCACHED);
+			return on(skb, ST_UNCACHED, 0);
 		key.sport = th.source;
 		key.dport = th.dest;
 		hlen = th.doff * 4;
@@ -567,15 +564,15 @@ int kextless_pre(struct __sk_buff *skb)
 		if (th.syn && !th.ack) {
 			key.proto = proto;
 			record_owner(skb, &key);
-			return on_syn(skb);
+			return on(skb, ST_TCP_CONTROL, 1);
 		}
 		if (th.fin || th.rst)
-			return on(skb, ST_TCP_CONTROL);
+			return on(skb, ST_TCP_CONTROL, 0);
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr uh;
 
 		if (bpf_skb_load_bytes_relative(skb, l4, &uh, sizeof(uh), BPF_HDR_START_NET))
-			return on(skb, ST_UNCACHED);
+			return on(skb, ST_UNCACHED, 0);
 		key.sport = uh.source;
 		key.dport = uh.dest;
 		hlen = sizeof(uh);
@@ -592,7 +589,7 @@ int kextless_pre(struct __sk_buff *skb)
 			key.proto = proto;
 			record_owner(skb, &key);
 		}
-		return on(skb, ST_UNCACHED);
+		return on(skb, ST_UNCACHED, 0);
 	}
 	key.proto = proto;
 
@@ -601,14 +598,14 @@ int kextless_pre(struct __sk_buff *skb)
 	if (!v) {
 		if (proto == IPPROTO_UDP)
 			record_owner(skb, &key);
-		return on(skb, ST_MISSED);
+		return on(skb, ST_MISSED, 0);
 	}
 	if (v->action == ACTION_DROP) {
 		__sync_fetch_and_add(&v->packets, 1);
 		return count(ST_DROPPED, TC_ACT_SHOT);
 	}
 	if (v->action != ACTION_PASS)
-		return on(skb, ST_MISSED);
+		return on(skb, ST_MISSED, 0);
 	/* The entry is shared by all CPUs: atomic adds, a plain store of the time. */
 	v->last_seen_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&v->packets, 1);

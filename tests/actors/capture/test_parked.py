@@ -41,10 +41,11 @@ def rec(ktime: int, ifindex: int, ingress: int, raw: bytes, n: int | None = None
 
 def test_a_record_decodes_to_its_packet_and_where_it_was_met() -> None:
     p = decode(rec(5, 3, 3, IP))
-    assert p == Parked(5, 3, 3, IP) and p.inbound and not p.ipv6
-    out = decode(rec(5, 3, 0, bytes([0x60]) + bytes(47)))
-    assert out is not None and not out.inbound and out.ipv6  # a local packet's egress
-    assert decode(rec(5, 3, 2, IP)) is not None and not decode(rec(5, 3, 2, IP)).inbound  # type: ignore[union-attr]
+    assert p == Parked(5, 3, 3, IP) and p.inbound
+    local = decode(rec(5, 3, 0, IP))
+    assert local is not None and not local.inbound  # a local packet's egress
+    forwarded = decode(rec(5, 3, 2, IP))
+    assert forwarded is not None and not forwarded.inbound  # in by link 2, out by link 3
 
 
 @pytest.mark.parametrize(
@@ -64,12 +65,16 @@ def test_a_parked_packet_is_replayed_up_to_its_max_age() -> None:
 
 def _syn4(sport: int, dport: int = 80) -> bytes:
     ip = bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
-    return ip + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(16)
+    return ip + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + _SYN_REST
+
+
+#: A TCP header's bytes after the ports: seq, ack, data offset 5, SYN, window, sum, urgent.
+_SYN_REST = bytes(8) + bytes([0x50, 0x02]) + bytes([0xFF, 0xFF]) + bytes(4)
 
 
 def test_syn_key_reads_the_5_tuple_a_packet_carries() -> None:
     assert syn_key(_syn4(4000)) == FlowKey.of(6, "10.0.0.1", 4000, "10.0.0.2", 80)
-    v6 = bytes([0x60, 0, 0, 0, 0, 20, 6, 64]) + bytes(range(32)) + bytes([0, 7, 1, 187]) + bytes(16)
+    v6 = bytes([0x60, 0, 0, 0, 0, 20, 6, 64]) + bytes(range(32)) + bytes([0, 7, 1, 187]) + _SYN_REST
     k = syn_key(v6)
     assert k is not None and (k.sport, k.dport, k.src, k.dst) == (
         7,
@@ -88,11 +93,16 @@ def test_recent_syns_are_the_ones_from_before_the_last_beat_on_each_flow_once() 
     a1 = Parked(beat - SYN_BEFORE_BEAT_NS, 3, 0, _syn4(2))
     b = Parked(beat + 5, 3, 0, _syn4(3))
     a2 = Parked(beat + 9, 3, 0, _syn4(2))  # a resend of a1's flow: the latest copy only
-    assert recent_syns([b, a2, old, a1], beat, now) == [b, a2]
-    assert recent_syns([b, a1], beat, now)[0] == a1  # oldest first
+
+    def picked(*args: object) -> list[Parked]:
+        return [p for _k, p in recent_syns(*args)]  # type: ignore[arg-type]
+
+    assert picked([b, a2, old, a1], beat, now) == [b, a2]
+    assert picked([b, a1], beat, now)[0] == a1  # oldest first
+    assert recent_syns([b], beat, now) == [(syn_key(b.raw), b)]
     # No predecessor's beat known: what is younger than MAX_AGE_NS.
-    assert recent_syns([old, b], 0, old.ktime_ns + MAX_AGE_NS) == [old, b]
-    assert recent_syns([old, b], 0, old.ktime_ns + MAX_AGE_NS + 1) == [b]
+    assert picked([old, b], 0, old.ktime_ns + MAX_AGE_NS) == [old, b]
+    assert picked([old, b], 0, old.ktime_ns + MAX_AGE_NS + 1) == [b]
 
 
 def test_the_c_source_has_the_same_layout() -> None:
