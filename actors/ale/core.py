@@ -520,8 +520,7 @@ class AleCore:
             first = next(iter(self.waiting.values()))
             wait_due = first.since_ns + self.config.attribution_wait_ns
             due = wait_due if due is None else min(due, wait_due)
-        budgets = (self.timeout_lines, self.refused_lines, self.unknown_id_lines, self.shed_lines)
-        for budget in budgets:
+        for budget, _summary in self._line_budgets():
             b = budget.due_ns()
             if b is not None:
                 due = b if due is None else min(due, b)
@@ -538,19 +537,20 @@ class AleCore:
             self.counters["pid_wait_timeouts"] += 1
             out += self._release(flow, 0, now_ns)
         out += self._verdict_timeouts(now_ns)
-        n = self.timeout_lines.flush(now_ns)
-        if n:
-            out.append(self._timeout_summary(n))
-        n = self.refused_lines.flush(now_ns)
-        if n:
-            out.append(self._refused_summary(n))
-        n = self.unknown_id_lines.flush(now_ns)
-        if n:
-            out.append(self._unknown_id_summary(n))
-        n = self.shed_lines.flush(now_ns)
-        if n:
-            out.append(self._shed_summary(n))
+        for budget, summary in self._line_budgets():
+            n = budget.flush(now_ns)
+            if n:
+                out.append(summary(n))
         return out
+
+    def _line_budgets(self) -> tuple[tuple[LineBudget, Callable[[int], Note]], ...]:
+        """Each rate-limited kind of log line with the summary of what it left out."""
+        return (
+            (self.timeout_lines, self._timeout_summary),
+            (self.refused_lines, self._refused_summary),
+            (self.unknown_id_lines, self._unknown_id_summary),
+            (self.shed_lines, self._shed_summary),
+        )
 
     def _verdict_deadline_ns(self) -> int | None:
         """When the oldest held packet's verdict timeout falls due (None: nothing is held).

@@ -33,6 +33,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be 0 (unbounded) to 1000000")
+    return value
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kextless run ale", description=__doc__)
     p.add_argument("--run-dir", type=Path, help="runtime directory (default: the host instance)")
@@ -68,7 +75,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument(
         "--max-pending",
-        type=int,
+        type=_count,
         default=AleConfig.max_pending,
         metavar="N",
         help="at most N packets wait for a verdict; a new one beyond is dropped unasked "
@@ -83,7 +90,7 @@ def main(argv: list[str]) -> int:
         default_verdict=args.default_verdict,
         attribution_wait_ns=max(0, int(args.attribution_wait * 1e9)),
         opener_hints=args.opener_hints,
-        max_pending=max(0, args.max_pending),
+        max_pending=args.max_pending,
     )
     ids = IdReservation(run.path / "ale-ids")
     try:
