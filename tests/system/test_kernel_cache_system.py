@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from tests import apps
 from tests.actors.capture.ale_peer import AlePeer
 from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
+from tests.wait import until
 
 pytestmark = [pytest.mark.root]
 
@@ -168,6 +169,17 @@ def _env(policy: object = Verdict.PERMANENT_ACCEPT) -> Iterator[tuple[NetnsPair,
     ):
         pair.run(pair.b, ["ping", "-c", "1", "-W", "1", pair.ip4_a])  # ARP, untimed
         yield pair, ale, Path(tmp)
+
+
+def _blocking(port: int) -> Callable[[PacketHeld], Verdict]:
+    """A policy: PermanentBlock for flows with `port` at either end, PermanentAccept else."""
+
+    def policy(msg: PacketHeld) -> Verdict:
+        if port in (msg.flow.local_port, msg.flow.remote_port):
+            return Verdict.PERMANENT_BLOCK
+        return Verdict.PERMANENT_ACCEPT
+
+    return policy
 
 
 def _clean(pair: NetnsPair) -> None:
@@ -364,12 +376,7 @@ def _say(proc: subprocess.Popen[bytes], text: str) -> dict[str, str]:
 def test_a_killed_capture_leaves_accepted_flows_working_and_blocked_ones_blocked() -> None:
     ok_port, blocked_port = 7450, 7451
 
-    def policy(msg: PacketHeld) -> Verdict:
-        if blocked_port in (msg.flow.local_port, msg.flow.remote_port):
-            return Verdict.PERMANENT_BLOCK
-        return Verdict.PERMANENT_ACCEPT
-
-    with _env(policy) as (pair, ale, tmp):
+    with _env(_blocking(blocked_port)) as (pair, ale, tmp):
         apps.start(pair, pair.a, apps.ECHO_SERVER, ok_port)
         apps.start(pair, pair.a, apps.ECHO_SERVER, blocked_port)
         cap = _start(pair, ale, tmp)
@@ -492,15 +499,6 @@ def _result(proc: subprocess.Popen[bytes]) -> dict[str, object]:
     return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
 
-def _until(pred: object, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.slow
 def test_what_arrives_while_no_capture_runs_is_parked_and_decided_by_the_next_one() -> None:
     """actors/capture/parked.py: a SYN and a datagram sent while the capture is dead are
@@ -509,12 +507,7 @@ def test_what_arrives_while_no_capture_runs_is_parked_and_decided_by_the_next_on
     parked.MAX_AGE_NS is not replayed."""
     ok_port, udp_ok, udp_blocked = 7460, 7461, 7462
 
-    def policy(msg: PacketHeld) -> Verdict:
-        if udp_blocked in (msg.flow.local_port, msg.flow.remote_port):
-            return Verdict.PERMANENT_BLOCK
-        return Verdict.PERMANENT_ACCEPT
-
-    with _env(policy) as (pair, ale, tmp):
+    with _env(_blocking(udp_blocked)) as (pair, ale, tmp):
         apps.start(pair, pair.a, apps.ECHO_SERVER, ok_port)
         rcv_ok = pair.popen(
             pair.a, [sys.executable, "-c", _RECEIVER, udp_ok], stdin=subprocess.PIPE
@@ -538,7 +531,7 @@ def test_what_arrives_while_no_capture_runs_is_parked_and_decided_by_the_next_on
         assert res["result"] == "ok", (res, cap.log()[-3000:])
         # Decided at the restart, not by TCP's resend 1 s after the first SYN.
         assert float(res["elapsed"]) < 1.0, (res, cap.log()[-3000:])  # type: ignore[arg-type]
-        assert _until(lambda: _rx(rcv_ok) == 1, 2), cap.log()[-3000:]
+        assert until(lambda: _rx(rcv_ok) == 1, 2), cap.log()[-3000:]
         time.sleep(0.3)
         assert _rx(rcv_blk) == 0
         assert "replayed" in cap.log() and "parked packet(s)" in cap.log()
@@ -571,7 +564,7 @@ def test_a_stopped_capture_parks_and_replays_its_own_packets_when_continued() ->
             assert _rx(rcv) == 0
         finally:
             cap.proc.send_signal(signal.SIGCONT)
-        assert _until(lambda: _rx(rcv) == 1, 2), cap.log()[-3000:]
+        assert until(lambda: _rx(rcv) == 1, 2), cap.log()[-3000:]
         counters = cap.stop()
         assert "replayed 1 parked packet(s)" in cap.log(), cap.log()[-3000:]
         assert counters.get("asked", 0) >= 1

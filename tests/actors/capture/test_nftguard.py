@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from kextless.protocol.messages import CaptureReady
 from tests.actors.capture.harness import capture_env
 from tests.entry import KEXTLESS
 from tests.netns import NetnsPair
+from tests.wait import until
 
 # ---- scripts ------------------------------------------------------------------------------
 
@@ -99,15 +99,6 @@ def _members(ns: str, family: str = "inet") -> set[str]:
     return {str(e) for e in s.get("elem", [])}
 
 
-def _wait(cond: object, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
-
-
 BOTH = ["table bridge kextless", "table inet kextless"]
 
 
@@ -117,17 +108,17 @@ def test_the_table_follows_the_links_and_goes_with_a_clean_stop() -> None:
     with capture_env() as env:
         ns, p = env.pair.a, env.pair
         # CaptureReady goes out once the first handle is open; the table follows at once.
-        assert _wait(lambda: _tables(ns) == BOTH), env.log()
+        assert until(lambda: _tables(ns) == BOTH), env.log()
         assert _members(ns) == _members(ns, "bridge") == {"lo", "va"}
         subprocess.run(
             ["ip", "-n", ns, "link", "add", "vn1", "address", "02:6b:6c:00:0e:0a",
              "type", "veth", "peer", "name", "vn2", "netns", p.b],
             check=True, timeout=10,
         )  # fmt: skip
-        assert _wait(lambda: "vn1" in _members(ns)), env.log()[-2000:]
+        assert until(lambda: "vn1" in _members(ns)), env.log()[-2000:]
         assert "vn1" in _members(ns, "bridge")
         subprocess.run(["ip", "-n", ns, "link", "del", "vn1"], check=True, timeout=10)
-        assert _wait(lambda: _members(ns) == {"lo", "va"}), (_members(ns), env.log()[-2000:])
+        assert until(lambda: _members(ns) == {"lo", "va"}), (_members(ns), env.log()[-2000:])
         assert env.stop() == 0
         assert _tables(ns) == []  # a clean stop removes it, as it removes the programs
         assert "nft guard off" in env.log()
@@ -140,7 +131,7 @@ def test_a_killed_captures_table_stays_until_the_next_capture_replaces_it(
 ) -> None:
     with capture_env() as env:
         ns = env.pair.a
-        assert _wait(lambda: _tables(ns) == BOTH), env.log()
+        assert until(lambda: _tables(ns) == BOTH), env.log()
         env.proc.send_signal(signal.SIGKILL)
         env.proc.wait(10)
         assert _tables(ns) == BOTH  # fail closed for links that appear meanwhile
@@ -157,7 +148,7 @@ def test_a_killed_captures_table_stays_until_the_next_capture_replaces_it(
         assert env.ale.wait_for(
             lambda: sum(isinstance(m, CaptureReady) for m in env.ale.received) > readies, 15
         ), env.log()
-        assert _wait(lambda: "nft guard on" in env.log()), env.log()
+        assert until(lambda: "nft guard on" in env.log()), env.log()
         log = env.log()
         assert "replaced nft table(s) a previous capture left: inet kextless, bridge kextless" in (
             log
